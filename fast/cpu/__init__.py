@@ -1,0 +1,1 @@
+"""Numba port (issue: fast/cpu). Not yet implemented."""

@@ -1,0 +1,1 @@
+"""CuPy port (issue: fast/gpu). Not yet implemented; never imported by CPU paths."""
