@@ -1,0 +1,296 @@
+"""The Continuum Memory System: a chain of MLP levels, each updated in context at its own period.
+
+Paper: §7, Eqs. (70)-(74), arXiv 2512.24695v1. SPEC: SPEC.md#cms (processing order:
+SPEC.md#hope).
+
+Symbols (paper symbol -> code name, shape; B batch, T tokens, D width, Hm a level's hidden width,
+G the number of weight groups of a call, L levels):
+
+    x_t / o_t            u          (B, T, D)      the CMS input (the normalised residual stream)
+    MLP^(f_l)            level l    z + W1 act(W2 z)
+    W_1 of level l       W1         (D, Hm)  outer parameter; per sequence (B, G, D, Hm) in context
+    W_2 of level l       W2         (Hm, D)  outer parameter; per sequence (B, G, Hm, D) in context
+    C^(l)                period     tokens between the level's updates (None: frozen)
+    eta^(l)              eta        the level's inner learning rate
+    sum_t f(theta; x_t)  grad_sum   the level's summed next-token-loss gradient over its chunk
+    Agg weights (Eq. 74) agg        (L,)                      the independent variant's weights
+    y_t                  y          (B, T, D)
+
+Decisions where the paper is open (each in SPEC.md#cms):
+    - a level is the residual MLP z + W1 act(W2 z) (the paper's memory MLP, Eqs. 89/91), act GELU;
+    - sequential variant (Eq. 70/73): z_l = M_l(z_{l-1}); independent variant (Eq. 74):
+      y = u + sum_l agg_l (M_l(u) - u), agg initialised to 1;
+    - a level's weights are constant inside each of its chunks and may differ per sequence: a call
+      gets them as (B, G, ...) arrays, one group per chunk ``groups[g] = (start, end)``;
+    - the in-context update (Eq. 71) is plain GD on the summed next-token loss of the chunk's
+      tokens, applied at the end of the chunk (``write``); the model computes the gradient
+      (reference/model.py), this module applies it. The outer backward treats the increments as
+      constants (first order, SPEC.md#cms): ``backward`` returns per-group weight gradients and
+      the caller sums them onto the initial weights.
+    - the nested variant (Eq. 72) is not implemented (SPEC.md#cms).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from . import primitives as P
+
+# ---------------------------------------------------------------------------------------------
+# Parameters and the update schedule
+# ---------------------------------------------------------------------------------------------
+
+
+def param_shapes(d_model: int, levels, variant: str = "sequential") -> dict[str, tuple[int, ...]]:
+    """Shapes of one CMS chain's outer parameters: ``{l}.W1`` (D, Hm), ``{l}.W2`` (Hm, D), and
+    ``agg`` (L,) for the independent variant."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for l, lv in enumerate(levels):
+        shapes[f"{l}.W1"] = (d_model, lv.hidden)
+        shapes[f"{l}.W2"] = (lv.hidden, d_model)
+    if variant == "independent":
+        shapes["agg"] = (len(levels),)
+    return shapes
+
+
+def groups_for(period: int | None, start: int, n: int) -> list[tuple[int, int]]:
+    """Split tokens at absolute positions [start, start + n) into the level's chunks.
+
+    Returns (s, e) slices relative to ``start``; a frozen level (period None) has one group.
+    """
+    if period is None or n == 0:
+        return [(0, n)]
+    out = []
+    t = start
+    while t < start + n:
+        e = min((t // period + 1) * period, start + n)
+        out.append((t - start, e - start))
+        t = e
+    return out
+
+
+def chunk_index(period: int | None, position: int) -> int:
+    """The index of the level's chunk that holds absolute token ``position`` (0 if frozen)."""
+    return 0 if period is None else position // period
+
+
+def updates_at(levels, position: int, in_context: bool = True) -> list[int]:
+    """The levels whose chunk ends just before token ``position`` (position % C^(l) == 0, > 0):
+    they apply their summed gradient when that token arrives (Eq. 71, SPEC.md#hope)."""
+    if not in_context or position <= 0:
+        return []
+    return [l for l, lv in enumerate(levels) if lv.period is not None and position % lv.period == 0]
+
+
+def write(W: np.ndarray, grad_sum: np.ndarray, eta: float) -> np.ndarray:
+    """The in-context update of a level at the end of its chunk: theta <- theta - eta sum_t grad."""
+    return W - W.dtype.type(eta) * grad_sum  # Eq. (71)
+
+
+# ---------------------------------------------------------------------------------------------
+# One level: y = z + W1 act(W2 z), weights constant per group and per sequence
+# ---------------------------------------------------------------------------------------------
+
+
+def _act(name: str) -> tuple[Callable, Callable]:
+    f, df, _ = P.ACTIVATIONS[name]
+    return f, df
+
+
+def _check_level(z, W1, W2, groups):
+    z = np.asarray(z)
+    if z.ndim != 3 or z.dtype.kind not in "fc":
+        raise ValueError(f"z must be a float array of shape (B, T, D), got {z.dtype} {z.shape}")
+    Bn, T, D = z.shape
+    G = len(groups)
+    if W1.ndim != 4 or W1.shape[:3] != (Bn, G, D):
+        raise ValueError(f"W1 must have shape (B, G, D, Hm) = ({Bn}, {G}, {D}, Hm), got {W1.shape}")
+    Hm = W1.shape[3]
+    if W2.shape != (Bn, G, Hm, D):
+        raise ValueError(f"W2 must have shape (B, G, Hm, D) = {(Bn, G, Hm, D)}, got {W2.shape}")
+    if groups[0][0] != 0 or groups[-1][1] != T or any(a[1] != b[0] for a, b in zip(groups, groups[1:], strict=False)):
+        raise ValueError(f"groups must tile [0, {T}) in order, got {groups}")
+    return z
+
+
+def level_forward(z, W1, W2, groups, act="gelu"):
+    """MLP^(f_l)(z) = z + W1 act(W2 z) with the weights of group g on tokens groups[g].
+
+    z (B, T, D); W1 (B, G, D, Hm); W2 (B, G, Hm, D) (use np.broadcast_to for shared weights).
+    Returns (y, cache).
+    """
+    z = _check_level(z, W1, W2, groups)
+    f, _ = _act(act)
+    pre = np.empty(z.shape[:2] + (W1.shape[3],), dtype=np.result_type(z, W1))  # (B, T, Hm)
+    y = np.empty(z.shape, dtype=pre.dtype)  # (B, T, D)
+    for g, (s, e) in enumerate(groups):
+        pre[:, s:e] = np.einsum("btd,bhd->bth", z[:, s:e], W2[:, g], optimize=True)  # W2 z
+        y[:, s:e] = z[:, s:e] + np.einsum("bth,bdh->btd", f(pre[:, s:e]), W1[:, g], optimize=True)  # Eq. (70)
+    return y, (z, W1, W2, tuple(groups), act, pre)
+
+
+def level_backward(dy, cache):
+    """Returns (dz (B, T, D), dW1 (B, G, D, Hm), dW2 (B, G, Hm, D)): per-group, per-sequence."""
+    z, W1, W2, groups, act, pre = cache
+    f, df = _act(act)
+    dy = np.asarray(dy)
+    if dy.shape != z.shape:
+        raise ValueError(f"dy must have shape (B, T, D) = {z.shape}, got {dy.shape}")
+    dz = dy.copy()  # (B, T, D): the residual path
+    dW1 = np.zeros(W1.shape, dtype=pre.dtype)
+    dW2 = np.zeros(W2.shape, dtype=pre.dtype)
+    for g, (s, e) in enumerate(groups):
+        a = f(pre[:, s:e])  # (B, n, Hm)
+        dW1[:, g] = np.einsum("btd,bth->bdh", dy[:, s:e], a, optimize=True)
+        dpre = np.einsum("btd,bdh->bth", dy[:, s:e], W1[:, g], optimize=True) * df(pre[:, s:e])  # (B, n, Hm)
+        dW2[:, g] = np.einsum("bth,btd->bhd", dpre, z[:, s:e], optimize=True)
+        dz[:, s:e] += np.einsum("bth,bhd->btd", dpre, W2[:, g], optimize=True)
+    return dz, dW1, dW2
+
+
+# ---------------------------------------------------------------------------------------------
+# The chain: sequential (Eqs. 70, 73) or independent (Eq. 74)
+# ---------------------------------------------------------------------------------------------
+
+
+def forward(u, weights, groups, variant="sequential", act="gelu", agg=None):
+    """The CMS over a segment. ``weights[l] = (W1, W2)`` of shapes (B, G_l, D, Hm_l),
+    (B, G_l, Hm_l, D); ``groups[l]`` tiles the segment into level l's chunks.
+
+    sequential:  y = M_L(... M_1(u))                                   # Eq. (70)
+    independent: y = u + sum_l agg_l (M_l(u) - u)                       # Eq. (74)
+    Returns (y, cache).
+    """
+    if variant not in ("sequential", "independent"):
+        raise ValueError(f"variant must be 'sequential' or 'independent', got {variant!r}")
+    if len(weights) != len(groups) or not weights:
+        raise ValueError(f"weights and groups must give one entry per level, got {len(weights)} and {len(groups)}")
+    caches = []
+    if variant == "sequential":
+        z = u
+        for (W1, W2), gr in zip(weights, groups, strict=True):
+            z, c = level_forward(z, W1, W2, gr, act)  # Eq. (70)
+            caches.append(c)
+        return z, (variant, caches, None, None)
+    agg = np.asarray(agg)
+    if agg.shape != (len(weights),):
+        raise ValueError(f"agg must have shape (L,) = ({len(weights)},), got {agg.shape}")
+    y = np.array(u, copy=True)
+    outs = []
+    for l, ((W1, W2), gr) in enumerate(zip(weights, groups, strict=True)):
+        m, c = level_forward(u, W1, W2, gr, act)
+        caches.append(c)
+        outs.append(m - u)  # (B, T, D): level l's MLP part
+        y = y + agg[l] * outs[-1]  # Eq. (74)
+    return y, (variant, caches, agg, outs)
+
+
+def backward(dy, cache):
+    """Returns (du, dweights, dagg): dweights[l] = (dW1, dW2) per group and sequence (the caller
+    sums them onto the initial weights, SPEC.md#cms); dagg is None for the sequential variant."""
+    variant, caches, agg, outs = cache
+    if variant == "sequential":
+        dz = dy
+        dweights = []
+        for c in reversed(caches):
+            dz, dW1, dW2 = level_backward(dz, c)
+            dweights.append((dW1, dW2))
+        return dz, dweights[::-1], None
+    du = np.array(dy, copy=True)
+    dweights = []
+    dagg = np.zeros(agg.shape, dtype=np.result_type(agg, dy))
+    for l, c in enumerate(caches):
+        dagg[l] = np.sum(dy * outs[l])
+        dm = agg[l] * dy
+        dz, dW1, dW2 = level_backward(dm, c)
+        du = du + dz - dm  # the level's residual z is subtracted in (M_l(u) - u)
+        dweights.append((dW1, dW2))
+    return du, dweights, dagg
+
+
+# ---------------------------------------------------------------------------------------------
+# A standalone in-context driver (used by the tests and as the plainest statement of Eq. 71)
+# ---------------------------------------------------------------------------------------------
+
+
+def in_context_forward(u, params, levels, dloss_dy, variant="sequential", act="gelu"):
+    """Run the CMS over u (B, T, D) token chunk by token chunk with in-context updates.
+
+    ``params``: the outer weights ``{l}.W1``, ``{l}.W2`` (and ``agg``). ``dloss_dy(y_chunk, s, e)``
+    returns the gradient of the summed per-token loss of tokens [s, e) with respect to the
+    chunk's outputs (B, e - s, D). The processing chunk is the shortest period; each level sums
+    the gradients over its own chunk and applies ``write`` at its end (Eq. 71). Returns
+    (y (B, T, D), final per-sequence weights {key: (B, ...)}).
+    """
+    Bn, T, D = u.shape
+    periods = [lv.period for lv in levels if lv.period is not None]
+    C = min(periods) if periods else T
+    W = {}
+    acc = {}
+    for l in range(len(levels)):
+        for name in ("W1", "W2"):
+            W[f"{l}.{name}"] = np.broadcast_to(params[f"{l}.{name}"], (Bn,) + params[f"{l}.{name}"].shape).copy()
+            acc[f"{l}.{name}"] = np.zeros_like(W[f"{l}.{name}"])
+    ys = []
+    for s in range(0, T, C):
+        e = min(s + C, T)
+        weights = [(W[f"{l}.W1"][:, None], W[f"{l}.W2"][:, None]) for l in range(len(levels))]
+        groups = [[(0, e - s)] for _ in levels]
+        y, cache = forward(u[:, s:e], weights, groups, variant, act, params.get("agg"))
+        ys.append(y)
+        _, dweights, _ = backward(dloss_dy(y, s, e), cache)
+        for l, lv in enumerate(levels):
+            if lv.period is None:
+                continue
+            acc[f"{l}.W1"] += dweights[l][0][:, 0]
+            acc[f"{l}.W2"] += dweights[l][1][:, 0]
+            if e % lv.period == 0:
+                for name in ("W1", "W2"):
+                    W[f"{l}.{name}"] = write(W[f"{l}.{name}"], acc[f"{l}.{name}"], lv.eta)  # Eq. (71)
+                    acc[f"{l}.{name}"] = np.zeros_like(acc[f"{l}.{name}"])
+    return np.concatenate(ys, axis=1), W
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient-check cases (float64, small)
+# ---------------------------------------------------------------------------------------------
+
+
+def _case(variant: str, act: str = "gelu"):
+    def make(rng, B=2, T=5, D=3, hidden=(4, 2), periods=(2, 3)):
+        u = rng.standard_normal((B, T, D))
+        inputs = {"u": u}
+        groups = []
+        for l, (h, p) in enumerate(zip(hidden, periods, strict=True)):
+            gr = groups_for(p, 1, T)  # a segment starting at absolute position 1
+            groups.append(gr)
+            inputs[f"{l}.W1"] = 0.5 * rng.standard_normal((B, len(gr), D, h))
+            inputs[f"{l}.W2"] = 0.5 * rng.standard_normal((B, len(gr), h, D))
+        if variant == "independent":
+            inputs["agg"] = rng.standard_normal(len(hidden))
+        up = rng.standard_normal((B, T, D))
+
+        def fwd(a):
+            w = [(a[f"{l}.W1"], a[f"{l}.W2"]) for l in range(len(hidden))]
+            return forward(a["u"], w, groups, variant, act, a.get("agg"))
+
+        y, cache = fwd(inputs)
+        du, dw, dagg = backward(up, cache)
+        grads = {"u": du}
+        for l, (d1, d2) in enumerate(dw):
+            grads[f"{l}.W1"] = d1
+            grads[f"{l}.W2"] = d2
+        if dagg is not None:
+            grads["agg"] = dagg
+        return (lambda a: np.sum(fwd(a)[0] * up)), inputs, grads
+
+    return make
+
+
+GRADCHECKS: dict[str, Callable] = {
+    "cms.sequential": _case("sequential"),
+    "cms.independent": _case("independent"),
+    "cms.sequential_silu": _case("sequential", "silu"),
+}

@@ -1,0 +1,218 @@
+"""Model configuration: frozen dataclasses, validation and the named presets.
+
+Paper: §7-§8.3, Eqs. (70)-(74), (94)-(97), arXiv 2512.24695v1 (the paper gives no sizes for its
+models; every number here is a decision recorded in SPEC.md#hope).
+
+Symbols (paper symbol -> code name):
+
+    d_in / d        d_model           model width D
+    C^(l)           CMSLevel.period   update period of CMS level l, in tokens (None: frozen)
+    eta^(l)         CMSLevel.eta      inner learning rate of CMS level l
+    hidden of MLP^(f_l)  CMSLevel.hidden   hidden width of level l's MLP
+    V               vocab_size        256 for byte-level tokens
+
+Decisions where the paper is open (SPEC.md#hope, SPEC.md#cms):
+    - the presets' widths, depths, CMS levels, periods and inner learning rates;
+    - ``dtype`` is the computation dtype of every array (parameters are drawn in float64 and
+      cast), ``cms_in_context=False`` turns every CMS level into a static MLP;
+    - every period of an in-context CMS level must be a multiple of the shortest one (the
+      processing chunk of the model, SPEC.md#hope).
+
+This module imports only the standard library, so ``from nested_learning import config`` never
+pulls numpy's heavy friends, numba or cupy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+FAMILIES = ("hope", "hope-attention", "titans", "transformer")
+CMS_VARIANTS = ("sequential", "independent")
+ACTIVATIONS = ("gelu", "silu")
+DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class CMSLevel:
+    """One level of the Continuum Memory System: a residual MLP z + W1 act(W2 z) (SPEC.md#cms).
+
+    ``period``: tokens between two in-context updates (None: frozen in context, only the outer
+    optimizer moves it). ``eta``: the level's inner learning rate.
+    """
+
+    hidden: int
+    period: int | None = None
+    eta: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.hidden, int) or self.hidden < 1:
+            raise ValueError(f"CMSLevel.hidden must be a positive int, got {self.hidden!r}")
+        if self.period is not None and (not isinstance(self.period, int) or self.period < 1):
+            raise ValueError(f"CMSLevel.period must be None or a positive int (tokens), got {self.period!r}")
+        if not float(self.eta) >= 0.0:
+            raise ValueError(f"CMSLevel.eta must be >= 0, got {self.eta!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A language model: embedding, ``n_layers`` blocks of one family, final RMSNorm, head.
+
+    Families (SPEC.md#hope): ``hope`` (self-modifying Titans then CMS), ``hope-attention``
+    (causal softmax attention then CMS), ``titans`` (the Titans memory layer then a SwiGLU MLP),
+    ``transformer`` (Transformer++: RoPE attention then SwiGLU). Every block is pre-norm
+    residual with RMSNorm.
+    """
+
+    name: str = "custom"
+    family: str = "transformer"
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    mlp_hidden: int = 512  # SwiGLU hidden width F (transformer, titans)
+    cms_levels: tuple[CMSLevel, ...] = ()
+    cms_variant: str = "sequential"  # Eq. (73) chained, or "independent" (Eq. 74)
+    cms_activation: str = "gelu"
+    cms_in_context: bool = True
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    dtype: str = "float32"
+    # the sequence-memory layer of the titans / hope families (see reference/titans.py, selfmod.py)
+    mem_chunk: int = 16  # Titans chunk (C) / self-modifying Titans chunk_memory
+    mem_chunk_other: int = 16  # self-modifying Titans chunk_other
+    mem_kind: str = "mlp"  # "matrix" or "mlp" memory
+    mem_hidden: int = 0  # hidden width of an MLP memory; 0 means 4 * d_head
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(f"config {self.name!r}: {msg}")
+
+        if self.family not in FAMILIES:
+            bad(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.dtype not in DTYPES:
+            bad(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v < 1:
+                bad(f"{key} must be a positive int, got {v!r}")
+        if self.d_model % self.n_heads:
+            bad(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
+        if (self.d_model // self.n_heads) % 2 and self.family in ("transformer", "hope-attention"):
+            bad(f"the head width d_model / n_heads = {self.d_model // self.n_heads} must be even (RoPE pairs)")
+        if self.family in ("transformer", "titans") and (not isinstance(self.mlp_hidden, int) or self.mlp_hidden < 1):
+            bad(f"mlp_hidden must be a positive int for family {self.family!r}, got {self.mlp_hidden!r}")
+        if self.cms_variant not in CMS_VARIANTS:
+            bad(f"cms_variant must be one of {CMS_VARIANTS}, got {self.cms_variant!r}")
+        if self.cms_activation not in ACTIVATIONS:
+            bad(f"cms_activation must be one of {ACTIVATIONS}, got {self.cms_activation!r}")
+        levels = tuple(self.cms_levels)
+        if any(not isinstance(lv, CMSLevel) for lv in levels):
+            bad("cms_levels must be a tuple of CMSLevel")
+        object.__setattr__(self, "cms_levels", levels)
+        if self.family in ("hope", "hope-attention"):
+            if not levels:
+                bad(f"family {self.family!r} needs at least one CMS level")
+            periods = [lv.period for lv in levels if lv.period is not None]
+            if periods:
+                c = min(periods)
+                if any(p % c for p in periods):
+                    bad(f"every CMS period must be a multiple of the shortest ({c}), got {periods}")
+        elif levels:
+            bad(f"family {self.family!r} has no CMS; cms_levels must be empty")
+        for key in ("mem_chunk", "mem_chunk_other"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v < 1:
+                bad(f"{key} must be a positive int (tokens), got {v!r}")
+        if self.mem_kind not in ("matrix", "mlp"):
+            bad(f"mem_kind must be 'matrix' or 'mlp', got {self.mem_kind!r}")
+        if not isinstance(self.mem_hidden, int) or self.mem_hidden < 0:
+            bad(f"mem_hidden must be an int >= 0, got {self.mem_hidden!r}")
+        if not self.norm_eps > 0 or not self.init_std > 0 or not self.rope_base > 0:
+            bad("norm_eps, init_std and rope_base must be positive")
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def cms_chunk(self) -> int | None:
+        """The processing chunk (tokens) of the chunk-major pass: the shortest period of an
+        in-context CMS level, or None when no level updates in context (SPEC.md#hope)."""
+        if not self.cms_in_context:
+            return None
+        periods = [lv.period for lv in self.cms_levels if lv.period is not None]
+        return min(periods) if periods else None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["cms_levels"] = [dataclasses.asdict(lv) for lv in self.cms_levels]
+        return d
+
+
+def from_dict(d: dict) -> ModelConfig:
+    """A ModelConfig from a plain dict (e.g. parsed TOML); unknown keys are a ValueError."""
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; known keys are {sorted(names)}")
+    d = dict(d)
+    if "cms_levels" in d:
+        d["cms_levels"] = tuple(lv if isinstance(lv, CMSLevel) else CMSLevel(**lv) for lv in d["cms_levels"])
+    return ModelConfig(**d)
+
+
+def _tiny(family: str, **kw) -> ModelConfig:
+    base = dict(
+        name=f"{family}-tiny", family=family, vocab_size=11, d_model=8, n_layers=2, n_heads=2,
+        mlp_hidden=12, dtype="float64", init_std=0.3, mem_chunk=2, mem_chunk_other=2, mem_hidden=4,
+    )
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def _small(family: str, **kw) -> ModelConfig:
+    base = dict(
+        name=f"{family}-small", family=family, vocab_size=256, d_model=128, n_layers=2, n_heads=4,
+        mlp_hidden=1024, dtype="float32", init_std=0.02, mem_chunk=16, mem_chunk_other=16,
+    )
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+# CMS levels of the presets, applied in this order (first = closest to the block input). The tiny
+# levels update every 2 and 4 tokens so that a test sequence of ~10 tokens crosses several
+# boundaries; the small ones every 16 and 64 tokens, plus a frozen level (SPEC.md#hope).
+_TINY_CMS = (CMSLevel(hidden=8, period=2, eta=0.05), CMSLevel(hidden=8, period=4, eta=0.02),
+             CMSLevel(hidden=8, period=None))
+_SMALL_CMS = (CMSLevel(hidden=512, period=16, eta=1e-3), CMSLevel(hidden=512, period=64, eta=1e-3),
+              CMSLevel(hidden=512, period=None))
+
+PRESETS: dict[str, ModelConfig] = {
+    "transformer-tiny": _tiny("transformer"),
+    "hope-attention-tiny": _tiny("hope-attention", cms_levels=_TINY_CMS),
+    "titans-tiny": _tiny("titans", n_heads=2),
+    "hope-tiny": _tiny("hope", cms_levels=_TINY_CMS),
+    "transformer-small": _small("transformer"),
+    "hope-attention-small": _small("hope-attention", cms_levels=_SMALL_CMS),
+    "titans-small": _small("titans", mlp_hidden=768),
+    "hope-small": _small("hope", cms_levels=_SMALL_CMS),
+}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def preset(name: str) -> ModelConfig:
+    """The named preset (a frozen dataclass; change it with ``dataclasses.replace``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+__all__ = [
+    "ACTIVATIONS", "CMS_VARIANTS", "CMSLevel", "DTYPES", "FAMILIES", "ModelConfig", "PRESETS",
+    "from_dict", "preset", "preset_names",
+]
