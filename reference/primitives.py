@@ -62,7 +62,9 @@ def _float_array(name: str, a, expected: str, ndim: int | None = None, min_ndim:
     """
     a = np.asarray(a)
     if a.dtype.type not in _FLOAT_DTYPES:
-        raise ValueError(f"{name} must be a float32 or float64 array of shape {expected}, got dtype {a.dtype}")
+        raise ValueError(
+            f"{name} must be a float32 or float64 array of shape {expected}, got dtype {a.dtype}"
+        )
     if (ndim is not None and a.ndim != ndim) or a.ndim < min_ndim:
         raise ValueError(f"{name} must have shape {expected}, got shape {a.shape}")
     if like is not None and _real_dtype(a.dtype) != _real_dtype(like.dtype):
@@ -345,9 +347,7 @@ def layernorm_backward(dy, cache):
     _check_shape("dy", dy, xhat.shape, "(..., D)")
     dxhat = dy * g if g is not None else dy  # (..., D)
     dx = r * (
-        dxhat
-        - np.mean(dxhat, axis=-1, keepdims=True)
-        - xhat * np.mean(dxhat * xhat, axis=-1, keepdims=True)
+        dxhat - np.mean(dxhat, axis=-1, keepdims=True) - xhat * np.mean(dxhat * xhat, axis=-1, keepdims=True)
     )  # (..., D)
     dg = _lead_sum(dy * xhat, 1) if g is not None else None  # (D,)
     db = _lead_sum(dy, 1) if has_b else None  # (D,)
@@ -517,7 +517,9 @@ def rope_backward(dy, cache):
     cos, sin = cache
     dy = _float_array("dy", dy, "(..., T, dh)", min_ndim=2)
     if dy.shape[-2:] != (cos.shape[0], 2 * cos.shape[1]):
-        raise ValueError(f"dy must have shape (..., T, dh) = (..., {cos.shape[0]}, {2 * cos.shape[1]}), got {dy.shape}")
+        raise ValueError(
+            f"dy must have shape (..., T, dh) = (..., {cos.shape[0]}, {2 * cos.shape[1]}), got {dy.shape}"
+        )
     return _rotate(dy, cos, -sin)
 
 
@@ -529,11 +531,11 @@ def rope_backward(dy, cache):
 def _softmax(x, axis, mask=None):
     """Stable softmax; the shift is the (real) max, a constant, so complex input stays analytic.
     Entries where ``mask`` is False get weight exactly 0."""
-    real = x.real if mask is None else np.where(mask, x.real, -np.inf)
-    m = np.max(real, axis=axis, keepdims=True)
-    e = np.exp(x - m)
-    if mask is not None:
-        e = np.where(mask, e, 0)
+    if mask is None:
+        e = np.exp(x - np.max(x.real, axis=axis, keepdims=True))
+    else:  # masked entries are shifted to 0 first, so they can never overflow
+        m = np.max(np.where(mask, x.real, -np.inf), axis=axis, keepdims=True)
+        e = np.where(mask, np.exp(np.where(mask, x - m, 0)), 0)
     return e / np.sum(e, axis=axis, keepdims=True)
 
 
@@ -571,7 +573,9 @@ def attention_forward(q, k, v, causal=True, scale=None):
     if v.shape[:3] != (Bn, H, Tk):
         raise ValueError(f"v must have shape (B, H, T_k, dv) with B, H, T_k = {Bn}, {H}, {Tk}, got {v.shape}")
     if causal and Tk < Tq:
-        raise ValueError(f"k must have shape (B, H, T_k, dh) with T_k >= T_q = {Tq} when causal, got {k.shape}")
+        raise ValueError(
+            f"k must have shape (B, H, T_k, dh) with T_k >= T_q = {Tq} when causal, got {k.shape}"
+        )
     scale = 1.0 / np.sqrt(dh) if scale is None else scale
     scale = float(scale)
     scores = scale * np.einsum("bhqd,bhkd->bhqk", q, k, optimize=True)  # (B, H, T_q, T_k)
@@ -646,12 +650,18 @@ def _upstream(rng, shape):
 
 
 def gradcheck_activation(name: str):
-    fwd = {"sigmoid": sigmoid_forward, "silu": silu_forward, "gelu": gelu_forward, "softplus": softplus_forward}[
-        name
-    ]
-    bwd = {"sigmoid": sigmoid_backward, "silu": silu_backward, "gelu": gelu_backward, "softplus": softplus_backward}[
-        name
-    ]
+    fwd = {
+        "sigmoid": sigmoid_forward,
+        "silu": silu_forward,
+        "gelu": gelu_forward,
+        "softplus": softplus_forward,
+    }[name]
+    bwd = {
+        "sigmoid": sigmoid_backward,
+        "silu": silu_backward,
+        "gelu": gelu_backward,
+        "softplus": softplus_backward,
+    }[name]
 
     def make(rng, n=2, d=3):
         x = 2.0 * rng.standard_normal((n, d))
@@ -680,7 +690,11 @@ def gradcheck_embedding(rng, n=2, t=3, v=5, d=3):
     E = rng.standard_normal((v, d))
     u = _upstream(rng, (n, t, d))
     _, cache = embedding_forward(tokens, E)
-    return (lambda a: np.sum(embedding_forward(tokens, a["E"])[0] * u)), {"E": E}, {"E": embedding_backward(u, cache)}
+    return (
+        (lambda a: np.sum(embedding_forward(tokens, a["E"])[0] * u)),
+        {"E": E},
+        {"E": embedding_backward(u, cache)},
+    )
 
 
 def gradcheck_rmsnorm(rng, n=2, d=4):
@@ -747,14 +761,22 @@ def gradcheck_rope(rng, n=2, t=3, half=2, offset=5):
     positions = np.arange(offset, offset + t)
     u = _upstream(rng, x.shape)
     _, cache = rope_forward(x, positions)
-    return (lambda a: np.sum(rope_forward(a["x"], positions)[0] * u)), {"x": x}, {"x": rope_backward(u, cache)}
+    return (
+        (lambda a: np.sum(rope_forward(a["x"], positions)[0] * u)),
+        {"x": x},
+        {"x": rope_backward(u, cache)},
+    )
 
 
 def gradcheck_softmax(rng, n=2, d=4, axis=-1):
     x = 2.0 * rng.standard_normal((n, d))
     u = _upstream(rng, x.shape)
     _, cache = softmax_forward(x, axis=axis)
-    return (lambda a: np.sum(softmax_forward(a["x"], axis=axis)[0] * u)), {"x": x}, {"x": softmax_backward(u, cache)}
+    return (
+        (lambda a: np.sum(softmax_forward(a["x"], axis=axis)[0] * u)),
+        {"x": x},
+        {"x": softmax_backward(u, cache)},
+    )
 
 
 def gradcheck_attention(rng, b=1, h=2, tq=2, tk=3, dh=2, dv=3, causal=True):
