@@ -22,6 +22,11 @@ TOLERANCES: dict[tuple[str, str], tuple[float, str]] = {
     # order: observed ~1e-15 relative in float64.
     ("float64", "rewrite"): (1e-10, "same function, different summation order, float64"),
     ("float32", "rewrite"): (1e-4, "same function, different summation order, float32"),
+    # One function evaluated in float32 vs in float64 (small well-scaled inputs). LayerNorm on the
+    # MLP memory's branch amplifies rounding by 1/std of the branch (and its square in the
+    # second-order VJP): worst observed 9.3e-5 with LN, 1.6e-6 without, over 1500 random configs
+    # of tests/test_mlp_memory.py::test_float32_in_float32_out_and_close_to_float64.
+    ("float32", "vs_float64"): (5e-4, "float32 evaluation vs float64 of the same function"),
 }
 
 
