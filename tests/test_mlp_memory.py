@@ -345,7 +345,7 @@ def test_float32_in_float32_out_and_close_to_float64(cfg):
     o32, o64 = _all_outputs(x32, cfg), _all_outputs(x64, cfg)
     for name in o32:
         assert o32[name].dtype == np.float32, f"{name}: dtype {o32[name].dtype}"
-        assert_close(o32[name], o64[name].astype(np.float32), "float32", "vs_float64", name)
+        assert_close(o32[name], o64[name].astype(np.float32), "float32", "mlp_memory_vs_float64", name)
 
 
 def test_float32_matrix_memory():

@@ -26,7 +26,7 @@ TOLERANCES: dict[tuple[str, str], tuple[float, str]] = {
     # MLP memory's branch amplifies rounding by 1/std of the branch (and its square in the
     # second-order VJP): worst observed 9.3e-5 with LN, 1.6e-6 without, over 1500 random configs
     # of tests/test_mlp_memory.py::test_float32_in_float32_out_and_close_to_float64.
-    ("float32", "vs_float64"): (5e-4, "float32 evaluation vs float64 of the same function"),
+    ("float32", "mlp_memory_vs_float64"): (5e-4, "MLP memory in float32 vs float64, small inputs"),
 }
 
 
