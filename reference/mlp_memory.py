@@ -39,7 +39,10 @@ Decisions where the paper is open (each recorded in SPEC.md#mlp-memory):
   map, so ``inner_grad_backward`` returns ``dv_hat`` (SPEC.md#outer-gradient).
 - LayerNorm (option ``layernorm=True``): over the last axis D, no affine parameters, eps inside
   the square root, biased variance (Titans/MIRAS ``x + LN(W1 s(W2 x))``).
+  LN is degenerate for D <= 2 (constant +-1 branch) and Hm = 1 (invariant to s(W2 z)).
 - No biases, no broadcasting of weights over tokens' leading dims: weights are per sequence/head.
+- ``act`` names an ``ACTIVATIONS`` triple, ``gelu`` by default (Titans/MIRAS/ATLAS; NL is silent).
+- One dtype per call (float32 or float64; complex128 for the complex-step check); results in it.
 - ``inner_grad_backward`` differentiates only the returned factors; the direct dependence of
   ``u2 k^T`` on ``k`` is the caller's (SPEC.md#mlp-memory).
 """
