@@ -51,8 +51,9 @@ import numpy as np
 def _check_inputs(q, k, v, eta, alpha, M0, gamma=None, need_gamma=False):
     """Validate shapes and dtypes; return (q, k, v, eta, alpha, M0, gamma) as arrays.
 
-    ``alpha=None`` becomes ones (no retention decay). Raises ValueError naming the argument and
-    the expected shape.
+    ``alpha=None`` becomes ones (no retention decay). All arrays share one float dtype (float32 or
+    float64; complex128 is accepted so that the complex-step gradient check can run the forward).
+    Raises ValueError naming the argument and the expected shape.
     """
     arrays = {"q": q, "k": k, "v": v, "eta": eta, "M0": M0}
     if alpha is not None:
@@ -97,7 +98,8 @@ def _chunks(T, chunk_size):
     return [(s, min(s + chunk_size, T)) for s in range(0, T, chunk_size)]
 
 
-def _zeros_like_state(dM_T, cache):
+def _state_grad(dM_T, cache):
+    """The upstream gradient w.r.t. M_T, zeros when None."""
     if dM_T is None:
         return np.zeros_like(cache["M0"])
     dM_T = np.asarray(dM_T)
@@ -152,7 +154,7 @@ def hebbian_backward(dy, dM_T, cache):
     T = k.shape[1]
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     deta, dalpha = np.zeros_like(eta), np.zeros_like(alpha)
-    dM = np.array(_zeros_like_state(dM_T, cache), dtype=k.dtype)  # gradient w.r.t. M_t
+    dM = np.array(_state_grad(dM_T, cache), dtype=k.dtype)  # gradient w.r.t. M_t
     for t in reversed(range(T)):
         dM = dM + np.einsum("bv,bk->bvk", dy[:, t], q[:, t])
         dq[:, t] = np.einsum("bvk,bv->bk", states[:, t + 1], dy[:, t])
@@ -247,7 +249,7 @@ def hebbian_chunked_backward(dy, dM_T, cache):
     q, k, v, eta, alpha = (cache[n] for n in ("q", "k", "v", "eta", "alpha"))
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     deta, dalpha = np.zeros_like(eta), np.zeros_like(alpha)
-    dM = np.array(_zeros_like_state(dM_T, cache), dtype=k.dtype)
+    dM = np.array(_state_grad(dM_T, cache), dtype=k.dtype)
     chunks = _chunks(k.shape[1], cache["chunk_size"])
     for (s0, e0), Mb in zip(reversed(chunks), reversed(cache["starts"]), strict=True):
         D = _decay_matrix(alpha[:, s0:e0])
@@ -294,7 +296,7 @@ def delta_backward(dy, dM_T, cache):
     T = k.shape[1]
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     deta, dalpha = np.zeros_like(eta), np.zeros_like(alpha)
-    dM = np.array(_zeros_like_state(dM_T, cache), dtype=k.dtype)
+    dM = np.array(_state_grad(dM_T, cache), dtype=k.dtype)
     for t in reversed(range(T)):
         M = states[:, t]
         dM = dM + np.einsum("bv,bk->bvk", dy[:, t], q[:, t])
@@ -368,7 +370,7 @@ def delta_chunked_backward(dy, dM_T, cache):
     q, k, v, eta, alpha = (cache[n] for n in ("q", "k", "v", "eta", "alpha"))
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     deta, dalpha = np.zeros_like(eta), np.zeros_like(alpha)
-    dM = np.array(_zeros_like_state(dM_T, cache), dtype=k.dtype)
+    dM = np.array(_state_grad(dM_T, cache), dtype=k.dtype)
     chunks = _chunks(k.shape[1], cache["chunk_size"])
     for (s0, e0), Mb in zip(reversed(chunks), reversed(cache["starts"]), strict=True):
         qc, kc, vc, beta = q[:, s0:e0], k[:, s0:e0], v[:, s0:e0], eta[:, s0:e0]
@@ -430,13 +432,14 @@ def dgd_forward(q, k, v, eta, alpha, M0):
 
     With alpha = 1, M_t is the exact minimiser of 1/2 ||M k_t - v_t||^2 + 1/(2 eta_t) ||M - M_{t-1}||^2.
     """
-    q, k, v, eta, alpha_arr, M0, _ = _check_inputs(q, k, v, eta, alpha, M0)
+    q, k, v, eta, _, M0, _ = _check_inputs(q, k, v, eta, alpha, M0)
     y, M_T, cache = delta_forward(q, k, v, prox_step_size(eta, k), alpha, M0)
     cache["eta_raw"] = eta
     return y, M_T, cache
 
 
 def dgd_backward(dy, dM_T, cache):
+    """Gradients of dgd_forward: delta_backward, then through eta' = eta / (1 + eta ||k||^2)."""
     grads = delta_backward(dy, dM_T, cache)
     deta, dk_prox = _prox_step_size_backward(grads["eta"], cache["eta_raw"], cache["k"])
     grads["eta"], grads["k"] = deta, grads["k"] + dk_prox
@@ -445,13 +448,14 @@ def dgd_backward(dy, dM_T, cache):
 
 def dgd_chunked_forward(q, k, v, eta, alpha, M0, chunk_size):
     """dgd_forward in the UT-transform chunk form (exact, any chunk_size)."""
-    q, k, v, eta, alpha_arr, M0, _ = _check_inputs(q, k, v, eta, alpha, M0)
+    q, k, v, eta, _, M0, _ = _check_inputs(q, k, v, eta, alpha, M0)
     y, M_T, cache = delta_chunked_forward(q, k, v, prox_step_size(eta, k), alpha, M0, chunk_size)
     cache["eta_raw"] = eta
     return y, M_T, cache
 
 
 def dgd_chunked_backward(dy, dM_T, cache):
+    """Gradients of dgd_chunked_forward: delta_chunked_backward, then through eta'."""
     grads = delta_chunked_backward(dy, dM_T, cache)
     deta, dk_prox = _prox_step_size_backward(grads["eta"], cache["eta_raw"], cache["k"])
     grads["eta"], grads["k"] = deta, grads["k"] + dk_prox
@@ -489,7 +493,7 @@ def oja_backward(dy, dM_T, cache):
     T = k.shape[1]
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     deta, dalpha = np.zeros_like(eta), np.zeros_like(alpha)
-    dM = np.array(_zeros_like_state(dM_T, cache), dtype=k.dtype)
+    dM = np.array(_state_grad(dM_T, cache), dtype=k.dtype)
     for t in reversed(range(T)):
         M, vt, et = states[:, t], v[:, t], eta[:, t]
         dM = dM + np.einsum("bv,bk->bvk", dy[:, t], q[:, t])
@@ -555,7 +559,7 @@ def omega_backward(dy, dM_T, cache):
     window = cache["window"]
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     deta, dalpha, dgamma = np.zeros_like(eta), np.zeros_like(alpha), np.zeros_like(gamma)
-    dM = np.array(_zeros_like_state(dM_T, cache), dtype=k.dtype)
+    dM = np.array(_state_grad(dM_T, cache), dtype=k.dtype)
     for s0, e0 in reversed(_chunks(k.shape[1], cache["chunk_size"])):
         Mb = states[:, s0]
         dMb = np.zeros_like(dM)
@@ -627,7 +631,7 @@ def omega_chunked_backward(dy, dM_T, cache):
     window = cache["window"]
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     deta, dalpha, dgamma = np.zeros_like(eta), np.zeros_like(alpha), np.zeros_like(gamma)
-    dM = np.array(_zeros_like_state(dM_T, cache), dtype=k.dtype)
+    dM = np.array(_state_grad(dM_T, cache), dtype=k.dtype)
     chunks = _chunks(k.shape[1], cache["chunk_size"])
     for (s0, e0), Mb in zip(reversed(chunks), reversed(cache["starts"]), strict=True):
         lo = max(0, s0 - window + 1)
