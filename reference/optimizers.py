@@ -81,7 +81,7 @@ def _check_params(params) -> None:
     if not isinstance(params, dict):
         raise ValueError(f"params must be a dict[str, np.ndarray], got {type(params).__name__}")
     for key, p in params.items():
-        if not isinstance(p, np.ndarray):
+        if not isinstance(p, np.ndarray | np.generic):  # a 0-d NumPy scalar is accepted too
             raise ValueError(f"params[{key!r}] must be a numpy array, got {type(p).__name__}")
         if p.dtype not in (np.float32, np.float64):
             raise ValueError(f"params[{key!r}] must be float32 or float64, got {p.dtype}")
@@ -99,7 +99,7 @@ def _check_grads(params, grads) -> None:
         raise ValueError(f"grads keys must equal params keys: missing {missing}, unexpected {extra}")
     for key, p in params.items():
         g = grads[key]
-        if not isinstance(g, np.ndarray):
+        if not isinstance(g, np.ndarray | np.generic):
             raise ValueError(f"grads[{key!r}] must be a numpy array, got {type(g).__name__}")
         if g.shape != p.shape:
             raise ValueError(f"grads[{key!r}] has shape {g.shape}, expected {p.shape} (the shape of params[{key!r}])")
@@ -144,11 +144,17 @@ def _slots(state, slot, keys) -> dict:
 
 
 def _pack(step, **slots) -> dict:
+    """The flat state dict: ``"step"`` and ``"<slot>/<param>"`` arrays (0-d results stay arrays)."""
     state = {"step": int(step)}
     for slot, arrays in slots.items():
         for k, a in arrays.items():
-            state[f"{slot}/{k}"] = a
+            state[f"{slot}/{k}"] = np.asarray(a)
     return state
+
+
+def _arrays(new, params) -> dict:
+    """New parameters as arrays in the caller's key order (NumPy turns 0-d results into scalars)."""
+    return {k: np.asarray(new[k]) for k in params}
 
 
 def newton_schulz(G: np.ndarray, steps: int = 5, coefficients=NS_COEFFICIENTS, eps: float = 1e-7) -> np.ndarray:
@@ -266,7 +272,7 @@ def _sgd_update(hp, params, grads, state):
     for k, W in params.items():
         g = grads[k] + hp["weight_decay"] * W if hp["weight_decay"] else grads[k]
         new[k] = W - hp["lr"] * g  # Eq. (1)
-    return new, {"step": state["step"] + 1}
+    return _arrays(new, params), {"step": state["step"] + 1}
 
 
 def _momentum_init(hp, params):
@@ -293,7 +299,7 @@ def _momentum_update(hp, params, grads, state):
         m = alpha * state[f"m/{k}"] - eta * dot_inner_grad(state[f"m/{k}"], g)  # Eq. (33)
         m_new[k] = m
         new[k] = W + (alpha * m - eta * g if hp["nesterov"] else m)  # Eq. (33)
-    return new, _pack(state["step"] + 1, m=m_new)
+    return _arrays(new, params), _pack(state["step"] + 1, m=m_new)
 
 
 def _adagrad_init(hp, params):
@@ -319,7 +325,7 @@ def _adagrad_update(hp, params, grads, state):
         H = state[f"sum/{k}"] + g * g  # Eq. (102), H memory (beta2 = 1)
         H_new[k] = H
         new[k] = W - clr * g / (np.sqrt(H) + hp["eps"])  # Eq. (102) with P = H^{1/2}
-    return new, _pack(t, sum=H_new)
+    return _arrays(new, params), _pack(t, sum=H_new)
 
 
 def _adam_init(hp, params):
@@ -360,16 +366,16 @@ def _adam_update(hp, params, grads, state, decoupled):
         if hp["form"] == "paper":
             Mt = state[f"m/{k}"] + b1 * g  # Eq. (102), M~ memory
             H = state[f"v/{k}"] + b2 * g * g  # Eq. (102), H memory
-            new[k] = W - (lr / np.sqrt(b2)) * Mt / (np.sqrt(H) + eps)  # Eq. (105)
+            new[k] = W - (lr / float(np.sqrt(b2))) * Mt / (np.sqrt(H) + eps)  # Eq. (105)
         else:
             Mt = state[f"m/{k}"] + (1 - b1) * (g - state[f"m/{k}"])  # Eq. (102) as an EMA
             H = b2 * state[f"v/{k}"] + (1 - b2) * g * g  # Eq. (102) as an EMA
             bc1 = 1 - b1**t if hp["bias_correction"] else 1.0
             bc2 = 1 - b2**t if hp["bias_correction"] else 1.0
-            denom = np.sqrt(H) / np.sqrt(bc2) + eps  # P = H^{1/2}, Eq. (105)
+            denom = np.sqrt(H) / bc2**0.5 + eps  # P = H^{1/2}, Eq. (105)
             new[k] = W - (lr / bc1) * Mt / denom  # Eq. (102)-(105): W - lr m*
         m_new[k], v_new[k] = Mt, H
-    return new, _pack(t, m=m_new, v=v_new)
+    return _arrays(new, params), _pack(t, m=m_new, v=v_new)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,7 +419,7 @@ def _precond_momentum_update(hp, params, grads, state):
         m = hp["momentum"] * state[f"m/{k}"] - hp["lr"] * dot_inner_grad(state[f"m/{k}"], grads[k], PG)  # Eq. (47)
         m_new[k] = m
         new[k] = W + m
-    return new, _pack(t, m=m_new, v=v_new)
+    return _arrays(new, params), _pack(t, m=m_new, v=v_new)
 
 
 def _delta_momentum_init(hp, params):
@@ -449,7 +455,7 @@ def _delta_momentum_update(hp, params, grads, state):
         m = alpha * m - zeta * decay - eta * as_matrix(PG)  # Eq. (49)
         m_new[k] = m.reshape(W.shape)
         new[k] = W + m_new[k]
-    return new, _pack(t, m=m_new, v=v_new)
+    return _arrays(new, params), _pack(t, m=m_new, v=v_new)
 
 
 def _deep_momentum_init(hp, params):
@@ -504,8 +510,8 @@ def _deep_momentum_update(hp, params, grads, state):
         read = deep_memory_read(Ms[k], W1s.get(k), W2s.get(k))  # m_{i+1} at the unit keys
         new[k] = W + read.reshape(W.shape)  # Eq. (50)
     if h:
-        return new, _pack(state["step"] + 1, M=Ms, W1=W1s, W2=W2s)
-    return new, _pack(state["step"] + 1, M=Ms)
+        return _arrays(new, params), _pack(state["step"] + 1, M=Ms, W1=W1s, W2=W2s)
+    return _arrays(new, params), _pack(state["step"] + 1, M=Ms)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,9 +523,9 @@ def _muon_adjust_lr(lr, fn, shape):
     """torch.optim.Muon's learning-rate adjustment; ``None`` leaves lr as it is (the paper's)."""
     A, B = shape[0], int(np.prod(shape[1:]))
     if fn == "original":
-        return lr * np.sqrt(max(1.0, A / B))
+        return lr * float(np.sqrt(max(1.0, A / B)))
     if fn == "match_rms_adamw":
-        return lr * 0.2 * np.sqrt(max(A, B))
+        return lr * 0.2 * float(np.sqrt(max(A, B)))
     return lr
 
 
@@ -571,7 +577,7 @@ def _muon_update(hp, params, grads, state):
         m_new.update(_slots(sub_state, "m", rest))
         v_new.update(_slots(sub_state, "v", rest))
     new = {k: new[k] for k in params}  # keep the caller's key order
-    return new, _pack(t, m=m_new, v=v_new)
+    return _arrays(new, params), _pack(t, m=m_new, v=v_new)
 
 
 def _m3_init(hp, params):
@@ -580,9 +586,9 @@ def _m3_init(hp, params):
 
 
 def _m3_orthogonalise(hp, X):
-    """Newton-Schulz on the matrix view for parameters with >= 2 dims; identity for the rest."""
-    if X.ndim < 2:
-        return X
+    """Newton-Schulz on the matrix view of every parameter (SPEC.md#optimizers): for a vector,
+    the (1, n) row, whose NS is its direction (up to the quintic's ~[0.7, 1.2] gain); an identity
+    here would let sum(G) / sqrt(sum(G^2)) grow like sqrt(t), and M3 diverges on a quadratic."""
     return newton_schulz(as_matrix(X), hp["ns_steps"], NS_COEFFICIENTS, 1e-7).reshape(X.shape)
 
 
@@ -596,8 +602,8 @@ def _m3_update(hp, params, grads, state):
 
     so steps ``kf+1 .. (k+1)f`` use the slow memory built from chunks ``0 .. k-1`` (O2 = 0 in the
     first chunk). ``ema=True``: ``M1 <- b1 M1 + (1-b1) G``, ``V <- b2 V + (1-b2) G^2``,
-    ``M2 <- b3 M2 + (1-b3) sum``. NS (the Muon quintic) acts on parameters with >= 2 dims; others
-    use the identity there. Decoupled weight decay ``W (1 - lr weight_decay)`` first (0 default).
+    ``M2 <- b3 M2 + (1-b3) sum``. NS (the Muon quintic) acts on every parameter's matrix view (a
+    vector is a (1, n) row). Decoupled weight decay ``W (1 - lr weight_decay)`` first (0 default).
     State slots ``m1``, ``m2``, ``v``, ``gsum`` (this chunk's gradient sum) and ``o2`` (NS(M2)).
     """
     _check_params(params)
@@ -628,7 +634,7 @@ def _m3_update(hp, params, grads, state):
             gsum = np.zeros_like(gsum)
         for s, a in (("m1", M1), ("m2", M2), ("v", V), ("gsum", gsum), ("o2", O2)):
             out[s][k] = a
-    return new, _pack(t, **out)
+    return _arrays(new, params), _pack(t, **out)
 
 
 # ---------------------------------------------------------------------------------------------
