@@ -1,7 +1,7 @@
 """Primitive layers of the reference: forward/backward pairs in pure NumPy.
 
 Paper: §5 (softmax attention as an l2 regression), Eqs. (62)-(63), arXiv 2512.24695v1; the other
-ops are the Llama-style building blocks NL §8 and Titans §4.4 (arXiv 2501.00663) name without
+ops are the Llama-style building blocks NL §8.3 and Titans §4.4 (arXiv 2501.00663) name without
 equations (RMSNorm, SwiGLU, RoPE, causal depthwise conv-4, l2-normalised q/k, cross-entropy).
 SPEC: SPEC.md#primitives.
 
@@ -25,6 +25,8 @@ Decisions where the paper is open (all in SPEC.md#primitives):
     - conv1d: causal, depthwise, width K; the carried state is the last K-1 inputs; the backward
       also accepts the gradient of the returned state, so chained calls backpropagate exactly.
     - cross-entropy: the mean over every position (no ignore index), log-sum-exp stabilised.
+    - causal attention with T_k >= T_q: the last query aligns with the last key (KV cache).
+    - GELU is the exact x Phi(x) (erf), not the tanh approximation.
     - Every float argument of one call shares one precision (float32 or float64; complex64 /
       complex128 are accepted for the complex-step gradient check); mixing is a ValueError.
 
@@ -355,7 +357,7 @@ def layernorm_backward(dy, cache):
 
 
 def l2norm_forward(x, eps=1e-6):
-    """y = x / sqrt(sum(x^2) + eps) over the last axis (the l2-normalised q and k of NL §8)."""
+    """y = x / sqrt(sum(x^2) + eps) over the last axis (the l2-normalised q and k of NL §8.3)."""
     x = _float_array("x", x, "(..., D)", min_ndim=1)
     n = np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + float(eps))  # (..., 1)
     y = x / n  # (..., D)
