@@ -178,11 +178,8 @@ class Corpus:
     info: dict = field(default_factory=dict)  # the recorded split (data.json)
 
 
-def load_corpus(data: str | None = None, val_fraction: float = 0.05) -> Corpus:
-    """Load the default corpus (``data=None``) or a text file, directory or glob, and split it.
-
-    Raises ``DataError`` for a missing, empty or binary path, or one with too little text.
-    """
+def _read_texts(data: str | None) -> tuple[Path, str, str, list[str], list[bytes], list[str]]:
+    """(root, kind, source, names, contents, skipped binary files) of the text files of ``data``."""
     if data is None:
         root, rels = default_corpus_files()
         kind, source = "python-stdlib", "python-stdlib"
@@ -210,6 +207,21 @@ def load_corpus(data: str | None = None, val_fraction: float = 0.05) -> Corpus:
         if skipped:
             raise DataError(f"--data {source}: all {len(skipped)} files look binary; give text files")
         raise DataError(f"--data {source}: the data is empty (0 bytes of text)")
+    return root, kind, source, names, contents, skipped
+
+
+def load_documents(data: str | None) -> Split:
+    """Every text file of ``data`` (no split), in path order: an evaluation set."""
+    _, _, _, names, contents, _ = _read_texts(data)
+    return _make_split(names, contents)
+
+
+def load_corpus(data: str | None = None, val_fraction: float = 0.05) -> Corpus:
+    """Load the default corpus (``data=None``) or a text file, directory or glob, and split it.
+
+    Raises ``DataError`` for a missing, empty or binary path, or one with too little text.
+    """
+    root, kind, source, names, contents, skipped = _read_texts(data)
     total = sum(len(c) for c in contents)
     if len(names) == 1:
         content = contents[0]

@@ -1,0 +1,607 @@
+"""Training runs: the loop, the learning-rate schedule, evaluation, continual evaluation, sampling.
+
+Paper: §7-§8 (the models), Eq. (71) (CMS levels keep learning in context), arXiv 2512.24695v1;
+the run machinery itself is not in the paper. SPEC.md#training pins every choice below.
+
+Symbols:
+
+| meaning                             | code name                 | shape / type        |
+| ----------------------------------- | ------------------------- | ------------------- |
+| B, T                                | ``batch_size``, ``seq_len`` | ints              |
+| a training batch                    | ``tokens``                | (B, T + 1) int64    |
+| outer parameters / their gradients  | ``params`` / ``grads``    | nested dicts        |
+| next-token logits                   | ``logits``                | (B, T, V)           |
+| learning rate at step s             | ``lr_at(s, tc)``          | float               |
+
+Decisions where the paper is open (SPEC.md#training):
+
+- Loss: mean next-token cross-entropy in nats over the T predicted positions of B windows of
+  T + 1 bytes; perplexity ``exp(loss)``; bits per byte ``loss / ln 2`` (one token is one byte).
+- Learning rate: linear warmup from ``lr / warmup`` to ``lr`` over ``warmup_steps`` updates, then
+  cosine decay to ``min_lr_ratio * lr`` at the last step. The gradient's global L2 norm is
+  clipped to ``grad_clip`` (0 turns clipping off) before the optimizer sees it.
+- Byte tokens need V = 256: a preset with a smaller vocabulary (the tiny test presets) is run
+  with ``vocab_size = 256``, and the resolved config records it.
+- A checkpoint (``checkpoint.safetensors`` in the run directory, replaced atomically) holds the
+  parameters, the optimizer state, the sampler position and its generator state; resuming from
+  it reproduces the uninterrupted run's losses exactly (same machine, same BLAS threads).
+  ``metrics.jsonl`` is cut back to the checkpoint's step on resume.
+- A non-finite loss or gradient stops the run at that step, before the update, without writing
+  a checkpoint: the last good checkpoint stays.
+- Validation: the first ``eval_batches`` batches of consecutive (T + 1)-byte windows of the
+  validation split, each window a fresh sequence (every fast state at its initial value).
+- Continual evaluation: the validation documents are read one after another by one stream whose
+  fast states (memories, in-context CMS levels) are never reset; the same documents read with a
+  reset before each document are the baseline, so the per-document difference is what the model
+  learned in context from the earlier documents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nested_learning import checkpoint as ckpt
+from nested_learning import data as data_mod
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+BACKENDS = ("reference", "cpu", "gpu")
+OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "adamw", "preconditioned_momentum",
+              "delta_momentum", "deep_momentum", "muon", "m3")
+
+
+class TrainingError(Exception):
+    """A run that cannot start or go on; the message says why and what to do."""
+
+
+class NonFiniteLoss(TrainingError):
+    """The loss or gradient became NaN or infinite at ``step``."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run besides the model config (SPEC.md#training)."""
+
+    preset: str = "hope-small"
+    steps: int = 60
+    batch_size: int = 4
+    seq_len: int = 64
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    warmup_steps: int | None = None  # None: steps // 10
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    backend: str = "reference"
+    dtype: str | None = None  # None: the preset's
+    seed: int = 0
+    data: str | None = None  # None: the default corpus (the Python standard library)
+    val_fraction: float = 0.05
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 4
+    checkpoint_every: int = 20  # 0: only at the end
+    log_every: int = 10
+
+    def __post_init__(self):
+        def bad(key, msg):
+            raise ValueError(f"{key}: {msg}")
+
+        for key in ("steps", "batch_size", "seq_len", "eval_batches", "log_every"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(key, f"must be a positive integer, got {v!r}")
+        for key in ("eval_every", "checkpoint_every", "seed"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                bad(key, f"must be an integer >= 0, got {v!r}")
+        if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
+            bad("warmup_steps", f"must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.optimizer not in OPTIMIZERS:
+            bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
+        if self.backend not in BACKENDS:
+            bad("backend", f"must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if self.dtype not in (None, "float32", "float64"):
+            bad("dtype", f"must be float32 or float64, got {self.dtype!r}")
+        if not (isinstance(self.lr, int | float) and self.lr > 0):
+            bad("lr", f"must be a positive number, got {self.lr!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            bad("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio!r}")
+        if not self.grad_clip >= 0:
+            bad("grad_clip", f"must be >= 0, got {self.grad_clip!r}")
+        if not 0 < self.val_fraction < 1:
+            bad("val_fraction", f"must be in (0, 1), got {self.val_fraction!r}")
+
+    @property
+    def warmup(self) -> int:
+        return self.steps // 10 if self.warmup_steps is None else self.warmup_steps
+
+
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration: defaults <- TOML file <- flags
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    train: TrainConfig
+    model: object  # config.ModelConfig
+    optimizer_hparams: dict
+
+    def to_dict(self) -> dict:
+        return {"train": dataclasses.asdict(self.train), "model": self.model.to_dict(),
+                "optimizer_hparams": dict(self.optimizer_hparams)}
+
+
+def read_toml(path: str | os.PathLike) -> dict:
+    """Parse a run config file: top-level training keys, ``[model]`` and ``[optimizer_hparams]`` tables."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise TrainingError(f"--config {path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise TrainingError(f"--config {path}: not valid TOML ({exc})") from None
+    valid = set(TRAIN_KEYS) | {"model", "optimizer_hparams"}
+    unknown = sorted(set(raw) - valid)
+    if unknown:
+        raise TrainingError(f"--config {path}: unknown keys {unknown}; valid top-level keys are "
+                            f"{sorted(TRAIN_KEYS)} and the tables [model] and [optimizer_hparams]")
+    for table in ("model", "optimizer_hparams"):
+        if table in raw and not isinstance(raw[table], dict):
+            raise TrainingError(f"--config {path}: {table} must be a table ([{table}])")
+    return raw
+
+
+def resolve_config(file: dict | None = None, flags: dict | None = None) -> RunConfig:
+    """Defaults, then the TOML file's values, then the command-line flags (``None`` = not given)."""
+    from nested_learning import config as model_config
+
+    file = dict(file or {})
+    model_overrides = dict(file.pop("model", {}))
+    optimizer_hparams = dict(file.pop("optimizer_hparams", {}))
+    values = {**file, **{k: v for k, v in (flags or {}).items() if v is not None}}
+    if values.get("data") is not None:  # recorded absolute, so a resume from elsewhere finds it
+        values["data"] = os.path.abspath(os.path.expanduser(values["data"]))
+    unknown = sorted(set(values) - set(TRAIN_KEYS))
+    if unknown:
+        raise TrainingError(f"unknown training keys {unknown}; valid keys are {sorted(TRAIN_KEYS)}")
+    try:
+        tc = TrainConfig(**values)
+    except (TypeError, ValueError) as exc:
+        raise TrainingError(f"bad run config: {exc}") from None
+    try:
+        base = model_config.preset(tc.preset).to_dict()
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
+    merged = {**base, **model_overrides}
+    if merged["vocab_size"] < data_mod.VOCAB_SIZE:
+        merged["vocab_size"] = data_mod.VOCAB_SIZE  # byte tokens (SPEC.md#training)
+    if tc.dtype is not None:
+        merged["dtype"] = tc.dtype
+    try:
+        mc = model_config.from_dict(merged)
+    except (TypeError, ValueError) as exc:
+        raise TrainingError(f"bad [model] config: {exc}") from None
+    if mc.vocab_size != data_mod.VOCAB_SIZE:
+        raise TrainingError(f"vocab_size must be {data_mod.VOCAB_SIZE} for byte-level data, got {mc.vocab_size}")
+    return RunConfig(tc, mc, optimizer_hparams)
+
+
+def run_config_from_dict(d: dict) -> RunConfig:
+    """Rebuild a RunConfig from ``RunConfig.to_dict()`` (a checkpoint's or a run's config)."""
+    from nested_learning import config as model_config
+
+    try:
+        return RunConfig(TrainConfig(**d["train"]), model_config.from_dict(d["model"]), dict(d.get("optimizer_hparams", {})))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ckpt.CheckpointError(f"the run config is not one this version understands ({exc})") from None
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        if isinstance(v, float) and not math.isfinite(v):
+            return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def to_toml(rc: RunConfig) -> str:
+    """The resolved config as TOML that ``--config`` reads back to the same RunConfig."""
+    d = rc.to_dict()
+    lines = ["# resolved run config (nested-learning train); reusable with --config"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in d["train"].items() if v is not None]
+    lines += ["", "[model]"] + [f"{k} = {_toml_value(v)}" for k, v in d["model"].items() if v is not None]
+    lines += ["", "[optimizer_hparams]"] + [f"{k} = {_toml_value(v)}" for k, v in d["optimizer_hparams"].items()]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# Small helpers: trees, schedule, loss
+# ------------------------------------------------------------------------------------------------
+
+
+def tree_leaves(tree) -> list[np.ndarray]:
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in tree_leaves(v)]
+    if isinstance(tree, list | tuple):
+        return [x for v in tree for x in tree_leaves(v)]
+    if isinstance(tree, np.ndarray | np.generic):
+        return [tree]
+    return []
+
+
+def tree_map(fn: Callable, tree):
+    if isinstance(tree, dict):
+        return {k: tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [tree_map(fn, v) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(tree_map(fn, v) for v in tree)
+    if isinstance(tree, np.ndarray | np.generic):
+        return fn(tree)
+    return tree
+
+
+def global_norm(tree) -> float:
+    return math.sqrt(sum(float(np.sum(np.square(x, dtype=np.float64))) for x in tree_leaves(tree)))
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Learning rate of the update taken at ``step`` (0-based): warmup, then cosine decay."""
+    warmup = tc.warmup
+    if step < warmup:
+        return tc.lr * (step + 1) / warmup
+    span = max(1, tc.steps - warmup - 1)
+    progress = min(1.0, (step - warmup) / span)
+    floor = tc.min_lr_ratio * tc.lr
+    return floor + 0.5 * (tc.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def cross_entropy(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per-position next-token cross-entropy in nats, computed in float64.  (..., V), (...) -> (...)"""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    logsumexp = np.log(np.exp(z).sum(axis=-1))
+    picked = np.take_along_axis(z, np.asarray(targets)[..., None], axis=-1)[..., 0]
+    return logsumexp - picked
+
+
+def metrics_from_loss(loss: float) -> dict:
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bits_per_byte": loss / math.log(2.0)}
+
+
+def _model():
+    from nested_learning.reference import model
+
+    return model
+
+
+def _optimizers():
+    from nested_learning.reference import optimizers
+
+    return optimizers
+
+
+def check_backend(backend: str) -> None:
+    if backend != "reference":
+        raise TrainingError(f"backend {backend!r} is not yet built (the Numba/CuPy port is future work); "
+                            "use --backend reference")
+
+
+def make_optimizer(rc: RunConfig, lr: float):
+    try:
+        return _optimizers().make(rc.train.optimizer, lr=lr, **rc.optimizer_hparams)
+    except (TypeError, ValueError) as exc:
+        raise TrainingError(f"optimizer {rc.train.optimizer!r}: bad hyper-parameters "
+                            f"{sorted(rc.optimizer_hparams)} ({exc})") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------------
+
+
+def evaluate(params, mc, stream: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None) -> dict:
+    """Mean next-token loss over the first windows of ``stream``, each a fresh sequence."""
+    model = _model()
+    total, count = 0.0, 0
+    for tokens in data_mod.eval_batches(stream, batch_size, seq_len, max_batches):  # (b, T + 1)
+        logits, _ = model.forward(params, tokens, mc)  # (b, T + 1, V): as loss_and_grads reads it
+        losses = cross_entropy(logits[:, :-1], tokens[:, 1:])  # (b, T)
+        total += float(losses.sum())
+        count += losses.size
+    out = metrics_from_loss(total / count)
+    out["tokens"] = count
+    return out
+
+
+def stream_losses(params, mc, doc: np.ndarray, piece: int, state=None):
+    """Per-byte losses of one document read in pieces of ``piece`` bytes, carrying ``state``.
+
+    Every byte is read once; position i's logits score byte i + 1 (the last byte's logits are
+    not scored). Returns (losses (n - 1,), state after the whole document).
+    """
+    model = _model()
+    doc = np.asarray(doc, dtype=np.int64)
+    losses = []
+    for start in range(0, doc.shape[0], piece):
+        part = doc[start : start + piece]
+        logits, state = model.forward(params, part[None, :], mc, state=state)  # (1, t, V)
+        nxt = doc[start + 1 : start + 1 + part.shape[0]]
+        losses.append(cross_entropy(logits[0, : nxt.shape[0]], nxt))
+    return np.concatenate(losses) if losses else np.zeros(0), state
+
+
+def evaluate_continual(params, mc, split, max_docs: int, doc_bytes: int, piece: int) -> dict:
+    """Read the documents in order with a never-reset state and, as the baseline, with resets.
+
+    Returns per-document rows (position, name, bytes, continual loss, reset loss) and totals.
+    """
+    rows, state = [], None
+    tot_c = tot_r = 0.0
+    n_tok = 0
+    for d in range(min(max_docs, split.n_docs)):
+        doc = split.doc(d)[:doc_bytes]
+        if doc.shape[0] < 2:
+            continue
+        cont, state = stream_losses(params, mc, doc, piece, state=state)  # never reset
+        reset, _ = stream_losses(params, mc, doc, piece, state=None)  # fresh state: the baseline
+        rows.append({"position": len(rows) + 1, "document": split.names[d], "bytes": int(doc.shape[0]),
+                     "continual_loss": float(cont.mean()), "reset_loss": float(reset.mean())})
+        tot_c += float(cont.sum())
+        tot_r += float(reset.sum())
+        n_tok += cont.shape[0]
+    if not rows:
+        raise TrainingError("continual evaluation found no document with at least 2 bytes")
+    return {"documents": rows, "continual": metrics_from_loss(tot_c / n_tok),
+            "reset": metrics_from_loss(tot_r / n_tok), "tokens": n_tok}
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling
+# ------------------------------------------------------------------------------------------------
+
+
+def sample_next(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
+    """One byte from (V,) logits: greedy at temperature 0, else softmax(logits / temperature)
+    restricted to the ``top_k`` largest (0: all)."""
+    z = np.asarray(logits, dtype=np.float64)
+    if temperature <= 0:
+        return int(np.argmax(z))
+    z = z / temperature
+    if 0 < top_k < z.shape[0]:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    return int(rng.choice(z.shape[0], p=p))
+
+
+def generate(params, mc, prompt: np.ndarray, max_new: int, temperature: float = 1.0, top_k: int = 0,
+             seed: int = 0, on_token: Callable[[int], None] | None = None) -> np.ndarray:
+    """Sample ``max_new`` bytes after ``prompt``, carrying the streaming state: the prompt is
+    read once, then each new byte is fed alone (the context is never re-read)."""
+    model = _model()
+    rng = np.random.default_rng(seed)
+    prompt = np.asarray(prompt, dtype=np.int64)
+    if prompt.ndim != 1 or prompt.shape[0] == 0:
+        raise TrainingError("the prompt must hold at least one byte")
+    logits, state = model.forward(params, prompt[None, :], mc, state=None)  # (1, n, V)
+    out = []
+    for _ in range(max_new):
+        tok = sample_next(logits[0, -1], temperature, top_k, rng)
+        out.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        logits, state = model.forward(params, np.array([[tok]], dtype=np.int64), mc, state=state)  # (1, 1, V)
+    return np.array(out, dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------------------------
+# Runs on disk
+# ------------------------------------------------------------------------------------------------
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise TrainingError(f"{run_dir}: no metrics.jsonl (is this a run directory written by train?)")
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+    return rows
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or a run directory holding one."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CHECKPOINT_NAME
+        if not p.is_file():
+            raise ckpt.CheckpointError(f"{path}: the run directory holds no {CHECKPOINT_NAME} "
+                                       "(the run wrote no checkpoint yet)")
+    return p
+
+
+def load_model_checkpoint(path: str | os.PathLike):
+    """(params, RunConfig, Checkpoint) from a checkpoint file or run directory, fully checked."""
+    ck = ckpt.load_checkpoint(find_checkpoint(path))
+    if not isinstance(ck.config, dict) or "model" not in ck.config:
+        raise ckpt.CheckpointError(f"{ck.path}: the checkpoint carries no model config")
+    rc = run_config_from_dict(ck.config)
+    expected = _model().init_params(rc.model, seed=0)
+    ckpt.check_params_match(ck.params, expected, ck.path)
+    return ck.params, rc, ck
+
+
+class _Progress:
+    """A one-line progress bar on a terminal; one line per ``every`` steps otherwise."""
+
+    def __init__(self, total: int, every: int, echo: Callable[[str], None], tty: bool):
+        self.total, self.every, self.echo, self.tty = total, every, echo, tty
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, loss: float, tokens_per_s: float, start_step: int) -> None:
+        elapsed = time.perf_counter() - self.t0
+        done = step - start_step
+        eta = elapsed / done * (self.total - step) if done else 0.0
+        msg = (f"step {step}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  "
+               f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        if self.tty:
+            width = 24
+            filled = int(width * step / self.total)
+            sys.stdout.write("\r[" + "#" * filled + "." * (width - filled) + "] " + msg + "   ")
+            sys.stdout.flush()
+            if step == self.total:
+                sys.stdout.write("\n")
+        elif step % self.every == 0 or step == self.total:
+            self.echo(msg)
+
+
+def train(rc: RunConfig, run_dir: str | os.PathLike, resume: bool = False,
+          echo: Callable[[str], None] = print, tty: bool = False) -> dict:
+    """Train (or resume) the run in ``run_dir``; return the final summary.
+
+    Raises ``NonFiniteLoss`` at the first non-finite loss or gradient (the last good checkpoint
+    stays), ``TrainingError`` / ``DataError`` / ``CheckpointError`` for unusable inputs.
+    """
+    tc, mc = rc.train, rc.model
+    check_backend(tc.backend)
+    model = _model()
+    run_dir = Path(run_dir)
+    ck_path = run_dir / CHECKPOINT_NAME
+    corpus = data_mod.load_corpus(tc.data, tc.val_fraction)
+    if not resume:
+        if ck_path.exists() or (run_dir / "metrics.jsonl").exists():
+            raise TrainingError(f"{run_dir} already holds a run; resume it with --resume {run_dir} "
+                                "or choose another --out")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(run_dir / "config.toml", to_toml(rc))
+        ckpt.atomic_write_text(run_dir / "config.json", json.dumps(rc.to_dict(), indent=2) + "\n")
+        ckpt.atomic_write_text(run_dir / "data.json", json.dumps(corpus.info, indent=1) + "\n")
+        params = model.init_params(mc, seed=tc.seed)
+        opt_state = make_optimizer(rc, tc.lr).init(params)
+        sampler = data_mod.BatchSampler(corpus.train.stream, tc.batch_size, tc.seq_len, seed=[tc.seed, 1])
+        step = 0
+        (run_dir / "metrics.jsonl").write_text("")
+    else:
+        ck = ckpt.load_checkpoint(ck_path, expect_config=mc.to_dict())
+        recorded = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").exists() else {}
+        if recorded.get("sha256") not in (None, corpus.info["sha256"]):
+            raise TrainingError(f"{run_dir}: the data changed since the run started (sha256 "
+                                f"{recorded.get('sha256', '')[:12]} vs {corpus.info['sha256'][:12]}); "
+                                "resume needs the same data")
+        ckpt.check_params_match(ck.params, model.init_params(mc, seed=0), ck_path)
+        params, opt_state, step = ck.params, ck.opt_state, ck.step
+        sampler = data_mod.BatchSampler(corpus.train.stream, tc.batch_size, tc.seq_len, seed=[tc.seed, 1],
+                                        state=ck.data_position)
+        # Cut metrics.jsonl back to the checkpoint, so the file is the uninterrupted run's.
+        kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+        ckpt.atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        echo(f"resuming {run_dir} at step {step}/{tc.steps}")
+    if step == 0 and not resume:
+        echo(f"training {mc.name} ({mc.family}, {_count(params):,} parameters, {mc.dtype}) on "
+             f"{corpus.info['source']}: {corpus.train.n_bytes:,} train / {corpus.val.n_bytes:,} validation "
+             f"bytes; {tc.steps} steps of {tc.batch_size}x{tc.seq_len} bytes, {tc.optimizer} lr {tc.lr:g}")
+        echo(f"run directory: {run_dir}")
+
+    def save(at_step: int) -> None:
+        ckpt.save_checkpoint(ck_path, params=params, opt_state=opt_state, config=rc.to_dict(), step=at_step,
+                             rng_state=_jsonable(sampler._rng.bit_generator.state),
+                             data_position=sampler.state(), extra={"data_sha256": corpus.info["sha256"]})
+
+    progress = _Progress(tc.steps, tc.log_every, echo, tty)
+    start_step = step
+    loss = None
+    t_start = time.perf_counter()
+    with open(run_dir / "metrics.jsonl", "a") as metrics:
+        while step < tc.steps:
+            tokens = sampler.next_batch()  # (B, T + 1)
+            t0 = time.perf_counter()
+            loss, grads = model.loss_and_grads(params, tokens, mc)
+            loss = float(loss)
+            gnorm = global_norm(grads)
+            if not (math.isfinite(loss) and math.isfinite(gnorm)):
+                kept = f"the last good checkpoint (step {_ck_step(ck_path)}) is kept at {ck_path}" \
+                    if ck_path.exists() else "no checkpoint was written before it"
+                what = "loss" if not math.isfinite(loss) else "gradient"
+                raise NonFiniteLoss(f"step {step + 1}: the {what} is not finite (loss {loss}, gradient norm "
+                                    f"{gnorm}); training stopped, {kept}", step + 1)
+            if tc.grad_clip > 0 and gnorm > tc.grad_clip:
+                scale = tc.grad_clip / gnorm
+                grads = tree_map(lambda g, s=scale: g * np.asarray(s, dtype=g.dtype), grads)
+            lr = lr_at(step, tc)
+            params, opt_state = make_optimizer(rc, lr).update(params, grads, opt_state)
+            step += 1
+            dt = time.perf_counter() - t0
+            tok_s = tokens[:, 1:].size / dt if dt > 0 else float("inf")
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": step * tokens[:, 1:].size,
+                      "step_time_s": round(dt, 6)}
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            progress.update(step, loss, tok_s, start_step)
+            if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+                ev = evaluate(params, mc, corpus.val.stream, tc.batch_size, tc.seq_len, tc.eval_batches)
+                metrics.write(json.dumps({"step": step, "val_loss": ev["loss"], "val_perplexity": ev["perplexity"],
+                                          "val_bits_per_byte": ev["bits_per_byte"]}) + "\n")
+                metrics.flush()
+                if not tty:
+                    echo(f"step {step}: validation loss {ev['loss']:.4f}, bits/byte {ev['bits_per_byte']:.3f}")
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
+                metrics.flush()
+                save(step)
+        save(step)
+        ev = evaluate(params, mc, corpus.val.stream, tc.batch_size, tc.seq_len, tc.eval_batches)
+        metrics.write(json.dumps({"step": step, "val_loss": ev["loss"], "val_perplexity": ev["perplexity"],
+                                  "val_bits_per_byte": ev["bits_per_byte"]}) + "\n")
+    summary = {"steps": step, "final_train_loss": loss if step > start_step else None,
+               "validation": ev, "wall_time_s": round(time.perf_counter() - t_start, 3),
+               "run_dir": str(run_dir), "checkpoint": str(ck_path)}
+    ckpt.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    echo(f"done: {step} steps in {summary['wall_time_s']:.1f} s; validation loss {ev['loss']:.4f}, "
+         f"perplexity {ev['perplexity']:.2f}, bits per byte {ev['bits_per_byte']:.3f} "
+         f"({ev['tokens']:,} bytes); checkpoint {ck_path}")
+    return summary
+
+
+def _ck_step(path: Path) -> int | str:
+    try:
+        return ckpt.load_checkpoint(path).step
+    except ckpt.CheckpointError:
+        return "?"
+
+
+def _count(params) -> int:
+    return sum(int(x.size) for x in tree_leaves(params))
+
+
+def _jsonable(obj):
+    return data_mod._jsonable(obj)
