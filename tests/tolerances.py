@@ -27,6 +27,14 @@ TOLERANCES: dict[tuple[str, str], tuple[float, str]] = {
     # second-order VJP): worst observed 9.3e-5 with LN, 1.6e-6 without, over 1500 random configs
     # of tests/test_mlp_memory.py::test_float32_in_float32_out_and_close_to_float64.
     ("float32", "mlp_memory_vs_float64"): (5e-4, "MLP memory in float32 vs float64, small inputs"),
+    # Our optimizer vs torch.optim (2.13.0), 50-step float64 trajectories, each side computing its
+    # own gradients: worst observed 2.0e-15 relative (Muon on the MLP), over
+    # tests/test_optimizers_torch.py::test_matches_torch_optim and ::test_muon_matches_torch_muon_float64.
+    ("float64", "torch_oracle"): (1e-12, "optimizer trajectories vs torch.optim, float64, 50 steps"),
+    # Our float64 Muon vs the unmodified torch.optim.Muon, whose Newton-Schulz runs in bfloat16 by
+    # design: worst observed 3.5e-3 relative over 50 steps (5.9e-4 / 1.5e-3 after 10), in
+    # tests/test_optimizers_torch.py::test_muon_matches_unmodified_bfloat16_torch_muon.
+    ("float64", "torch_muon_bfloat16"): (1e-2, "Muon vs torch's bfloat16 Newton-Schulz, 50 steps"),
 }
 
 
