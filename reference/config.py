@@ -84,6 +84,7 @@ class ModelConfig:
     mem_chunk_other: int = 16  # self-modifying Titans chunk_other
     mem_kind: str = "mlp"  # "matrix" or "mlp" memory
     mem_hidden: int = 0  # hidden width of an MLP memory; 0 means 4 * d_head
+    mem_eta_max: float = 0.1  # the memory layer's inner learning rate bound, eta = eta_max sigmoid(.)
 
     def __post_init__(self):
         def bad(msg):
@@ -129,6 +130,8 @@ class ModelConfig:
             bad(f"mem_kind must be 'matrix' or 'mlp', got {self.mem_kind!r}")
         if not isinstance(self.mem_hidden, int) or self.mem_hidden < 0:
             bad(f"mem_hidden must be an int >= 0, got {self.mem_hidden!r}")
+        if not float(self.mem_eta_max) > 0:
+            bad(f"mem_eta_max must be positive, got {self.mem_eta_max!r}")
         if not self.norm_eps > 0 or not self.init_std > 0 or not self.rope_base > 0:
             bad("norm_eps, init_std and rope_base must be positive")
 
@@ -188,6 +191,7 @@ _TINY_CMS = (CMSLevel(hidden=8, period=2, eta=0.05), CMSLevel(hidden=8, period=4
              CMSLevel(hidden=8, period=None))
 _SMALL_CMS = (CMSLevel(hidden=512, period=16, eta=1e-3), CMSLevel(hidden=512, period=64, eta=1e-3),
               CMSLevel(hidden=512, period=None))
+_SMALL_HOPE_CMS = tuple(dataclasses.replace(lv, hidden=384) for lv in _SMALL_CMS)  # the memories take the rest
 
 PRESETS: dict[str, ModelConfig] = {
     "transformer-tiny": _tiny("transformer"),
@@ -196,8 +200,8 @@ PRESETS: dict[str, ModelConfig] = {
     "hope-tiny": _tiny("hope", cms_levels=_TINY_CMS),
     "transformer-small": _small("transformer"),
     "hope-attention-small": _small("hope-attention", cms_levels=_SMALL_CMS),
-    "titans-small": _small("titans", mlp_hidden=768),
-    "hope-small": _small("hope", cms_levels=_SMALL_CMS),
+    "titans-small": _small("titans", mlp_hidden=896),
+    "hope-small": _small("hope", cms_levels=_SMALL_HOPE_CMS, mem_eta_max=0.01),
 }
 
 

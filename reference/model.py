@@ -63,7 +63,8 @@ def _mem_layer(cfg: ModelConfig):
         from . import titans
 
         tcfg = titans.TitansConfig(d_model=cfg.d_model, n_heads=cfg.n_heads, chunk=cfg.mem_chunk,
-                                   memory=cfg.mem_kind, hidden=cfg.mem_hidden, eps=cfg.norm_eps)
+                                   memory=cfg.mem_kind, hidden=cfg.mem_hidden, eta_max=cfg.mem_eta_max,
+                                   eps=cfg.norm_eps)
         return titans, tcfg, titans.titans_forward, titans.titans_backward
     if cfg.family == "hope":
         from . import selfmod
@@ -75,8 +76,8 @@ def _mem_layer(cfg: ModelConfig):
 def _selfmod_adapter(selfmod, cfg: ModelConfig):
     scfg = selfmod.SelfModConfig(d_model=cfg.d_model, n_heads=cfg.n_heads, chunk_memory=cfg.mem_chunk,
                                  chunk_other=cfg.mem_chunk_other, memory=cfg.mem_kind,
-                                 hidden=cfg.mem_hidden, eps=cfg.norm_eps)
-    return scfg, selfmod.selfmod_forward, selfmod.selfmod_backward
+                                 hidden=cfg.mem_hidden, eta_max=cfg.mem_eta_max, eps=cfg.norm_eps)
+    return scfg, selfmod.forward, selfmod.backward
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
