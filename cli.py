@@ -120,6 +120,274 @@ def check(only: str | None, seed: int) -> None:
         sys.exit(1)
 
 
+# ------------------------------------------------------------------------------------------------
+# Training runs: train, eval, generate, plot (issue 6; the machinery is in training.py, data.py,
+# checkpoint.py; SPEC.md#training). Heavy imports stay inside the commands.
+# ------------------------------------------------------------------------------------------------
+
+_TRAIN_OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "adamw", "preconditioned_momentum",
+                     "delta_momentum", "deep_momentum", "muon", "m3")
+# Options that may change when a run is resumed (they do not change the loss trajectory).
+_RESUME_OK = ("steps", "eval_every", "checkpoint_every", "log_every")
+
+
+def _run_errors():
+    """The user-facing error types of a run (each becomes a one-line ClickException)."""
+    from nested_learning.checkpoint import CheckpointError
+    from nested_learning.data import DataError
+    from nested_learning.training import TrainingError
+
+    return (CheckpointError, DataError, TrainingError)
+
+
+@cli.command()
+@click.option("--preset", "--model", "preset", default=None, metavar="NAME",
+              help="Model preset (default hope-small; e.g. transformer-tiny, titans-small).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML file: training keys, [model] and [optimizer_hparams] tables; flags override it.")
+@click.option("--data", default=None, metavar="PATH",
+              help="A text file, a directory or a glob (read as bytes). Default: the Python stdlib.")
+@click.option("--steps", type=int, default=None, help="Optimizer steps (default 60).")
+@click.option("--batch-size", type=int, default=None, help="Sequences per batch (default 4).")
+@click.option("--seq-len", type=int, default=None, help="Predicted bytes per sequence (default 64).")
+@click.option("--optimizer", type=click.Choice(_TRAIN_OPTIMIZERS), default=None, help="Default adamw.")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (default 3e-3).")
+@click.option("--warmup-steps", type=int, default=None, help="Linear warmup steps (default steps // 10).")
+@click.option("--backend", type=click.Choice(["reference", "cpu", "gpu"]), default=None,
+              help="Default reference (the cpu/gpu ports are not built yet).")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None,
+              help="Computation dtype (default: the preset's).")
+@click.option("--seed", type=int, default=None, help="Seed of the initialisation and the data order (default 0).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run directory (default runs/<preset>-<time>).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
+              help="Continue the run in RUN_DIR from its last checkpoint.")
+@click.option("--eval-every", type=int, default=None, help="Validate every N steps (default 0: at the end).")
+@click.option("--checkpoint-every", type=int, default=None, help="Checkpoint every N steps (default 20).")
+@click.option("--log-every", type=int, default=None, help="Progress line every N steps off a terminal.")
+def train(config_file, resume_dir, out, **flags) -> None:
+    """Train a model on byte-level text; write metrics.jsonl, checkpoints and a summary.
+
+    With no arguments: hope-small on the Python standard library's source files, about five
+    minutes on 2 cores with the reference backend.
+    """
+    import time
+    from pathlib import Path
+
+    from nested_learning import training
+
+    try:
+        if resume_dir is not None:
+            if config_file is not None:
+                raise click.UsageError("--config cannot be combined with --resume (the run has its config)")
+            if out is not None:
+                raise click.UsageError("--out cannot be combined with --resume (the run continues in RUN_DIR)")
+            fixed = sorted(k for k, v in flags.items() if v is not None and k not in _RESUME_OK)
+            if fixed:
+                raise click.UsageError(f"--resume continues the run as configured; only "
+                                       f"{', '.join('--' + k.replace('_', '-') for k in _RESUME_OK)} may "
+                                       f"change (got {', '.join('--' + k.replace('_', '-') for k in fixed)})")
+            config_path = Path(resume_dir) / "config.toml"
+            if not config_path.is_file():
+                raise click.ClickException(f"{resume_dir}: not a run directory (no config.toml)")
+            rc = training.resolve_config(training.read_toml(config_path), flags)
+            run_dir = Path(resume_dir)
+        else:
+            file = training.read_toml(config_file) if config_file else {}
+            rc = training.resolve_config(file, flags)
+            run_dir = Path(out) if out else Path("runs") / f"{rc.train.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        training.check_backend(rc.train.backend)
+        training.train(rc, run_dir, resume=resume_dir is not None, echo=click.echo,
+                       tty=sys.stdout.isatty())
+    except _run_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@cli.command("eval")
+@click.argument("target", metavar="RUN_DIR|CHECKPOINT", type=click.Path(exists=True))
+@click.option("--data", default=None, metavar="PATH",
+              help="Evaluate all of this text file/directory/glob (default: the run's validation split).")
+@click.option("--seq-len", type=int, default=None, help="Bytes per window (default: the run's).")
+@click.option("--batch-size", type=int, default=None, help="Windows per batch (default: the run's).")
+@click.option("--max-batches", type=int, default=16, show_default=True, help="Batches of windows to score.")
+@click.option("--continual", is_flag=True,
+              help="Read documents in order without ever resetting fast states; show loss per document.")
+@click.option("--max-docs", type=int, default=8, show_default=True, help="Documents read (--continual).")
+@click.option("--doc-bytes", type=int, default=2048, show_default=True,
+              help="Bytes read from the start of each document (--continual).")
+def eval_(target, data, seq_len, batch_size, max_batches, continual, max_docs, doc_bytes) -> None:
+    """Validation loss, perplexity and bits per byte of a checkpoint (or a run's last one)."""
+    from nested_learning import data as data_mod
+    from nested_learning import training
+
+    try:
+        params, rc, ck = training.load_model_checkpoint(target)
+        tc, mc = rc.train, rc.model
+        if data is None:
+            split = data_mod.load_corpus(tc.data, tc.val_fraction).val
+            where = f"the validation split of {tc.data or 'python-stdlib'}"
+        else:
+            split = data_mod.load_documents(data)
+            where = data
+        seq_len = seq_len or tc.seq_len
+        click.echo(f"{mc.name} at step {ck.step} ({ck.path}) on {where}")
+        if not continual:
+            ev = training.evaluate(params, mc, split.stream, batch_size or tc.batch_size, seq_len, max_batches)
+            click.echo(f"loss {ev['loss']:.4f} nats/byte   perplexity {ev['perplexity']:.2f}   "
+                       f"bits per byte {ev['bits_per_byte']:.3f}   ({ev['tokens']:,} bytes)")
+            return
+        res = training.evaluate_continual(params, mc, split, max_docs, doc_bytes, seq_len)
+        click.echo("continual: fast states and in-context CMS levels are never reset between documents;")
+        click.echo("reset: the same documents, each read from the initial state (the baseline).")
+        click.echo(f"{'doc':>4}  {'bytes':>6}  {'continual':>9}  {'reset':>7}  {'change':>7}  document")
+        for row in res["documents"]:
+            change = row["continual_loss"] - row["reset_loss"]
+            click.echo(f"{row['position']:>4}  {row['bytes']:>6}  {row['continual_loss']:>9.4f}  "
+                       f"{row['reset_loss']:>7.4f}  {change:>+7.4f}  {row['document']}")
+        c, r = res["continual"], res["reset"]
+        click.echo(f"all   {res['tokens']:>6}  {c['loss']:>9.4f}  {r['loss']:>7.4f}  {c['loss'] - r['loss']:>+7.4f}  "
+                   f"(bits per byte {c['bits_per_byte']:.3f} continual, {r['bits_per_byte']:.3f} reset)")
+    except _run_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@cli.command()
+@click.argument("target", metavar="CHECKPOINT|RUN_DIR", type=click.Path(exists=True))
+@click.option("--prompt", default="\n", show_default="a newline", help="Text the sample continues.")
+@click.option("--max-bytes", type=int, default=200, show_default=True, help="Bytes to sample.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="0 samples greedily.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k likeliest (0: all).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler.")
+def generate(target, prompt, max_bytes, temperature, top_k, seed) -> None:
+    """Sample text from a checkpoint, carrying the streaming state (the context is read once)."""
+    import codecs
+
+    from nested_learning import data as data_mod
+    from nested_learning import training
+
+    if max_bytes < 0 or top_k < 0 or temperature < 0:
+        raise click.BadParameter("--max-bytes, --top-k and --temperature must be >= 0")
+    try:
+        params, rc, _ = training.load_model_checkpoint(target)
+        tokens = data_mod.encode(prompt)
+        if tokens.shape[0] == 0:
+            raise click.BadParameter("the prompt is empty; give at least one character", param_hint="--prompt")
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        click.echo(prompt, nl=False)
+        training.generate(params, rc.model, tokens, max_bytes, temperature, top_k, seed,
+                          on_token=lambda t: click.echo(decoder.decode(bytes([t])), nl=False))
+        click.echo(decoder.decode(b"", final=True))
+    except _run_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, metavar="RUN_DIR...", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), default="curves.png", show_default=True,
+              help="PNG file to write.")
+@click.option("--smooth", type=float, default=0.9, show_default=True,
+              help="EMA factor of the training-loss curve (0: raw).")
+def plot(runs, out_file, smooth) -> None:
+    """PNG of the training and validation loss curves of one or several runs (needs matplotlib)."""
+    from pathlib import Path
+
+    from nested_learning import training
+
+    try:
+        import matplotlib
+    except ImportError:
+        raise click.ClickException("plot needs matplotlib, which is not installed: "
+                                   "pip install 'nested-learning[plot]'") from None
+    if not 0 <= smooth < 1:
+        raise click.BadParameter("must be in [0, 1)", param_hint="--smooth")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    try:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for run in runs:
+            rows = training.read_metrics(run)
+            train_rows = [r for r in rows if "loss" in r]
+            val_rows = [r for r in rows if "val_loss" in r]
+            if not train_rows:
+                raise click.ClickException(f"{run}: metrics.jsonl holds no training steps yet")
+            ema, smoothed = None, []
+            for r in train_rows:
+                ema = r["loss"] if ema is None else smooth * ema + (1 - smooth) * r["loss"]
+                smoothed.append(ema)
+            label = Path(run).name
+            line, = ax.plot([r["step"] for r in train_rows], smoothed, label=f"{label} train")
+            if val_rows:
+                ax.plot([r["step"] for r in val_rows], [r["val_loss"] for r in val_rows], "o--",
+                        color=line.get_color(), label=f"{label} validation")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats per byte)")
+        ax.set_title("nested-learning training curves")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_file, dpi=100)
+        plt.close(fig)
+    except _run_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {out_file} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
+
+
+@cli.command("toy-momentum")
+@click.option("--k", "k", type=float, default=10.0, show_default=True, help="k of Eq. (53) (not given by the paper).")
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="alpha of Eq. (53) (not given).")
+@click.option("--omega", type=float, default=2.0, show_default=True, help="omega of Eq. (53) (not given).")
+@click.option("--lr", type=click.FloatRange(min=0), default=0.01, show_default=True, help="eta, both optimizers.")
+@click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True,
+              help="Momentum retention alpha (Eq. 33), both optimizers.")
+@click.option("--delta", type=click.FloatRange(min=0), default=0.1, show_default=True,
+              help="Delta momentum's normalised decay step: zeta = delta / ||G||^2.")
+@click.option("--zeta", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+              help="The printed (un-normalised) form's decay step.")
+@click.option("--steps", type=click.IntRange(min=1), default=2000, show_default=True, help="Steps per run.")
+@click.option("--tol", type=click.FloatRange(min=0, min_open=True), default=1e-8, show_default=True,
+              help="Converged at the first step with psi < tol.")
+@click.option("--out", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Folder for toy_momentum.png and toy_momentum.json.")
+def toy_momentum(k, alpha, omega, lr, momentum, delta, zeta, steps, tol, out) -> None:
+    """The paper's toy (Eq. 53, Figure 4): standard vs delta momentum from (r, theta) = (-3.5, 2).
+
+    Prints the steps each needs to reach psi < tol, writes the trajectories as a PNG (when
+    matplotlib is installed) and the table as JSON. SPEC.md#optimizers records the defaults.
+    """
+    import json
+    from pathlib import Path
+
+    from nested_learning.reference import toy
+
+    rows = toy.compare(k=k, alpha=alpha, omega=omega, lr=lr, momentum=momentum, delta=delta, zeta=zeta,
+                       steps=steps, tol=tol)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    click.echo(f"Eq. (53): psi = r^2 + k (r - theta + alpha sin(omega r))^2, k={k}, alpha={alpha}, omega={omega}; "
+               f"start (-3.5, 2); lr={lr}, momentum={momentum}; converged when psi < {tol:g}")
+    click.echo(f"{'optimizer':<32} {'steps to converge':>18} {'final psi':>12}")
+    for r in rows:
+        outcome = "diverged" if r["diverged"] else (str(r["steps"]) if r["steps"] is not None else f"not in {steps}")
+        click.echo(f"{r['name']:<32} {outcome:>18} {r['final_psi']:>12.3e}")
+    std, dm = rows[0]["steps"], rows[1]["steps"]
+    if std is not None and dm is not None:
+        verdict = "faster" if dm < std else "slower" if dm > std else "as fast"
+        click.echo(f"delta momentum is {verdict} than standard momentum here ({dm} vs {std} steps)")
+    else:
+        click.echo(f"convergence: standard momentum {std}, delta momentum {dm} (None = did not converge)")
+    table = [{key: r[key] for key in ("name", "hparams", "steps", "final_psi", "diverged")} for r in rows]
+    (Path(out) / "toy_momentum.json").write_text(json.dumps(
+        {"k": k, "alpha": alpha, "omega": omega, "tol": tol, "steps": steps, "runs": table}, indent=1))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        click.echo("matplotlib is not installed, so no PNG was written: pip install 'nested-learning[plot]'")
+        return
+    png = Path(out) / "toy_momentum.png"
+    toy.plot(rows, png, k=k, alpha=alpha, omega=omega)
+    click.echo(f"wrote {png}")
+
+
 def main() -> None:
     cli(prog_name="nested-learning")
 

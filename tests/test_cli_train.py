@@ -1,0 +1,206 @@
+"""The train / eval / generate / plot commands through CliRunner and a subprocess (SPEC.md#training)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from nested_learning.cli import cli
+from nested_learning.reference import model
+
+WORDS = "the memory learns to compress its context into weights while the optimizer learns gradients".split()
+TINY = ["--preset", "transformer-tiny", "--seq-len", "24", "--batch-size", "4", "--lr", "0.01"]
+
+
+def write_corpus(path, n_docs=8, n_words=300, seed=0):
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        (path / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS, size=n_words)))
+    return path
+
+
+def invoke(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def assert_clean_error(result, *fragments):
+    """Exit 1 or 2 with a one-line 'Error: ...' naming the problem, never a traceback."""
+    assert result.exit_code in (1, 2), result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short training run with a config file, shared by the commands that read a run."""
+    base = tmp_path_factory.mktemp("cli")
+    corpus = write_corpus(base / "corpus")
+    cfg = base / "run.toml"
+    cfg.write_text("steps = 99\nval_fraction = 0.3\n[optimizer_hparams]\nweight_decay = 0.0\n")
+    result = invoke("train", *TINY, "--config", cfg, "--data", corpus, "--steps", 30, "--out", base / "run",
+                    "--eval-every", 10, "--checkpoint-every", 10)
+    assert result.exit_code == 0, result.output
+    return base, corpus, base / "run", result.output
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "plot"])
+def test_help(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0 and "Usage: cli " + command in result.output.replace("Usage: cli  ", "Usage: cli ")
+    assert "--" in result.output
+
+
+def test_train_writes_a_run(trained):
+    _, _, run, output = trained
+    assert "step 10/30" in output and "validation loss" in output and "bits per byte" in output
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 31))  # the flag overrode the file's steps = 99
+    assert [r["step"] for r in rows if "val_loss" in r] == [10, 20, 30]
+    assert np.mean([r["loss"] for r in steps[-5:]]) < np.mean([r["loss"] for r in steps[:5]])
+    config = (run / "config.toml").read_text()
+    assert "steps = 30" in config and "weight_decay = 0.0" in config
+    assert json.loads((run / "summary.json").read_text())["steps"] == 30
+
+
+def test_eval_continual_generate_and_plot_from_a_trained_checkpoint(trained, tmp_path):
+    _, corpus, run, _ = trained
+    result = invoke("eval", run)
+    assert result.exit_code == 0, result.output
+    assert "perplexity" in result.output and "bits per byte" in result.output
+    result = invoke("eval", run / "checkpoint.safetensors", "--data", corpus / "doc1.txt", "--seq-len", 16)
+    assert result.exit_code == 0 and "doc1.txt" in result.output
+    result = invoke("eval", run, "--continual", "--data", corpus, "--max-docs", 3, "--doc-bytes", 120)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    table = [ln.split() for ln in lines if ln.strip()[:1].isdigit()]
+    assert [row[0] for row in table] == ["1", "2", "3"]
+    assert float(table[0][2]) == float(table[0][3])  # document 1: nothing read before it
+    assert any(float(r[2]) != float(r[3]) for r in table[1:])  # the carried state changes later ones
+    result = invoke("generate", run / "checkpoint.safetensors", "--prompt", "the mem", "--max-bytes", 40,
+                    "--temperature", 0.7, "--top-k", 10, "--seed", 1)
+    assert result.exit_code == 0 and result.output.startswith("the mem") and len(result.output) > 20
+    again = invoke("generate", run, "--prompt", "the mem", "--max-bytes", 40, "--temperature", 0.7, "--top-k", 10,
+                   "--seed", 1)
+    assert again.output == result.output
+    png = tmp_path / "curves.png"
+    result = invoke("plot", run, run, "--out", png)
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_says_how_to_install(trained, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    result = invoke("plot", trained[2], "--out", tmp_path / "x.png")
+    assert_clean_error(result, "matplotlib", "nested-learning[plot]")
+
+
+def test_bad_data_gives_clear_errors(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 8)
+    for path, words in [(tmp_path / "nope", "no such file"), (tmp_path / "empty.txt", "empty"),
+                        (tmp_path / "blob.bin", "binary")]:
+        result = invoke("train", *TINY, "--data", path, "--steps", 2, "--out", tmp_path / "r")
+        assert_clean_error(result, "Error:", words)
+
+
+def test_config_and_option_errors(trained, tmp_path):
+    base, corpus, run, _ = trained
+    bad = tmp_path / "bad.toml"
+    bad.write_text("stepz = 3\n")
+    assert_clean_error(invoke("train", "--config", bad), "unknown keys ['stepz']", "batch_size")
+    bad.write_text('preset = "transformer-tiny"\n[model]\nwidth = 3\n')
+    assert_clean_error(invoke("train", "--config", bad, "--out", tmp_path / "r"), "width", "d_model")
+    assert_clean_error(invoke("train", *TINY, "--backend", "cpu", "--out", tmp_path / "r"), "not yet built")
+    assert_clean_error(invoke("train", *TINY, "--data", corpus, "--out", run), "already holds a run", "--resume")
+    assert_clean_error(invoke("train", "--resume", run, "--lr", 1), "--resume continues the run", "--lr")
+    assert_clean_error(invoke("train", "--resume", tmp_path), "not a run directory")
+    assert_clean_error(invoke("generate", run, "--prompt", ""), "prompt is empty")
+
+
+def test_corrupt_truncated_and_foreign_checkpoints_give_clear_errors(trained, tmp_path):
+    _, corpus, run, _ = trained
+    payload = (run / "checkpoint.safetensors").read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(payload[: len(payload) // 2])
+    corrupt = tmp_path / "corrupt.safetensors"
+    flipped = bytearray(payload)
+    flipped[-5] ^= 0xFF
+    corrupt.write_bytes(bytes(flipped))
+    for path, words in [(truncated, "truncated"), (corrupt, "corrupt")]:
+        for command in (["eval", path], ["generate", path, "--prompt", "x"]):
+            assert_clean_error(invoke(*command), "Error:", words)
+    # A run whose config was edited to another model cannot resume from its checkpoint.
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("checkpoint.safetensors", "data.json", "metrics.jsonl"):
+        (other / name).write_bytes((run / name).read_bytes())
+    (other / "config.toml").write_text((run / "config.toml").read_text().replace("mlp_hidden = 12",
+                                                                                   "mlp_hidden = 16"))
+    assert_clean_error(invoke("train", "--resume", other, "--steps", 40), "another model", "mlp_hidden")
+
+
+def test_non_finite_loss_stops_the_command(tmp_path, monkeypatch):
+    corpus = write_corpus(tmp_path / "corpus", n_docs=4)
+    real = model.loss_and_grads
+    calls = {"n": 0}
+
+    def poisoned(params, tokens, cfg):
+        calls["n"] += 1
+        loss, grads = real(params, tokens, cfg)
+        return (float("inf") if calls["n"] == 9 else loss), grads
+
+    monkeypatch.setattr(model, "loss_and_grads", poisoned)
+    result = invoke("train", *TINY, "--data", corpus, "--steps", 20, "--checkpoint-every", 4, "--out", tmp_path / "r")
+    assert_clean_error(result, "step 9: the loss is not finite", "step 8) is kept")
+    monkeypatch.setattr(model, "loss_and_grads", real)
+    assert invoke("eval", tmp_path / "r").exit_code == 0  # the kept checkpoint is usable
+
+
+def _train_cmd(corpus, out, *extra):
+    return [sys.executable, "-m", "nested_learning", "train", *TINY, "--data", str(corpus), "--steps", "24",
+            "--checkpoint-every", "6", "--eval-every", "6", "--log-every", "1", "--out", str(out), *extra]
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", n_docs=5)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    whole = subprocess.run(_train_cmd(corpus, tmp_path / "whole"), capture_output=True, text=True, env=env,
+                           timeout=120)
+    assert whole.returncode == 0, whole.stderr
+    # Slow each step down so the kill lands mid-run, after the first checkpoint.
+    slow = ("import time, runpy, sys; from nested_learning.reference import model as m; f = m.loss_and_grads; "
+            "m.loss_and_grads = lambda *a: (time.sleep(0.05), f(*a))[1]; "
+            "sys.argv = ['nested-learning'] + sys.argv[1:]; runpy.run_module('nested_learning', run_name='__main__')")
+    cmd = [sys.executable, "-c", slow] + _train_cmd(corpus, tmp_path / "cut")[3:]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    ck = tmp_path / "cut" / "checkpoint.safetensors"
+    deadline = time.time() + 60
+    while not ck.exists() and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # a few steps beyond the checkpoint, whose metrics lines must be dropped on resume
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    cut_rows = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines() if x]
+    assert 6 <= max(r["step"] for r in cut_rows) < 24, "the kill must land between the first checkpoint and the end"
+    resumed = subprocess.run([sys.executable, "-m", "nested_learning", "train", "--resume", str(tmp_path / "cut")],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+
+    def trajectory(run):
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+        return [(r["step"], r.get("loss"), r.get("lr"), r.get("val_loss")) for r in rows]
+
+    assert trajectory(tmp_path / "cut") == trajectory(tmp_path / "whole")  # exactly, bit for bit
+    assert len(trajectory(tmp_path / "whole")) == 24 + 4
