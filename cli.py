@@ -12,7 +12,9 @@ import sys
 import click
 
 # Reference modules whose GRADCHECKS ``nested-learning check`` runs (SPEC.md#gradient-checks).
-GRADCHECK_MODULES = ("primitives", "memory", "mlp_memory")
+GRADCHECK_MODULES = (
+    "primitives", "memory", "mlp_memory", "titans", "selfmod", "cms", "model", "optimizers", "toy",
+)
 
 # Tolerance of the float64 central-difference checks (tests/tolerances.py, ("float64", "gradcheck")).
 CHECK_TOLERANCE = 1e-6
