@@ -583,8 +583,8 @@ def state_size(cfg: ModelConfig) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _case(preset_name: str, in_context: bool, keys_like: tuple[str, ...]):
-    def make(rng, B=2, T=6):
+def _case(preset_name: str, in_context: bool, keys_like: tuple[str, ...], B0: int = 2, T0: int = 6):
+    def make(rng, B=B0, T=T0):
         from .config import preset
 
         cfg = dataclasses.replace(preset(preset_name), dtype="float64", cms_in_context=in_context)
@@ -600,9 +600,13 @@ def _case(preset_name: str, in_context: bool, keys_like: tuple[str, ...]):
 
 
 GRADCHECKS: dict[str, Callable] = {
-    "model.transformer_tiny": _case("transformer-tiny", False, ("blocks.1.attn.Wq", "blocks.0.mlp.W_up", "norm")),
+    "model.transformer_tiny": _case("transformer-tiny", False, ("blocks.1.attn.Wq", "blocks.0.norm2", "final_norm")),
     "model.hope_attention_tiny_static": _case("hope-attention-tiny", False,
-                                              ("blocks.0.cms.0.W1", "blocks.1.attn.Wk", "norm")),
+                                              ("blocks.0.cms.0.W1", "blocks.1.norm1", "final_norm")),
     "model.hope_attention_tiny_in_context": _case("hope-attention-tiny", True,
                                                   ("blocks.0.cms.1.W2", "blocks.1.cms.0.W1", "final_norm")),
+    "model.titans_tiny": _case("titans-tiny", False, ("blocks.0.mem.w_eta", "blocks.1.mem.b_alpha",
+                                                      "blocks.0.mem.g_o"), B0=1, T0=5),
+    "model.hope_tiny_in_context": _case("hope-tiny", True, ("blocks.0.mem.k.b_beta", "blocks.1.mem.g_o",
+                                                            "blocks.0.mem.w_alpha", "blocks.1.norm2.g"), B0=1, T0=5),
 }
