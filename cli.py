@@ -27,8 +27,17 @@ def cli() -> None:
 
 
 @cli.command()
-def info() -> None:
-    """Print versions, BLAS and thread settings, and whether a GPU is usable."""
+@click.option("--model", "model_preset", default=None, metavar="PRESET",
+              help="Print this model preset's parameter count per component and state size per sequence.")
+def info(model_preset: str | None) -> None:
+    """Print versions, BLAS and thread settings, and whether a GPU is usable.
+
+    With ``--model PRESET`` (e.g. hope-small): the preset's configuration, its parameter count
+    per component (summed over blocks) and its streaming state size per sequence.
+    """
+    if model_preset is not None:
+        _model_info(model_preset)
+        return
     import importlib.metadata as md
     import os
     import platform
@@ -61,6 +70,35 @@ def info() -> None:
     except ImportError:
         click.echo("numba: not importable")
     click.echo(f"gpu: {_gpu_status()}")
+
+
+def _model_info(name: str) -> None:
+    """``info --model PRESET``: sizes of a model preset (SPEC.md#hope)."""
+    from nested_learning import config
+    from nested_learning.reference import model
+
+    try:
+        cfg = config.preset(name)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--model") from None
+    click.echo(f"model {cfg.name}: family {cfg.family}, vocab {cfg.vocab_size}, width {cfg.d_model}, "
+               f"{cfg.n_layers} layers, {cfg.n_heads} heads, dtype {cfg.dtype}")
+    for lv in cfg.cms_levels:
+        period = "frozen" if lv.period is None else f"period {lv.period} tokens, eta {lv.eta:g}"
+        click.echo(f"  CMS level: hidden {lv.hidden}, {period}")
+    counts = model.param_counts(cfg)
+    width = max(len(k) for k in counts)
+    click.echo("parameters per component (blocks.* summed over blocks):")
+    for comp, n in counts.items():
+        click.echo(f"  {comp:<{width}}  {n:>10,}")
+    click.echo(f"  {'total':<{width}}  {sum(counts.values()):>10,}")
+    size = model.state_size(cfg)
+    line = f"state per sequence: {size['fixed']:,} floats fixed (in-context CMS weights and accumulators, memory layers)"
+    if size["per_token"]:
+        line += f" + {size['per_token']:,} floats per token (attention cache)"
+    if size["chunk_tokens"]:
+        line += f" + up to {size['chunk_tokens']} pending tokens (the partial CMS chunk)"
+    click.echo(line)
 
 
 def _gpu_status() -> str:

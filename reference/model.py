@@ -573,7 +573,8 @@ def state_size(cfg: ModelConfig) -> dict[str, int]:
         module, lcfg, _, _ = _mem_layer(cfg)
         p = module.init_params(lcfg, np.random.default_rng(0))
         st = module.init_state(p, lcfg, 1)
-        fixed += cfg.n_layers * sum(int(np.size(v)) for v in st.values() if isinstance(v, np.ndarray))
+        mem = cfg.n_layers * sum(int(np.size(v)) for v in st.values() if isinstance(v, np.ndarray))
+        fixed += mem * (2 if cfg.cms_chunk else 1)  # + the chunk-start copy the CMS write re-runs from
     per_token = 2 * cfg.d_model * cfg.n_layers if _has_attention(cfg) else 0
     return {"fixed": fixed, "per_token": per_token, "chunk_tokens": cfg.cms_chunk or 0}
 

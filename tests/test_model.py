@@ -363,3 +363,17 @@ def test_bad_input():
         model.forward(params, tokens[:1], cfg, state)
     with pytest.raises(ValueError, match="increments"):
         model.loss_with_increments(params, tokens, cfg, {})
+
+
+def test_cli_info_model():
+    from click.testing import CliRunner
+
+    from nested_learning.cli import cli
+
+    result = CliRunner().invoke(cli, ["info", "--model", "hope-attention-tiny"])
+    assert result.exit_code == 0, result.output
+    counts = model.param_counts(config.preset("hope-attention-tiny"))
+    assert f"{sum(counts.values()):,}" in result.output and "blocks.*.cms.0" in result.output
+    assert "state per sequence: 1,024 floats fixed" in result.output and "32 floats per token" in result.output
+    bad = CliRunner().invoke(cli, ["info", "--model", "hope-huge"])
+    assert bad.exit_code == 2 and "unknown preset 'hope-huge'" in bad.output
