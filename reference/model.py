@@ -606,8 +606,8 @@ GRADCHECKS: dict[str, Callable] = {
                                               ("blocks.0.cms.0.W1", "blocks.1.norm1", "final_norm")),
     "model.hope_attention_tiny_in_context": _case("hope-attention-tiny", True,
                                                   ("blocks.0.cms.1.W2", "blocks.1.cms.0.W1", "final_norm")),
-    "model.titans_tiny": _case("titans-tiny", False, ("blocks.0.mem.w_eta", "blocks.1.mem.b_alpha",
+    "model.titans_tiny": _case("titans-tiny", False, ("blocks.1.mem.W1_0", "blocks.0.norm2.g",
                                                       "blocks.0.mem.g_o"), B0=1, T0=5),
-    "model.hope_tiny_in_context": _case("hope-tiny", True, ("blocks.0.mem.k.b_beta", "blocks.1.mem.g_o",
-                                                            "blocks.0.mem.w_alpha", "blocks.1.norm2.g"), B0=1, T0=5),
+    "model.hope_tiny_in_context": _case("hope-tiny", True, ("blocks.0.mem.memory.W1_0", "blocks.1.mem.g_o",
+                                                            "blocks.0.norm1.g", "blocks.1.norm2.g"), B0=1, T0=5),
 }
