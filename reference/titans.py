@@ -63,7 +63,7 @@ class TitansConfig:
     hidden: int = 0  # Hm of the MLP memory; 0 means 4 * dh
     act: str = "gelu"  # sigma of the MLP memory
     layernorm: bool = False  # M(z) = z + LN(W1 sigma(W2 z)) when True
-    momentum: bool = True  # surprise momentum S (Titans Eq. 10)
+    momentum: bool = True  # surprise momentum S (Titans Eqs. 10, 14)
     retention: bool = True  # data-dependent retention alpha (else alpha = 1)
     eta_max: float = 0.1  # eta = eta_max * sigmoid(.)
     conv_width: int = 4
@@ -204,9 +204,9 @@ def inner_grad(cfg, Wb, k, v):
     """Per-token gradients of l_n = ||M_b(k_n) - v_n||^2 at the chunk-start state (Titans Eq. 12)
     as rank-1 factors: grad_n = L_n R_n^T per memory weight. Returns ({name: (L, R)}, cache)."""
     if cfg.memory == "matrix":
-        u, cache = MM.matrix_inner_grad(Wb["M"], k, v)  # u = 2 (M_b k - v)   # Eq. (12)
+        u, cache = MM.matrix_inner_grad(Wb["M"], k, v)  # u = 2 (M_b k - v)   # Titans Eq. (12)
         return {"M": (u, k)}, cache
-    u1, a, u2, cache = MM.inner_grad(Wb["W1"], Wb["W2"], k, v, cfg.act, cfg.layernorm)  # Eq. (12)
+    u1, a, u2, cache = MM.inner_grad(Wb["W1"], Wb["W2"], k, v, cfg.act, cfg.layernorm)  # Titans Eq. (12)
     return {"W1": (u1, a), "W2": (u2, k)}, cache
 
 
@@ -252,16 +252,16 @@ def memory_loop_forward(q, k, v, alpha, beta, eta, mem, cfg):
     tape = []
     for t in range(T):
         sl = slice(t, t + 1)
-        o[:, :, sl], rcache = _read_forward(cfg, Wb, q[:, :, sl])  # o_t = M_b(q_t), read before write
+        o[:, :, sl], rcache = _read_forward(cfg, Wb, q[:, :, sl])  # o_t = M_b(q_t)   # Titans Eq. (15)
         fac, fcache = inner_grad(cfg, Wb, k[:, :, sl], v[:, :, sl])
         G = {n: _outer(*fac[n]) for n in names}  # (B, H, ., .)
         a_t, b_t, e_t = (g[:, :, t, None, None] for g in (alpha, beta, eta))
         W_prev, S_prev = W, S
         if cfg.momentum:
-            S = {n: b_t * S[n] - e_t * G[n] for n in names}  # Eq. (10)
-            W = {n: a_t * W[n] + S[n] for n in names}  # Eq. (13)
+            S = {n: b_t * S[n] - e_t * G[n] for n in names}  # Titans Eq. (14)
+            W = {n: a_t * W[n] + S[n] for n in names}  # Titans Eq. (13)
         else:
-            W = {n: a_t * W[n] - e_t * G[n] for n in names}  # Eq. (13) with S_t = -eta_t grad
+            W = {n: a_t * W[n] - e_t * G[n] for n in names}  # Titans Eq. (13), S_t = -eta_t grad
         pos += 1
         boundary = pos == C
         if boundary:
@@ -402,23 +402,25 @@ def _segments(T, pos, C):
 def memory_chunked_forward(q, k, v, alpha, beta, eta, mem, cfg):
     """Chunk-parallel form of ``memory_loop_forward`` (same function, same arguments)."""
     names = _weight_names(cfg)
-    W = {n: mem[n] for n in names}
-    Wb = {n: mem[n + "_b"] for n in names}
-    S = {n: mem["S_" + n] for n in names} if cfg.momentum else None
-    segs = _segments(q.shape[2], mem["pos"], cfg.chunk)
+    W = {n: mem[n] for n in names}  # running state, (B, H, ., .) per weight
+    Wb = {n: mem[n + "_b"] for n in names}  # chunk-start state
+    S = {n: mem["S_" + n] for n in names} if cfg.momentum else None  # momentum
+    segs = _segments(q.shape[2], mem["pos"], cfg.chunk)  # the first may complete a partial chunk
     o = np.empty_like(q)
     tape = []
     for t0, t1, boundary in segs:
         sl = slice(t0, t1)
-        o[:, :, sl], rcache = _read_forward(cfg, Wb, q[:, :, sl])  # all reads at M_b
+        o[:, :, sl], rcache = _read_forward(cfg, Wb, q[:, :, sl])  # all reads at M_b   # Titans Eq. (15)
         fac, fcache = inner_grad(cfg, Wb, k[:, :, sl], v[:, :, sl])  # all gradients at M_b
+        # (B, H), (B, H), (B, H, c), (B, H), (B, H, c): the scans of the gates
         (A, s, w, Bc, e), ccache = chunk_coefficients(alpha[..., sl], beta[..., sl], eta[..., sl], cfg.momentum)
         W_start, S_start = W, S
         W = {n: A[..., None, None] * W[n]
-             - np.einsum("bhm,bhmi,bhmj->bhij", w, *fac[n]) for n in names}  # Eqs. (16)-(17)
+             - np.einsum("bhm,bhmi,bhmj->bhij", w, *fac[n]) for n in names}  # Titans Eqs. (16)-(17)
         if cfg.momentum:
-            W = {n: W[n] + s[..., None, None] * S[n] for n in names}  # Eq. (18), momentum scan
-            S = {n: Bc[..., None, None] * S[n] - np.einsum("bhm,bhmi,bhmj->bhij", e, *fac[n]) for n in names}
+            W = {n: W[n] + s[..., None, None] * S[n] for n in names}  # Titans Eq. (18), momentum scan
+            S = {n: Bc[..., None, None] * S[n]
+                 - np.einsum("bhm,bhmi,bhmj->bhij", e, *fac[n]) for n in names}  # Titans Eq. (18)
         if boundary:
             Wb = W
         tape.append((sl, rcache, fac, fcache, (A, s, w, Bc, e), ccache, W_start, S_start, boundary))
