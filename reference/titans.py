@@ -140,11 +140,7 @@ def init_params(cfg: TitansConfig, rng: np.random.Generator, dtype=np.float64) -
             w = rng.standard_normal(shape) / (4 * np.sqrt(D))
         elif name == "g_o":
             w = np.ones(shape)
-        elif name == "M0":
-            w = np.zeros(shape)
-        elif name in ("W1_0", "W2_0"):
-            w = rng.standard_normal(shape) / np.sqrt(shape[-1])
-        else:
+        else:  # projections and initial memories (M0 not zero: RMSNorm of a zero read is singular)
             w = rng.standard_normal(shape) / np.sqrt(shape[-1])
         p[name] = w.astype(dtype)
     return p
