@@ -34,7 +34,8 @@ Decisions where the papers are open (each recorded in SPEC.md#titans):
 Two implementations of one function: ``memory_loop_forward`` (the token loop that applies the
 definition: the oracle) and ``memory_chunked_forward`` (per chunk, the inner gradients as batched
 rank-1 factors and the momentum/retention recurrences folded into scalar weights computed from
-cumulative products, Titans Eqs. (16)-(18)). Each has its own hand-written backward.
+cumulative products, Titans Eqs. (16)-(18)). Each has its own hand-written backward; the
+derivation is docs/titans-backward.md.
 """
 
 from __future__ import annotations
