@@ -89,8 +89,9 @@ class SelfModConfig:
     chunk_other: int = 16  # chunk size of M_k, M_v, M_eta, M_alpha (and M_q)
     momentum: bool = True  # S <- beta S - eta' G (pinned: the ablation's momentum)
     adaptive_q: bool = False  # q from a memory M_q (the text says q is static)
+    normalize_v: bool = True  # l2-normalise v too: the self-generated targets M(v) then stay bounded
     single_shrink: bool = False  # normalised delta rule onto v_hat (matrix memory only)
-    eta_max: float = 1.0  # eta = eta_max sigmoid(.)
+    eta_max: float = 0.1  # eta = eta_max sigmoid(.) (as titans.py; 1.0 diverges with momentum at C = 16)
     conv_width: int = 4
     stop_grad_writes: bool = False  # first-order outer gradient; never the default
     eps: float = 1e-6  # of the l2 and RMS norms
@@ -170,7 +171,7 @@ def param_shapes(cfg: SelfModConfig) -> dict[str, tuple[int, ...]]:
 
 def init_params(cfg: SelfModConfig, rng: np.random.Generator, dtype=np.float64) -> dict[str, np.ndarray]:
     """Random initial outer parameters. Gate biases give alpha ~ 0.98, eta ~ 0.12 eta_max and
-    beta ~ 0.73 (stable over thousands of tokens: SPEC.md#selfmod)."""
+    beta ~ 0.73 (with the default eta_max = 0.1, stable over thousands of tokens: SPEC.md#selfmod)."""
     D, dh = cfg.d_model, cfg.head_dim
     p = {}
     for name, shape in param_shapes(cfg).items():
@@ -449,6 +450,8 @@ def _run(x, params, cfg, state, loop):
             k = P.l2norm_forward(_heads(kc, H), cfg.eps)[0]  # (B, H, n, dh)
             q = P.l2norm_forward(_heads(qc, H), cfg.eps)[0]  # (B, H, n, dh)
             v = _heads(vc, H)  # (B, H, n, dh)
+            if cfg.normalize_v:
+                v = P.l2norm_forward(v, cfg.eps)[0]  # pinned: bounded targets (SPEC.md#selfmod)
             _, _, eta, alpha, ep = _gates(params, cfg, pre["eta"][:, :, a:b], pre["alpha"][:, :, a:b], k)
             full["o"][:, :, a:b] = read_forward(cfg, Bst["memory"], q)[0]  # Eq. (83)   o = M_memory(q)
             for name, val in (("k", k), ("q", q), ("v", v), ("eta", eta), ("alpha", alpha), ("ep", ep)):
@@ -618,10 +621,12 @@ def backward(dy, cache, dstate=None):
         dk += (-2 * dep * ep**2)[..., None] * k
         # l2 norms and convs (the conv adjoint is carried backwards across segments)
         dc = {}
-        for c, dpost in (("k", dk), ("q", dq)):
+        for c, dpost in (("k", dk), ("q", dq), ("v", dv)):
+            if c == "v" and not cfg.normalize_v:
+                dc["v"] = _merge(dv)
+                continue
             _, c_l2 = P.l2norm_forward(_heads(_conv_replay(cache, conv_in, c, params, t0, t1, K)[0], H), cfg.eps)
             dc[c] = _merge(P.l2norm_backward(dpost, c_l2))
-        dc["v"] = _merge(dv)
         dpre_seg = {}
         for c in ("k", "v", "q"):
             _, c_conv = _conv_replay(cache, conv_in, c, params, t0, t1, K)
@@ -704,7 +709,7 @@ def example_params(cfg: SelfModConfig, rng: np.random.Generator, dtype=np.float6
 
 
 def _case(T=4, B=1, with_state=False, **kw):
-    cfg = SelfModConfig(d_model=2, n_heads=1, hidden=2, **kw)
+    cfg = SelfModConfig(d_model=2, n_heads=1, hidden=2, eta_max=1.0, **kw)  # strong writes
 
     def case(rng):
         params = example_params(cfg, rng)
