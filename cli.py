@@ -187,11 +187,11 @@ def _run_errors():
               help="TOML file: training keys, [model] and [optimizer_hparams] tables; flags override it.")
 @click.option("--data", default=None, metavar="PATH",
               help="A text file, a directory or a glob (read as bytes). Default: the Python stdlib.")
-@click.option("--steps", type=int, default=None, help="Optimizer steps (default 60).")
+@click.option("--steps", type=int, default=None, help="Optimizer steps (default 24).")
 @click.option("--batch-size", type=int, default=None, help="Sequences per batch (default 4).")
 @click.option("--seq-len", type=int, default=None, help="Predicted bytes per sequence (default 64).")
-@click.option("--optimizer", type=click.Choice(_TRAIN_OPTIMIZERS), default=None, help="Default adamw.")
-@click.option("--lr", type=float, default=None, help="Peak learning rate (default 3e-3).")
+@click.option("--optimizer", type=click.Choice(_TRAIN_OPTIMIZERS), default=None, help="Default adamw; warmup then cosine decay.")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (default 1e-2).")
 @click.option("--warmup-steps", type=int, default=None, help="Linear warmup steps (default steps // 10).")
 @click.option("--backend", type=click.Choice(["reference", "cpu", "gpu"]), default=None,
               help="Default reference (the cpu/gpu ports are not built yet).")
@@ -203,8 +203,8 @@ def _run_errors():
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
               help="Continue the run in RUN_DIR from its last checkpoint.")
 @click.option("--eval-every", type=int, default=None, help="Validate every N steps (default 0: at the end).")
-@click.option("--checkpoint-every", type=int, default=None, help="Checkpoint every N steps (default 20).")
-@click.option("--log-every", type=int, default=None, help="Progress line every N steps off a terminal.")
+@click.option("--checkpoint-every", type=int, default=None, help="Checkpoint every N steps (default 8).")
+@click.option("--log-every", type=int, default=None, help="Progress line every N steps off a terminal (default 4).")
 def train(config_file, resume_dir, out, **flags) -> None:
     """Train a model on byte-level text; write metrics.jsonl, checkpoints and a summary.
 
@@ -249,17 +249,21 @@ def train(config_file, resume_dir, out, **flags) -> None:
               help="Evaluate all of this text file/directory/glob (default: the run's validation split).")
 @click.option("--seq-len", type=int, default=None, help="Bytes per window (default: the run's).")
 @click.option("--batch-size", type=int, default=None, help="Windows per batch (default: the run's).")
-@click.option("--max-batches", type=int, default=16, show_default=True, help="Batches of windows to score.")
+@click.option("--max-batches", type=int, default=4, show_default=True, help="Batches of windows to score.")
 @click.option("--continual", is_flag=True,
               help="Read documents in order without ever resetting fast states; show loss per document.")
-@click.option("--max-docs", type=int, default=8, show_default=True, help="Documents read (--continual).")
-@click.option("--doc-bytes", type=int, default=2048, show_default=True,
+@click.option("--max-docs", type=int, default=4, show_default=True, help="Documents read (--continual).")
+@click.option("--doc-bytes", type=int, default=512, show_default=True,
               help="Bytes read from the start of each document (--continual).")
 def eval_(target, data, seq_len, batch_size, max_batches, continual, max_docs, doc_bytes) -> None:
     """Validation loss, perplexity and bits per byte of a checkpoint (or a run's last one)."""
     from nested_learning import data as data_mod
     from nested_learning import training
 
+    for name, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--max-batches", max_batches),
+                        ("--max-docs", max_docs), ("--doc-bytes", doc_bytes)):
+        if value is not None and value < 1:
+            raise click.BadParameter(f"must be >= 1, got {value}", param_hint=name)
     try:
         params, rc, ck = training.load_model_checkpoint(target)
         tc, mc = rc.train, rc.model

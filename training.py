@@ -77,11 +77,11 @@ class TrainConfig:
     """Everything that defines a run besides the model config (SPEC.md#training)."""
 
     preset: str = "hope-small"
-    steps: int = 60
+    steps: int = 24
     batch_size: int = 4
     seq_len: int = 64
     optimizer: str = "adamw"
-    lr: float = 3e-3
+    lr: float = 1e-2
     warmup_steps: int | None = None  # None: steps // 10
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
@@ -91,9 +91,9 @@ class TrainConfig:
     data: str | None = None  # None: the default corpus (the Python standard library)
     val_fraction: float = 0.05
     eval_every: int = 0  # 0: only at the end
-    eval_batches: int = 4
-    checkpoint_every: int = 20  # 0: only at the end
-    log_every: int = 10
+    eval_batches: int = 2
+    checkpoint_every: int = 8  # 0: only at the end
+    log_every: int = 4
 
     def __post_init__(self):
         def bad(key, msg):

@@ -47,7 +47,7 @@ def trained(tmp_path_factory):
     cfg = base / "run.toml"
     cfg.write_text("steps = 99\nval_fraction = 0.3\n[optimizer_hparams]\nweight_decay = 0.0\n")
     result = invoke("train", *TINY, "--config", cfg, "--data", corpus, "--steps", 30, "--out", base / "run",
-                    "--eval-every", 10, "--checkpoint-every", 10)
+                    "--eval-every", 10, "--checkpoint-every", 10, "--log-every", 10)
     assert result.exit_code == 0, result.output
     return base, corpus, base / "run", result.output
 
