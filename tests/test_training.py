@@ -264,3 +264,17 @@ def test_generate_carries_state_and_matches_rereading_the_context(preset, monkey
     assert a.tolist() == b.tolist()
     with pytest.raises(training.TrainingError, match="at least one byte"):
         training.generate(params, rc.model, prompt[:0], 3)
+
+
+def test_progress_bar_on_a_terminal_and_lines_otherwise(capsys):
+    lines = []
+    bar = training._Progress(total=8, every=4, echo=lines.append, tty=False)
+    for step in range(1, 9):
+        bar.update(step, 2.5, 1000.0, start_step=0)
+    assert [ln.split()[1] for ln in lines] == ["4/8", "8/8"]
+    assert all("loss 2.5000" in ln and "tok/s" in ln and "ETA" in ln for ln in lines)
+    bar = training._Progress(total=3, every=4, echo=lines.append, tty=True)
+    for step in range(1, 4):
+        bar.update(step, 1.0, 10.0, start_step=0)
+    out = capsys.readouterr().out
+    assert out.count("\r") == 3 and out.endswith("\n") and "[########################] step 3/3" in out
