@@ -694,21 +694,21 @@ def _conv_replay(cache, conv_in, c, params, t0, t1, K):
 
 
 def example_params(cfg: SelfModConfig, rng: np.random.Generator, dtype=np.float64, spread: float = 0.3):
-    """init_params perturbed by ``spread`` N(0, 1) noise, with strong writes and gates (eta ~ 0.5
-    eta_max, alpha ~ 0.5, beta ~ 0.5, readouts of size ~1): every parameter then moves the output by
-    a visible amount, so central differences at e = 1e-6 resolve every gradient (gradient checks)."""
+    """init_params perturbed by ``spread`` N(0, 1) noise, with strong writes that are remembered
+    (eta ~ 0.5 eta_max, alpha ~ 0.9, beta ~ 0.5, gate readouts of size ~0.5): every parameter then
+    moves the output by a visible amount (gradient checks)."""
     p = init_params(cfg, rng, dtype)
     p["b_eta"] = np.zeros_like(p["b_eta"])
-    p["b_alpha"] = np.zeros_like(p["b_alpha"])
-    p["w_eta"] = rng.standard_normal(p["w_eta"].shape).astype(dtype)
-    p["w_alpha"] = rng.standard_normal(p["w_alpha"].shape).astype(dtype)
+    p["b_alpha"] = np.full_like(p["b_alpha"], 2.0)  # alpha ~ 0.9: the writes are remembered
+    p["w_eta"] = (0.5 * rng.standard_normal(p["w_eta"].shape)).astype(dtype)
+    p["w_alpha"] = (0.5 * rng.standard_normal(p["w_alpha"].shape)).astype(dtype)
     for m in cfg.memories:
         if cfg.momentum:
             p[f"{m}.b_beta"] = np.zeros_like(p[f"{m}.b_beta"])
     return {k: (v + spread * rng.standard_normal(v.shape)).astype(dtype) for k, v in p.items()}
 
 
-def _case(T=4, B=1, with_state=False, **kw):
+def _case(T=5, B=1, with_state=False, **kw):
     cfg = SelfModConfig(d_model=2, n_heads=1, hidden=2, eta_max=1.0, **kw)  # strong writes
 
     def case(rng):
@@ -728,7 +728,15 @@ def _case(T=4, B=1, with_state=False, **kw):
                                              for k, v in state.items()}  # fmt: skip
             return np.sum(forward(xx, inputs, cfg, st)[0] * u)
 
-        return loss, {"x": x, **params}, {"x": dx, **dparams}
+        grads = {"x": dx, **dparams}
+        # Central differences at e = 1e-6 carry ~1e-10 x (loss scale) of rounding per entry, so a key
+        # whose gradient is < ~1e-4 of the largest cannot be resolved to 1e-6 (measured: the momentum
+        # decay of a gate memory, ~1e-7 of the loss, gave 1e-4..1 relative error). Such keys are
+        # checked exactly by the complex step in tests/test_selfmod.py; here only keys >= 1e-2 of the
+        # largest gradient are compared entry by entry (SPEC.md#selfmod).
+        scale = max(float(np.max(np.abs(g))) for g in grads.values())
+        grads = {k: g for k, g in grads.items() if float(np.max(np.abs(g))) >= 1e-2 * scale}
+        return loss, {"x": x, **params}, grads
 
     return case
 
