@@ -7,7 +7,7 @@ Every projection except q is a memory ``M_box`` (box in k, v, eta, alpha, memory
 ``adaptive_q``) that is read at its chunk-start state, generates its own target
 ``v_hat_box = M_box(v)`` and is written by DGD with retention and momentum (Eq. 88):
 
-    k_t = l2(conv_k(M_k(x_t))),  v_t = conv_v(M_v(x_t)),  q_t = l2(conv_q(x_t W_q^T))    Eq. (83)
+    k_t = l2(conv_k(M_k(x_t))),  v_t = l2(conv_v(M_v(x_t))),  q_t = l2(conv_q(x_t W_q^T))    Eq. (83)
     eta_t = eta_max sigmoid(w_eta . M_eta(x_t) + b_eta),  alpha_t = sigmoid(w_alpha . M_alpha(x_t) + b_alpha)
     v_hat_box,t = M_box(v_t)                                                                Eq. (84)
     G_box,t = grad_W ||M_box(k_t) - v_hat_box,t||^2  at the chunk-start state, v_hat constant  Eq. (86)
@@ -39,8 +39,11 @@ tokens of one segment):
 Decisions where the paper is open (each recorded in SPEC.md#selfmod):
 - memories act per head on dh-dim slices; M_k, M_v, M_eta, M_alpha (and M_q) read the head's slice of
   x_t; the residual MLP ``z + W1 s(W2 z)`` (Eqs. 89, 91), a matrix ``M z`` as an option;
-- eta, alpha: static per-head readouts of M_eta(x), M_alpha(x) through sigmoids (SPEC.md#selfmod);
-- conv (width 4) after every read of k, v, q, then l2 normalisation of q and k, no SiLU;
+- eta, alpha: static per-head readouts of M_eta(x), M_alpha(x) through sigmoids, eta_max = 0.1
+  (SPEC.md#selfmod);
+- conv (width 4) after every read of k, v, q, then l2 normalisation of q, k and v (v too: the
+  self-generated targets M(v) otherwise grow with the memory and the recurrence diverges; option
+  ``normalize_v``), no SiLU;
 - DGD as printed in Eq. (88): the key-side weight (W2, or the whole matrix) gets the k k^T shrink,
   W1 plain retention; eta' the exact prox step; the single-shrink reading (normalised delta rule onto
   v_hat) is ``single_shrink=True``, matrix memory only (SPEC.md#selfmod);
@@ -57,7 +60,7 @@ the oracle) and ``forward`` (per segment of a chunk: reads and inner gradients b
 segment, the momentum recurrence as a decay-masked matrix product and the retention/DGD recurrence as
 a suffix-product scan, Titans Eqs. (16)-(18) generalised to DGD). Both fill the same cache; one
 hand-written ``backward`` (segment-wise, recomputing the inside of each segment from the stored
-segment-start states) differentiates either.
+segment-start states) differentiates either. Derivation: docs/selfmod-backward.md.
 """
 
 from __future__ import annotations
