@@ -1,0 +1,382 @@
+"""The language model on the CPU: the reference model's API over the compiled primitives, CMS and layers.
+
+Paper: §7-§8.3, Eqs. (70)-(74), (94)-(97), arXiv 2512.24695v1 (Titans: Titans Eqs. 9-18).
+SPEC: SPEC.md#hope (families, processing order), SPEC.md#cms (first-order in-context CMS),
+SPEC.md#fast-cpu (the port).
+
+The same functions as ``reference/model.py`` with the same names, signatures, return structures
+and dtypes: ``init_params``, ``init_state``, ``forward(params, tokens, cfg, state=None)``,
+``loss_and_grads(params, tokens, cfg)``, ``cms_increments``, ``loss_with_increments``. The
+parameter layout, initialisation, validation and state layout are the reference's own functions
+(imported, not copied), so a state or a parameter dict moves freely between backends.
+
+Symbols (as in reference/model.py; B batch, T tokens, D width, H heads, V vocabulary):
+
+    tokens               tokens                 (B, T) ints in [0, V)
+    embedding            params["embed.E"]      (V, D)
+    theta^(f_l)_t        state["cms"][i]        (B, D, Hm), (B, Hm, D) per sequence, in context
+    logits               logits                 (B, T, V)
+
+Decisions (SPEC.md#fast-cpu):
+    - the block, stack and chunk-major driver mirror the reference line for line, calling
+      ``fast.cpu.primitives`` and ``fast.cpu.cms``; the sequence-memory layers come from
+      ``fast.cpu.titans`` / ``fast.cpu.selfmod`` once those ports have landed and passed their
+      equivalence tests (``PORTED_LAYERS``); until then the family uses the reference's layer, an
+      explicit fallback counted in ``primitives.FALLBACKS`` (``"model.<family>_layer"``);
+    - one saving the reference does not make: when a processing chunk was forwarded in one piece
+      by the same call, the CMS write re-uses that forward's cache instead of re-running it (the
+      inputs are identical: the same cache prefix, memory-layer states and CMS weights), which
+      removes one of the three forward passes of an in-context ``loss_and_grads``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+
+from ...reference.config import ModelConfig
+from ...reference.model import (  # noqa: F401  (re-exported: the shared, non-numeric part of the API)
+    _check_params,
+    _check_state,
+    _check_tokens,
+    _copy,
+    _has_attention,
+    _has_cms,
+    _in_context_levels,
+    init_params,
+    init_state,
+    param_counts,
+    param_shapes,
+    state_size,
+)
+from . import cms
+from . import primitives as P
+
+PORTED_LAYERS: dict[str, str | None] = {"titans": None, "hope": None}
+"""family -> the fast.cpu module of its sequence-memory layer (None: the reference's layer, an
+explicit fallback). Set once the port has landed and its equivalence tests pass."""
+
+
+def _mem_layer(cfg: ModelConfig):
+    """(module, layer config, forward, backward) of the titans / hope families' memory layer."""
+    name = {"titans": "titans", "hope": "selfmod"}.get(cfg.family)
+    if name is None:
+        raise ValueError(f"family {cfg.family!r} has no memory layer")
+    if PORTED_LAYERS[cfg.family] is not None:
+        module = importlib.import_module(f"{__package__}.{PORTED_LAYERS[cfg.family]}")
+    else:  # explicit fallback: the reference's layer, until the fast port has landed
+        P.FALLBACKS[f"model.{cfg.family}_layer"] = P.FALLBACKS.get(f"model.{cfg.family}_layer", 0) + 1
+        module = importlib.import_module(f"nested_learning.reference.{name}")
+    if cfg.family == "titans":
+        lcfg = module.TitansConfig(d_model=cfg.d_model, n_heads=cfg.n_heads, chunk=cfg.mem_chunk,
+                                   memory=cfg.mem_kind, hidden=cfg.mem_hidden, eta_max=cfg.mem_eta_max,
+                                   eps=cfg.norm_eps)
+        return module, lcfg, module.titans_forward, module.titans_backward
+    lcfg = module.SelfModConfig(d_model=cfg.d_model, n_heads=cfg.n_heads, chunk_memory=cfg.mem_chunk,
+                                chunk_other=cfg.mem_chunk_other, memory=cfg.mem_kind,
+                                hidden=cfg.mem_hidden, eta_max=cfg.mem_eta_max, eps=cfg.norm_eps)
+    return module, lcfg, module.forward, module.backward
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks over a segment of tokens at absolute positions [p0, p0 + n) (as reference/model.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def _attn_forward(a, params, b, cfg, p0, past):
+    Bn, n, D = a.shape
+    H, dh = cfg.n_heads, cfg.d_head
+    pos = np.arange(p0, p0 + n)
+    heads, caches = {}, {}
+    for name in ("q", "k", "v"):
+        z, c_lin = P.linear_forward(a, params[b + "attn.W" + name])  # (B, n, D)
+        z = z.reshape(Bn, n, H, dh).transpose(0, 2, 1, 3)  # (B, H, n, dh)
+        c_rope = None
+        if name != "v":
+            z, c_rope = P.rope_forward(z, pos, cfg.rope_base)
+        heads[name], caches[name] = z, (c_lin, c_rope)
+    K, V = heads["k"], heads["v"]
+    if past is not None:
+        K = np.concatenate([past[0], K], axis=2)  # (B, H, p0 + n, dh)
+        V = np.concatenate([past[1], V], axis=2)
+    o, c_att = P.attention_forward(heads["q"], K, V, causal=True)  # (B, H, n, dh)  # Eq. (63)
+    y, c_o = P.linear_forward(o.transpose(0, 2, 1, 3).reshape(Bn, n, D), params[b + "attn.Wo"])
+    return y, (caches, c_att, c_o, n), (K, V)
+
+
+def _attn_backward(dy, cache, b):
+    caches, c_att, c_o, n = cache
+    grads = {}
+    do, grads[b + "attn.Wo"], _ = P.linear_backward(dy, c_o)
+    Bn, _, D = dy.shape
+    H = c_att[0].shape[1]
+    do = do.reshape(Bn, n, H, D // H).transpose(0, 2, 1, 3)  # (B, H, n, dh)
+    dq, dK, dV = P.attention_backward(do, c_att)
+    dheads = {"q": dq, "k": dK[:, :, -n:], "v": dV[:, :, -n:]}  # the cache is a constant
+    da = 0
+    for name in ("q", "k", "v"):
+        c_lin, c_rope = caches[name]
+        dz = dheads[name] if c_rope is None else P.rope_backward(dheads[name], c_rope)
+        dz = dz.transpose(0, 2, 1, 3).reshape(Bn, n, D)
+        dx, grads[b + "attn.W" + name], _ = P.linear_backward(dz, c_lin)
+        da = da + dx
+    return da, grads
+
+
+def _block_forward(x, params, i, cfg, p0, past, mem_state, cms_w, cms_groups):
+    b = f"blocks.{i}."
+    a, c_n1 = P.rmsnorm_forward(x, params[b + "norm1.g"], cfg.norm_eps)  # (B, n, D)
+    new_past = new_mem = None
+    if _has_attention(cfg):
+        o, c_mix, new_past = _attn_forward(a, params, b, cfg, p0, past)
+    else:
+        _, lcfg, fwd, _ = _mem_layer(cfg)
+        lp = {k[len(b) + 4:]: v for k, v in params.items() if k.startswith(b + "mem.")}
+        o, c_mix, new_mem = fwd(a, lp, lcfg, mem_state)
+    h = x + o  # (B, n, D)
+    u, c_n2 = P.rmsnorm_forward(h, params[b + "norm2.g"], cfg.norm_eps)
+    if _has_cms(cfg):
+        c, c_sec = cms.forward(u, cms_w, cms_groups, cfg.cms_variant, cfg.cms_activation,
+                               params.get(b + "cms.agg"))  # Eqs. (70)/(74), (97)
+        y = h + (c - u)
+    else:
+        m, c_sec = P.swiglu_forward(u, params[b + "mlp.W_gate"], params[b + "mlp.W_up"], params[b + "mlp.W_down"])
+        y = h + m
+    return y, (c_n1, c_mix, c_n2, c_sec), new_past, new_mem
+
+
+def _block_backward(dy, cache, i, cfg):
+    b = f"blocks.{i}."
+    c_n1, c_mix, c_n2, c_sec = cache
+    grads, dcms = {}, None
+    if _has_cms(cfg):
+        du, dcms, dagg = cms.backward(dy, c_sec)
+        du = du - dy
+        if dagg is not None:
+            grads[b + "cms.agg"] = dagg
+    else:
+        du, grads[b + "mlp.W_gate"], grads[b + "mlp.W_up"], grads[b + "mlp.W_down"] = P.swiglu_backward(dy, c_sec)
+    dh, grads[b + "norm2.g"] = P.rmsnorm_backward(du, c_n2)
+    dh = dh + dy
+    if _has_attention(cfg):
+        da, g = _attn_backward(dh, c_mix, b)
+    else:
+        _, _, _, bwd = _mem_layer(cfg)
+        da, g, _ = bwd(dh, c_mix)
+        g = {b + "mem." + k: v for k, v in g.items()}
+    grads.update(g)
+    dx, grads[b + "norm1.g"] = P.rmsnorm_backward(da, c_n1)
+    return dx + dh, grads, dcms
+
+
+def _stack_forward(params, cfg, tokens, p0, past, mem, cms_w, cms_groups):
+    x, c_emb = P.embedding_forward(tokens, params["embed.E"])  # (B, n, D)
+    caches, new_past, new_mem = [], [], []
+    for i in range(cfg.n_layers):
+        x, c, np_i, nm_i = _block_forward(x, params, i, cfg, p0, past[i], mem[i],
+                                          cms_w[i] if cms_w else None, cms_groups)
+        caches.append(c)
+        new_past.append(np_i)
+        new_mem.append(nm_i)
+    xf, c_fn = P.rmsnorm_forward(x, params["final_norm.g"], cfg.norm_eps)
+    logits, c_head = P.linear_forward(xf, params["head.W"])  # (B, n, V)
+    return logits, (c_emb, caches, c_fn, c_head), new_past, new_mem
+
+
+def _stack_backward(dlogits, cache, cfg):
+    c_emb, caches, c_fn, c_head = cache
+    grads = {}
+    dxf, grads["head.W"], _ = P.linear_backward(dlogits, c_head)
+    dx, grads["final_norm.g"] = P.rmsnorm_backward(dxf, c_fn)
+    dcms = [None] * cfg.n_layers
+    for i in reversed(range(cfg.n_layers)):
+        dx, g, dcms[i] = _block_backward(dx, caches[i], i, cfg)
+        grads.update(g)
+    grads["embed.E"] = P.embedding_backward(dx, c_emb)
+    return grads, dcms
+
+
+# ---------------------------------------------------------------------------------------------
+# The chunk-major forward (SPEC.md#hope: the processing order)
+# ---------------------------------------------------------------------------------------------
+
+
+def _cms_weights(params, cfg, state, n):
+    if not _has_cms(cfg):
+        return None
+    Bn = state["batch"]
+    out = []
+    for i in range(cfg.n_layers):
+        ws = []
+        for l in range(len(cfg.cms_levels)):
+            if f"{l}.W1" in state["cms"][i]:
+                w = tuple(state["cms"][i][f"{l}.{n}"][:, None] for n in ("W1", "W2"))
+            else:  # frozen in context: the outer parameter, shared by the batch
+                w = tuple(np.broadcast_to(params[f"blocks.{i}.cms.{l}.{n}"],
+                                          (Bn, 1) + params[f"blocks.{i}.cms.{l}.{n}"].shape) for n in ("W1", "W2"))
+            ws.append(w)
+        out.append(ws)
+    return out
+
+
+def _advance(params, cfg, state, seg):
+    """Forward a segment inside one processing chunk; update the state in place.
+    Returns (logits, the stack cache)."""
+    n = seg.shape[1]
+    if state["pending"].shape[1] == 0:
+        state["chunk_mem"] = _copy(state["mem"])
+    groups = [[(0, n)] for _ in cfg.cms_levels]
+    logits, cache, new_past, new_mem = _stack_forward(params, cfg, seg, state["pos"], state["past"], state["mem"],
+                                                      _cms_weights(params, cfg, state, n), groups)
+    state["past"], state["mem"] = new_past, new_mem
+    state["pos"] += n
+    if cfg.cms_chunk is not None:
+        state["pending"] = np.concatenate([state["pending"], seg], axis=1)
+    return logits, cache
+
+
+def _complete_chunk(params, cfg, state, next_token, record, fwd=None):
+    """The CMS write of the pending chunk (reference/model.py::_complete_chunk). ``fwd``: (logits,
+    stack cache) of that chunk's forward when it ran in one piece in this call (not re-run then)."""
+    X = state["pending"]  # (B, C)
+    C = X.shape[1]
+    p0 = state["pos"] - C
+    targets = np.concatenate([X[:, 1:], next_token[:, None]], axis=1)  # (B, C)
+    if fwd is None:
+        past = [None if pk is None else (pk[0][:, :, :p0], pk[1][:, :, :p0]) for pk in state["past"]]
+        groups = [[(0, C)] for _ in cfg.cms_levels]
+        logits, cache, _, _ = _stack_forward(params, cfg, X, p0, past, state["chunk_mem"],
+                                             _cms_weights(params, cfg, state, C), groups)
+    else:
+        logits, cache = fwd
+    _, c_ce = P.cross_entropy_forward(logits, targets)
+    dlogits = P.cross_entropy_backward(np.asarray(float(X.size), dtype=logits.dtype), c_ce)  # sum, not mean
+    _, dcms = _stack_backward(dlogits, cache, cfg)
+    due = cms.updates_at(cfg.cms_levels, state["pos"], cfg.cms_in_context)
+    for i in range(cfg.n_layers):
+        fast = state["cms"][i]
+        for l in _in_context_levels(cfg):
+            for j, n in enumerate(("W1", "W2")):
+                fast[f"{l}.acc_{n}"] = fast[f"{l}.acc_{n}"] + dcms[i][l][j][:, 0]  # sum_t grad loss_t
+            if l in due:
+                for n in ("W1", "W2"):
+                    new = cms.write(fast[f"{l}.{n}"], fast[f"{l}.acc_{n}"], cfg.cms_levels[l].eta)  # Eq. (71)
+                    if record is not None:
+                        record.setdefault(f"blocks.{i}.cms.{l}.{n}", []).append(new - fast[f"{l}.{n}"])
+                    fast[f"{l}.{n}"] = new
+                    fast[f"{l}.acc_{n}"] = np.zeros_like(fast[f"{l}.acc_{n}"])
+    state["pending"] = state["pending"][:, :0]
+
+
+def _run(params, tokens, cfg, state, record=None):
+    T = tokens.shape[1]
+    C = cfg.cms_chunk
+    out, t, whole = [], 0, None
+    while t < T:
+        if C is not None and state["pending"].shape[1] == C:
+            _complete_chunk(params, cfg, state, tokens[:, t], record, whole)
+        starts = state["pending"].shape[1] == 0
+        n = T - t if C is None else min(T - t, C - state["pending"].shape[1])
+        logits, cache = _advance(params, cfg, state, tokens[:, t:t + n])
+        whole = (logits, cache) if (starts and n == C) else None  # the chunk's one-piece forward
+        out.append(logits)
+        t += n
+    return np.concatenate(out, axis=1)
+
+
+def forward(params, tokens, cfg: ModelConfig, state=None):
+    """Logits (B, T, V) of tokens (B, T) and the state that continues the sequences (as the
+    reference: one call equals any chain of calls; the input state is not modified)."""
+    params = _check_params(params, cfg)
+    tokens = _check_tokens(tokens, cfg)
+    state = init_state(params, cfg, tokens.shape[0]) if state is None else _check_state(state, cfg, tokens.shape[0])
+    logits = _run(params, tokens, cfg, state)
+    return logits, state
+
+
+# ---------------------------------------------------------------------------------------------
+# The outer loss and its gradient (first order in the in-context CMS increments)
+# ---------------------------------------------------------------------------------------------
+
+
+def cms_increments(params, tokens, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """The in-context CMS increments of a fresh pass over tokens (reference/model.py)."""
+    params = _check_params(params, cfg)
+    tokens = _check_tokens(tokens, cfg)
+    if cfg.cms_chunk is None:
+        return {}
+    record: dict[str, list] = {}
+    _run(params, tokens, cfg, init_state(params, cfg, tokens.shape[0]), record)
+    B, T = tokens.shape
+    out = {}
+    for i in range(cfg.n_layers):
+        for l in _in_context_levels(cfg):
+            G = len(cms.groups_for(cfg.cms_levels[l].period, 0, T))
+            for n in ("W1", "W2"):
+                key = f"blocks.{i}.cms.{l}.{n}"
+                deltas = record.get(key, [])
+                cum = np.zeros((B, G) + params[key].shape, dtype=params[key].dtype)
+                for g in range(1, G):
+                    cum[:, g] = cum[:, g - 1] + deltas[g - 1]
+                out[key] = cum
+    return out
+
+
+def _first_order_forward(params, tokens, cfg, increments):
+    """The whole sequence in one pass with the CMS weights theta_0 + increments (constants)."""
+    B, T = tokens.shape
+    cms_w, groups = None, [[(0, T)] for _ in cfg.cms_levels]
+    if _has_cms(cfg):
+        live = _in_context_levels(cfg)
+        for l in live:
+            groups[l] = cms.groups_for(cfg.cms_levels[l].period, 0, T)
+        cms_w = []
+        for i in range(cfg.n_layers):
+            ws = []
+            for l in range(len(cfg.cms_levels)):
+                pair = []
+                for n in ("W1", "W2"):
+                    key = f"blocks.{i}.cms.{l}.{n}"
+                    w = np.broadcast_to(params[key], (B, len(groups[l])) + params[key].shape)
+                    if l in live:
+                        inc = increments.get(key)
+                        if inc is None or inc.shape != w.shape:
+                            raise ValueError(f"increments[{key!r}] must have shape {w.shape}, got "
+                                             f"{None if inc is None else inc.shape}")
+                        w = w + inc
+                    pair.append(w)
+                ws.append(tuple(pair))
+            cms_w.append(ws)
+    return _stack_forward(params, cfg, tokens, 0, [None] * cfg.n_layers, [None] * cfg.n_layers, cms_w, groups)
+
+
+def loss_with_increments(params, tokens, cfg: ModelConfig, increments) -> float:
+    """The mean next-token loss with the in-context CMS increments frozen at ``increments``."""
+    params = _check_params(params, cfg)
+    tokens = _check_tokens(tokens, cfg, min_T=2)
+    logits = _first_order_forward(params, tokens, cfg, increments)[0]
+    return P.cross_entropy_forward(logits[:, :-1], tokens[:, 1:])[0]
+
+
+def loss_and_grads(params, tokens, cfg: ModelConfig):
+    """Mean next-token cross-entropy on tokens[:, 1:] and its gradient (keys of ``params``), the
+    same function as reference/model.py::loss_and_grads."""
+    params = _check_params(params, cfg)
+    tokens = _check_tokens(tokens, cfg, min_T=2)
+    increments = cms_increments(params, tokens, cfg)
+    logits, cache, _, _ = _first_order_forward(params, tokens, cfg, increments)
+    loss, c_ce = P.cross_entropy_forward(logits[:, :-1], tokens[:, 1:])
+    dlogits = np.zeros_like(logits)
+    dlogits[:, :-1] = P.cross_entropy_backward(np.asarray(1.0, dtype=logits.dtype), c_ce)
+    grads, dcms = _stack_backward(dlogits, cache, cfg)
+    if _has_cms(cfg):
+        for i in range(cfg.n_layers):
+            for l in range(len(cfg.cms_levels)):
+                for j, n in enumerate(("W1", "W2")):
+                    grads[f"blocks.{i}.cms.{l}.{n}"] = dcms[i][l][j].sum(axis=(0, 1))  # theta_0 + const
+    return float(loss), {k: np.asarray(grads[k], dtype=params[k].dtype) for k in params}
+
+
+__all__ = ["PORTED_LAYERS", "cms_increments", "forward", "init_params", "init_state", "loss_and_grads",
+           "loss_with_increments", "param_counts", "param_shapes", "state_size"]

@@ -1,0 +1,44 @@
+"""The fast model API: the reference model's ``loss_and_grads`` and ``forward`` on a compiled backend.
+
+SPEC: SPEC.md#fast-cpu, SPEC.md#public-api. ``device="cpu"`` runs ``fast/cpu/model.py`` (Numba +
+BLAS); ``device="gpu"`` is the CuPy port (a clear error until it exists). The functions compute
+the same values as ``reference/model.py`` (within the ("float32" | "float64", "port") rows of
+tests/tolerances.py) with the same arguments and return structures. Numba is imported only when a
+CPU function is first called, never by ``import nested_learning.fast.model``.
+
+    from nested_learning.fast import model
+    loss, grads = model.loss_and_grads(params, tokens, cfg, device="cpu")
+    logits, state = model.forward(params, tokens, cfg, state=None, device="cpu")
+"""
+
+from __future__ import annotations
+
+import importlib
+
+DEVICES = ("cpu", "gpu")
+
+
+def _backend(device: str):
+    if device == "cpu":
+        return importlib.import_module("nested_learning.fast.cpu.model")
+    if device == "gpu":
+        raise NotImplementedError(
+            "device 'gpu' (the CuPy port, fast/gpu) is not implemented yet; use device='cpu' or the "
+            "reference (nested_learning.reference.model)"
+        )
+    raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+
+
+def init_params(cfg, seed: int = 0, device: str = "cpu"):
+    """The reference's initial parameters (identical on every device: drawn on the host)."""
+    return _backend(device).init_params(cfg, seed)
+
+
+def loss_and_grads(params, tokens, cfg, device: str = "cpu"):
+    """Mean next-token loss on tokens[:, 1:] and its gradient (the keys of ``params``)."""
+    return _backend(device).loss_and_grads(params, tokens, cfg)
+
+
+def forward(params, tokens, cfg, state=None, device: str = "cpu"):
+    """Logits (B, T, V) and the state that continues the sequences (pass it back to continue)."""
+    return _backend(device).forward(params, tokens, cfg, state)

@@ -1,0 +1,69 @@
+"""The op table of the backends: op -> (reference, cpu, gpu) import strings.
+
+SPEC: SPEC.md#fast-cpu. A literal table, read by the equivalence tests, the conformance vectors and
+``nested-learning bench``: every op the reference defines and where each backend implements it.
+An import string is ``"module:attribute"``; ``None`` means the backend has no port of that op
+(callers then use the reference explicitly). Nothing here imports numba: ``load`` imports the
+module on demand.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_REF = "nested_learning.reference."
+_CPU = "nested_learning.fast.cpu."
+
+# Ops of reference/primitives.py that fast/cpu/primitives.py compiles (forward and backward).
+_PRIMITIVES = ("linear", "embedding", "rmsnorm", "l2norm", "silu", "gelu", "sigmoid", "swiglu", "conv1d",
+               "rope", "attention", "cross_entropy")
+# Ops whose fast/cpu name exists but forwards to the reference (not on the training path).
+_PRIMITIVES_REFERENCE_ONLY = ("layernorm", "softplus", "softmax")
+
+REGISTRY: dict[str, tuple[str, str | None, str | None]] = {
+    **{f"primitives.{op}_{d}": (f"{_REF}primitives:{op}_{d}", f"{_CPU}primitives:{op}_{d}", None)
+       for op in _PRIMITIVES for d in ("forward", "backward")},
+    **{f"primitives.{op}_{d}": (f"{_REF}primitives:{op}_{d}", None, None)
+       for op in _PRIMITIVES_REFERENCE_ONLY for d in ("forward", "backward")},
+    "cms.level_forward": (f"{_REF}cms:level_forward", f"{_CPU}cms:level_forward", None),
+    "cms.level_backward": (f"{_REF}cms:level_backward", f"{_CPU}cms:level_backward", None),
+    "cms.forward": (f"{_REF}cms:forward", f"{_CPU}cms:forward", None),
+    "cms.backward": (f"{_REF}cms:backward", f"{_CPU}cms:backward", None),
+    # The sequence-memory layers (fast/cpu/titans.py, selfmod.py: engineer P2's port; None until
+    # it lands, and the CPU model then uses the reference layer explicitly).
+    "titans.titans_forward": (f"{_REF}titans:titans_forward", None, None),
+    "titans.titans_backward": (f"{_REF}titans:titans_backward", None, None),
+    "selfmod.forward": (f"{_REF}selfmod:forward", None, None),
+    "selfmod.backward": (f"{_REF}selfmod:backward", None, None),
+    # The whole model.
+    "model.forward": (f"{_REF}model:forward", f"{_CPU}model:forward", None),
+    "model.loss_and_grads": (f"{_REF}model:loss_and_grads", f"{_CPU}model:loss_and_grads", None),
+    "model.cms_increments": (f"{_REF}model:cms_increments", f"{_CPU}model:cms_increments", None),
+    "model.loss_with_increments": (f"{_REF}model:loss_with_increments", f"{_CPU}model:loss_with_increments", None),
+}
+
+BACKENDS = ("reference", "cpu", "gpu")
+
+
+def ported(backend: str) -> list[str]:
+    """The ops that ``backend`` implements itself (every op for the reference)."""
+    i = _index(backend)
+    return [op for op, row in REGISTRY.items() if row[i] is not None]
+
+
+def _index(backend: str) -> int:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return BACKENDS.index(backend)
+
+
+def load(op: str, backend: str = "reference"):
+    """The callable that implements ``op`` on ``backend``; a ValueError when the op is unknown or
+    the backend has no port of it (the caller decides whether to fall back to the reference)."""
+    if op not in REGISTRY:
+        raise ValueError(f"unknown op {op!r}; known ops: {', '.join(REGISTRY)}")
+    target = REGISTRY[op][_index(backend)]
+    if target is None:
+        raise ValueError(f"op {op!r} has no {backend} port (use backend 'reference')")
+    module, attr = target.split(":")
+    return getattr(importlib.import_module(module), attr)
