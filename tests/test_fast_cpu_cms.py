@@ -1,0 +1,97 @@
+"""fast/cpu/cms.py vs reference/cms.py: the CMS chain, outputs and every gradient (SPEC.md#fast-cpu).
+
+Hypothesis draws the batch, the segment's length and start (so level chunks do not divide it),
+the width, the levels' hidden widths and periods, the variant, the activation and the dtype;
+inputs are read-only and must stay unchanged; no call may take the reference fallback.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, note
+from hypothesis import strategies as st
+from tolerances import assert_close
+
+from nested_learning.fast.cpu import cms as F
+from nested_learning.fast.cpu import primitives as FP
+from nested_learning.reference import cms as R
+
+
+def _ro(a):
+    a = np.array(a, copy=True)
+    a.setflags(write=False)
+    return a
+
+
+@given(dtype=st.sampled_from(["float32", "float64"]), seed=st.integers(0, 2**31 - 1), B=st.integers(1, 3),
+       T=st.integers(1, 9), start=st.integers(0, 5), D=st.integers(1, 5),
+       levels=st.lists(st.tuples(st.integers(1, 6), st.sampled_from([None, 1, 2, 3, 4])), min_size=1, max_size=3),
+       variant=st.sampled_from(["sequential", "independent"]), act=st.sampled_from(["gelu", "silu"]))
+def test_cms_matches_reference(dtype, seed, B, T, start, D, levels, variant, act):
+    rng = np.random.default_rng(seed)
+    u = _ro(rng.standard_normal((B, T, D)).astype(dtype))
+    weights, groups = [], []
+    for hm, period in levels:
+        gr = R.groups_for(period, start, T)
+        groups.append(gr)
+        weights.append((_ro(0.5 * rng.standard_normal((B, len(gr), D, hm)).astype(dtype)),
+                        _ro(0.5 * rng.standard_normal((B, len(gr), hm, D)).astype(dtype))))
+    agg = _ro(rng.standard_normal(len(levels)).astype(dtype)) if variant == "independent" else None
+    up = _ro(rng.standard_normal((B, T, D)).astype(dtype))
+    before = [u.copy()] + [w.copy() for pair in weights for w in pair]
+    note(f"{dtype} B={B} T={T} start={start} D={D} levels={levels} {variant} {act}")
+    fallbacks = dict(FP.FALLBACKS)
+    yf, cf = F.forward(u, weights, groups, variant, act, agg)
+    duf, dwf, daggf = F.backward(up, cf)
+    assert FP.FALLBACKS == fallbacks, "took the reference fallback"
+    yr, cr = R.forward(u, weights, groups, variant, act, agg)
+    dur, dwr, daggr = R.backward(up, cr)
+    assert yf.dtype == yr.dtype == np.dtype(dtype)
+    assert_close(yf, yr, dtype, "port", "y")
+    assert_close(duf, dur, dtype, "port", "du")
+    for l, ((a1, a2), (b1, b2)) in enumerate(zip(dwf, dwr, strict=True)):
+        assert a1.dtype == b1.dtype and a2.dtype == b2.dtype
+        assert_close(a1, b1, dtype, "port", f"dW1[{l}]")
+        assert_close(a2, b2, dtype, "port", f"dW2[{l}]")
+    if variant == "independent":
+        assert_close(daggf, daggr, dtype, "port", "dagg")
+    else:
+        assert daggf is None
+    for a, b in zip([u] + [w for pair in weights for w in pair], before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_level_backward_accepts_the_reference_cache(rng):
+    z = rng.standard_normal((2, 5, 3))
+    W1, W2 = rng.standard_normal((2, 2, 3, 4)), rng.standard_normal((2, 2, 4, 3))
+    _, cache = R.level_forward(z, W1, W2, [(0, 2), (2, 5)])
+    dy = rng.standard_normal(z.shape)
+    for a, b in zip(F.level_backward(dy, cache), R.level_backward(dy, cache), strict=True):
+        assert_close(a, b, "float64", "port")
+
+
+def test_bad_input_raises_value_error():
+    z = np.zeros((2, 5, 3))
+    with pytest.raises(ValueError, match="W1 must have shape"):
+        F.level_forward(z, np.zeros((2, 1, 4, 4)), np.zeros((2, 1, 4, 3)), [(0, 5)])
+    with pytest.raises(ValueError, match="W2 must have shape"):
+        F.level_forward(z, np.zeros((2, 1, 3, 4)), np.zeros((2, 1, 3, 3)), [(0, 5)])
+    with pytest.raises(ValueError, match="groups must tile"):
+        F.level_forward(z, np.zeros((2, 1, 3, 4)), np.zeros((2, 1, 4, 3)), [(0, 4)])
+    with pytest.raises(ValueError, match="variant must be"):
+        F.forward(z, [(np.zeros((2, 1, 3, 4)), np.zeros((2, 1, 4, 3)))], [[(0, 5)]], "nested")
+    with pytest.raises(ValueError, match="agg must have shape"):
+        F.forward(z, [(np.zeros((2, 1, 3, 4)), np.zeros((2, 1, 4, 3)))], [[(0, 5)]], "independent", agg=np.ones(2))
+    with pytest.raises(ValueError, match="dy must have shape"):
+        F.level_backward(np.zeros((2, 4, 3)), F.level_forward(z, np.zeros((2, 1, 3, 4)), np.zeros((2, 1, 4, 3)), [(0, 5)])[1])
+
+
+def test_unported_activation_falls_back_explicitly(rng):
+    """An activation outside the compiled set is computed by the reference and counted."""
+    z = rng.standard_normal((1, 3, 2))
+    W1, W2 = rng.standard_normal((1, 1, 2, 3)), rng.standard_normal((1, 1, 3, 2))
+    before = FP.FALLBACKS.get("cms.level_forward", 0)
+    y, _ = F.level_forward(z, W1, W2, [(0, 3)], act="softplus")
+    assert FP.FALLBACKS["cms.level_forward"] == before + 1
+    np.testing.assert_array_equal(y, R.level_forward(z, W1, W2, [(0, 3)], act="softplus")[0])
