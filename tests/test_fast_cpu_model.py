@@ -1,0 +1,184 @@
+"""The whole model on fast/cpu vs the reference, every family (SPEC.md#fast-cpu, SPEC.md#hope).
+
+Hypothesis draws a configuration per family (batch, length not a multiple of the chunk sizes,
+widths, heads, CMS levels and periods, in-context or static CMS, variant, memory kind and chunk
+sizes) and a dtype; the loss, every gradient, the logits of a one-call forward and of a two-call
+stream, and the final state must agree with the reference within the "port" rows. Parameters
+and tokens are read-only and must stay unchanged. A 10-step AdamW trajectory agrees between the
+backends, and ``nested_learning.fast.model`` dispatches by device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import given, note, settings
+from hypothesis import strategies as st
+from tolerances import assert_close
+
+from nested_learning import config
+from nested_learning.fast import model as fast_model
+from nested_learning.fast.cpu import model as F
+from nested_learning.fast.cpu import primitives as FP
+from nested_learning.reference import model as R
+from nested_learning.reference import optimizers
+
+FAMILIES = ("transformer", "hope-attention", "titans", "hope")
+
+
+@st.composite
+def configs(draw, family):
+    dtype = draw(st.sampled_from(["float32", "float64"]))
+    H = draw(st.integers(1, 2))
+    dh = draw(st.sampled_from([2, 4]))
+    kw = dict(name="drawn", family=family, vocab_size=draw(st.integers(3, 12)), d_model=H * dh,
+              n_layers=draw(st.integers(1, 2)), n_heads=H, mlp_hidden=draw(st.integers(2, 6)), dtype=dtype,
+              init_std=0.3, mem_chunk=draw(st.integers(1, 3)), mem_chunk_other=draw(st.integers(1, 3)),
+              mem_kind=draw(st.sampled_from(["matrix", "mlp"])), mem_hidden=draw(st.integers(2, 4)))
+    if family in ("hope", "hope-attention"):
+        c = draw(st.integers(1, 3))
+        n_levels = draw(st.integers(1, 3))
+        levels = tuple(config.CMSLevel(hidden=draw(st.integers(2, 5)),
+                                       period=draw(st.sampled_from([None, c, 2 * c])),
+                                       eta=draw(st.sampled_from([0.0, 0.05, 0.2]))) for _ in range(n_levels))
+        kw.update(cms_levels=levels, cms_variant=draw(st.sampled_from(["sequential", "independent"])),
+                  cms_activation=draw(st.sampled_from(["gelu", "silu"])), cms_in_context=draw(st.booleans()))
+    return config.ModelConfig(**kw)
+
+
+def _ro_params(params):
+    out = {}
+    for k, v in params.items():
+        v = v.copy()
+        v.setflags(write=False)
+        out[k] = v
+    return out
+
+
+def _assert_state_close(a, b, dtype, name="state"):
+    if isinstance(a, np.ndarray):
+        assert_close(a, b, dtype, "port", name)
+    elif isinstance(a, dict):
+        assert set(a) == set(b), name
+        for k in a:
+            _assert_state_close(a[k], b[k], dtype, f"{name}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), name
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_state_close(x, y, dtype, f"{name}[{i}]")
+    else:
+        assert a == b, name
+
+
+def _compiled_fallbacks():
+    return {k: v for k, v in FP.FALLBACKS.items() if not k.startswith("model.")}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@settings(max_examples=8)
+@given(data=st.data())
+def test_model_matches_reference(family, data):
+    cfg = data.draw(configs(family))
+    seed = data.draw(st.integers(0, 2**20))
+    B = data.draw(st.integers(1, 2))
+    T = data.draw(st.integers(2, 9))
+    split = data.draw(st.integers(1, T - 1))
+    note(f"{cfg} B={B} T={T} split={split}")
+    dtype = cfg.dtype
+    params = _ro_params(R.init_params(cfg, seed))
+    before = {k: v.copy() for k, v in params.items()}
+    tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(B, T))
+    tokens.setflags(write=False)
+    fallbacks = _compiled_fallbacks()
+    layer_fb = FP.FALLBACKS.get(f"model.{family}_layer", 0)
+
+    lf, gf = F.loss_and_grads(params, tokens, cfg)
+    lr, gr = R.loss_and_grads(params, tokens, cfg)
+    assert isinstance(lf, float)
+    assert_close(lf, lr, dtype, "port", "loss")
+    assert list(gf) == list(gr)
+    for k in gr:
+        assert gf[k].dtype == gr[k].dtype == np.dtype(dtype), k
+        assert_close(gf[k], gr[k], dtype, "port", k)
+
+    yf, sf = F.forward(params, tokens, cfg)
+    yr, sr = R.forward(params, tokens, cfg)
+    assert yf.dtype == np.dtype(dtype)
+    assert_close(yf, yr, dtype, "port", "logits")
+    _assert_state_close(sf, sr, dtype)
+    y1, s1 = F.forward(params, tokens[:, :split], cfg)
+    y2, _ = F.forward(params, tokens[:, split:], cfg, s1)
+    assert_close(np.concatenate([y1, y2], axis=1), yr, dtype, "port", "streamed logits")
+    y2r, _ = R.forward(params, tokens[:, split:], cfg, s1)  # a fast state continues on the reference
+    assert_close(y2r, yr[:, split:], dtype, "port", "fast state on the reference")
+
+    assert _compiled_fallbacks() == fallbacks, "a compiled op took the reference fallback"
+    if F.PORTED_LAYERS.get(family) is not None:
+        assert FP.FALLBACKS.get(f"model.{family}_layer", 0) == layer_fb
+    for k, v in params.items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+
+
+def test_in_context_increments_and_frozen_loss_match(rng):
+    cfg = config.preset("hope-attention-tiny")
+    params = R.init_params(cfg, 5)
+    tokens = rng.integers(0, cfg.vocab_size, size=(2, 9))
+    incf, incr = F.cms_increments(params, tokens, cfg), R.cms_increments(params, tokens, cfg)
+    assert set(incf) == set(incr) and incf
+    assert any(np.any(v != 0) for v in incr.values())
+    for k in incr:
+        assert_close(incf[k], incr[k], "float64", "port", k)
+    assert_close(F.loss_with_increments(params, tokens, cfg, incr),
+                 R.loss_with_increments(params, tokens, cfg, incr), "float64", "port")
+
+
+@pytest.mark.parametrize("name", ["hope-attention-tiny", "transformer-tiny"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_ten_step_adamw_trajectory_agrees(name, dtype):
+    """The first 10 training losses (and the final parameters) agree between the backends."""
+    cfg = dataclasses.replace(config.preset(name), dtype=dtype)
+    data = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 2, 8))[np.arange(10) % 2]
+    runs = {}
+    for backend, mod in (("reference", R), ("cpu", F)):
+        opt = optimizers.make("adamw", lr=1e-2)
+        params = R.init_params(cfg, 0)
+        state = opt.init(params)
+        losses = []
+        for step in range(10):
+            loss, grads = mod.loss_and_grads(params, data[step], cfg)
+            losses.append(loss)
+            params, state = opt.update(params, grads, state)
+        runs[backend] = (np.array(losses), params)
+    assert_close(runs["cpu"][0], runs["reference"][0], dtype, "port", "losses")
+    assert runs["reference"][0][-1] < runs["reference"][0][0]
+    for k in runs["reference"][1]:
+        assert_close(runs["cpu"][1][k], runs["reference"][1][k], dtype, "port", k)
+
+
+def test_fast_model_api_dispatches_by_device(rng):
+    cfg = config.preset("transformer-tiny")
+    params = fast_model.init_params(cfg, 1)
+    tokens = rng.integers(0, cfg.vocab_size, size=(1, 5))
+    loss, grads = fast_model.loss_and_grads(params, tokens, cfg, device="cpu")
+    assert_close(loss, R.loss_and_grads(params, tokens, cfg)[0], "float64", "port")
+    logits, state = fast_model.forward(params, tokens, cfg, device="cpu")
+    assert logits.shape == (1, 5, cfg.vocab_size) and state["pos"] == 5
+    with pytest.raises(NotImplementedError, match="gpu"):
+        fast_model.loss_and_grads(params, tokens, cfg, device="gpu")
+    with pytest.raises(ValueError, match="device must be one of"):
+        fast_model.forward(params, tokens, cfg, device="tpu")
+
+
+def test_bad_input_raises_the_reference_errors():
+    cfg = config.preset("transformer-tiny")
+    params = R.init_params(cfg, 0)
+    with pytest.raises(ValueError, match="tokens must lie in the vocabulary"):
+        F.loss_and_grads(params, np.array([[0, 99]]), cfg)
+    with pytest.raises(ValueError, match="must have shape"):
+        F.forward(params | {"head.W": np.zeros((3, 3))}, np.array([[0, 1]]), cfg)
+    with pytest.raises(ValueError, match="T >= 2"):
+        F.loss_and_grads(params, np.array([[1]]), cfg)
+    with pytest.raises(ValueError, match="state is for a batch"):
+        F.forward(params, np.array([[1, 2]]), cfg, F.forward(params, np.array([[1], [2]]), cfg)[1])
