@@ -1,0 +1,431 @@
+"""Numba/BLAS port of the Titans neural long-term memory layer (chunk-parallel form, streaming state).
+
+Paper: Titans §3-§4 (arXiv 2501.00663), Titans Eqs. (9)-(18); NL conventions, arXiv 2512.24695v1.
+Specification: reference/titans.py, SPEC.md#titans (derivation: docs/titans-backward.md). Same
+functions, signatures, return structures (``titans_forward(x, params, cfg, state=None) -> (y, cache,
+state)``, ``titans_backward(dy, cache, dstate=None) -> (dx, dparams, dstate0)``) and dtypes.
+
+Symbols (per head; as in the reference):
+
+| paper (Titans)    | code         | shape                 |
+| ----------------- | ------------ | --------------------- |
+| q_t, k_t, v_t     | q, k, v      | (B, H, T, dh)         |
+| theta_t, eta_t, 1-alpha_t | eta, beta, alpha | (B, H, T)  |
+| M_t / W1, W2      | W[n]         | (B, H, ., .)          |
+| S_t               | S[n]         | like W[n]             |
+| grad factors      | L, R         | (B, H, n, .)          |
+| chunk weights     | A, s, w, Bc, e | (B, H), (B, H), (B, H, n), (B, H), (B, H, n) |
+
+How it is fast:
+- every per-chunk product of the reference's einsums (the read, the inner-gradient factors and
+  their VJP via fast.cpu.mlp_memory, the folded writes ``sum_m w_m L_m R_m^T``) is a stacked
+  matrix product (BLAS);
+- the gate scans (cumulative products of alpha and beta, Titans Eqs. 16-18) and their backward are
+  one compiled kernel each over (B, H) (serial: the work is O(B H C^2), below the cost of a
+  parallel launch); the products are formed directly (no log/exp);
+- the projections are plain matrix products (``_linear``): NumPy 2.4's ``einsum(optimize=True)``
+  in reference.primitives.linear_* takes ~20 ms per (4, 256, 128) x (128, 128) product here.
+- like the reference, the backward keeps only each chunk's start states and the per-token factors.
+
+Port decisions:
+- ``cfg.impl == "loop"`` (the token-loop oracle) falls back to reference.titans explicitly;
+- the layer runs with one BLAS thread (``mlp_memory.blas_single_thread``: measured 0.16 s vs
+  0.59 s per forward+backward at titans-small sizes on the loaded 2-core machine);
+- the cheap element-wise glue (conv, norms, activations, output norm) calls reference.primitives.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from ...reference import primitives as P
+from ...reference import titans as RT
+from ...reference.titans import TitansConfig, init_params, init_state, param_shapes  # noqa: F401  (same API)
+from . import mlp_memory as FM
+
+# ---------------------------------------------------------------------------------------------
+# Compiled gate scans: the chunk coefficients and their backward
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _coef_kernel(alpha, beta, eta, momentum, a_out, P_out, K_out, A, s, w, Bc, e):
+    """Per (b, h): a_i = prod_{j>i} alpha_j, P[i, m] = prod_{m<j<=i} beta_j (identity without
+    momentum), K_m = sum_{i>=m} a_i P[i, m]; A = a_0, s = sum_{i>=1} a_i P[i, 0], w = eta K,
+    Bc = P[c, 0], e_m = eta_m P[c, m] (Titans Eqs. 16-18)."""
+    nb, nh, c = alpha.shape
+    for bh in range(nb * nh):
+        b, h = bh // nh, bh % nh
+        a_out[b, h, c] = 1.0
+        for i in range(c - 1, -1, -1):
+            a_out[b, h, i] = a_out[b, h, i + 1] * alpha[b, h, i]  # alpha_{i+1} (1-based)
+        for i in range(c + 1):
+            for m in range(c + 1):
+                P_out[b, h, i, m] = 0.0
+            P_out[b, h, i, i] = 1.0
+            if momentum:
+                for m in range(i - 1, -1, -1):
+                    P_out[b, h, i, m] = P_out[b, h, i, m + 1] * beta[b, h, m]  # beta_{m+1}
+        for m in range(1, c + 1):
+            acc = 0.0
+            for i in range(m, c + 1):
+                acc += a_out[b, h, i] * P_out[b, h, i, m]
+            K_out[b, h, m - 1] = acc
+            w[b, h, m - 1] = eta[b, h, m - 1] * acc
+        A[b, h] = a_out[b, h, 0]
+        if momentum:
+            acc = 0.0
+            for i in range(1, c + 1):
+                acc += a_out[b, h, i] * P_out[b, h, i, 0]
+            s[b, h] = acc
+            Bc[b, h] = P_out[b, h, c, 0]
+            for m in range(1, c + 1):
+                e[b, h, m - 1] = eta[b, h, m - 1] * P_out[b, h, c, m]
+        else:
+            s[b, h] = 0.0
+            Bc[b, h] = 0.0
+            for m in range(c):
+                e[b, h, m] = 0.0
+
+
+@njit(cache=True)
+def _coef_backward_kernel(dA, ds, dw, dBc, de, a, Pm, K, alpha, beta, eta, momentum, dalpha, dbeta, deta):
+    """VJP of ``_coef_kernel`` (the reference's log-derivative form: d log a_i / d log alpha_j =
+    [j > i], d log P[i, m] / d log beta_j = [m < j <= i])."""
+    nb, nh, c = alpha.shape
+    for bh in range(nb * nh):
+        b, h = bh // nh, bh % nh
+        terms = np.zeros((c + 1, c + 1), dtype=a.dtype)
+        for m in range(1, c + 1):
+            deta[b, h, m - 1] = dw[b, h, m - 1] * K[b, h, m - 1] + de[b, h, m - 1] * Pm[b, h, c, m]
+        for i in range(1, c + 1):
+            for m in range(1, i + 1):
+                terms[i, m] = a[b, h, i] * Pm[b, h, i, m] * dw[b, h, m - 1] * eta[b, h, m - 1]
+            if momentum:
+                terms[i, 0] = a[b, h, i] * Pm[b, h, i, 0] * ds[b, h]
+        # dalpha_j (1-based j) = (sum_{i<j} r_i + dA a_0) / alpha_j
+        run = 0.0
+        base = dA[b, h] * a[b, h, 0]
+        for j in range(1, c + 1):
+            ri = 0.0
+            for m in range(c + 1):
+                ri += terms[j - 1, m]
+            run += ri
+            dalpha[b, h, j - 1] = (run + base) / alpha[b, h, j - 1]
+        if momentum:
+            pref = 0.0  # sum_{m<j} de_m e_m
+            for j in range(1, c + 1):
+                acc = 0.0
+                for i in range(j, c + 1):
+                    for m in range(j):
+                        acc += terms[i, m]
+                acc += dBc[b, h] * Pm[b, h, c, 0] + pref
+                dbeta[b, h, j - 1] = acc / beta[b, h, j - 1]
+                pref += de[b, h, j - 1] * eta[b, h, j - 1] * Pm[b, h, c, j]
+        else:
+            for j in range(c):
+                dbeta[b, h, j] = 0.0
+
+
+def chunk_coefficients(alpha, beta, eta, momentum):
+    """Same as ``reference.titans.chunk_coefficients``: ((A, s, w, Bc, e), cache)."""
+    alpha, beta, eta = (np.ascontiguousarray(g) for g in (alpha, beta, eta))
+    B, H, c = alpha.shape
+    dt = alpha.dtype
+    a = np.empty((B, H, c + 1), dt)
+    Pm = np.empty((B, H, c + 1, c + 1), dt)
+    K = np.empty((B, H, c), dt)
+    A, s, Bc = (np.empty((B, H), dt) for _ in range(3))
+    w, e = np.empty((B, H, c), dt), np.empty((B, H, c), dt)
+    _coef_kernel(alpha, beta, eta, bool(momentum), a, Pm, K, A, s, w, Bc, e)
+    return (A, s, w, Bc, e), (a, Pm, K, alpha, beta, eta, momentum)
+
+
+def chunk_coefficients_backward(dA, ds, dw, dBc, de, cache):
+    """Same as ``reference.titans.chunk_coefficients_backward``: (dalpha, dbeta, deta)."""
+    a, Pm, K, alpha, beta, eta, momentum = cache
+    dt = alpha.dtype
+    dalpha, dbeta, deta = (np.empty_like(alpha) for _ in range(3))
+    dA, ds, dw, dBc, de = (np.ascontiguousarray(np.asarray(g, dtype=dt)) for g in (dA, ds, dw, dBc, de))
+    _coef_backward_kernel(dA, ds, dw, dBc, de, a, Pm, K, alpha, beta, eta, bool(momentum), dalpha, dbeta, deta)
+    return dalpha, dbeta, deta
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory at the chunk-start state: read and inner-gradient factors (BLAS, fast.cpu.mlp_memory)
+# ---------------------------------------------------------------------------------------------
+
+
+def _T(a):
+    return np.swapaxes(a, -1, -2)
+
+
+def _read_forward(cfg, Wb, q):
+    if cfg.memory == "matrix":
+        return FM.matrix_memory_forward(Wb["M"], q)  # Titans Eq. (15)
+    return FM.mlp_memory_forward(Wb["W1"], Wb["W2"], q, act=cfg.act, layernorm=cfg.layernorm)
+
+
+def _read_backward(cfg, do, cache):
+    if cfg.memory == "matrix":
+        dM, dq = FM.matrix_memory_backward(do, cache)
+        return {"M": dM}, dq
+    dW1, dW2, dq = FM.mlp_memory_backward(do, cache)
+    return {"W1": dW1, "W2": dW2}, dq
+
+
+def inner_grad(cfg, Wb, k, v):
+    """Same as ``reference.titans.inner_grad``: ({name: (L, R)}, cache), grad_n = L_n R_n^T."""
+    if cfg.memory == "matrix":
+        u, cache = FM.matrix_inner_grad(Wb["M"], k, v)  # Titans Eq. (12)
+        return {"M": (u, k)}, cache
+    u1, a, u2, cache = FM.inner_grad(Wb["W1"], Wb["W2"], k, v, cfg.act, cfg.layernorm)  # Titans Eq. (12)
+    return {"W1": (u1, a), "W2": (u2, k)}, cache
+
+
+def inner_grad_backward(cfg, dfac, cache):
+    """Same as ``reference.titans.inner_grad_backward``: (dWb, dk, dv)."""
+    if cfg.memory == "matrix":
+        du, dR = dfac["M"]
+        dM, dk, dv = FM.matrix_inner_grad_backward(du, cache)
+        return {"M": dM}, dk + dR, dv
+    (du1, da), (du2, dk_direct) = dfac["W1"], dfac["W2"]
+    dW1, dW2, dk, dv = FM.inner_grad_backward(du1, da, du2, cache)
+    return {"W1": dW1, "W2": dW2}, dk + dk_direct, dv
+
+
+def _linear(x, W):
+    """y = x W^T as one matrix product: x (..., I), W (O, I) -> ((..., O), cache)."""
+    return x @ W.T, (x, W)
+
+
+def _linear_backward(dy, cache):
+    """(dx, dW) of ``_linear``."""
+    x, W = cache
+    I, O = W.shape[1], W.shape[0]
+    return dy @ W, dy.reshape(-1, O).T @ x.reshape(-1, I)
+
+
+def _gate_forward(x, w, b):
+    """sigmoid(x w^T + b) per token and head: (B, T, D), (H, D), (H,) -> (B, H, T)."""
+    z = np.ascontiguousarray((x @ w.T).transpose(0, 2, 1)) + b[None, :, None]  # (B, H, T)
+    return P.sigmoid_forward(z)
+
+
+def _gate_backward(dg, cache, x, w):
+    dz = P.sigmoid_backward(dg, cache)  # (B, H, T)
+    dzt = dz.transpose(0, 2, 1)  # (B, T, H)
+    H, D = w.shape
+    return dzt @ w, dzt.reshape(-1, H).T @ x.reshape(-1, D), dz.sum(axis=(0, 2))
+
+
+def _inner(a, b):
+    """<a, b> over the last two axes -> (B, H)."""
+    return np.sum(a * b, axis=(-2, -1))
+
+
+def _fold(wt, L, R):
+    """sum_m wt_m L_m R_m^T: (B, H, n), (B, H, n, i), (B, H, n, j) -> (B, H, i, j), one product."""
+    return _T(L * wt[..., None]) @ R
+
+
+# ---------------------------------------------------------------------------------------------
+# The chunk-parallel memory (Titans Eqs. 16-18)
+# ---------------------------------------------------------------------------------------------
+
+
+def memory_chunked_forward(q, k, v, alpha, beta, eta, mem, cfg):
+    """Same as ``reference.titans.memory_chunked_forward``: (o, cache, mem_out)."""
+    names = RT._weight_names(cfg)
+    W = {n: mem[n] for n in names}
+    Wb = {n: mem[n + "_b"] for n in names}
+    S = {n: mem["S_" + n] for n in names} if cfg.momentum else None
+    segs = RT._segments(q.shape[2], mem["pos"], cfg.chunk)
+    o = np.empty_like(q)
+    tape = []
+    for t0, t1, boundary in segs:
+        sl = slice(t0, t1)
+        o[:, :, sl], rcache = _read_forward(cfg, Wb, q[:, :, sl])  # Titans Eq. (15), at M_b
+        fac, fcache = inner_grad(cfg, Wb, k[:, :, sl], v[:, :, sl])
+        (A, s, w, Bc, e), ccache = chunk_coefficients(alpha[..., sl], beta[..., sl], eta[..., sl], cfg.momentum)
+        W_start, S_start = W, S
+        W = {n: A[..., None, None] * W[n] - _fold(w, *fac[n]) for n in names}  # Titans Eqs. (16)-(17)
+        if cfg.momentum:
+            W = {n: W[n] + s[..., None, None] * S[n] for n in names}  # Titans Eq. (18)
+            S = {n: Bc[..., None, None] * S[n] - _fold(e, *fac[n]) for n in names}  # Titans Eq. (18)
+        if boundary:
+            Wb = W
+        tape.append((sl, rcache, fac, fcache, (A, s, w, Bc, e), ccache, W_start, S_start, boundary))
+    mem_out = {"pos": (mem["pos"] + q.shape[2]) % cfg.chunk}
+    for n in names:
+        mem_out[n], mem_out[n + "_b"] = W[n], Wb[n]
+        if cfg.momentum:
+            mem_out["S_" + n] = S[n]
+    return o, (tape, alpha, beta, eta, cfg), mem_out
+
+
+def memory_chunked_backward(do, cache, dmem=None):
+    """Same as ``reference.titans.memory_chunked_backward``: (dq, dk, dv, dalpha, dbeta, deta, dmem0)."""
+    tape, alpha, beta, eta, cfg = cache
+    names = RT._weight_names(cfg)
+    dq, dk, dv = (np.zeros_like(do) for _ in range(3))
+    dalpha, dbeta, deta = (np.zeros_like(alpha) for _ in range(3))
+    W_like = tape[-1][6]
+    dW = {n: RT._dmem_get(dmem, n, W_like[n]) for n in names}
+    dWb = {n: RT._dmem_get(dmem, n + "_b", W_like[n]) for n in names}
+    dS = {n: RT._dmem_get(dmem, "S_" + n, W_like[n]) for n in names} if cfg.momentum else None
+    for sl, rcache, fac, fcache, coef, ccache, W_start, S_start, boundary in reversed(tape):
+        if boundary:
+            dW = {n: dW[n] + dWb[n] for n in names}
+            dWb = {n: np.zeros_like(dWb[n]) for n in names}
+        dWb_r, dq[:, :, sl] = _read_backward(cfg, do[:, :, sl], rcache)
+        dWb = {n: dWb[n] + dWb_r[n] for n in names}
+        if cfg.stop_grad_writes:
+            continue
+        A, s, w, Bc, e = coef
+        dA = sum(_inner(dW[n], W_start[n]) for n in names)
+        dw = 0
+        de = 0
+        dfac = {}
+        for n in names:
+            L, R = fac[n]
+            LdW = L @ dW[n]  # (B, H, m, j)   L_m^T dW
+            RdWt = R @ _T(dW[n])  # (B, H, m, i)   dW R_m
+            dw = dw - np.sum(LdW * R, axis=-1)  # -<dW, L_m R_m^T>
+            dL = -w[..., None] * RdWt
+            dR = -w[..., None] * LdW
+            if cfg.momentum:
+                LdS = L @ dS[n]
+                de = de - np.sum(LdS * R, axis=-1)
+                dL = dL - e[..., None] * (R @ _T(dS[n]))
+                dR = dR - e[..., None] * LdS
+            dfac[n] = (dL, dR)
+        if cfg.momentum:
+            ds = sum(_inner(dW[n], S_start[n]) for n in names)
+            dBc = sum(_inner(dS[n], S_start[n]) for n in names)
+            dS_new = {n: s[..., None, None] * dW[n] + Bc[..., None, None] * dS[n] for n in names}
+        else:
+            ds = dBc = np.zeros_like(dA)
+            de = np.zeros_like(w)
+        da, db, de_ = chunk_coefficients_backward(dA, ds, dw, dBc, de, ccache)
+        dalpha[..., sl], dbeta[..., sl], deta[..., sl] = da, db, de_
+        dWb_g, dk[:, :, sl], dv[:, :, sl] = inner_grad_backward(cfg, dfac, fcache)
+        dWb = {n: dWb[n] + dWb_g[n] for n in names}
+        dW = {n: A[..., None, None] * dW[n] for n in names}
+        if cfg.momentum:
+            dS = dS_new
+    dmem0 = {}
+    for n in names:
+        dmem0[n], dmem0[n + "_b"] = dW[n], dWb[n]
+        if cfg.momentum:
+            dmem0["S_" + n] = dS[n] if not cfg.stop_grad_writes else np.zeros_like(dW[n])
+    return dq, dk, dv, dalpha, dbeta, deta, dmem0
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer (glue as in the reference; the memory core above)
+# ---------------------------------------------------------------------------------------------
+
+
+def titans_forward(x, params, cfg: TitansConfig, state=None):
+    """Same as ``reference.titans.titans_forward``: (y, cache, state)."""
+    with FM.blas_single_thread():
+        return _titans_forward(x, params, cfg, state)
+
+
+def titans_backward(dy, cache, dstate=None):
+    """Same as ``reference.titans.titans_backward``: (dx, dparams, dstate0)."""
+    with FM.blas_single_thread():
+        return _titans_backward(dy, cache, dstate)
+
+
+def _titans_forward(x, params, cfg, state):
+    if isinstance(cfg, TitansConfig) and cfg.impl == "loop":  # the token-loop oracle: the reference's
+        y, cache, new_state = RT.titans_forward(x, params, cfg, state)
+        return y, {"reference": cache}, new_state
+    x = RT._check_inputs(x, params, cfg, state)
+    B, T, D = x.shape
+    H, dh = cfg.n_heads, cfg.head_dim
+    fresh = state is None
+    if fresh:
+        state = init_state(params, cfg, B)
+    new_state, c_proj, heads = {}, {}, {}
+    for n in ("q", "k", "v"):
+        p, c_lin = _linear(x, params["W_" + n])  # (B, T, D)
+        c, c_conv, new_state["conv_" + n] = P.conv1d_forward(p, params["conv_" + n], None, state["conv_" + n])
+        s, c_act = P.silu_forward(c)  # Titans Eq. (11)
+        s = s.reshape(B, T, H, dh)
+        c_norm = None
+        if n != "v":
+            s, c_norm = P.l2norm_forward(s, cfg.eps)
+        heads[n] = np.ascontiguousarray(s.transpose(0, 2, 1, 3))  # (B, H, T, dh)
+        c_proj[n] = (c_lin, c_conv, c_act, c_norm)
+    s_eta, c_eta = _gate_forward(x, params["w_eta"], params["b_eta"])
+    eta = cfg.eta_max * s_eta  # (B, H, T)
+    alpha, c_alpha = (_gate_forward(x, params["w_alpha"], params["b_alpha"]) if cfg.retention
+                      else (np.ones((B, H, T), x.dtype), None))  # fmt: skip
+    beta, c_beta = (_gate_forward(x, params["w_beta"], params["b_beta"]) if cfg.momentum
+                    else (np.zeros((B, H, T), x.dtype), None))  # fmt: skip
+    mem = {key: state[key] for key in RT._mem_keys(cfg)}
+    mem["pos"] = int(state["pos"])
+    o, c_mem, mem_out = memory_chunked_forward(heads["q"], heads["k"], heads["v"], alpha, beta, eta, mem, cfg)
+    for key, val in mem_out.items():
+        new_state[key] = val if key == "pos" else np.array(val, copy=True)
+    o_n, c_rms = P.rmsnorm_forward(o.transpose(0, 2, 1, 3), params["g_o"], cfg.eps)  # (B, T, H, dh)
+    zg, c_g = _linear(x, params["W_g"])
+    g, c_gs = P.silu_forward(zg)
+    h = o_n.reshape(B, T, D) * g
+    y, c_o = _linear(h, params["W_o"])
+    cache = dict(x=x, params=params, cfg=cfg, fresh=fresh, c_proj=c_proj, gates=(c_eta, c_alpha, c_beta),
+                 c_mem=c_mem, c_rms=c_rms, o_n=o_n, c_g=c_g, g=g, c_gs=c_gs, c_o=c_o)
+    return y, cache, new_state
+
+
+def _titans_backward(dy, cache, dstate):
+    if "reference" in cache:  # the forward fell back to the reference
+        return RT.titans_backward(dy, cache["reference"], dstate)
+    x, params, cfg = cache["x"], cache["params"], cache["cfg"]
+    B, T, D = x.shape
+    H, dh = cfg.n_heads, cfg.head_dim
+    dy = np.asarray(dy)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy: expected shape (B, T, D) = {x.shape}, got {dy.shape}")
+    dstate = {} if dstate is None else dstate
+    grads = {}
+    dh_, grads["W_o"] = _linear_backward(dy, cache["c_o"])
+    dg = dh_ * cache["o_n"].reshape(B, T, D)
+    do_n = (dh_ * cache["g"]).reshape(B, T, H, dh)
+    dx, grads["W_g"] = _linear_backward(P.silu_backward(dg, cache["c_gs"]), cache["c_g"])
+    do, grads["g_o"] = P.rmsnorm_backward(do_n, cache["c_rms"])
+    dmem = {key: dstate.get(key) for key in RT._mem_keys(cfg)}
+    dq, dk, dv, dalpha, dbeta, deta, dmem0 = memory_chunked_backward(
+        np.ascontiguousarray(do.transpose(0, 2, 1, 3)), cache["c_mem"], dmem)  # fmt: skip
+    c_eta, c_alpha, c_beta = cache["gates"]
+    for name, dgate, c in (("eta", deta * cfg.eta_max, c_eta), ("alpha", dalpha, c_alpha), ("beta", dbeta, c_beta)):
+        if c is None:
+            continue
+        dx_g, grads["w_" + name], grads["b_" + name] = _gate_backward(dgate, c, x, params["w_" + name])
+        dx = dx + dx_g
+    dstate0 = None if cache["fresh"] else {}
+    for n, dhead in (("q", dq), ("k", dk), ("v", dv)):
+        c_lin, c_conv, c_act, c_norm = cache["c_proj"][n]
+        ds = dhead.transpose(0, 2, 1, 3)
+        if c_norm is not None:
+            ds = P.l2norm_backward(ds, c_norm)
+        dc = P.silu_backward(ds.reshape(B, T, D), c_act)
+        dp, grads["conv_" + n], _, dconv_state = P.conv1d_backward(dc, c_conv, dstate.get("conv_" + n))
+        dx_p, grads["W_" + n] = _linear_backward(dp, c_lin)
+        dx = dx + dx_p
+        if dstate0 is not None:
+            dstate0["conv_" + n] = dconv_state
+    for n in RT._weight_names(cfg):
+        init = RT._init_name(n)
+        if cache["fresh"]:
+            grads[init] = (dmem0[n] + dmem0[n + "_b"]).sum(axis=0)
+        else:
+            grads[init] = np.zeros_like(params[init])
+            dstate0.update({key: dmem0[key] for key in RT._mem_keys(cfg)
+                            if key.removeprefix("S_").removesuffix("_b") == n})  # fmt: skip
+    grads = {key: grads[key] for key in param_shapes(cfg)}
+    return dx, grads, dstate0

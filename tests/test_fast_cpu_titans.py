@@ -1,0 +1,217 @@
+"""fast.cpu.titans vs reference.titans: outputs, returned state and every gradient (SPEC.md#titans).
+
+One hypothesis draw makes a layer config (matrix/MLP memory, LayerNorm, momentum and retention on/off,
+chunk sizes that do not divide T, stop_grad_writes), a dtype, a seed and whether the call continues a
+stream from inside a chunk; inputs are read-only and checked unchanged; the upstream gradient reaches
+both y and the returned state. Tolerances: ("float64"|"float32", "port").
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import note as _note
+from hypothesis import strategies as st
+from tolerances import assert_close
+
+from nested_learning.fast.cpu import titans as FT
+from nested_learning.reference import titans as RT
+
+
+def note(msg):
+    try:
+        _note(msg)
+    except Exception:  # outside a hypothesis test
+        pass
+
+
+def _ro(tree):
+    if isinstance(tree, dict):
+        return {k: _ro(v) for k, v in tree.items()}
+    if isinstance(tree, np.ndarray):
+        a = np.array(tree)
+        a.flags.writeable = False
+        return a
+    return tree
+
+
+def _copy(tree):
+    return {k: (np.array(v) if isinstance(v, np.ndarray) else v) for k, v in tree.items()}
+
+
+def _assert_same_tree(fast, ref, dtype, name):
+    if ref is None:
+        assert fast is None, name
+        return
+    if isinstance(ref, dict):
+        assert set(fast) == set(ref), f"{name}: keys {sorted(fast)} != {sorted(ref)}"
+        assert list(fast) == list(ref), f"{name}: key order differs"
+        for k in ref:
+            _assert_same_tree(fast[k], ref[k], dtype, f"{name}[{k}]")
+        return
+    if not isinstance(ref, np.ndarray):
+        assert fast == ref, f"{name}: {fast!r} != {ref!r}"
+        return
+    assert isinstance(fast, np.ndarray) and fast.dtype == ref.dtype, f"{name}: dtype {getattr(fast, 'dtype', None)}"
+    diff = float(np.max(np.abs(fast.astype(np.float64) - ref))) if ref.size else 0.0
+    note(f"{name}: max abs diff {diff:.3e}")
+    assert_close(fast, ref, dtype, "port", name)
+
+
+def _make(c):
+    kw = dict(d_model=c["H"] * c["dh"], n_heads=c["H"], chunk=c["chunk"], memory=c["memory"], hidden=c["Hm"],
+              momentum=c["momentum"], retention=c["retention"], eta_max=0.5,
+              layernorm=c["layernorm"] and c["memory"] == "mlp", stop_grad_writes=c["sg"])  # fmt: skip
+    cfg = RT.TitansConfig(**kw)
+    rng = np.random.default_rng(c["seed"])
+    dt = c["dtype"]
+    params = RT.init_params(cfg, rng, np.float64)
+    for key in params:  # off the special initial values, gates where they are sensitive
+        params[key] = params[key] + 0.3 * rng.standard_normal(params[key].shape)
+        if key.startswith("b_"):
+            params[key] = 0.5 * rng.standard_normal(params[key].shape) + (1.5 if key == "b_alpha" else 0.0)
+    params = {k: v.astype(dt) for k, v in params.items()}
+    x = rng.standard_normal((c["B"], c["T"], cfg.d_model)).astype(dt)
+    state = None
+    if c["stream"]:
+        state = RT.titans_forward(rng.standard_normal((c["B"], c["T0"], cfg.d_model)).astype(dt), params, cfg)[2]
+    return cfg, rng, x, params, state
+
+
+configs = st.fixed_dictionaries(
+    {
+        "B": st.integers(1, 2),
+        "T": st.integers(1, 9),
+        "T0": st.integers(1, 5),
+        "H": st.integers(1, 2),
+        "dh": st.integers(3, 4),
+        "Hm": st.integers(2, 5),
+        "chunk": st.integers(1, 5),
+        "memory": st.sampled_from(["matrix", "mlp"]),
+        "layernorm": st.booleans(),
+        "momentum": st.booleans(),
+        "retention": st.booleans(),
+        "sg": st.sampled_from([False, False, False, True]),
+        "stream": st.booleans(),
+        "dtype": st.sampled_from(["float32", "float64"]),
+        "seed": st.integers(0, 2**16),
+    }
+)
+
+
+@given(configs)
+def test_fast_titans_matches_reference(c):
+    note(str(c))
+    cfg, rng, x, params, state = _make(c)
+    x, params, state = _ro(x), _ro(params), _ro(state) if state is not None else None
+    saved = (x.copy(), _copy(params), _copy(state) if state is not None else None)
+    yf, cf, sf = FT.titans_forward(x, params, cfg, state)
+    yr, cr, sr = RT.titans_forward(x, params, cfg, state)
+    assert "reference" not in cf, "the equivalence test must not take the reference fallback"
+    _assert_same_tree(yf, yr, c["dtype"], "y")
+    _assert_same_tree(sf, sr, c["dtype"], "state")
+    dy = rng.standard_normal(yr.shape).astype(c["dtype"])
+    dstate = _ro({k: rng.standard_normal(v.shape).astype(c["dtype"]) for k, v in sr.items() if k != "pos"})
+    gf = FT.titans_backward(dy, cf, dstate)
+    gr = RT.titans_backward(dy, cr, dstate)
+    for name, a, b in zip(("dx", "dparams", "dstate0"), gf, gr, strict=True):
+        _assert_same_tree(a, b, c["dtype"], name)
+    np.testing.assert_array_equal(x, saved[0])
+    for k, v in params.items():
+        np.testing.assert_array_equal(v, saved[1][k])
+    if state is not None:
+        for k, v in state.items():
+            np.testing.assert_array_equal(v, saved[2][k])
+
+
+@given(st.integers(1, 7), st.booleans(), st.sampled_from(["float32", "float64"]), st.integers(0, 999))
+def test_chunk_coefficients_kernel_matches_reference(c, momentum, dtype, seed):
+    rng = np.random.default_rng(seed)
+    alpha, beta = (rng.uniform(0.05, 0.99, (2, 3, c)).astype(dtype) for _ in range(2))
+    eta = rng.uniform(0, 1, (2, 3, c)).astype(dtype)
+    cf, kf = FT.chunk_coefficients(alpha, beta, eta, momentum)
+    cr, kr = RT.chunk_coefficients(alpha, beta, eta, momentum)
+    for name, a, b in zip("A s w Bc e".split(), cf, cr, strict=True):
+        _assert_same_tree(a, b, dtype, name)
+    ups = [rng.standard_normal(a.shape).astype(dtype) for a in cr]
+    for name, a, b in zip(("dalpha", "dbeta", "deta"), FT.chunk_coefficients_backward(*ups, kf),
+                          RT.chunk_coefficients_backward(*ups, kr), strict=True):  # fmt: skip
+        _assert_same_tree(a, b, dtype, name)
+
+
+def test_a_wrong_port_would_be_caught():
+    """A coefficient kernel that dropped the momentum term of the state would be detected."""
+    c = dict(B=1, T=7, T0=1, H=1, dh=3, Hm=3, chunk=3, memory="matrix", layernorm=False, momentum=True,
+             retention=True, sg=False, stream=False, dtype="float64", seed=5)  # fmt: skip
+    cfg, rng, x, params, _ = _make(c)
+    _, cf, _ = FT.titans_forward(x, params, cfg)
+    _, cr, _ = RT.titans_forward(x, params, cfg)
+    dy = rng.standard_normal(x.shape)
+    tape = cf["c_mem"][0]
+    sl, rc, fac, fc, (A, s, w, Bc, e), cc, Ws, Ss, bd = tape[1]
+    tape[1] = (sl, rc, fac, fc, (A, s * 0, w, Bc, e), cc, Ws, Ss, bd)
+    with pytest.raises(AssertionError):
+        _assert_same_tree(FT.titans_backward(dy, cf)[1], RT.titans_backward(dy, cr)[1], "float64", "dparams")
+
+
+def test_loop_impl_falls_back_to_the_reference_explicitly():
+    cfg = RT.TitansConfig(d_model=4, n_heads=2, chunk=2, impl="loop")
+    rng = np.random.default_rng(0)
+    params = RT.init_params(cfg, rng)
+    x = rng.standard_normal((1, 3, 4))
+    yf, cf, _ = FT.titans_forward(x, params, cfg)
+    yr, cr, _ = RT.titans_forward(x, params, cfg)
+    assert "reference" in cf
+    np.testing.assert_array_equal(yf, yr)
+    dxf, gf, _ = FT.titans_backward(np.ones_like(yf), cf)
+    dxr, gr, _ = RT.titans_backward(np.ones_like(yr), cr)
+    np.testing.assert_array_equal(dxf, dxr)
+
+
+def test_bad_input_raises_like_the_reference():
+    cfg = RT.TitansConfig(d_model=4, n_heads=2, chunk=2, memory="mlp")
+    params = RT.init_params(cfg, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"x: expected shape \(B, T, D\)"):
+        FT.titans_forward(np.zeros((1, 3, 5)), params, cfg)
+    with pytest.raises(ValueError, match="params\\['W_q'\\]"):
+        FT.titans_forward(np.zeros((1, 3, 4)), {**params, "W_q": np.zeros((4, 3))}, cfg)
+    with pytest.raises(ValueError, match="dtype"):
+        FT.titans_forward(np.zeros((1, 3, 4), dtype=np.float32), params, cfg)
+    with pytest.raises(ValueError, match="state\\['pos'\\]"):
+        st_ = RT.init_state(params, cfg, 1)
+        FT.titans_forward(np.zeros((1, 3, 4)), params, cfg, {**st_, "pos": 7})
+    y, cache, _ = FT.titans_forward(np.zeros((1, 3, 4)), params, cfg)
+    with pytest.raises(ValueError, match="dy"):
+        FT.titans_backward(np.zeros((1, 2, 4)), cache)
+
+
+_NOJIT_SCRIPT = """
+import numpy as np
+from nested_learning.fast.cpu import titans as FT
+from nested_learning.reference import titans as RT
+import numba
+assert numba.config.DISABLE_JIT
+rng = np.random.default_rng(0)
+for memory, momentum in (("matrix", True), ("mlp", True), ("mlp", False)):
+    cfg = RT.TitansConfig(d_model=4, n_heads=2, chunk=3, memory=memory, hidden=3, momentum=momentum, eta_max=1.0)
+    p = RT.init_params(cfg, rng)
+    x = rng.standard_normal((1, 5, 4))
+    yf, cf, _ = FT.titans_forward(x, p, cfg)
+    yr, cr, _ = RT.titans_forward(x, p, cfg)
+    u = rng.standard_normal(yr.shape)
+    gf, gr = FT.titans_backward(u, cf)[1], RT.titans_backward(u, cr)[1]
+    errs = [np.max(np.abs(yf - yr))] + [np.max(np.abs(gf[k] - gr[k])) / max(1.0, np.max(np.abs(gr[k]))) for k in gr]
+    assert max(errs) < 1e-10, (memory, momentum, max(errs))
+print("ok")
+"""
+
+
+def test_kernels_without_jit_match_the_reference():
+    """NUMBA_DISABLE_JIT=1: the kernels' Python logic (coverage mode) still matches the reference."""
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    out = subprocess.run([sys.executable, "-c", _NOJIT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
