@@ -58,9 +58,11 @@ Decisions where the paper is open (each recorded in SPEC.md#selfmod):
 Two implementations of one function: ``forward_loop`` (the token loop that applies the definition:
 the oracle) and ``forward`` (per segment of a chunk: reads and inner gradients batched over the
 segment, the momentum recurrence as a decay-masked matrix product and the retention/DGD recurrence as
-a suffix-product scan, Titans Eqs. (16)-(18) generalised to DGD). Both fill the same cache; one
-hand-written ``backward`` (segment-wise, recomputing the inside of each segment from the stored
-segment-start states) differentiates either. Derivation: docs/selfmod-backward.md.
+a suffix-product scan, Titans Eqs. (16)-(18) generalised to DGD). Each has its own hand-written
+backward of the writes (``write_chunk_backward``: the closed form's VJP, the scan reversed; the
+token loop: one token at a time, states recomputed from the segment start); the rest of
+``backward`` (reads, targets, second-order inner gradients, gates, convs) is shared, segment by
+segment. Derivation: docs/selfmod-backward.md.
 """
 
 from __future__ import annotations
@@ -379,6 +381,82 @@ def write_chunk(Pw, S, G, k, ep, alpha, beta, keyside):
     return P_new, S_all[:, :, -1]
 
 
+def write_chunk_backward(dP_new, dS_new, Pw, S, G, k, ep, alpha, beta, keyside):
+    """VJP of ``write_chunk`` (the chunk-parallel backward of the writes).
+
+    dP_new, dS_new (B, H, a, b) the adjoints of the returned state and momentum (dS_new None or
+    ignored without momentum). Returns (dPw, dS, dG, dk, dep, dalpha, dbeta): dS and dbeta (H,) are
+    None without momentum. The suffix-product scan is reversed as a prefix scan of adjoints.
+    """
+    n = G.shape[2]
+    idx = np.arange(n)
+    lag = idx[:, None] - idx[None, :]  # (n, n)   j - i
+    step = -ep[..., None, None] * G  # (B, H, n, a, b)
+    if beta is None:
+        S_all = step
+    else:
+        decay = np.where(lag >= 0, beta[:, None, None] ** np.maximum(lag, 0), 0).astype(G.dtype)  # (H, n, n)
+        powers = (beta[:, None] ** (idx + 1)).astype(G.dtype)  # (H, n)
+        S_all = np.einsum("hji,bhiuv->bhjuv", decay, step) + np.einsum("hj,bhuv->bhjuv", powers, S)
+    if keyside:
+        eye = np.eye(k.shape[-1], dtype=G.dtype)
+        A = alpha[..., None, None] * eye - ep[..., None, None] * np.einsum("bhnk,bhnl->bhnkl", k, k)
+        R = np.empty_like(A)  # (B, H, n, dh, dh)
+        R[:, :, n - 1] = eye
+        for j in range(n - 2, -1, -1):
+            R[:, :, j] = A[:, :, j + 1] @ R[:, :, j + 1]
+        full = A[:, :, 0] @ R[:, :, 0]
+        # P_new = P0 full + sum_j S_j R_j
+        dS_all = np.einsum("bhuw,bhjvw->bhjuv", dP_new, R)  # (B, H, n, a, b)   dP R_j^T
+        dPw = np.einsum("bhuw,bhvw->bhuv", dP_new, full)  # dP full^T
+        dfull = np.einsum("bhuk,bhul->bhkl", Pw, dP_new)  # P0^T dP
+        dR = np.einsum("bhjuk,bhul->bhjkl", S_all, dP_new)  # S_j^T dP
+        dA = np.zeros_like(A)
+        dA[:, :, 0] = dfull @ np.swapaxes(R[:, :, 0], -1, -2)
+        dR[:, :, 0] += np.swapaxes(A[:, :, 0], -1, -2) @ dfull
+        for j in range(n - 1):  # R_j = A_{j+1} R_{j+1}, reversed
+            dA[:, :, j + 1] += dR[:, :, j] @ np.swapaxes(R[:, :, j + 1], -1, -2)
+            dR[:, :, j + 1] += np.swapaxes(A[:, :, j + 1], -1, -2) @ dR[:, :, j]
+        dalpha = np.einsum("bhnkk->bhn", dA)  # A = alpha I - ...
+        dep = -np.einsum("bhnk,bhnkl,bhnl->bhn", k, dA, k)
+        dk = -ep[..., None] * (np.einsum("bhnkl,bhnl->bhnk", dA, k) + np.einsum("bhnlk,bhnl->bhnk", dA, k))
+    else:
+        R = np.empty_like(alpha)  # (B, H, n)   prod_{i>j} alpha_i
+        R[..., n - 1] = 1
+        for j in range(n - 2, -1, -1):
+            R[..., j] = alpha[..., j + 1] * R[..., j + 1]
+        full = alpha[..., 0] * R[..., 0]
+        dS_all = R[..., None, None] * dP_new[:, :, None]  # (B, H, n, a, b)
+        dPw = full[..., None, None] * dP_new
+        dfull = np.einsum("bhuv,bhuv->bh", Pw, dP_new)
+        dR = np.einsum("bhjuv,bhuv->bhj", S_all, dP_new)
+        dalpha = np.zeros_like(alpha)
+        dalpha[..., 0] = dfull * R[..., 0]
+        dR[..., 0] += alpha[..., 0] * dfull
+        for j in range(n - 1):
+            dalpha[..., j + 1] += dR[..., j] * R[..., j + 1]
+            dR[..., j + 1] += alpha[..., j + 1] * dR[..., j]
+        dep = np.zeros_like(ep)
+        dk = np.zeros_like(k)
+    if beta is None:
+        dstep, dS, dbeta = dS_all, None, None
+    else:
+        if dS_new is not None:
+            dS_all[:, :, -1] += dS_new
+        dstep = np.einsum("hji,bhjuv->bhiuv", decay, dS_all)
+        dS = np.einsum("hj,bhjuv->bhuv", powers, dS_all)
+        ddecay = np.einsum("bhjuv,bhiuv->hji", dS_all, step)  # (H, n, n)
+        dpowers = np.einsum("bhjuv,bhuv->hj", dS_all, S)  # (H, n)
+        slope = np.where(lag >= 1, lag * beta[:, None, None] ** np.maximum(lag - 1, 0), 0)  # d beta^lag
+        dbeta = np.einsum("hji,hji->h", ddecay, slope) + np.einsum(
+            "hj,hj->h", dpowers, (idx + 1) * beta[:, None] ** idx
+        )
+        dbeta = dbeta.astype(G.dtype)
+    dG = -ep[..., None, None] * dstep
+    dep = dep - np.einsum("bhnuv,bhnuv->bhn", dstep, G)
+    return dPw, dS, dG, dk, dep, dalpha, dbeta
+
+
 # ---------------------------------------------------------------------------------------------
 # The layer: segments, forward (chunk-parallel and token loop), backward
 # ---------------------------------------------------------------------------------------------
@@ -481,7 +559,7 @@ def _run(x, params, cfg, state, loop):
     new_state["pos_memory"] = (pos0[1] + T) % cfg.chunk_memory
     for c in ("q", "k", "v"):
         new_state[f"conv_{c}"] = conv[c].copy()
-    cache = {"x": x, "params": params, "cfg": cfg, "had_state": had_state, "segs": segs, "pre": pre,
+    cache = {"x": x, "params": params, "cfg": cfg, "had_state": had_state, "segs": segs, "pre": pre, "loop": loop,
              "qlin": qlin, "conv0": conv0, "vhat": vhat, "out": out_cache, **full}  # fmt: skip
     return y, cache, new_state
 
@@ -526,7 +604,9 @@ def _conv_state_at(conv0, pre_full, t0, K):
 
 
 def backward(dy, cache, dstate=None):
-    """Hand-written VJP of ``forward``/``forward_loop``. dy (B, T, D); ``dstate`` the gradient reaching
+    """Hand-written VJP of ``forward``/``forward_loop`` (the writes of a chunk-form cache are reversed
+    by ``write_chunk_backward``, those of a token-loop cache one token at a time; everything else is
+    shared). dy (B, T, D); ``dstate`` the gradient reaching
     the returned state (None: zero). Returns (dx, dparams, dstate0): dparams has every key of params;
     dstate0 the gradient w.r.t. the input state (zeros-like init_state when the call had none; then
     the initial-state gradients are in dparams)."""
@@ -577,6 +657,19 @@ def backward(dy, cache, dstate=None):
             for w in wn:
                 keyside = _keyside(w)
                 Pw, Sw = seg["W"][m][w], seg["S"][m][w]
+                if not cache["loop"]:  # the chunk form's own backward: VJP of the closed form
+                    dPw, dSw, dG[w], dk_w, dep_w, dal_w, dbeta_w = write_chunk_backward(
+                        dW[m][w], dS[m][w], Pw, Sw, G[w], k, ep, alpha, beta, keyside
+                    )
+                    dk += dk_w
+                    dep += dep_w
+                    dalpha += dal_w
+                    if beta is not None:
+                        grads[f"{m}.b_beta"] += dbeta_w * beta * (1 - beta)
+                        dS[m][w] = dSw
+                    dW[m][w] = dPw
+                    continue
+                # the token loop's backward: reverse the writes one token at a time
                 hist = []  # the state before each token of the segment (recomputed)
                 for j in range(n):
                     hist.append((Pw, Sw))

@@ -71,16 +71,19 @@ def _complex_step_sampled(loss, inputs, grads, rng, n_entries=N_ENTRIES):
     return errors
 
 
-def _check_layer_gradients(cfg, T, seed, with_state=False, sampled=True):
+def _check_layer_gradients(cfg, T, seed, with_state=False, sampled=True, loop=False):
+    """Complex step per key and central-difference dot-product test of ``backward`` on a cache of
+    the chunk form (``write_chunk_backward``) or, with ``loop``, of the token loop."""
+    fwd = SM.forward_loop if loop else SM.forward
     rng, params, x = _setup(cfg, T=T, seed=seed)
     state = None
     if with_state:
         state = SM.forward(rng.standard_normal((x.shape[0], 3, cfg.d_model)), params, cfg)[2]
-    y, cache, _ = SM.forward(x, params, cfg, state)
+    y, cache, _ = fwd(x, params, cfg, state)
     u = rng.standard_normal(y.shape)
     dx, dparams, _ = SM.backward(u, cache)
     inputs, grads = {"x": x, **params}, {"x": dx, **dparams}
-    loss = _loss_fn(cfg, u, state)
+    loss = _loss_fn(cfg, u, state, fwd)
     if sampled:
         errors = _complex_step_sampled(loss, inputs, grads, rng)
     else:
@@ -142,10 +145,11 @@ def configs(draw):
     return _cfg(**kw)
 
 
-@given(cfg=configs(), T=st.integers(1, 7), seed=st.integers(0, 2**16), with_state=st.booleans())
-def test_gradcheck_property(cfg, T, seed, with_state):
+@given(cfg=configs(), T=st.integers(1, 7), seed=st.integers(0, 2**16), with_state=st.booleans(),
+       loop=st.booleans())
+def test_gradcheck_property(cfg, T, seed, with_state, loop):
     note(str(cfg))
-    _check_layer_gradients(cfg, T=T, seed=seed, with_state=with_state)
+    _check_layer_gradients(cfg, T=T, seed=seed, with_state=with_state, loop=loop)
 
 
 # ---------------------------------------------------------------------------------------------
