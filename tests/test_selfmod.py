@@ -208,6 +208,17 @@ def test_one_call_equals_chained_calls(cfg, T, split, seed):
         assert_close(ga[key] + gb[key], g[key], "float64", "rewrite", key)
 
 
+def test_sequences_in_a_batch_are_independent():
+    cfg = _cfg(chunk_memory=3, chunk_other=2)
+    _, params, x = _setup(cfg, T=5)
+    y, _, s = SM.forward(x, params, cfg)
+    for b in range(x.shape[0]):
+        yb, _, sb = SM.forward(x[b : b + 1], params, cfg)
+        assert_close(yb, y[b : b + 1], "float64", "rewrite", f"y[{b}]")
+        for key, val in _state_arrays(sb).items():
+            assert_close(val, s[key][b : b + 1], "float64", "rewrite", f"state {key}[{b}]")
+
+
 def test_streaming_state_gradient_is_exact():
     # dstate0 (the gradient w.r.t. the input state) against the complex step on the state entries
     cfg = _cfg(chunk_memory=3, chunk_other=2)
