@@ -39,6 +39,16 @@ def _bt(W: np.ndarray) -> np.ndarray:
     return W.swapaxes(-1, -2)
 
 
+def _apply(x: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """x (B, n, a) @ W (B, a, b) -> (B, n, b). Weights shared by the batch (a broadcast view, stride
+    0 over B: a frozen level, or any level outside the in-context pass) take one (B n, a) x (a, b)
+    BLAS product instead of B small ones (NumPy's stacked matmul is slow on stride-0 stacks)."""
+    if W.shape[0] > 1 and W.strides[0] == 0:
+        Bn, n, a = x.shape
+        return (x.reshape(Bn * n, a) @ W[0]).reshape(Bn, n, W.shape[2])
+    return np.matmul(x, W)
+
+
 def level_forward(z, W1, W2, groups, act="gelu"):
     """MLP^(f_l)(z) = z + W1 act(W2 z) with the weights of group g on tokens groups[g].
 
@@ -53,8 +63,8 @@ def level_forward(z, W1, W2, groups, act="gelu"):
     pre = np.empty(z.shape[:2] + (W1.shape[3],), dtype=z.dtype)  # (B, T, Hm)
     y = np.empty(z.shape, dtype=z.dtype)  # (B, T, D)
     for g, (s, e) in enumerate(groups):
-        pre[:, s:e] = np.matmul(z[:, s:e], _bt(W2[:, g]))  # (B, n, Hm): W2 z
-        y[:, s:e] = z[:, s:e] + np.matmul(f(pre[:, s:e]), _bt(W1[:, g]))  # (B, n, D)  # Eq. (70)
+        pre[:, s:e] = _apply(z[:, s:e], _bt(W2[:, g]))  # (B, n, Hm): W2 z
+        y[:, s:e] = z[:, s:e] + _apply(f(pre[:, s:e]), _bt(W1[:, g]))  # (B, n, D)  # Eq. (70)
     return y, (z, W1, W2, tuple(groups), act, pre)
 
 
@@ -75,9 +85,9 @@ def level_backward(dy, cache):
         p = pre[:, s:e]  # (B, n, Hm)
         dyg = dy[:, s:e]  # (B, n, D)
         dW1[:, g] = np.matmul(_bt(dyg), f(p))  # (B, D, Hm)
-        dpre = np.matmul(dyg, W1[:, g]) * df(p)  # (B, n, Hm)
+        dpre = _apply(dyg, W1[:, g]) * df(p)  # (B, n, Hm)
         dW2[:, g] = np.matmul(_bt(dpre), z[:, s:e])  # (B, Hm, D)
-        dz[:, s:e] += np.matmul(dpre, W2[:, g])  # (B, n, D)
+        dz[:, s:e] += _apply(dpre, W2[:, g])  # (B, n, D)
     return dz, dW1, dW2
 
 

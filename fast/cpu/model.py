@@ -26,12 +26,19 @@ Decisions (SPEC.md#fast-cpu):
     - one saving the reference does not make: when a processing chunk was forwarded in one piece
       by the same call, the CMS write re-uses that forward's cache instead of re-running it (the
       inputs are identical: the same cache prefix, memory-layer states and CMS weights), which
-      removes one of the three forward passes of an in-context ``loss_and_grads``.
+      removes one of the three forward passes of an in-context ``loss_and_grads``;
+    - BLAS runs single-threaded inside the public functions (``NL_CPU_BLAS_THREADS``, default 1,
+      applied with threadpoolctl): a step is hundreds of small products (16-token chunks), where
+      OpenBLAS's spinning worker threads cost more than they give, catastrophically on a loaded
+      machine (measured on the 2-core box under load: 23 s vs 1.3 s for one hope-attention-small
+      step at batch 4 x 256). Results do not depend on the setting beyond rounding.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import os
 
 import numpy as np
 
@@ -52,6 +59,26 @@ from ...reference.model import (  # noqa: F401  (re-exported: the shared, non-nu
 )
 from . import cms
 from . import primitives as P
+
+BLAS_THREADS = int(os.environ.get("NL_CPU_BLAS_THREADS", "1"))
+_CONTROLLER = None
+
+
+def _blas_limited(fn):
+    """Run ``fn`` with BLAS limited to ``BLAS_THREADS`` threads (threadpoolctl)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        global _CONTROLLER
+        if _CONTROLLER is None:
+            from threadpoolctl import ThreadpoolController
+
+            _CONTROLLER = ThreadpoolController()
+        with _CONTROLLER.limit(limits=BLAS_THREADS, user_api="blas"):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
 
 PORTED_LAYERS: dict[str, str | None] = {"titans": None, "hope": None}
 """family -> the fast.cpu module of its sequence-memory layer (None: the reference's layer, an
@@ -285,6 +312,7 @@ def _run(params, tokens, cfg, state, record=None):
     return np.concatenate(out, axis=1)
 
 
+@_blas_limited
 def forward(params, tokens, cfg: ModelConfig, state=None):
     """Logits (B, T, V) of tokens (B, T) and the state that continues the sequences (as the
     reference: one call equals any chain of calls; the input state is not modified)."""
@@ -300,6 +328,7 @@ def forward(params, tokens, cfg: ModelConfig, state=None):
 # ---------------------------------------------------------------------------------------------
 
 
+@_blas_limited
 def cms_increments(params, tokens, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """The in-context CMS increments of a fresh pass over tokens (reference/model.py)."""
     params = _check_params(params, cfg)
@@ -351,6 +380,7 @@ def _first_order_forward(params, tokens, cfg, increments):
     return _stack_forward(params, cfg, tokens, 0, [None] * cfg.n_layers, [None] * cfg.n_layers, cms_w, groups)
 
 
+@_blas_limited
 def loss_with_increments(params, tokens, cfg: ModelConfig, increments) -> float:
     """The mean next-token loss with the in-context CMS increments frozen at ``increments``."""
     params = _check_params(params, cfg)
@@ -359,6 +389,7 @@ def loss_with_increments(params, tokens, cfg: ModelConfig, increments) -> float:
     return P.cross_entropy_forward(logits[:, :-1], tokens[:, 1:])[0]
 
 
+@_blas_limited
 def loss_and_grads(params, tokens, cfg: ModelConfig):
     """Mean next-token cross-entropy on tokens[:, 1:] and its gradient (keys of ``params``), the
     same function as reference/model.py::loss_and_grads."""
