@@ -432,6 +432,100 @@ def toy_momentum(k, alpha, omega, lr, momentum, delta, zeta, steps, tol, out) ->
     click.echo(f"wrote {png}")
 
 
+# ------------------------------------------------------------------------------------------------
+# Conformance vectors (issue 7, item 4; conformance.py; SPEC.md#conformance).
+# ------------------------------------------------------------------------------------------------
+
+
+@cli.group()
+def conformance() -> None:
+    """Golden vectors (inputs, outputs, every gradient) for checking an implementation."""
+
+
+@conformance.command("export")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the vectors' inputs and parameters.")
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float64", "float32"]),
+              help="Dtypes to write (repeatable; default both).")
+@click.option("--only", default=None, metavar="SUBSTRING", help="Write only the vectors whose name contains this.")
+def conformance_export(directory, seed, dtypes, only) -> None:
+    """Write the reference's vectors for every op and model family into DIRECTORY (npz + manifest)."""
+    from nested_learning import conformance as conf
+
+    files = conf.export(directory, seed=seed, dtypes=dtypes or ("float64", "float32"), only=only)
+    if not files:
+        raise click.BadParameter(f"no vector matches {only!r}", param_hint="--only")
+    click.echo(f"wrote {len(files)} vectors (schema {conf.SCHEMA} v{conf.VERSION}) and manifest.json to {directory}")
+
+
+@conformance.command("verify")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--backend", type=click.Choice(["reference", "cpu", "gpu"]), default="reference", show_default=True,
+              help="The implementation to check.")
+@click.option("--only", default=None, metavar="SUBSTRING", help="Check only the vectors whose name contains this.")
+def conformance_verify(directory, backend, only) -> None:
+    """Check a backend against the vectors in DIRECTORY: a per-tensor table; exit 1 on a mismatch."""
+    from nested_learning import conformance as conf
+
+    if backend == "gpu":
+        raise click.ClickException("backend 'gpu' (fast/gpu, CuPy) is not implemented yet; use reference or cpu")
+    try:
+        rows = conf.verify(directory, backend=backend, only=only)
+    except conf.ConformanceError as exc:
+        raise click.ClickException(str(exc)) from None
+    width = max(len(r["name"]) for r in rows)
+    click.echo(f"{'tensor':<{width}}  {'shape':<18}  {'max abs':>9}  {'max rel':>9}  {'tolerance':>9}  result")
+    for r in rows:
+        status = "OK" if r["ok"] else "FAIL" + (f" ({r['error']})" if "error" in r else "")
+        click.echo(f"{r['name']:<{width}}  {str(r['shape']):<18}  {r['max_abs']:>9.2e}  {r['max_rel']:>9.2e}  "
+                   f"{r['tolerance']:>9.0e}  {status}")
+    failed = [r["name"] for r in rows if not r["ok"]]
+    click.echo(f"backend {backend}: {len(rows) - len(failed)} of {len(rows)} tensors agree")
+    if failed:
+        click.echo("mismatch: " + ", ".join(failed), err=True)
+        sys.exit(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmarks (issue 7, item 5; bench.py; SPEC.md#fast-cpu).
+# ------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--preset", "presets", multiple=True, metavar="NAME",
+              help="Model presets to time (repeatable; default: every family at tiny and small).")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["reference", "cpu", "torch"]),
+              help="Backends to time (repeatable; default reference and cpu, plus torch when installed).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Sequences per step.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per sequence.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed training steps per backend (after one warm-up step); the median is reported.")
+@click.option("--decode-context", "decode_contexts", multiple=True, type=click.IntRange(min=1),
+              help="Context lengths for streaming decode (repeatable; default 1024).")
+@click.option("--decode-tokens", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Tokens decoded (and timed) after each context.")
+@click.option("--max-seconds", type=float, default=60.0, show_default=True,
+              help="Skip a (preset, backend) whose first step took longer than this.")
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON lines.")
+def bench(presets, backends, batch_size, seq_len, dtype, repeats, decode_contexts, decode_tokens, max_seconds,
+          json_out) -> None:
+    """Time the training step (forward + backward + AdamW) and streaming decode per backend, in one run.
+
+    Prints tokens/s, the speedup over the reference, achieved GFLOP/s against the machine's
+    matrix-product rate measured in the same run, the first-call (compile) time, and decode time
+    per token at each context length.
+    """
+    from nested_learning import bench as b
+
+    try:
+        b.run(presets=presets, backends=backends, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
+              repeats=repeats, decode_contexts=decode_contexts or (1024,), decode_tokens=decode_tokens,
+              max_seconds=max_seconds, json_out=json_out, echo=click.echo)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def main() -> None:
     cli(prog_name="nested-learning")
 
