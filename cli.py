@@ -522,8 +522,8 @@ def bench(presets, backends, batch_size, seq_len, dtype, repeats, decode_context
         b.run(presets=presets, backends=backends, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
               repeats=repeats, decode_contexts=decode_contexts or (1024,), decode_tokens=decode_tokens,
               max_seconds=max_seconds, json_out=json_out, echo=click.echo)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+    except ValueError as exc:  # an unknown preset
+        raise click.BadParameter(str(exc), param_hint="--preset") from None
 
 
 def main() -> None:
