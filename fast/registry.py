@@ -29,10 +29,15 @@ REGISTRY: dict[str, tuple[str, str | None, str | None]] = {
     "cms.level_backward": (f"{_REF}cms:level_backward", f"{_CPU}cms:level_backward", None),
     "cms.forward": (f"{_REF}cms:forward", f"{_CPU}cms:forward", None),
     "cms.backward": (f"{_REF}cms:backward", f"{_CPU}cms:backward", None),
-    # The sequence-memory layers (fast/cpu/titans.py, selfmod.py: engineer P2's port; None until
-    # it lands, and the CPU model then uses the reference layer explicitly).
-    "titans.titans_forward": (f"{_REF}titans:titans_forward", None, None),
-    "titans.titans_backward": (f"{_REF}titans:titans_backward", None, None),
+    # The MLP / matrix memory (fast/cpu/mlp_memory.py).
+    **{f"mlp_memory.{op}": (f"{_REF}mlp_memory:{op}", f"{_CPU}mlp_memory:{op}", None)
+       for op in ("mlp_memory_forward", "mlp_memory_backward", "inner_loss", "inner_grad", "inner_grad_dense",
+                  "inner_grad_backward", "matrix_memory_forward", "matrix_memory_backward", "matrix_inner_loss",
+                  "matrix_inner_grad", "matrix_inner_grad_dense", "matrix_inner_grad_backward")},
+    # The sequence-memory layers (fast/cpu/titans.py, selfmod.py; None until a port lands, and the
+    # CPU model then uses the reference layer explicitly: fast/cpu/model.py PORTED_LAYERS).
+    "titans.titans_forward": (f"{_REF}titans:titans_forward", f"{_CPU}titans:titans_forward", None),
+    "titans.titans_backward": (f"{_REF}titans:titans_backward", f"{_CPU}titans:titans_backward", None),
     "selfmod.forward": (f"{_REF}selfmod:forward", None, None),
     "selfmod.backward": (f"{_REF}selfmod:backward", None, None),
     # The whole model.

@@ -21,8 +21,9 @@ Decisions (SPEC.md#fast-cpu):
     - the block, stack and chunk-major driver mirror the reference line for line, calling
       ``fast.cpu.primitives`` and ``fast.cpu.cms``; the sequence-memory layers come from
       ``fast.cpu.titans`` / ``fast.cpu.selfmod`` once those ports have landed and passed their
-      equivalence tests (``PORTED_LAYERS``); until then the family uses the reference's layer, an
-      explicit fallback counted in ``primitives.FALLBACKS`` (``"model.<family>_layer"``);
+      equivalence tests (``PORTED_LAYERS``: titans is wired; hope's self-modifying layer is not
+      yet); until then the family uses the reference's layer, an explicit fallback counted in
+      ``primitives.FALLBACKS`` (``"model.<family>_layer"``);
     - one saving the reference does not make: when a processing chunk was forwarded in one piece
       by the same call, the CMS write re-uses that forward's cache instead of re-running it (the
       inputs are identical: the same cache prefix, memory-layer states and CMS weights), which
@@ -80,7 +81,7 @@ def _blas_limited(fn):
     return wrapper
 
 
-PORTED_LAYERS: dict[str, str | None] = {"titans": None, "hope": None}
+PORTED_LAYERS: dict[str, str | None] = {"titans": "titans", "hope": None}
 """family -> the fast.cpu module of its sequence-memory layer (None: the reference's layer, an
 explicit fallback). Set once the port has landed and its equivalence tests pass."""
 
