@@ -90,6 +90,7 @@ class TrainConfig:
     seed: int = 0
     data: str | None = None  # None: the default corpus (the Python standard library)
     val_fraction: float = 0.05
+    blas_threads: int = 1  # 1: bit-reproducible runs (threaded BLAS sums in a varying order); 0: BLAS default
     eval_every: int = 0  # 0: only at the end
     eval_batches: int = 2
     checkpoint_every: int = 8  # 0: only at the end
@@ -103,7 +104,7 @@ class TrainConfig:
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(key, f"must be a positive integer, got {v!r}")
-        for key in ("eval_every", "checkpoint_every", "seed"):
+        for key in ("eval_every", "checkpoint_every", "seed", "blas_threads"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 bad(key, f"must be an integer >= 0, got {v!r}")
@@ -491,8 +492,19 @@ def train(rc: RunConfig, run_dir: str | os.PathLike, resume: bool = False,
     """Train (or resume) the run in ``run_dir``; return the final summary.
 
     Raises ``NonFiniteLoss`` at the first non-finite loss or gradient (the last good checkpoint
-    stays), ``TrainingError`` / ``DataError`` / ``CheckpointError`` for unusable inputs.
+    stays), ``TrainingError`` / ``DataError`` / ``CheckpointError`` for unusable inputs. BLAS runs
+    on ``blas_threads`` threads (1 by default: multi-threaded BLAS sums in an order that varies
+    from run to run, which breaks bit-exact resume; measured on hope-small float32).
     """
+    if rc.train.blas_threads:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=rc.train.blas_threads, user_api="blas"):
+            return _train(rc, run_dir, resume, echo, tty)
+    return _train(rc, run_dir, resume, echo, tty)
+
+
+def _train(rc: RunConfig, run_dir, resume: bool, echo: Callable[[str], None], tty: bool) -> dict:
     tc, mc = rc.train, rc.model
     check_backend(tc.backend)
     model = _model()

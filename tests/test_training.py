@@ -278,3 +278,19 @@ def test_progress_bar_on_a_terminal_and_lines_otherwise(capsys):
         bar.update(step, 1.0, 10.0, start_step=0)
     out = capsys.readouterr().out
     assert out.count("\r") == 3 and out.endswith("\n") and "[########################] step 3/3" in out
+
+
+def test_training_pins_blas_threads_for_reproducibility(tmp_path, corpus, monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    real = model.loss_and_grads
+    seen = []
+
+    def spy(params, tokens, cfg):
+        seen.append({p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"})
+        return real(params, tokens, cfg)
+
+    monkeypatch.setattr(model, "loss_and_grads", spy)
+    training.train(tiny_run(corpus, steps=2), tmp_path / "run", echo=lambda s: None)
+    assert seen and all(s <= {1} for s in seen)
+    assert "blas_threads = 1" in (tmp_path / "run" / "config.toml").read_text()
