@@ -14,7 +14,9 @@ thread settings).
   and its fraction of the machine's matrix-product rate measured at the start of the run
   (a 512^3 product in the run's dtype under the same thread limit);
 - streaming decode: a batch-1 prefill of ``context`` tokens through ``forward``, then
-  ``decode_tokens`` single-token ``forward`` calls carrying the state; the mean per token.
+  ``decode_tokens`` single-token ``forward`` calls carrying the state; the mean per token
+  (skipped for the reference beyond 4K tokens and for attention families beyond 8K, whose
+  one-call prefill materialises a context x context score matrix).
 
 A PyTorch implementation of the models (the issue's ``oracle`` comparison) is not part of this
 build: ``--backend torch`` reports that row as not implemented.
@@ -155,7 +157,10 @@ def run(presets=(), backends=(), batch_size=4, seq_len=256, dtype="float32", rep
                 row["vs_reference"] = tps / ref_tps if ref_tps else None
                 decode = {}
                 for c in decode_contexts:
-                    if first > max_seconds or (backend == "reference" and c > 4096):
+                    attention = cfg.family in ("transformer", "hope-attention")
+                    # the reference is too slow for long prefills; an attention prefill of c tokens
+                    # builds a c x c score matrix per head (16 GiB at 64K), so those are skipped
+                    if first > max_seconds or (backend == "reference" and c > 4096) or (attention and c > 8192):
                         decode[c] = None
                         continue
                     prefill, per_token = _time_decode(model, params, cfg, c, decode_tokens)
