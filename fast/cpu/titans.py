@@ -89,10 +89,11 @@ def _coef_kernel(alpha, beta, eta, momentum, a_out, P_out, K_out, A, s, w, Bc, e
                 e[b, h, m] = 0.0
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _coef_backward_kernel(dA, ds, dw, dBc, de, a, Pm, K, alpha, beta, eta, momentum, dalpha, dbeta, deta):
     """VJP of ``_coef_kernel`` (the reference's log-derivative form: d log a_i / d log alpha_j =
-    [j > i], d log P[i, m] / d log beta_j = [m < j <= i])."""
+    [j > i], d log P[i, m] / d log beta_j = [m < j <= i]). ``error_model="numpy"``: a gate that
+    underflowed to 0 gives inf/nan as the reference's NumPy division does, not ZeroDivisionError."""
     nb, nh, c = alpha.shape
     for bh in range(nb * nh):
         b, h = bh // nh, bh % nh

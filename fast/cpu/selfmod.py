@@ -1,0 +1,509 @@
+"""Numba/BLAS port of self-modifying Titans: the key, value, gate and output memories learn in context.
+
+Paper: §8.1-8.2, Eqs. (83)-(93), arXiv 2512.24695v1 (DGD: §4.5, Eqs. (56)-(57)). Specification:
+reference/selfmod.py, SPEC.md#selfmod (derivation: docs/selfmod-backward.md). Same functions,
+signatures, return structures and dtypes: ``forward(x, params, cfg, state=None) -> (y, cache, state)``,
+``backward(dy, cache, dstate=None) -> (dx, dparams, dstate0)``.
+
+Symbols (per head; as in the reference):
+
+| paper                  | code          | shape                     |
+| ---------------------- | ------------- | ------------------------- |
+| x_t                    | x             | (B, T, D)                 |
+| q_t, k_t, v_t          | q, k, v       | (B, H, n, dh)             |
+| eta_t, alpha_t, eta'_t | eta, alpha, ep| (B, H, n)                 |
+| momentum decay         | beta          | (H,) per memory           |
+| W_key (W2 or M)        | P (key side)  | (B, H, a, dh)             |
+| W1                     | P (other)     | (B, H, dh, Hm)            |
+| S                      | S             | like P                    |
+| grad factors G = L R^T | L, R          | (B, H, n, a), (B, H, n, b)|
+
+How it is fast (the reference forms per-token dense gradients G (B, H, n, a, b) and dh x dh suffix
+products with np.einsum; its writes are ~90% of a hope-small training step):
+- the inner gradients stay rank-1 factors ``G_t = L_t R_t^T`` (fast.cpu.mlp_memory, BLAS);
+- the weight that does not multiply the key (W1) obeys exactly the Titans recurrence
+  ``S_t = beta S_{t-1} - eta'_t G_t, W_t = alpha_t W_{t-1} + S_t``, so a segment's writes fold into
+  ``A W + s S - sum_t w_t L_t R_t^T`` with the compiled coefficient scans of fast.cpu.titans
+  (Titans Eqs. 16-18): one matrix product per segment, forward and backward;
+- the key-side weight (W2 or M) carries the DGD shrink ``W (alpha I - eta' k k^T)`` (Eq. 88): a
+  compiled token loop over the segment (``_key_write``), serial over the (b, h) pairs (measured on
+  the shared 2-core machine: with ``parallel=True`` and Numba's default OpenMP layer the kernel took
+  a median 12 ms per call vs 0.7 ms serial, spinning threads competing with other processes; with
+  OMP_WAIT_POLICY=passive 0.7 ms either way); its backward (``_key_write_backward``) recomputes the segment's states from the stored
+  segment-start state instead of storing one per token, and reverses them token by token;
+- the forward keeps the per-token factors and read caches (vectors per token) for the backward;
+  states are kept only at segment starts (as the reference);
+- the layer runs with one BLAS thread (fast.cpu.mlp_memory.blas_single_thread).
+
+Port decisions:
+- ``forward_loop`` (the token-loop oracle), complex inputs (the complex-step path) and any cache
+  made by the reference fall back to reference.selfmod explicitly;
+- the element-wise glue (conv, l2/RMS norms, activations) calls reference.primitives.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from ...reference import primitives as P
+from ...reference import selfmod as RS
+from ...reference.selfmod import SelfModConfig, init_params, init_state, param_shapes  # noqa: F401  (same API)
+from . import mlp_memory as FM
+from . import titans as FT
+
+# ---------------------------------------------------------------------------------------------
+# Compiled kernels: the key-side DGD writes of one segment and their backward
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _key_write(P0, S0, L, K, ep, alpha, beta, P_out, S_out):
+    """n token writes of the key-side weight, per (b, h) (Eq. 88 with the pinned momentum):
+    S <- beta S - eta'_t L_t k_t^T, P <- alpha_t P - eta'_t (P k_t) k_t^T + S (momentum off: beta = 0
+    and S0 = 0, which is S = -eta'_t L_t k_t^T exactly). P0, S0 (B, H, a, b); L (B, H, n, a); K (B, H, n, b).
+    Reductions go through np.dot (BLAS: without fastmath LLVM does not vectorise a reduction loop);
+    the rank-1 updates are plain loops (vectorised)."""
+    nb, nh, a, b = P0.shape
+    n = L.shape[2]
+    for bh in range(nb * nh):
+        bi, h = bh // nh, bh % nh
+        Pc = P0[bi, h].copy()
+        Sc = S0[bi, h].copy()
+        bet = beta[h]
+        for j in range(n):
+            e = ep[bi, h, j]
+            al = alpha[bi, h, j]
+            k = K[bi, h, j]
+            l = L[bi, h, j]
+            Pk = np.dot(Pc, k)  # (a,)   P k_t, before the write
+            for i in range(a):
+                el = e * l[i]
+                epk = e * Pk[i]
+                for c in range(b):
+                    s = bet * Sc[i, c] - el * k[c]
+                    Sc[i, c] = s
+                    Pc[i, c] = al * Pc[i, c] - epk * k[c] + s  # Eq. (88)
+        P_out[bi, h] = Pc
+        S_out[bi, h] = Sc
+
+
+@njit(cache=True)
+def _key_write_backward(P0, S0, L, K, ep, alpha, beta, dP_end, dS_end, dP0, dS0, dL, dK, dep, dalpha, dbeta):
+    """VJP of ``_key_write`` per (b, h): recompute the states before each token from (P0, S0), then
+    reverse the tokens. Outputs dP0, dS0; dL (B, H, n, a); dK (B, H, n, b) (the key as the gradient's
+    right factor and in the shrink); dep, dalpha (B, H, n); dbeta (B, H) = sum_t <dS_t, S_{t-1}>."""
+    nb, nh, a, b = P0.shape
+    n = L.shape[2]
+    for bh in range(nb * nh):
+        bi, h = bh // nh, bh % nh
+        bet = beta[h]
+        histP = np.empty((n, a, b), dtype=P0.dtype)
+        histS = np.empty((n, a, b), dtype=P0.dtype)
+        Pc = P0[bi, h].copy()
+        Sc = S0[bi, h].copy()
+        for j in range(n):  # forward replay: the state before each token
+            histP[j] = Pc
+            histS[j] = Sc
+            e = ep[bi, h, j]
+            al = alpha[bi, h, j]
+            k = K[bi, h, j]
+            l = L[bi, h, j]
+            Pk = np.dot(Pc, k)
+            for i in range(a):
+                el = e * l[i]
+                epk = e * Pk[i]
+                for c in range(b):
+                    s = bet * Sc[i, c] - el * k[c]
+                    Sc[i, c] = s
+                    Pc[i, c] = al * Pc[i, c] - epk * k[c] + s
+        dP = dP_end[bi, h].copy()
+        dS = dS_end[bi, h].copy()
+        dSt = np.empty((a, b), dtype=P0.dtype)
+        bsum = 0.0
+        for j in range(n - 1, -1, -1):
+            e = ep[bi, h, j]
+            al = alpha[bi, h, j]
+            k = K[bi, h, j]
+            l = L[bi, h, j]
+            Pp = histP[j]
+            for i in range(a):
+                for c in range(b):
+                    dSt[i, c] = dP[i, c] + dS[i, c]  # adjoint of S_j (P_j = ... + S_j; S_{j+1} = beta S_j ...)
+            dStk = np.dot(dSt, k)  # (a,)
+            dRk = np.dot(l, dSt)  # (b,)
+            Pk = np.dot(Pp, k)  # (a,)
+            dPk = np.dot(dP, k)  # (a,)
+            dalpha[bi, h, j] = np.dot(dP.reshape(-1), Pp.reshape(-1))  # <dP_j, P_{j-1}>
+            bsum += np.dot(dSt.reshape(-1), histS[j].reshape(-1))  # <dS_j, S_{j-1}>
+            for i in range(a):
+                dL[bi, h, j, i] = -e * dStk[i]  # dG = -eta' dS_j;  dL = dG k
+            dep[bi, h, j] = -np.dot(l, dStk) - np.dot(dPk, Pk)  # -<dS_j, G_j> - <dP k, P k>
+            dk_shrink = np.dot(dPk, Pp) + np.dot(Pk, dP)  # (b,)
+            for c in range(b):
+                dK[bi, h, j, c] = -e * (dRk[c] + dk_shrink[c])
+            for i in range(a):
+                epk = e * dPk[i]
+                for c in range(b):
+                    dP[i, c] = al * dP[i, c] - epk * k[c]
+                    dS[i, c] = bet * dSt[i, c]
+        dP0[bi, h] = dP
+        dS0[bi, h] = dS
+        dbeta[bi, h] = bsum
+
+
+def key_write(P0, S0, L, K, ep, alpha, beta):
+    """The key-side writes of one segment: (P_end, S_end). ``beta`` (H,) or None (no momentum)."""
+    dt = P0.dtype
+    b_ = np.zeros(P0.shape[1], dt) if beta is None else np.ascontiguousarray(beta, dtype=dt)
+    S0 = np.zeros_like(P0) if S0 is None else S0
+    P_out, S_out = np.empty_like(P0), np.empty_like(P0)
+    args = [np.ascontiguousarray(a, dtype=dt) for a in (P0, S0, L, K, ep, alpha)]
+    _key_write(*args, b_, P_out, S_out)
+    return P_out, S_out
+
+
+def key_write_backward(dP_end, dS_end, P0, S0, L, K, ep, alpha, beta):
+    """VJP of ``key_write``: (dP0, dS0, dL, dK, dep, dalpha, dbeta_dot (B, H)). Without momentum
+    (``beta`` None) dS_end must be zero (there is no momentum state)."""
+    dt = P0.dtype
+    b_ = np.zeros(P0.shape[1], dt) if beta is None else np.ascontiguousarray(beta, dtype=dt)
+    S0 = np.zeros_like(P0) if S0 is None else S0
+    dS_end = np.zeros_like(P0) if dS_end is None else dS_end
+    B, H, n = ep.shape
+    dP0, dS0 = np.empty_like(P0), np.empty_like(P0)
+    dL, dK = np.empty(L.shape, dt), np.empty(K.shape, dt)
+    dep, dalpha = np.empty((B, H, n), dt), np.empty((B, H, n), dt)
+    dbeta = np.empty((B, H), dt)
+    args = [np.ascontiguousarray(a, dtype=dt) for a in (P0, S0, L, K, ep, alpha)]
+    _key_write_backward(*args, b_, np.ascontiguousarray(dP_end, dtype=dt),
+                        np.ascontiguousarray(dS_end, dtype=dt), dP0, dS0, dL, dK, dep, dalpha, dbeta)  # fmt: skip
+    return dP0, dS0, dL, dK, dep, dalpha, dbeta
+
+
+# ---------------------------------------------------------------------------------------------
+# One memory: read and inner-gradient factors (BLAS)
+# ---------------------------------------------------------------------------------------------
+
+_heads, _merge = RS._heads, RS._merge
+
+
+def read_forward(cfg, st, z):
+    """Same as ``reference.selfmod.read_forward``: y = M(z) at the state ``st``."""
+    if cfg.memory == "matrix":
+        return FM.matrix_memory_forward(st["M"], z)  # Eq. (83)
+    return FM.mlp_memory_forward(st["W1"], st["W2"], z, act=cfg.act, layernorm=cfg.layernorm)  # Eq. (89)
+
+
+def read_backward(cfg, dy, cache):
+    """Same as ``reference.selfmod.read_backward``: ({w: dW}, dz)."""
+    if cfg.memory == "matrix":
+        dM, dz = FM.matrix_memory_backward(dy, cache)
+        return {"M": dM}, dz
+    dW1, dW2, dz = FM.mlp_memory_backward(dy, cache)
+    return {"W1": dW1, "W2": dW2}, dz
+
+
+def inner_grad_factors(cfg, st, k, vhat):
+    """G_w = L R^T per weight at ``st`` (Eq. 93, vhat constant): ({w: (L, R)}, cache)."""
+    if cfg.memory == "matrix":
+        if cfg.single_shrink:
+            return {"M": (-vhat, k)}, None  # the write becomes + eta' vhat k^T
+        u, c = FM.matrix_inner_grad(st["M"], k, vhat)  # Eq. (93)   u = 2 (M k - vhat)
+        return {"M": (u, k)}, c
+    u1, a, u2, c = FM.inner_grad(st["W1"], st["W2"], k, vhat, act=cfg.act, layernorm=cfg.layernorm)
+    return {"W1": (u1, a), "W2": (u2, k)}, c
+
+
+def inner_grad_factors_backward(cfg, dfac, cache):
+    """VJP of ``inner_grad_factors`` -> ({w: dW or None}, dk, dvhat); the explicit key R = k included."""
+    if cfg.memory == "matrix":
+        du, dR = dfac["M"]
+        if cfg.single_shrink:
+            return {"M": None}, dR, -du
+        dM, dk, dvh = FM.matrix_inner_grad_backward(du, cache)
+        return {"M": dM}, dk + dR, dvh
+    (du1, da), (du2, dR) = dfac["W1"], dfac["W2"]
+    dW1, dW2, dk, dvh = FM.inner_grad_backward(du1, da, du2, cache)
+    return {"W1": dW1, "W2": dW2}, dk + dR, dvh
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer
+# ---------------------------------------------------------------------------------------------
+
+
+def _linear(x, W):
+    return x @ W.T
+
+
+def _output_forward(o, x, params, cfg):
+    """y = W_o (RMSNorm_head(o) * silu(W_g x)), as reference.selfmod._output_forward (matmul products)."""
+    on, c_norm = P.rmsnorm_forward(o, params["g_o"], cfg.eps)  # (B, H, T, dh)
+    gl = _linear(x, params["W_g"])  # (B, T, D)
+    g, c_silu = P.silu_forward(gl)
+    h = _merge(on) * g  # (B, T, D)
+    return _linear(h, params["W_o"]), (c_norm, c_silu, on, g, h)
+
+
+def _output_backward(dy, cache, x, params, H):
+    c_norm, c_silu, on, g, h = cache
+    D = x.shape[-1]
+    dW_o = dy.reshape(-1, D).T @ h.reshape(-1, D)
+    dh_ = dy @ params["W_o"]
+    dg = dh_ * _merge(on)
+    don = _heads(dh_ * g, H)
+    dgl = P.silu_backward(dg, c_silu)
+    dx = dgl @ params["W_g"]
+    dW_g = dgl.reshape(-1, D).T @ x.reshape(-1, D)
+    do, dg_o = P.rmsnorm_backward(don, c_norm)
+    return do, dx, {"W_o": dW_o, "W_g": dW_g, "g_o": dg_o}
+
+
+def _fallback(x, params):
+    return np.iscomplexobj(x) or any(np.iscomplexobj(v) for v in params.values() if isinstance(v, np.ndarray))
+
+
+def forward(x, params, cfg, state=None):
+    """Same as ``reference.selfmod.forward``: (y (B, T, D), cache, state)."""
+    if not isinstance(x, np.ndarray) or not isinstance(params, dict) or _fallback(x, params):
+        y, cache, new_state = RS.forward(x, params, cfg, state)  # complex step: the reference's path
+        return y, {"reference": cache}, new_state
+    with FM.blas_single_thread():
+        return _forward(x, params, cfg, state)
+
+
+def forward_loop(x, params, cfg, state=None):
+    """The token-loop oracle: reference.selfmod.forward_loop (explicit fallback)."""
+    y, cache, new_state = RS.forward_loop(x, params, cfg, state)
+    return y, {"reference": cache}, new_state
+
+
+def backward(dy, cache, dstate=None):
+    """Same as ``reference.selfmod.backward``: (dx, dparams, dstate0)."""
+    if "reference" in cache:
+        return RS.backward(dy, cache["reference"], dstate)
+    with FM.blas_single_thread():
+        return _backward(dy, cache, dstate)
+
+
+def _forward(x, params, cfg, state):
+    RS._check_inputs(x, params, cfg, state)
+    B, T, D = x.shape
+    H, dh = cfg.n_heads, cfg.head_dim
+    wn = RS._weights(cfg)
+    had_state = state is not None
+    st = init_state(params, cfg, B) if state is None else state
+    W = {m: {w: st[f"{m}.{w}"] for w in wn} for m in cfg.memories}
+    Bst = {m: {w: st[f"{m}.{w}_b"] for w in wn} for m in cfg.memories}
+    S = {m: {w: st.get(f"{m}.S_{w}") for w in wn} for m in cfg.memories}
+    conv = {c: st[f"conv_{c}"] for c in ("q", "k", "v")}
+    pos0 = (int(st["pos_other"]), int(st["pos_memory"]))
+    betas = {m: RS._betas(params, cfg, m) for m in cfg.memories}
+    xh = np.ascontiguousarray(_heads(x, H))  # (B, H, T, dh)
+    qlin = None if cfg.adaptive_q else _linear(x, params["W_q"])  # (B, T, D)
+    o = np.zeros((B, H, T, dh), dtype=x.dtype)
+    segs = []
+    for t0, t1, starts in RS._segments(cfg, T, *pos0):
+        for m in starts:
+            Bst[m] = dict(W[m])  # a chunk starts: its reads and gradients use this state
+        seg = {"t0": t0, "t1": t1, "starts": starts, "B": {m: dict(Bst[m]) for m in cfg.memories},
+               "W": {m: dict(W[m]) for m in cfg.memories}, "S": {m: dict(S[m]) for m in cfg.memories}}  # fmt: skip
+        xs = xh[:, :, t0:t1]  # (B, H, n, dh)
+        pre, c_pre = {}, {}
+        for m in cfg.readers:
+            pre[m], c_pre[m] = read_forward(cfg, Bst[m], xs)  # Eq. (83) at the chunk start
+        c_conv, c_l2 = {}, {}
+        kc, c_conv["k"], conv["k"] = P.conv1d_forward(_merge(pre["k"]), params["conv_k"], None, conv["k"])
+        vc, c_conv["v"], conv["v"] = P.conv1d_forward(_merge(pre["v"]), params["conv_v"], None, conv["v"])
+        qin = _merge(pre["q"]) if cfg.adaptive_q else qlin[:, t0:t1]
+        qc, c_conv["q"], conv["q"] = P.conv1d_forward(qin, params["conv_q"], None, conv["q"])
+        k, c_l2["k"] = P.l2norm_forward(_heads(kc, H), cfg.eps)  # (B, H, n, dh)
+        q, c_l2["q"] = P.l2norm_forward(_heads(qc, H), cfg.eps)
+        v = _heads(vc, H)
+        if cfg.normalize_v:
+            v, c_l2["v"] = P.l2norm_forward(v, cfg.eps)
+        k, q, v = (np.ascontiguousarray(a) for a in (k, q, v))
+        _, _, eta, alpha, ep = RS._gates(params, cfg, pre["eta"], pre["alpha"], k)
+        o[:, :, t0:t1], c_o = read_forward(cfg, Bst["memory"], q)  # Eq. (83)   o = M_memory(q)
+        mem = {}
+        for m in cfg.memories:
+            vh, c_vh = read_forward(cfg, Bst[m], v)  # Eq. (84)   vhat = M_box(v)
+            fac, c_g = inner_grad_factors(cfg, Bst[m], k, vh)
+            coef = None
+            for w in wn:
+                L, R = fac[w]
+                if RS._keyside(w):
+                    W[m][w], S_new = key_write(W[m][w], S[m][w], L, R, ep, alpha, betas[m])  # Eq. (88)
+                else:  # retention + momentum only: the Titans chunk fold (Titans Eqs. 16-18)
+                    beta_t = (np.broadcast_to(betas[m][None, :, None], alpha.shape) if cfg.momentum
+                              else np.zeros_like(alpha))  # fmt: skip
+                    coef = FT.chunk_coefficients(alpha, beta_t, ep, cfg.momentum)
+                    (A, s, wt, Bc, e), _ = coef
+                    P_new = A[..., None, None] * W[m][w] - FT._fold(wt, L, R)  # Eq. (88)   alpha W - eta' G
+                    if cfg.momentum:
+                        P_new = P_new + s[..., None, None] * S[m][w]
+                        S_new = Bc[..., None, None] * S[m][w] - FT._fold(e, L, R)
+                    W[m][w] = P_new
+                if cfg.momentum:
+                    S[m][w] = S_new
+            mem[m] = (fac, c_g, c_vh, coef)
+        seg.update(k=k, q=q, v=v, eta=eta, alpha=alpha, ep=ep, pre=pre, c_pre=c_pre, c_conv=c_conv, c_l2=c_l2,
+                   c_o=c_o, mem=mem)  # fmt: skip
+        segs.append(seg)
+    y, out_cache = _output_forward(o, x, params, cfg)
+    new_state: dict = {}
+    for m in cfg.memories:
+        for w in wn:
+            new_state[f"{m}.{w}"] = np.array(W[m][w], copy=True)
+            new_state[f"{m}.{w}_b"] = np.array(Bst[m][w], copy=True)
+            if cfg.momentum:
+                new_state[f"{m}.S_{w}"] = np.array(S[m][w], copy=True)
+    new_state["pos_other"] = (pos0[0] + T) % cfg.chunk_other
+    new_state["pos_memory"] = (pos0[1] + T) % cfg.chunk_memory
+    for c in ("q", "k", "v"):
+        new_state[f"conv_{c}"] = np.array(conv[c], copy=True)
+    cache = {"x": x, "params": params, "cfg": cfg, "had_state": had_state, "segs": segs, "out": out_cache}
+    return y, cache, new_state
+
+
+def _backward(dy, cache, dstate):
+    x, params, cfg = cache["x"], cache["params"], cache["cfg"]
+    B, T, D = x.shape
+    H = cfg.n_heads
+    if not isinstance(dy, np.ndarray) or dy.shape != x.shape:
+        raise ValueError(f"dy: expected an array of shape (B, T, D) = {x.shape}, got {getattr(dy, 'shape', None)}")
+    sg = cfg.stop_grad_writes
+    wn = RS._weights(cfg)
+    dt = x.dtype
+    grads = {name: np.zeros(shape, dtype=dt) for name, shape in param_shapes(cfg).items()}
+    do, dx, g_out = _output_backward(np.asarray(dy, dtype=dt), cache["out"], x, params, H)
+    for key, val in g_out.items():
+        grads[key] += val
+    dxh = np.zeros((B, H, T, cfg.head_dim), dtype=dt)
+    betas = {m: RS._betas(params, cfg, m) for m in cfg.memories}
+    ds = dstate or {}
+    ref = init_state(params, cfg, B)
+
+    def get(key):
+        return np.array(ds[key], dtype=dt) if ds.get(key) is not None else np.zeros(ref[key].shape, dtype=dt)
+
+    dW = {m: {w: get(f"{m}.{w}") for w in wn} for m in cfg.memories}
+    dB = {m: {w: get(f"{m}.{w}_b") for w in wn} for m in cfg.memories}
+    dS = {m: {w: (get(f"{m}.S_{w}") if cfg.momentum else np.zeros(ref[f"{m}.{w}"].shape, dtype=dt)) for w in wn}
+          for m in cfg.memories}  # fmt: skip
+    dconv = {c: get(f"conv_{c}") for c in "qkv"}
+    dqin = np.zeros((B, T, D), dtype=dt)
+    for seg in reversed(cache["segs"]):
+        t0, t1 = seg["t0"], seg["t1"]
+        k, eta, alpha, ep = seg["k"], seg["eta"], seg["alpha"], seg["ep"]
+        dk, dv = np.zeros_like(k), np.zeros_like(seg["v"])
+        dalpha, dep = np.zeros_like(alpha), np.zeros_like(ep)
+        for m in cfg.memories:
+            if sg:  # W_t = W_{t-1} + sg(increment): the adjoint passes straight through the writes
+                continue
+            fac, c_g, c_vh, coef = seg["mem"][m]
+            beta = betas[m]
+            dfac = {}
+            for w in wn:
+                L, R = fac[w]
+                if RS._keyside(w):
+                    dP0, dS0, dL, dR, dep_w, dal_w, dbeta_bh = key_write_backward(
+                        dW[m][w], dS[m][w], seg["W"][m][w], seg["S"][m][w], L, R, ep, alpha, beta)  # fmt: skip
+                    dep += dep_w
+                    dalpha += dal_w
+                    if beta is not None:
+                        grads[f"{m}.b_beta"] += dbeta_bh.sum(axis=0) * beta * (1 - beta)
+                else:
+                    (A, s, wt, Bc, e), ccache = coef
+                    dPe, dSe = dW[m][w], dS[m][w]
+                    dA = np.sum(dPe * seg["W"][m][w], axis=(-2, -1))
+                    LdP = L @ dPe  # (B, H, n, b)
+                    dwt = -np.sum(LdP * R, axis=-1)
+                    dL = -wt[..., None] * (R @ np.swapaxes(dPe, -1, -2))
+                    dR = -wt[..., None] * LdP
+                    if cfg.momentum:
+                        S0 = seg["S"][m][w]
+                        LdS = L @ dSe
+                        de = -np.sum(LdS * R, axis=-1)
+                        dL = dL - e[..., None] * (R @ np.swapaxes(dSe, -1, -2))
+                        dR = dR - e[..., None] * LdS
+                        ds_ = np.sum(dPe * S0, axis=(-2, -1))
+                        dBc = np.sum(dSe * S0, axis=(-2, -1))
+                        dS0 = s[..., None, None] * dPe + Bc[..., None, None] * dSe
+                    else:
+                        de = np.zeros_like(wt)
+                        ds_ = dBc = np.zeros_like(dA)
+                        dS0 = dSe
+                    dal_w, dbeta_t, dep_w = FT.chunk_coefficients_backward(dA, ds_, dwt, dBc, de, ccache)
+                    dP0 = A[..., None, None] * dPe
+                    dep += dep_w
+                    dalpha += dal_w
+                    if beta is not None:
+                        grads[f"{m}.b_beta"] += dbeta_t.sum(axis=(0, 2)) * beta * (1 - beta)
+                dW[m][w], dS[m][w] = dP0, dS0
+                dfac[w] = (dL, dR)
+            dst, dk_g, dvh = inner_grad_factors_backward(cfg, dfac, c_g)
+            dk += dk_g
+            dst_r, dv_r = read_backward(cfg, dvh, c_vh)
+            dv += dv_r
+            for w in wn:
+                for part in (dst[w], dst_r[w]):
+                    if part is not None:
+                        dB[m][w] += part
+        dst_o, dq = read_backward(cfg, np.ascontiguousarray(do[:, :, t0:t1]), seg["c_o"])  # o = M_memory(q)
+        for w in wn:
+            dB["memory"][w] += dst_o[w]
+        den = 1 + eta * np.sum(k * k, axis=-1)  # eta' = eta / (1 + eta ||k||^2)   Eq. (57)
+        deta = dep / den**2
+        dk += (-2 * dep * ep**2)[..., None] * k
+        dc = {}
+        for c, dpost in (("k", dk), ("q", dq), ("v", dv)):
+            if c == "v" and not cfg.normalize_v:
+                dc["v"] = _merge(dv)
+                continue
+            dc[c] = _merge(P.l2norm_backward(dpost, seg["c_l2"][c]))
+        dpre_seg = {}
+        for c in ("k", "v", "q"):
+            dpre_c, dwc, _, dconv[c] = P.conv1d_backward(dc[c], seg["c_conv"][c], dnew_state=dconv[c])
+            grads[f"conv_{c}"] += dwc
+            dpre_seg[c] = dpre_c
+        if not cfg.adaptive_q:
+            dqin[:, t0:t1] = dpre_seg["q"]
+        dpre = {"k": _heads(dpre_seg["k"], H), "v": _heads(dpre_seg["v"], H)}
+        if cfg.adaptive_q:
+            dpre["q"] = _heads(dpre_seg["q"], H)
+        for gname, dgate in (("eta", deta), ("alpha", dalpha)):
+            pe = seg["pre"][gname]  # (B, H, n, dh)
+            wg = params[f"w_{gname}"]  # (H, dh)
+            s_ = np.sum(pe * wg[None, :, None, :], axis=-1) + params[f"b_{gname}"][:, None]
+            scale = cfg.eta_max if gname == "eta" else 1.0
+            dsig = dgate * scale * P.dsigmoid(s_)  # (B, H, n)
+            grads[f"w_{gname}"] += np.einsum("bhn,bhnd->hd", dsig, pe)
+            grads[f"b_{gname}"] += dsig.sum(axis=(0, 2))
+            dpre[gname] = dsig[..., None] * wg[None, :, None, :]
+        for m in cfg.readers:
+            dst_x, dxs = read_backward(cfg, np.ascontiguousarray(dpre[m]), seg["c_pre"][m])
+            dxh[:, :, t0:t1] += dxs
+            for w in wn:
+                dB[m][w] += dst_x[w]
+        for m in seg["starts"]:  # a chunk that starts here took its chunk-start state from the running state
+            for w in wn:
+                dW[m][w] = dW[m][w] + dB[m][w]
+                dB[m][w] = np.zeros_like(dB[m][w])
+    dx = dx + _merge(dxh)
+    if not cfg.adaptive_q:
+        dx = dx + dqin @ params["W_q"]
+        grads["W_q"] += dqin.reshape(-1, D).T @ x.reshape(-1, D)
+    dstate0: dict = {}
+    for m in cfg.memories:
+        for w in wn:
+            if cache["had_state"]:
+                dstate0[f"{m}.{w}"], dstate0[f"{m}.{w}_b"] = dW[m][w], dB[m][w]
+                if cfg.momentum:
+                    dstate0[f"{m}.S_{w}"] = dS[m][w]
+            else:  # W_0 = B_0 = the broadcast meta-learned state
+                grads[RS._init_key(m, w)] += (dW[m][w] + dB[m][w]).sum(axis=0)
+    for c in "qkv":
+        dstate0[f"conv_{c}"] = dconv[c]
+    return dx, grads, dstate0
