@@ -14,7 +14,7 @@ thread settings).
   and its fraction of the machine's matrix-product rate measured at the start of the run
   (a 512^3 product in the run's dtype under the same thread limit);
 - streaming decode: a batch-1 prefill of ``context`` tokens through ``forward``, then
-  ``decode_tokens`` single-token ``forward`` calls carrying the state; the mean per token
+  ``decode_tokens`` single-token ``forward`` calls carrying the state; the median per token
   (skipped for the reference beyond 4K tokens and for attention families beyond 8K, whose
   one-call prefill materialises a context x context score matrix).
 
@@ -25,6 +25,7 @@ build: ``--backend torch`` reports that row as not implemented.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -103,13 +104,14 @@ def _time_decode(model, params, cfg, context: int, n_tokens: int):
     t = time.perf_counter()
     _, state = model.forward(params, prompt, cfg)
     prefill = time.perf_counter() - t
+    gc.collect()  # the prefill's temporaries are freed before decode is timed
     times = []
     for _ in range(n_tokens):
         tok = rng.integers(0, cfg.vocab_size, size=(1, 1))
         t = time.perf_counter()
         _, state = model.forward(params, tok, cfg, state)
         times.append(time.perf_counter() - t)
-    return prefill, float(np.mean(times))
+    return prefill, float(np.median(times))
 
 
 def run(presets=(), backends=(), batch_size=4, seq_len=256, dtype="float32", repeats=3, decode_contexts=(1024,),
