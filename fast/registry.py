@@ -38,8 +38,8 @@ REGISTRY: dict[str, tuple[str, str | None, str | None]] = {
     # CPU model then uses the reference layer explicitly: fast/cpu/model.py PORTED_LAYERS).
     "titans.titans_forward": (f"{_REF}titans:titans_forward", f"{_CPU}titans:titans_forward", None),
     "titans.titans_backward": (f"{_REF}titans:titans_backward", f"{_CPU}titans:titans_backward", None),
-    "selfmod.forward": (f"{_REF}selfmod:forward", None, None),
-    "selfmod.backward": (f"{_REF}selfmod:backward", None, None),
+    "selfmod.forward": (f"{_REF}selfmod:forward", f"{_CPU}selfmod:forward", None),
+    "selfmod.backward": (f"{_REF}selfmod:backward", f"{_CPU}selfmod:backward", None),
     # The whole model.
     "model.forward": (f"{_REF}model:forward", f"{_CPU}model:forward", None),
     "model.loss_and_grads": (f"{_REF}model:loss_and_grads", f"{_CPU}model:loss_and_grads", None),

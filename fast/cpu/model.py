@@ -81,7 +81,7 @@ def _blas_limited(fn):
     return wrapper
 
 
-PORTED_LAYERS: dict[str, str | None] = {"titans": "titans", "hope": None}
+PORTED_LAYERS: dict[str, str | None] = {"titans": "titans", "hope": "selfmod"}
 """family -> the fast.cpu module of its sequence-memory layer (None: the reference's layer, an
 explicit fallback). Set once the port has landed and its equivalence tests pass."""
 
