@@ -37,7 +37,8 @@ products with np.einsum; its writes are ~90% of a hope-small training step):
 
 Port decisions:
 - ``forward_loop`` (the token-loop oracle), complex inputs (the complex-step path) and any cache
-  made by the reference fall back to reference.selfmod explicitly;
+  made by the reference fall back to reference.selfmod explicitly; the port's own cache (rank-1
+  factors and read caches per segment) is not the reference's layout;
 - the element-wise glue (conv, l2/RMS norms, activations) calls reference.primitives.
 """
 
@@ -283,6 +284,8 @@ def backward(dy, cache, dstate=None):
     """Same as ``reference.selfmod.backward``: (dx, dparams, dstate0)."""
     if "reference" in cache:
         return RS.backward(dy, cache["reference"], dstate)
+    if not cache.get("fast"):  # a cache made by reference.selfmod.forward
+        return RS.backward(dy, cache, dstate)
     with FM.blas_single_thread():
         return _backward(dy, cache, dstate)
 
@@ -363,7 +366,8 @@ def _forward(x, params, cfg, state):
     new_state["pos_memory"] = (pos0[1] + T) % cfg.chunk_memory
     for c in ("q", "k", "v"):
         new_state[f"conv_{c}"] = np.array(conv[c], copy=True)
-    cache = {"x": x, "params": params, "cfg": cfg, "had_state": had_state, "segs": segs, "out": out_cache}
+    cache = {"x": x, "params": params, "cfg": cfg, "had_state": had_state, "segs": segs, "out": out_cache,
+             "fast": True}  # fmt: skip
     return y, cache, new_state
 
 

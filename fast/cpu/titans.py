@@ -28,6 +28,9 @@ How it is fast:
 - like the reference, the backward keeps only each chunk's start states and the per-token factors.
 
 Port decisions:
+- the forward's cache has the reference's layout (the same tape per chunk, the primitives' caches,
+  fast.cpu.mlp_memory caches that carry the reference's keys), so either backward accepts either
+  forward's cache (tested);
 - ``cfg.impl == "loop"`` (the token-loop oracle) falls back to reference.titans explicitly;
 - the layer runs with one BLAS thread (``mlp_memory.blas_single_thread``: measured 0.16 s vs
   0.59 s per forward+backward at titans-small sizes on the loaded 2-core machine);
@@ -197,13 +200,14 @@ def inner_grad_backward(cfg, dfac, cache):
 
 
 def _linear(x, W):
-    """y = x W^T as one matrix product: x (..., I), W (O, I) -> ((..., O), cache)."""
-    return x @ W.T, (x, W)
+    """y = x W^T as one matrix product: x (..., I), W (O, I) -> ((..., O), cache); the cache has
+    reference.primitives.linear_forward's layout (x, W, has_bias), so caches are interchangeable."""
+    return x @ W.T, (x, W, False)
 
 
 def _linear_backward(dy, cache):
     """(dx, dW) of ``_linear``."""
-    x, W = cache
+    x, W = cache[0], cache[1]
     I, O = W.shape[1], W.shape[0]
     return dy @ W, dy.reshape(-1, O).T @ x.reshape(-1, I)
 
