@@ -360,7 +360,8 @@ def plot(runs, out_file, smooth) -> None:
                 ema = r["loss"] if ema is None else smooth * ema + (1 - smooth) * r["loss"]
                 smoothed.append(ema)
             label = Path(run).name
-            line, = ax.plot([r["step"] for r in train_rows], smoothed, label=f"{label} train")
+            line, = ax.plot([r["step"] for r in train_rows], smoothed,
+                            label=f"{label} train" + (f" (EMA {smooth:g})" if smooth else ""))
             if val_rows:
                 ax.plot([r["step"] for r in val_rows], [r["val_loss"] for r in val_rows], "o--",
                         color=line.get_color(), label=f"{label} validation")
