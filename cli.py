@@ -504,7 +504,7 @@ def conformance_verify(directory, backend, only) -> None:
               help="Timed training steps per backend (after one warm-up step); the median is reported.")
 @click.option("--decode-context", "decode_contexts", multiple=True, type=click.IntRange(min=1),
               help="Context lengths for streaming decode (repeatable; default 1024).")
-@click.option("--decode-tokens", type=click.IntRange(min=1), default=8, show_default=True,
+@click.option("--decode-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Tokens decoded (and timed) after each context.")
 @click.option("--max-seconds", type=float, default=60.0, show_default=True,
               help="Skip a (preset, backend) whose first step took longer than this.")
