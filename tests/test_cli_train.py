@@ -204,3 +204,50 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
 
     assert trajectory(tmp_path / "cut") == trajectory(tmp_path / "whole")  # exactly, bit for bit
     assert len(trajectory(tmp_path / "whole")) == 24 + 4
+
+
+def test_hope_family_end_to_end_with_exact_resume(tmp_path, monkeypatch):
+    """hope-tiny (self-modifying Titans + in-context CMS): train, interrupt, resume, eval, generate."""
+    corpus = write_corpus(tmp_path / "corpus", n_docs=5)
+    args = ["train", "--preset", "hope-tiny", "--data", corpus, "--steps", 6, "--batch-size", 2, "--seq-len", 12,
+            "--checkpoint-every", 3, "--eval-every", 3]
+    assert invoke(*args, "--out", tmp_path / "whole").exit_code == 0
+    real = model.loss_and_grads
+    calls = {"n": 0}
+
+    def crash(params, tokens, cfg):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("simulated kill")
+        return real(params, tokens, cfg)
+
+    monkeypatch.setattr(model, "loss_and_grads", crash)
+    interrupted = invoke(*args, "--out", tmp_path / "cut")  # click turns the interrupt into "Aborted!"
+    assert interrupted.exit_code == 1 and "Aborted" in interrupted.output
+    monkeypatch.setattr(model, "loss_and_grads", real)
+    assert invoke("train", "--resume", tmp_path / "cut").exit_code == 0
+
+    def trajectory(run):
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+        return [(r["step"], r.get("loss"), r.get("grad_norm"), r.get("val_loss")) for r in rows]
+
+    assert trajectory(tmp_path / "cut") == trajectory(tmp_path / "whole")
+    result = invoke("eval", tmp_path / "cut", "--continual", "--data", corpus, "--max-docs", 2, "--doc-bytes", 20,
+                    "--seq-len", 8)
+    assert result.exit_code == 0 and "continual" in result.output, result.output
+    result = invoke("generate", tmp_path / "cut", "--prompt", "the", "--max-bytes", 8, "--temperature", 0)
+    assert result.exit_code == 0 and result.output.startswith("the")
+
+
+def test_help_of_the_run_commands_imports_nothing_heavy(tmp_path):
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from nested_learning.cli import cli\n"
+        "for sub in ('train', 'eval', 'generate', 'plot'):\n"
+        "    assert CliRunner().invoke(cli, [sub, '--help']).exit_code == 0\n"
+        "print(sorted(m for m in ('numba', 'cupy', 'numpy', 'matplotlib') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
