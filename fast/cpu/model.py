@@ -27,7 +27,9 @@ Decisions (SPEC.md#fast-cpu):
     - one saving the reference does not make: when a processing chunk was forwarded in one piece
       by the same call, the CMS write re-uses that forward's cache instead of re-running it (the
       inputs are identical: the same cache prefix, memory-layer states and CMS weights), which
-      removes one of the three forward passes of an in-context ``loss_and_grads``;
+      removes one of the three forward passes of an in-context ``loss_and_grads``; and that
+      pass, which needs only the CMS weights' gradients, does not differentiate block 0's
+      sequence mixer and the embedding (nothing it needs lies below block 0's CMS);
     - BLAS runs single-threaded inside the public functions (``NL_CPU_BLAS_THREADS``, default 1,
       applied with threadpoolctl): a step is hundreds of small products (16-token chunks), where
       OpenBLAS's spinning worker threads cost more than they give, catastrophically on a loaded
@@ -174,12 +176,16 @@ def _block_forward(x, params, i, cfg, p0, past, mem_state, cms_w, cms_groups):
     return y, (c_n1, c_mix, c_n2, c_sec), new_past, new_mem
 
 
-def _block_backward(dy, cache, i, cfg):
+def _block_backward(dy, cache, i, cfg, cms_only=False):
+    """``cms_only``: return (None, {}, dcms) right after the CMS backward (the caller needs no
+    gradient below this block's CMS: the CMS-write pass at the lowest block)."""
     b = f"blocks.{i}."
     c_n1, c_mix, c_n2, c_sec = cache
     grads, dcms = {}, None
     if _has_cms(cfg):
         du, dcms, dagg = cms.backward(dy, c_sec)
+        if cms_only:
+            return None, {}, dcms
         du = du - dy
         if dagg is not None:
             grads[b + "cms.agg"] = dagg
@@ -212,16 +218,20 @@ def _stack_forward(params, cfg, tokens, p0, past, mem, cms_w, cms_groups):
     return logits, (c_emb, caches, c_fn, c_head), new_past, new_mem
 
 
-def _stack_backward(dlogits, cache, cfg):
+def _stack_backward(dlogits, cache, cfg, cms_only=False):
+    """``cms_only`` (the CMS-write pass, which uses only the CMS weights' gradients): block 0's
+    mixer, norm and the embedding are not differentiated, since no CMS weight lies below them;
+    the CMS gradients are the same numbers either way."""
     c_emb, caches, c_fn, c_head = cache
     grads = {}
     dxf, grads["head.W"], _ = P.linear_backward(dlogits, c_head)
     dx, grads["final_norm.g"] = P.rmsnorm_backward(dxf, c_fn)
     dcms = [None] * cfg.n_layers
     for i in reversed(range(cfg.n_layers)):
-        dx, g, dcms[i] = _block_backward(dx, caches[i], i, cfg)
+        dx, g, dcms[i] = _block_backward(dx, caches[i], i, cfg, cms_only=cms_only and i == 0)
         grads.update(g)
-    grads["embed.E"] = P.embedding_backward(dx, c_emb)
+    if dx is not None:
+        grads["embed.E"] = P.embedding_backward(dx, c_emb)
     return grads, dcms
 
 
@@ -280,7 +290,7 @@ def _complete_chunk(params, cfg, state, next_token, record, fwd=None):
         logits, cache = fwd
     _, c_ce = P.cross_entropy_forward(logits, targets)
     dlogits = P.cross_entropy_backward(np.asarray(float(X.size), dtype=logits.dtype), c_ce)  # sum, not mean
-    _, dcms = _stack_backward(dlogits, cache, cfg)
+    _, dcms = _stack_backward(dlogits, cache, cfg, cms_only=True)
     due = cms.updates_at(cfg.cms_levels, state["pos"], cfg.cms_in_context)
     for i in range(cfg.n_layers):
         fast = state["cms"][i]
