@@ -194,7 +194,7 @@ def _run_errors():
 @click.option("--lr", type=float, default=None, help="Peak learning rate (default 1e-2).")
 @click.option("--warmup-steps", type=int, default=None, help="Linear warmup steps (default steps // 10).")
 @click.option("--backend", type=click.Choice(["reference", "cpu", "gpu"]), default=None,
-              help="Default reference (the cpu/gpu ports are not built yet).")
+              help="Default: the fastest available (cpu, the Numba port, where numba imports; gpu is not built yet).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None,
               help="Computation dtype (default: the preset's).")
 @click.option("--seed", type=int, default=None, help="Seed of the initialisation and the data order (default 0).")
@@ -209,7 +209,7 @@ def train(config_file, resume_dir, out, **flags) -> None:
     """Train a model on byte-level text; write metrics.jsonl, checkpoints and a summary.
 
     With no arguments: hope-small on the Python standard library's source files, about five
-    minutes on 2 cores with the reference backend.
+    minutes on 2 cores with the fastest backend available.
     """
     import time
     from pathlib import Path
@@ -255,7 +255,9 @@ def train(config_file, resume_dir, out, **flags) -> None:
 @click.option("--max-docs", type=int, default=4, show_default=True, help="Documents read (--continual).")
 @click.option("--doc-bytes", type=int, default=512, show_default=True,
               help="Bytes read from the start of each document (--continual).")
-def eval_(target, data, seq_len, batch_size, max_batches, continual, max_docs, doc_bytes) -> None:
+@click.option("--backend", type=click.Choice(["reference", "cpu", "gpu"]), default=None,
+              help="Default: the fastest available (cpu where numba imports).")
+def eval_(target, data, seq_len, batch_size, max_batches, continual, max_docs, doc_bytes, backend) -> None:
     """Validation loss, perplexity and bits per byte of a checkpoint (or a run's last one)."""
     from nested_learning import data as data_mod
     from nested_learning import training
@@ -265,6 +267,8 @@ def eval_(target, data, seq_len, batch_size, max_batches, continual, max_docs, d
         if value is not None and value < 1:
             raise click.BadParameter(f"must be >= 1, got {value}", param_hint=name)
     try:
+        backend = backend or training.default_backend()
+        training.check_backend(backend)
         params, rc, ck = training.load_model_checkpoint(target)
         tc, mc = rc.train, rc.model
         if data is None:
@@ -276,11 +280,12 @@ def eval_(target, data, seq_len, batch_size, max_batches, continual, max_docs, d
         seq_len = seq_len or tc.seq_len
         click.echo(f"{mc.name} at step {ck.step} ({ck.path}) on {where}")
         if not continual:
-            ev = training.evaluate(params, mc, split.stream, batch_size or tc.batch_size, seq_len, max_batches)
+            ev = training.evaluate(params, mc, split.stream, batch_size or tc.batch_size, seq_len, max_batches,
+                                   backend=backend)
             click.echo(f"loss {ev['loss']:.4f} nats/byte   perplexity {ev['perplexity']:.2f}   "
                        f"bits per byte {ev['bits_per_byte']:.3f}   ({ev['tokens']:,} bytes)")
             return
-        res = training.evaluate_continual(params, mc, split, max_docs, doc_bytes, seq_len)
+        res = training.evaluate_continual(params, mc, split, max_docs, doc_bytes, seq_len, backend=backend)
         click.echo("continual: fast states and in-context CMS levels are never reset between documents;")
         click.echo("reset: the same documents, each read from the initial state (the baseline).")
         click.echo(f"{'doc':>4}  {'bytes':>6}  {'continual':>9}  {'reset':>7}  {'change':>7}  document")
@@ -302,7 +307,9 @@ def eval_(target, data, seq_len, batch_size, max_batches, continual, max_docs, d
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="0 samples greedily.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k likeliest (0: all).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler.")
-def generate(target, prompt, max_bytes, temperature, top_k, seed) -> None:
+@click.option("--backend", type=click.Choice(["reference", "cpu", "gpu"]), default=None,
+              help="Default: the fastest available (cpu where numba imports).")
+def generate(target, prompt, max_bytes, temperature, top_k, seed, backend) -> None:
     """Sample text from a checkpoint, carrying the streaming state (the context is read once)."""
     import codecs
 
@@ -312,6 +319,8 @@ def generate(target, prompt, max_bytes, temperature, top_k, seed) -> None:
     if max_bytes < 0 or top_k < 0 or temperature < 0:
         raise click.BadParameter("--max-bytes, --top-k and --temperature must be >= 0")
     try:
+        backend = backend or training.default_backend()
+        training.check_backend(backend)
         params, rc, _ = training.load_model_checkpoint(target)
         tokens = data_mod.encode(prompt)
         if tokens.shape[0] == 0:
@@ -319,7 +328,7 @@ def generate(target, prompt, max_bytes, temperature, top_k, seed) -> None:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         click.echo(prompt, nl=False)
         training.generate(params, rc.model, tokens, max_bytes, temperature, top_k, seed,
-                          on_token=lambda t: click.echo(decoder.decode(bytes([t])), nl=False))
+                          on_token=lambda t: click.echo(decoder.decode(bytes([t])), nl=False), backend=backend)
         click.echo(decoder.decode(b"", final=True))
     except _run_errors() as exc:
         raise click.ClickException(str(exc)) from None

@@ -46,7 +46,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,14 @@ from nested_learning import data as data_mod
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 BACKENDS = ("reference", "cpu", "gpu")
+
+
+def default_backend() -> str:
+    """The fastest backend available here: the Numba port ("cpu") where numba imports, else the
+    reference. (The GPU port is not built yet, so it is never the default.)"""
+    import importlib.util
+
+    return "cpu" if importlib.util.find_spec("numba") is not None else "reference"
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "adamw", "preconditioned_momentum",
               "delta_momentum", "deep_momentum", "muon", "m3")
 
@@ -85,7 +93,7 @@ class TrainConfig:
     warmup_steps: int | None = None  # None: steps // 10
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
-    backend: str = "reference"
+    backend: str = field(default_factory=default_backend)
     dtype: str | None = None  # None: the preset's
     seed: int = 0
     data: str | None = None  # None: the default corpus (the Python standard library)
@@ -295,9 +303,14 @@ def metrics_from_loss(loss: float) -> dict:
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bits_per_byte": loss / math.log(2.0)}
 
 
-def _model():
-    from nested_learning.reference import model
-
+def _model(backend: str = "reference"):
+    """The model module of ``backend``: the reference, or the Numba port with the same API
+    (``init_params``, ``forward``, ``loss_and_grads``; SPEC.md#fast-cpu)."""
+    check_backend(backend)
+    if backend == "cpu":
+        from nested_learning.fast.cpu import model
+    else:
+        from nested_learning.reference import model
     return model
 
 
@@ -308,9 +321,11 @@ def _optimizers():
 
 
 def check_backend(backend: str) -> None:
-    if backend != "reference":
-        raise TrainingError(f"backend {backend!r} is not yet built (the Numba/CuPy port is future work); "
-                            "use --backend reference")
+    if backend == "gpu":
+        raise TrainingError("backend 'gpu' (the CuPy port, fast/gpu) is not built yet; "
+                            "use --backend cpu or --backend reference")
+    if backend not in BACKENDS:
+        raise TrainingError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
 
 
 def make_optimizer(rc: RunConfig, lr: float):
@@ -326,9 +341,10 @@ def make_optimizer(rc: RunConfig, lr: float):
 # ------------------------------------------------------------------------------------------------
 
 
-def evaluate(params, mc, stream: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None) -> dict:
+def evaluate(params, mc, stream: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None,
+             backend: str = "reference") -> dict:
     """Mean next-token loss over the first windows of ``stream``, each a fresh sequence."""
-    model = _model()
+    model = _model(backend)
     total, count = 0.0, 0
     for tokens in data_mod.eval_batches(stream, batch_size, seq_len, max_batches):  # (b, T + 1)
         logits, _ = model.forward(params, tokens, mc)  # (b, T + 1, V): as loss_and_grads reads it
@@ -340,13 +356,13 @@ def evaluate(params, mc, stream: np.ndarray, batch_size: int, seq_len: int, max_
     return out
 
 
-def stream_losses(params, mc, doc: np.ndarray, piece: int, state=None):
+def stream_losses(params, mc, doc: np.ndarray, piece: int, state=None, backend: str = "reference"):
     """Per-byte losses of one document read in pieces of ``piece`` bytes, carrying ``state``.
 
     Every byte is read once; position i's logits score byte i + 1 (the last byte's logits are
     not scored). Returns (losses (n - 1,), state after the whole document).
     """
-    model = _model()
+    model = _model(backend)
     doc = np.asarray(doc, dtype=np.int64)
     losses = []
     for start in range(0, doc.shape[0], piece):
@@ -357,7 +373,8 @@ def stream_losses(params, mc, doc: np.ndarray, piece: int, state=None):
     return np.concatenate(losses) if losses else np.zeros(0), state
 
 
-def evaluate_continual(params, mc, split, max_docs: int, doc_bytes: int, piece: int) -> dict:
+def evaluate_continual(params, mc, split, max_docs: int, doc_bytes: int, piece: int,
+                       backend: str = "reference") -> dict:
     """Read the documents in order with a never-reset state and, as the baseline, with resets.
 
     Returns per-document rows (position, name, bytes, continual loss, reset loss) and totals.
@@ -369,8 +386,8 @@ def evaluate_continual(params, mc, split, max_docs: int, doc_bytes: int, piece: 
         doc = split.doc(d)[:doc_bytes]
         if doc.shape[0] < 2:
             continue
-        cont, state = stream_losses(params, mc, doc, piece, state=state)  # never reset
-        reset, _ = stream_losses(params, mc, doc, piece, state=None)  # fresh state: the baseline
+        cont, state = stream_losses(params, mc, doc, piece, state=state, backend=backend)  # never reset
+        reset, _ = stream_losses(params, mc, doc, piece, state=None, backend=backend)  # the baseline
         rows.append({"position": len(rows) + 1, "document": split.names[d], "bytes": int(doc.shape[0]),
                      "continual_loss": float(cont.mean()), "reset_loss": float(reset.mean())})
         tot_c += float(cont.sum())
@@ -403,10 +420,11 @@ def sample_next(logits: np.ndarray, temperature: float, top_k: int, rng: np.rand
 
 
 def generate(params, mc, prompt: np.ndarray, max_new: int, temperature: float = 1.0, top_k: int = 0,
-             seed: int = 0, on_token: Callable[[int], None] | None = None) -> np.ndarray:
+             seed: int = 0, on_token: Callable[[int], None] | None = None,
+             backend: str = "reference") -> np.ndarray:
     """Sample ``max_new`` bytes after ``prompt``, carrying the streaming state: the prompt is
     read once, then each new byte is fed alone (the context is never re-read)."""
-    model = _model()
+    model = _model(backend)
     rng = np.random.default_rng(seed)
     prompt = np.asarray(prompt, dtype=np.int64)
     if prompt.ndim != 1 or prompt.shape[0] == 0:
@@ -506,8 +524,7 @@ def train(rc: RunConfig, run_dir: str | os.PathLike, resume: bool = False,
 
 def _train(rc: RunConfig, run_dir, resume: bool, echo: Callable[[str], None], tty: bool) -> dict:
     tc, mc = rc.train, rc.model
-    check_backend(tc.backend)
-    model = _model()
+    model = _model(tc.backend)
     run_dir = Path(run_dir)
     ck_path = run_dir / CHECKPOINT_NAME
     corpus = data_mod.load_corpus(tc.data, tc.val_fraction)
@@ -581,7 +598,8 @@ def _train(rc: RunConfig, run_dir, resume: bool, echo: Callable[[str], None], tt
             metrics.flush()
             progress.update(step, loss, tok_s, start_step)
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
-                ev = evaluate(params, mc, corpus.val.stream, tc.batch_size, tc.seq_len, tc.eval_batches)
+                ev = evaluate(params, mc, corpus.val.stream, tc.batch_size, tc.seq_len, tc.eval_batches,
+                              backend=tc.backend)
                 metrics.write(json.dumps({"step": step, "val_loss": ev["loss"], "val_perplexity": ev["perplexity"],
                                           "val_bits_per_byte": ev["bits_per_byte"]}) + "\n")
                 metrics.flush()
@@ -591,7 +609,7 @@ def _train(rc: RunConfig, run_dir, resume: bool, echo: Callable[[str], None], tt
                 metrics.flush()
                 save(step)
         save(step)
-        ev = evaluate(params, mc, corpus.val.stream, tc.batch_size, tc.seq_len, tc.eval_batches)
+        ev = evaluate(params, mc, corpus.val.stream, tc.batch_size, tc.seq_len, tc.eval_batches, backend=tc.backend)
         metrics.write(json.dumps({"step": step, "val_loss": ev["loss"], "val_perplexity": ev["perplexity"],
                                   "val_bits_per_byte": ev["bits_per_byte"]}) + "\n")
     summary = {"steps": step, "final_train_loss": loss if step > start_step else None,

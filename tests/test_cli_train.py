@@ -15,7 +15,10 @@ from nested_learning.cli import cli
 from nested_learning.reference import model
 
 WORDS = "the memory learns to compress its context into weights while the optimizer learns gradients".split()
-TINY = ["--preset", "transformer-tiny", "--seq-len", "24", "--batch-size", "4", "--lr", "0.01"]
+# The loop's logic runs on the reference (several tests patch reference.model.loss_and_grads);
+# test_hope_family_end_to_end_with_exact_resume runs the default backend, the CPU port.
+TINY = ["--preset", "transformer-tiny", "--backend", "reference", "--seq-len", "24", "--batch-size", "4",
+        "--lr", "0.01"]
 
 
 def write_corpus(path, n_docs=8, n_words=300, seed=0):
@@ -120,7 +123,7 @@ def test_config_and_option_errors(trained, tmp_path):
     assert_clean_error(invoke("train", "--config", bad), "unknown keys ['stepz']", "batch_size")
     bad.write_text('preset = "transformer-tiny"\n[model]\nwidth = 3\n')
     assert_clean_error(invoke("train", "--config", bad, "--out", tmp_path / "r"), "width", "d_model")
-    assert_clean_error(invoke("train", *TINY, "--backend", "cpu", "--out", tmp_path / "r"), "not yet built")
+    assert_clean_error(invoke("train", *TINY, "--backend", "gpu", "--out", tmp_path / "r"), "not built yet")
     assert_clean_error(invoke("train", *TINY, "--data", corpus, "--out", run), "already holds a run", "--resume")
     assert_clean_error(invoke("train", "--resume", run, "--lr", 1), "--resume continues the run", "--lr")
     assert_clean_error(invoke("train", "--resume", tmp_path), "not a run directory")
@@ -207,12 +210,15 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
 
 
 def test_hope_family_end_to_end_with_exact_resume(tmp_path, monkeypatch):
-    """hope-tiny (self-modifying Titans + in-context CMS): train, interrupt, resume, eval, generate."""
+    """hope-tiny (self-modifying Titans + in-context CMS) on the CPU port (--backend cpu): train,
+    interrupt, resume, eval, generate."""
+    from nested_learning.fast.cpu import model as cpu_model
+
     corpus = write_corpus(tmp_path / "corpus", n_docs=5)
-    args = ["train", "--preset", "hope-tiny", "--data", corpus, "--steps", 6, "--batch-size", 2, "--seq-len", 12,
-            "--checkpoint-every", 3, "--eval-every", 3]
+    args = ["train", "--preset", "hope-tiny", "--backend", "cpu", "--data", corpus, "--steps", 6,
+            "--batch-size", 2, "--seq-len", 12, "--checkpoint-every", 3, "--eval-every", 3]
     assert invoke(*args, "--out", tmp_path / "whole").exit_code == 0
-    real = model.loss_and_grads
+    real = cpu_model.loss_and_grads
     calls = {"n": 0}
 
     def crash(params, tokens, cfg):
@@ -221,10 +227,10 @@ def test_hope_family_end_to_end_with_exact_resume(tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated kill")
         return real(params, tokens, cfg)
 
-    monkeypatch.setattr(model, "loss_and_grads", crash)
+    monkeypatch.setattr(cpu_model, "loss_and_grads", crash)
     interrupted = invoke(*args, "--out", tmp_path / "cut")  # click turns the interrupt into "Aborted!"
     assert interrupted.exit_code == 1 and "Aborted" in interrupted.output
-    monkeypatch.setattr(model, "loss_and_grads", real)
+    monkeypatch.setattr(cpu_model, "loss_and_grads", real)
     assert invoke("train", "--resume", tmp_path / "cut").exit_code == 0
 
     def trajectory(run):
@@ -235,8 +241,12 @@ def test_hope_family_end_to_end_with_exact_resume(tmp_path, monkeypatch):
     result = invoke("eval", tmp_path / "cut", "--continual", "--data", corpus, "--max-docs", 2, "--doc-bytes", 20,
                     "--seq-len", 8)
     assert result.exit_code == 0 and "continual" in result.output, result.output
-    result = invoke("generate", tmp_path / "cut", "--prompt", "the", "--max-bytes", 8, "--temperature", 0)
+    result = invoke("generate", tmp_path / "cut", "--prompt", "the", "--max-bytes", 8, "--temperature", 0,
+                    "--backend", "cpu")
     assert result.exit_code == 0 and result.output.startswith("the")
+    reference = invoke("generate", tmp_path / "cut", "--prompt", "the", "--max-bytes", 8, "--temperature", 0,
+                       "--backend", "reference")
+    assert reference.exit_code == 0 and reference.output == result.output
 
 
 def test_help_of_the_run_commands_imports_nothing_heavy(tmp_path):

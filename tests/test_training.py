@@ -24,7 +24,9 @@ def write_corpus(path, n_docs=6, n_words=300, seed=0):
 
 
 def tiny_run(corpus, **kw):
-    flags = dict(preset="transformer-tiny", data=str(corpus), steps=30, batch_size=4, seq_len=24, lr=1e-2,
+    # The loop's logic is tested on the reference (some tests patch reference.model); the CPU
+    # port's agreement with it is test_cpu_backend_trains_like_the_reference.
+    flags = dict(preset="transformer-tiny", backend="reference", data=str(corpus), steps=30, batch_size=4, seq_len=24, lr=1e-2,
                  eval_batches=2, checkpoint_every=10, log_every=10, val_fraction=0.3)
     flags.update(kw)
     return training.resolve_config({}, flags)
@@ -184,8 +186,8 @@ def test_resume_after_interruption_reproduces_the_trajectory(tmp_path, corpus, m
 
 
 def test_run_errors(tmp_path, corpus):
-    with pytest.raises(training.TrainingError, match="not yet built"):
-        training.train(tiny_run(corpus, backend="cpu"), tmp_path / "x")
+    with pytest.raises(training.TrainingError, match="not built yet"):
+        training.train(tiny_run(corpus, backend="gpu"), tmp_path / "x")
     training.train(tiny_run(corpus, steps=2), tmp_path / "run", echo=lambda s: None)
     with pytest.raises(training.TrainingError, match="already holds a run.*--resume"):
         training.train(tiny_run(corpus, steps=2), tmp_path / "run", echo=lambda s: None)
@@ -294,3 +296,32 @@ def test_training_pins_blas_threads_for_reproducibility(tmp_path, corpus, monkey
     training.train(tiny_run(corpus, steps=2), tmp_path / "run", echo=lambda s: None)
     assert seen and all(s <= {1} for s in seen)
     assert "blas_threads = 1" in (tmp_path / "run" / "config.toml").read_text()
+
+
+def test_cpu_backend_trains_like_the_reference(tmp_path, corpus):
+    """--backend cpu (the Numba port) follows the reference's trajectory, and eval/generate run on it."""
+    ref = tiny_run(corpus, steps=6, checkpoint_every=3, dtype="float64")
+    cpu = tiny_run(corpus, steps=6, checkpoint_every=3, dtype="float64", backend="cpu")
+    training.train(ref, tmp_path / "ref", echo=lambda s: None)
+    training.train(cpu, tmp_path / "cpu", echo=lambda s: None)
+    a, b = losses(tmp_path / "ref"), losses(tmp_path / "cpu")
+    assert len(a) == len(b) == 6
+    np.testing.assert_allclose(b, a, rtol=1e-9)  # float64: the port agrees to ~1e-12 per step
+    params, rc, _ = training.load_model_checkpoint(tmp_path / "cpu")
+    assert rc.train.backend == "cpu"
+    split = data.load_corpus(rc.train.data, rc.train.val_fraction).val
+    ev_ref = training.evaluate(params, rc.model, split.stream, 2, 16, 2, backend="reference")
+    ev_cpu = training.evaluate(params, rc.model, split.stream, 2, 16, 2, backend="cpu")
+    assert abs(ev_ref["loss"] - ev_cpu["loss"]) < 1e-9
+    prompt = np.frombuffer(b"def ", dtype=np.uint8).astype(np.int64)
+    g_ref = training.generate(params, rc.model, prompt, 8, temperature=0.0, backend="reference")
+    g_cpu = training.generate(params, rc.model, prompt, 8, temperature=0.0, backend="cpu")
+    np.testing.assert_array_equal(g_cpu, g_ref)
+
+
+def test_default_backend_is_the_fastest_available():
+    import importlib.util
+
+    expected = "cpu" if importlib.util.find_spec("numba") is not None else "reference"
+    assert training.default_backend() == expected
+    assert training.TrainConfig().backend == expected
