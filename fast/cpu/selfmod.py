@@ -118,33 +118,42 @@ def _key_write_backward(P0, S0, L, K, ep, alpha, beta, dP_end, dS_end, dP0, dS0,
                     s = bet * Sc[i, c] - el * k[c]
                     Sc[i, c] = s
                     Pc[i, c] = al * Pc[i, c] - epk * k[c] + s
-        dP = dP_end[bi, h].copy()
+        # Z stacks [dS_j ; P_{j-1} ; dP_j] (3a, b) so that one product Z k gives (dS_j k, P k, dP k)
+        # and one product [L_j ; dP k ; P k]^T Z gives the key's whole cotangent (fewer BLAS calls).
+        Z = np.empty((3 * a, b), dtype=P0.dtype)
+        U = np.empty(3 * a, dtype=P0.dtype)
+        dSt = Z[:a]
+        dP = Z[2 * a:]
+        dP[:, :] = dP_end[bi, h]
         dS = dS_end[bi, h].copy()
-        dSt = np.empty((a, b), dtype=P0.dtype)
         bsum = 0.0
         for j in range(n - 1, -1, -1):
             e = ep[bi, h, j]
             al = alpha[bi, h, j]
             k = K[bi, h, j]
             l = L[bi, h, j]
-            Pp = histP[j]
+            Z[a:2 * a] = histP[j]
             for i in range(a):
                 for c in range(b):
                     dSt[i, c] = dP[i, c] + dS[i, c]  # adjoint of S_j (P_j = ... + S_j; S_{j+1} = beta S_j ...)
-            dStk = np.dot(dSt, k)  # (a,)
-            dRk = np.dot(l, dSt)  # (b,)
-            Pk = np.dot(Pp, k)  # (a,)
-            dPk = np.dot(dP, k)  # (a,)
-            dalpha[bi, h, j] = np.dot(dP.reshape(-1), Pp.reshape(-1))  # <dP_j, P_{j-1}>
+            Zk = np.dot(Z, k)  # (3a,)   dS_j k, P_{j-1} k, dP_j k
+            dalpha[bi, h, j] = np.dot(dP.reshape(-1), histP[j].reshape(-1))  # <dP_j, P_{j-1}>
             bsum += np.dot(dSt.reshape(-1), histS[j].reshape(-1))  # <dS_j, S_{j-1}>
+            g_dot = 0.0
+            s_dot = 0.0
             for i in range(a):
-                dL[bi, h, j, i] = -e * dStk[i]  # dG = -eta' dS_j;  dL = dG k
-            dep[bi, h, j] = -np.dot(l, dStk) - np.dot(dPk, Pk)  # -<dS_j, G_j> - <dP k, P k>
-            dk_shrink = np.dot(dPk, Pp) + np.dot(Pk, dP)  # (b,)
+                dL[bi, h, j, i] = -e * Zk[i]  # dG = -eta' dS_j;  dL = dG k
+                g_dot += l[i] * Zk[i]
+                s_dot += Zk[2 * a + i] * Zk[a + i]
+                U[i] = l[i]
+                U[a + i] = Zk[2 * a + i]
+                U[2 * a + i] = Zk[a + i]
+            dep[bi, h, j] = -g_dot - s_dot  # -<dS_j, G_j> - <dP k, P k>
+            dk_all = np.dot(U, Z)  # (b,)   L^T dS_j + (dP k)^T P_{j-1} + (P k)^T dP_j
             for c in range(b):
-                dK[bi, h, j, c] = -e * (dRk[c] + dk_shrink[c])
+                dK[bi, h, j, c] = -e * dk_all[c]
             for i in range(a):
-                epk = e * dPk[i]
+                epk = e * Zk[2 * a + i]
                 for c in range(b):
                     dP[i, c] = al * dP[i, c] - epk * k[c]
                     dS[i, c] = bet * dSt[i, c]
