@@ -240,6 +240,30 @@ def test_backward_accepts_a_reference_cache():
         np.testing.assert_array_equal(gf[1][k], gr[1][k])
 
 
+@pytest.mark.parametrize("change", ["drop:k.W1", "drop:pos_memory", "drop:conv_v", "shape:v.S_W2", "dtype:memory.W1_b",
+                                    "shape:conv_q", "list:alpha.W2"])  # fmt: skip
+def test_bad_state_gives_the_reference_error(change):
+    """The port checks the state without building one; the messages are the reference's."""
+    cfg = RS.SelfModConfig(d_model=4, n_heads=2, hidden=3)
+    params = RS.init_params(cfg, np.random.default_rng(0))
+    state = RS.init_state(params, cfg, 2)
+    what, key = change.split(":")
+    if what == "drop":
+        del state[key]
+    elif what == "shape":
+        state[key] = np.zeros(state[key].shape[:-1] + (7,))
+    elif what == "dtype":
+        state[key] = state[key].astype(np.float32)
+    else:
+        state[key] = state[key].tolist()
+    x = np.zeros((2, 3, 4))
+    with pytest.raises(ValueError) as want:
+        RS.forward(x, params, cfg, state)
+    with pytest.raises(ValueError) as got:
+        FS.forward(x, params, cfg, state)
+    assert str(got.value) == str(want.value)
+
+
 def test_bad_input_raises_like_the_reference():
     cfg = RS.SelfModConfig(d_model=4, n_heads=2, hidden=3)
     params = RS.init_params(cfg, np.random.default_rng(0))
