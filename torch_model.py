@@ -262,11 +262,11 @@ def _titans(x, P, b, cfg, st):
         t1 = min(n, t0 + C - pos)
         q, k, v = (heads[c][:, :, t0:t1] for c in "qkv")
         outs.append(_read(Wb, q))  # o_t = M_b(q_t), read before write   # Titans Eq. (15)
-        G = _inner_grads(Wb, k, v)  # at the chunk start   # Titans Eq. (12)
+        G = {name: g.unbind(2) for name, g in _inner_grads(Wb, k, v).items()}  # at M_b   # Titans Eq. (12)
         for j in range(t1 - t0):
             a_t, b_t, e_t = (g[:, :, t0 + j, None, None] for g in (alpha, beta, eta))
             for name in W:
-                S[name] = b_t * S[name] - e_t * G[name][:, :, j]  # Titans Eq. (14)
+                S[name] = b_t * S[name] - e_t * G[name][j]  # Titans Eq. (14)
                 W[name] = a_t * W[name] + S[name]  # Titans Eq. (13)
         pos += t1 - t0
         if pos == C:
@@ -342,13 +342,13 @@ def _selfmod(x, P, b, cfg, st):
         outs.append(_read(Bst["memory"], q))  # Eq. (83): o = M_memory(q), read before write
         for m in _MEMORIES:
             vhat = _read(Bst[m], v)  # Eq. (84): self-generated target
-            G = _inner_grads(Bst[m], k, vhat)  # Eqs. (86), (93): vhat constant inside
+            G = {w: g.unbind(2) for w, g in _inner_grads(Bst[m], k, vhat).items()}  # Eqs. (86), (93)
             for j in range(t1 - t0):
                 e = ep[:, :, j, None, None]
                 a = alpha[:, :, j, None, None]
                 kj = k[:, :, j, :, None]  # (B, H, dh, 1)
                 for w in _sm_weights(cfg):
-                    S[m][w] = beta[m] * S[m][w] - e * G[w][:, :, j]  # momentum (SPEC.md#selfmod)
+                    S[m][w] = beta[m] * S[m][w] - e * G[w][j]  # momentum (SPEC.md#selfmod)
                     new = a * W[m][w] + S[m][w]  # Eq. (88): alpha W + S
                     if w in ("M", "W2"):  # key side: W (alpha I - eta' k k^T)
                         new = new - e * ((W[m][w] @ kj) @ kj.transpose(-1, -2))  # Eq. (88)
