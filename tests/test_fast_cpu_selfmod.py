@@ -25,6 +25,7 @@ from tolerances import assert_close, tol
 
 from nested_learning.fast.cpu import selfmod as FS
 from nested_learning.reference import selfmod as RS
+from nested_learning.reference.gradcheck import check_gradients
 
 
 def note(msg):
@@ -188,6 +189,31 @@ def test_key_write_kernel_matches_the_reference_token_writes(n, a, b, momentum, 
         _assert_same_tree(dbeta.sum(axis=0), rbeta, dtype, "dbeta")
 
 
+@pytest.mark.parametrize("kw", [dict(chunk_memory=2, chunk_other=3), dict(memory="matrix", chunk_memory=2, chunk_other=1),
+                                dict(chunk_memory=3, chunk_other=2, momentum=False, adaptive_q=True)])  # fmt: skip
+def test_fast_backward_passes_the_gradient_check(kw):
+    """The port's own backward against central differences and the dot-product test (float64), on
+    the keys the reference's GRADCHECKS resolve (>= 1e-2 of the largest gradient)."""
+    rng = np.random.default_rng(5)
+    cfg = RS.SelfModConfig(d_model=2, n_heads=1, hidden=2, eta_max=1.0, **kw)
+    params = RS.example_params(cfg, rng)
+    x = rng.standard_normal((1, 5, 2))
+    u = rng.standard_normal(x.shape)
+    _, cache, _ = FS.forward(x, params, cfg)
+    dx, dparams, _ = FS.backward(u, cache)
+    grads = {"x": dx, **dparams}
+    scale = max(float(np.max(np.abs(g))) for g in grads.values())
+    grads = {k: g for k, g in grads.items() if float(np.max(np.abs(g))) >= 1e-2 * scale}
+
+    def loss(d):
+        d = dict(d)
+        xx = d.pop("x")
+        return np.sum(FS.forward(xx, d, cfg)[0] * u)
+
+    errors = check_gradients(loss, {"x": x, **params}, grads, rng)
+    assert max(errors.values()) < tol("float64", "gradcheck"), errors
+
+
 def test_a_wrong_port_would_be_caught():
     """A key-side write without the DGD shrink gives a different layer, and the comparison sees it."""
     c = dict(B=1, T=6, T0=1, H=1, dh=3, Hm=3, memory="mlp", cm=3, co=2, layernorm=False, momentum=True,
@@ -284,6 +310,7 @@ def test_bad_input_raises_like_the_reference():
 _NOJIT_SCRIPT = """
 import numpy as np
 from nested_learning.fast.cpu import selfmod as FS
+from nested_learning.reference.gradcheck import check_gradients
 from nested_learning.reference import selfmod as RS
 import numba
 assert numba.config.DISABLE_JIT
