@@ -187,11 +187,11 @@ def _run_errors():
               help="TOML file: training keys, [model] and [optimizer_hparams] tables; flags override it.")
 @click.option("--data", default=None, metavar="PATH",
               help="A text file, a directory or a glob (read as bytes). Default: the Python stdlib.")
-@click.option("--steps", type=int, default=None, help="Optimizer steps (default 24).")
+@click.option("--steps", type=int, default=None, help="Optimizer steps (default 200).")
 @click.option("--batch-size", type=int, default=None, help="Sequences per batch (default 4).")
-@click.option("--seq-len", type=int, default=None, help="Predicted bytes per sequence (default 64).")
+@click.option("--seq-len", type=int, default=None, help="Predicted bytes per sequence (default 128).")
 @click.option("--optimizer", type=click.Choice(_TRAIN_OPTIMIZERS), default=None, help="Default adamw; warmup then cosine decay.")
-@click.option("--lr", type=float, default=None, help="Peak learning rate (default 1e-2).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (default 3e-3).")
 @click.option("--warmup-steps", type=int, default=None, help="Linear warmup steps (default steps // 10).")
 @click.option("--backend", type=click.Choice(["reference", "cpu", "gpu"]), default=None,
               help="Default: the fastest available (cpu, the Numba port, where numba imports; gpu is not built yet).")
@@ -203,8 +203,8 @@ def _run_errors():
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
               help="Continue the run in RUN_DIR from its last checkpoint.")
 @click.option("--eval-every", type=int, default=None, help="Validate every N steps (default 0: at the end).")
-@click.option("--checkpoint-every", type=int, default=None, help="Checkpoint every N steps (default 8).")
-@click.option("--log-every", type=int, default=None, help="Progress line every N steps off a terminal (default 4).")
+@click.option("--checkpoint-every", type=int, default=None, help="Checkpoint every N steps (default 50).")
+@click.option("--log-every", type=int, default=None, help="Progress line every N steps off a terminal (default 10).")
 def train(config_file, resume_dir, out, **flags) -> None:
     """Train a model on byte-level text; write metrics.jsonl, checkpoints and a summary.
 

@@ -85,11 +85,11 @@ class TrainConfig:
     """Everything that defines a run besides the model config (SPEC.md#training)."""
 
     preset: str = "hope-small"
-    steps: int = 24
+    steps: int = 200
     batch_size: int = 4
-    seq_len: int = 64
+    seq_len: int = 128
     optimizer: str = "adamw"
-    lr: float = 1e-2
+    lr: float = 3e-3  # 1e-2 drove hope-small to a non-finite gradient at step 49 (4x128, seed 0)
     warmup_steps: int | None = None  # None: steps // 10
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
@@ -100,9 +100,9 @@ class TrainConfig:
     val_fraction: float = 0.05
     blas_threads: int = 1  # 1: bit-reproducible runs (threaded BLAS sums in a varying order); 0: BLAS default
     eval_every: int = 0  # 0: only at the end
-    eval_batches: int = 2
-    checkpoint_every: int = 8  # 0: only at the end
-    log_every: int = 4
+    eval_batches: int = 4
+    checkpoint_every: int = 50  # 0: only at the end
+    log_every: int = 10
 
     def __post_init__(self):
         def bad(key, msg):
