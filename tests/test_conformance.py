@@ -3,6 +3,7 @@ the CPU port; the CLI exports, verifies, prints a per-tensor table and exits 1 o
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -86,7 +87,8 @@ def test_bench_cli_runs_and_writes_json(tmp_path):
     assert [r["backend"] for r in rows] == ["reference", "cpu", "torch"]
     assert rows[0]["tokens_per_s"] > 0 and rows[1]["vs_reference"] > 0
     assert rows[1]["decode_s_per_token"]["8"] > 0
-    assert "not implemented" in rows[2]["status"]
+    torch_present = importlib.util.find_spec("torch") is not None
+    assert rows[2].get("tokens_per_s", 0) > 0 if torch_present else "not available" in rows[2]["status"]
     assert "matrix-product rate" in res.output
     res = runner.invoke(cli, ["bench", "--preset", "nope"])
     assert res.exit_code == 2 and "unknown preset" in res.output
