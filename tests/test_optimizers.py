@@ -537,29 +537,29 @@ def test_toy_psi():
 
 
 def test_toy_compare_defaults():
-    """Recorded outcome at the defaults (SPEC.md#optimizers): both converge; standard momentum
-    needs 218 steps, delta momentum (normalised, delta = 0.1) 397, the printed form 212."""
+    """The outcome SPEC.md#optimizers reports at the defaults: all three converge, and delta
+    momentum (normalised, delta = 0.1) is slower than standard momentum (measured 397 vs 218
+    steps; the printed form 212). The step counts are not pinned here: the claim is."""
     rows = toy.compare()
     steps = {r["name"]: r["steps"] for r in rows}
-    assert steps == {"momentum": 218, "delta_momentum": 397, "delta_momentum (printed form)": 212}
+    assert set(steps) == {"momentum", "delta_momentum", "delta_momentum (printed form)"}
+    assert all(s is not None for s in steps.values())
+    assert steps["delta_momentum"] > steps["momentum"]
     for r in rows:
         assert toy.psi(r["path"][r["steps"]]) < 1e-8 <= toy.psi(r["path"][r["steps"] - 1])
 
 
 def test_toy_momentum_cli(tmp_path):
-    cli = pytest.importorskip("nested_learning.cli")
-    if "toy-momentum" not in cli.cli.commands:
-        pytest.skip("toy-momentum not registered in cli.py yet")
     from click.testing import CliRunner
+
+    from nested_learning import cli
 
     result = CliRunner().invoke(cli.cli, ["toy-momentum", "--out", str(tmp_path), "--steps", "600"])
     assert result.exit_code == 0, result.output
-    assert "momentum" in result.output and "218" in result.output and "397" in result.output
-    try:
-        import matplotlib  # noqa: F401
-
-        assert (tmp_path / "toy_momentum.png").stat().st_size > 1000
-    except ImportError:
-        assert "pip install" in result.output
+    # The table prints what toy.compare computes (the numbers come from the module, not the test).
+    for row in toy.compare(steps=600):
+        assert row["name"] in result.output
+        assert str(row["steps"]) in result.output
+    assert (tmp_path / "toy_momentum.png").stat().st_size > 1000  # matplotlib is in the test extra
     result = CliRunner().invoke(cli.cli, ["toy-momentum", "--out", str(tmp_path), "--lr", "-1"])
     assert result.exit_code == 2
