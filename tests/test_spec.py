@@ -31,3 +31,10 @@ def test_every_cited_spec_anchor_exists():
             cited.setdefault(anchor, path.name)
     unknown = {a: f for a, f in cited.items() if a not in anchors}
     assert not unknown, f"code cites SPEC.md anchors that do not exist: {unknown}"
+
+
+def test_every_internal_link_of_spec_resolves():
+    text = SPEC.read_text(encoding="utf-8")
+    anchors = set(re.findall(r'<a id="([^"]+)"></a>', text))
+    broken = sorted(set(re.findall(r"\]\(#([^)]+)\)", text)) - anchors)
+    assert not broken, f"SPEC.md links to anchors that do not exist: {broken}"
