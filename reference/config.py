@@ -184,6 +184,15 @@ def _small(family: str, **kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def _medium(family: str, **kw) -> ModelConfig:
+    base = dict(
+        name=f"{family}-medium", family=family, vocab_size=256, d_model=256, n_layers=4, n_heads=8,
+        mlp_hidden=2048, dtype="float32", init_std=0.02, mem_chunk=16, mem_chunk_other=16,
+    )
+    base.update(kw)
+    return ModelConfig(**base)
+
+
 # CMS levels of the presets, applied in this order (first = closest to the block input). The tiny
 # levels update every 2 and 4 tokens so that a test sequence of ~10 tokens crosses several
 # boundaries; the small ones every 16 and 64 tokens, plus a frozen level (SPEC.md#hope).
@@ -192,6 +201,11 @@ _TINY_CMS = (CMSLevel(hidden=8, period=2, eta=0.05), CMSLevel(hidden=8, period=4
 _SMALL_CMS = (CMSLevel(hidden=512, period=16, eta=1e-3), CMSLevel(hidden=512, period=64, eta=1e-3),
               CMSLevel(hidden=512, period=None))
 _SMALL_HOPE_CMS = tuple(dataclasses.replace(lv, hidden=384) for lv in _SMALL_CMS)  # the memories take the rest
+# medium (benchmarks, SPEC.md#hope): width 256, 4 layers, 8 heads of 32, about 7M parameters per family; the
+# hope memories' MLP hidden width is 2 d_head (not 4) so that one reference step of 4 x 256 tokens stays
+# under ~2 minutes on 2 cores (measured 137 s at 4 d_head, 75 s at 2 d_head)
+_MEDIUM_CMS = tuple(dataclasses.replace(lv, hidden=1024) for lv in _SMALL_CMS)
+_MEDIUM_HOPE_CMS = tuple(dataclasses.replace(lv, hidden=896) for lv in _SMALL_CMS)
 
 PRESETS: dict[str, ModelConfig] = {
     "transformer-tiny": _tiny("transformer"),
@@ -202,6 +216,10 @@ PRESETS: dict[str, ModelConfig] = {
     "hope-attention-small": _small("hope-attention", cms_levels=_SMALL_CMS),
     "titans-small": _small("titans", mlp_hidden=896),
     "hope-small": _small("hope", cms_levels=_SMALL_HOPE_CMS, mem_eta_max=0.01),
+    "transformer-medium": _medium("transformer"),
+    "hope-attention-medium": _medium("hope-attention", cms_levels=_MEDIUM_CMS),
+    "titans-medium": _medium("titans", mlp_hidden=1792),
+    "hope-medium": _medium("hope", cms_levels=_MEDIUM_HOPE_CMS, mem_eta_max=0.01, mem_hidden=64),
 }
 
 

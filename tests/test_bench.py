@@ -1,0 +1,160 @@
+"""``nested-learning bench``: the decode measurement (piecewise prefill, flat state), skip rules,
+the first-step budget, the cached-start measurement and the medium presets (SPEC.md#fast-cpu,
+SPEC.md#hope).
+
+Timings are never asserted against targets (the machine is shared); the tests check what is
+measured: how many tokens are fed, which state is timed, and that each skip says why.
+"""
+
+import dataclasses
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nested_learning import bench, config
+from nested_learning.cli import cli
+from nested_learning.reference import model as ref
+
+
+class _Recorder:
+    """A stand-in model module that records every forward call's token count and carries a
+    state holding the tokens seen so far (so the test sees exactly what was fed)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def forward(self, params, tokens, cfg, state=None):
+        assert tokens.ndim == 2 and tokens.shape[0] == 1
+        self.calls.append(tokens.shape[1])
+        seen = 0 if state is None else state["seen"]
+        return np.zeros((1, tokens.shape[1], cfg.vocab_size)), {"seen": seen + tokens.shape[1],
+                                                                "w": np.zeros(3)}
+
+
+@given(context=st.integers(1, 5000), piece=st.integers(1, 2048), n_tokens=st.integers(1, 5))
+def test_decode_prefills_the_whole_context_in_pieces(context, piece, n_tokens):
+    rec = _Recorder()
+    cfg = config.preset("titans-tiny")
+    res = bench._time_decode(rec, None, cfg, context, n_tokens, piece=piece)
+    k = -(-context // piece)  # prefill calls
+    assert rec.calls[:k] == [piece] * (k - 1) + [context - piece * (k - 1)]
+    assert sum(rec.calls[:k]) == context
+    assert rec.calls[k:] == [1] * (bench.DECODE_WARMUP + n_tokens)  # warm-up, then the timed tokens
+    assert res["state_bytes"] == 3 * 8 and res["prefill_s"] >= 0
+    assert 0 <= res["median_s"] <= max(res["mean_s"] * n_tokens, 1e-12)
+
+
+def test_prefill_past_the_budget_is_abandoned():
+    rec = _Recorder()
+    assert bench._time_decode(rec, None, config.preset("titans-tiny"), 10_000, 4, abort_after=0.0, piece=100) is None
+    assert rec.calls == [100]  # stopped after the first piece, nothing decoded
+
+
+def test_memory_state_is_constant_in_the_context_and_attention_grows():
+    from nested_learning.fast.cpu import model as cpu
+
+    sizes = {}
+    for name in ("titans-tiny", "hope-tiny", "transformer-tiny"):
+        cfg = config.preset(name)
+        params = cpu.init_params(cfg, 0)
+        sizes[name] = [bench._time_decode(cpu, params, cfg, c, 2, piece=64)["state_bytes"] for c in (96, 640)]
+    assert sizes["titans-tiny"][0] == sizes["titans-tiny"][1] > 0
+    assert sizes["hope-tiny"][0] == sizes["hope-tiny"][1] > 0
+    assert sizes["transformer-tiny"][1] > 5 * sizes["transformer-tiny"][0]  # the KV cache
+
+
+def test_piecewise_prefill_gives_the_one_call_state():
+    # what the benchmark decodes from is the state one call over the context would give
+    from nested_learning.fast.cpu import model as cpu
+
+    cfg = config.preset("hope-tiny")
+    params = cpu.init_params(cfg, 0)
+    tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, size=(1, 23))
+    _, one = cpu.forward(params, tokens, cfg)
+    state = None
+    for a in range(0, 23, 5):
+        _, state = cpu.forward(params, tokens[:, a:a + 5], cfg, state)
+    nxt = np.array([[1]])
+    l1, _ = cpu.forward(params, nxt, cfg, one)
+    l2, _ = cpu.forward(params, nxt, cfg, state)
+    np.testing.assert_allclose(l2, l1, rtol=1e-12, atol=1e-12)
+
+
+def test_predicted_prefill_is_linear_for_memories_quadratic_for_attention():
+    titans, attn = config.preset("titans-tiny"), config.preset("transformer-tiny")
+    assert bench._predict_prefill(titans, 4096, (1024, 2.0), 1e9) == pytest.approx(8.0)
+    assert bench._predict_prefill(attn, 4096, (1024, 2.0), 1e9) == pytest.approx(32.0)
+    assert bench._predict_prefill(titans, 1000, None, 500.0) == pytest.approx(2.0)
+
+
+def test_run_skips_with_reasons_and_reports_state_sizes():
+    out = []
+    rows = bench.run(presets=("titans-tiny", "transformer-tiny"), backends=("cpu",), batch_size=1, seq_len=6,
+                     repeats=1, decode_contexts=(16, 16384, 32), decode_tokens=2, max_seconds=30.0, echo=out.append)
+    titans, attn = rows
+    assert list(titans["decode_s_per_token"]) == ["16", "32", "16384"]  # sorted contexts
+    assert titans["decode_s_per_token"]["16"] > 0 and titans["decode_mean_s_per_token"]["32"] > 0
+    assert titans["decode_state_bytes"]["16"] == titans["decode_state_bytes"]["32"]
+    assert attn["decode_s_per_token"]["16384"] is None
+    assert attn["decode_skipped"]["16384"] == "attention beyond 8192 tokens"
+    assert attn["decode_state_bytes"]["32"] > attn["decode_state_bytes"]["16"]
+    text = "\n".join(out)
+    assert "decode@16K" in text and "median (mean) ms per token" in text
+    assert "attention families beyond 8192 tokens" in text
+    # a tiny budget: predicted prefills over it are skipped and named
+    rows = bench.run(presets=("titans-tiny",), backends=("cpu",), batch_size=1, seq_len=6, repeats=1,
+                     decode_contexts=(8, 1 << 22), decode_tokens=1, max_seconds=1.0, echo=out.append)
+    assert rows[0]["decode_s_per_token"]["8"] > 0
+    assert re.fullmatch(r"prefill predicted \d+ s > 1 s", rows[0]["decode_skipped"][str(1 << 22)])
+    assert "titans-tiny cpu @4096K: prefill predicted" in out[-1]
+
+
+def test_first_step_over_the_budget_is_the_step_time():
+    out = []
+    rows = bench.run(presets=("titans-tiny",), backends=("reference",), batch_size=1, seq_len=6, repeats=3,
+                     decode_contexts=(8,), decode_tokens=1, max_seconds=0.0, echo=out.append)
+    row = rows[0]
+    assert row["steps_timed"] == 0 and row["step_s"] == row["first_call_s"]
+    assert row["tokens_per_s"] == pytest.approx(6 / row["first_call_s"])
+    assert row["decode_s_per_token"]["8"] is None and "first step over 0 s" in row["decode_skipped"]["8"]
+    assert re.search(r"titans-tiny +reference +\d+\* ", out[4]) and out[-1].startswith("* first step over 0 s")
+
+
+def test_startup_times_two_processes_share_the_cache(tmp_path):
+    out = []
+    rows = bench.startup_times("transformer-tiny", runs=2, cache_dir=tmp_path, batch_size=1, seq_len=4,
+                               echo=out.append)
+    assert [r["run"] for r in rows] == [1, 2]
+    assert any(tmp_path.rglob("*.nbi"))  # the first process wrote Numba's cache there
+    for r in rows:
+        assert r["to_first_step_s"] >= r["imports_s"] + r["first_step_s"] > 0
+    assert rows[1]["first_step_s"] < rows[0]["first_step_s"]  # cache load, not compilation
+    assert "same NUMBA_CACHE_DIR" in out[1]
+    with pytest.raises(ValueError, match="unknown preset"):
+        bench.startup_times("nope")
+
+
+MEDIUM = ("transformer-medium", "hope-attention-medium", "titans-medium", "hope-medium")
+
+
+def test_medium_presets_are_larger_than_small():
+    for name in MEDIUM:
+        med, small = config.preset(name), config.preset(name.replace("medium", "small"))
+        assert med.family == small.family and med.vocab_size == 256 and med.dtype == "float32"
+        assert med.d_model == 256 and med.d_model > small.d_model and med.n_layers > small.n_layers
+        n_med, n_small = sum(ref.param_counts(med).values()), sum(ref.param_counts(small).values())
+        assert n_med > 3 * n_small, (name, n_med, n_small)
+        assert (med.cms_chunk is None) == (small.cms_chunk is None)
+        params = ref.init_params(dataclasses.replace(med, n_layers=1), 0)  # valid shapes
+        assert all(np.isfinite(v).all() for v in params.values())
+
+
+@pytest.mark.parametrize("name", MEDIUM)
+def test_info_model_medium(name):
+    res = CliRunner().invoke(cli, ["info", "--model", name])
+    assert res.exit_code == 0, res.output
+    assert name in res.output
