@@ -21,9 +21,10 @@ thread settings).
   tokens; the median mostly does not), and the state's size in bytes after the context (O(1) in
   the context for the memory families, the KV cache for attention);
 - a context is skipped, with its reason, when its prefill is predicted to take longer than
-  ``max_seconds`` (from the previous context's prefill rate, linear in the context for the
-  memory families and quadratic for attention; from the training step's tokens/s for the first),
-  when a prefill overruns twice that, and for attention families beyond ``ATTENTION_MAX_CONTEXT``
+  ``prefill_seconds`` (default ``PREFILL_BUDGET`` x ``max_seconds``; predicted from the previous
+  context's prefill rate, linear in the context for the memory families and quadratic for
+  attention; from the training step's tokens/s for the first), when a prefill overruns twice that,
+  and for attention families beyond ``ATTENTION_MAX_CONTEXT``
   tokens (their KV cache and per-token cost grow with the context: that is not a flat decode);
 - a (preset, backend) whose first step took longer than ``max_seconds`` reports that first call
   as its step time (marked ``*``; no further step and no decode is run).
@@ -105,6 +106,8 @@ def model_flops(cfg, B: int, T: int) -> float:
 PREFILL_PIECE = 1024  # tokens per prefill call
 DECODE_WARMUP = 2  # untimed decode tokens before the timed ones
 ATTENTION_MAX_CONTEXT = 8192
+PREFILL_BUDGET = 3.0  # a context's prefill may take this many times --max-seconds (64K tokens of hope-small on
+# the CPU port take ~75 s: the flat-decode measurement must fit the default budget of a 60 s run)
 
 
 def _time_steps(model, opt, params, tokens, cfg, repeats: int, max_seconds: float):
@@ -177,7 +180,7 @@ def _predict_prefill(cfg, c, last, tokens_per_s):
 
 
 def run(presets=(), backends=(), batch_size=4, seq_len=256, dtype="float32", repeats=3, decode_contexts=(1024,),
-        decode_tokens=8, max_seconds=60.0, json_out=None, echo=print) -> list[dict]:
+        decode_tokens=8, max_seconds=60.0, json_out=None, echo=print, prefill_seconds=None) -> list[dict]:
     """Run the benchmark and print its table; returns the rows."""
     from threadpoolctl import threadpool_limits
 
@@ -188,6 +191,8 @@ def run(presets=(), backends=(), batch_size=4, seq_len=256, dtype="float32", rep
     if not backends:
         backends = ("reference", "cpu")
     decode_contexts = sorted(set(decode_contexts))
+    if prefill_seconds is None:
+        prefill_seconds = PREFILL_BUDGET * max_seconds
     cfgs = [dataclasses.replace(config.preset(p), dtype=dtype) for p in presets]  # ValueError names bad ones
     rate = matmul_gflops(dtype)
     echo(f"nested-learning bench  {time.strftime('%Y-%m-%d %H:%M')}  {platform.machine()} {platform.processor() or ''}"
@@ -235,12 +240,12 @@ def run(presets=(), backends=(), batch_size=4, seq_len=256, dtype="float32", rep
                         skipped[c] = f"attention beyond {ATTENTION_MAX_CONTEXT} tokens"
                         continue
                     predicted = _predict_prefill(cfg, c, last, tps)
-                    if predicted > max_seconds:
-                        skipped[c] = f"prefill predicted {predicted:.0f} s > {max_seconds:g} s"
+                    if predicted > prefill_seconds:
+                        skipped[c] = f"prefill predicted {predicted:.0f} s > {prefill_seconds:g} s"
                         continue
-                    res = _time_decode(model, params, cfg, c, decode_tokens, abort_after=2 * max_seconds)
+                    res = _time_decode(model, params, cfg, c, decode_tokens, abort_after=2 * prefill_seconds)
                     if res is None:
-                        skipped[c] = f"prefill over {2 * max_seconds:g} s"
+                        skipped[c] = f"prefill over {2 * prefill_seconds:g} s"
                         continue
                     decode[c] = res
                     last = (c, res["prefill_s"])

@@ -107,10 +107,14 @@ def test_run_skips_with_reasons_and_reports_state_sizes():
     assert "attention families beyond 8192 tokens" in text
     # a tiny budget: predicted prefills over it are skipped and named
     rows = bench.run(presets=("titans-tiny",), backends=("cpu",), batch_size=1, seq_len=6, repeats=1,
-                     decode_contexts=(8, 1 << 22), decode_tokens=1, max_seconds=1.0, echo=out.append)
+                     decode_contexts=(8, 1 << 22), decode_tokens=1, max_seconds=1.0, echo=out.append,
+                     prefill_seconds=1.0)
     assert rows[0]["decode_s_per_token"]["8"] > 0
     assert re.fullmatch(r"prefill predicted \d+ s > 1 s", rows[0]["decode_skipped"][str(1 << 22)])
     assert "titans-tiny cpu @4096K: prefill predicted" in out[-1]
+    rows = bench.run(presets=("titans-tiny",), backends=("cpu",), batch_size=1, seq_len=6, repeats=1,
+                     decode_contexts=(1 << 22,), decode_tokens=1, max_seconds=1.0, echo=out.append)
+    assert re.fullmatch(r"prefill predicted \d+ s > 3 s", rows[0]["decode_skipped"][str(1 << 22)])  # 3 x max
 
 
 def test_first_step_over_the_budget_is_the_step_time():
