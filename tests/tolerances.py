@@ -72,7 +72,9 @@ def tol(dtype, kind: str) -> float:
 
 
 def assert_close(actual, expected, dtype, kind: str, name: str = "") -> None:
-    """Shape and dtype first, then values; on failure print worst index, max abs and max rel."""
+    """Shape first, then values (relative to the larger of the two maxima); on failure print the
+    worst index, max abs and max rel. Dtypes are the callers' to check (some compare float32
+    results with a float64 oracle)."""
     actual = np.asarray(actual)
     expected = np.asarray(expected)
     assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
