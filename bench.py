@@ -18,8 +18,10 @@ thread settings).
   produce; pieces bound the prefill's temporaries), then ``DECODE_WARMUP`` untimed tokens, then
   ``decode_tokens`` single-token ``forward`` calls carrying the state, each timed: the median and
   the mean per token (the mean includes the in-context CMS writes that fall every ``period``
-  tokens; the median mostly does not), and the state's size in bytes after the context (O(1) in
-  the context for the memory families, the KV cache for attention);
+  tokens; the median mostly does not), and the state's size in bytes after the decode (O(1) in
+  the context for the memory families, the KV cache for attention; measured after the decode so
+  that every context has been through several calls: from its second call on, a state also holds
+  the memory states at the start of the current chunk);
 - a context is skipped, with its reason, when its prefill is predicted to take longer than
   ``prefill_seconds`` (default ``PREFILL_BUDGET`` x ``max_seconds``; predicted from the previous
   context's prefill rate, linear in the context for the memory families and quadratic for
@@ -156,7 +158,6 @@ def _time_decode(model, params, cfg, context: int, n_tokens: int, abort_after: f
         if time.perf_counter() - t0 > abort_after and done < context:
             return None
     prefill = time.perf_counter() - t0
-    size = state_bytes(state)
     gc.collect()  # the prefill's temporaries are freed before decode is timed
     for _ in range(DECODE_WARMUP):
         _, state = model.forward(params, rng.integers(0, cfg.vocab_size, size=(1, 1)), cfg, state)
@@ -166,6 +167,7 @@ def _time_decode(model, params, cfg, context: int, n_tokens: int, abort_after: f
         t = time.perf_counter()
         _, state = model.forward(params, tok, cfg, state)
         times.append(time.perf_counter() - t)
+    size = state_bytes(state)
     return dict(prefill_s=prefill, median_s=float(np.median(times)), mean_s=float(np.mean(times)), state_bytes=size)
 
 
