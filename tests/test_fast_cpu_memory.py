@@ -10,30 +10,15 @@ import sys
 import numpy as np
 import pytest
 from hypothesis import given
-from hypothesis import note as _note
 from hypothesis import strategies as st
+from port_helpers import note
+from port_helpers import readonly as _ro
 from tolerances import assert_close
 
 from nested_learning.fast.cpu import memory as FMEM
 from nested_learning.reference import memory as RM
 
 PORTED = ("hebbian", "delta", "dgd", "oja")
-
-
-def note(msg):
-    try:
-        _note(msg)
-    except Exception:  # outside a hypothesis test
-        pass
-
-
-def _ro(d):
-    out = {}
-    for key, a in d.items():
-        a = np.array(a)
-        a.flags.writeable = False
-        out[key] = a
-    return out
 
 
 @given(st.sampled_from(PORTED), st.integers(1, 2), st.integers(1, 7), st.integers(1, 4), st.integers(1, 4),

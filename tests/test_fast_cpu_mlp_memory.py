@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 from hypothesis import given
-from hypothesis import note as _note
 from hypothesis import strategies as st
+from port_helpers import note, readonly
 from tolerances import assert_close
 
 from nested_learning.fast.cpu import mlp_memory as F
@@ -20,19 +20,7 @@ from nested_learning.reference import mlp_memory as R
 
 
 def _ro(*arrays):
-    out = []
-    for a in arrays:
-        a = np.array(a)
-        a.flags.writeable = False
-        out.append(a)
-    return out
-
-
-def note(msg):
-    try:
-        _note(msg)
-    except Exception:  # outside a hypothesis test
-        pass
+    return [readonly(a) for a in arrays]
 
 
 def _compare(fast, ref, dtype, names):

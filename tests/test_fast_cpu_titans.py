@@ -13,34 +13,15 @@ import sys
 import numpy as np
 import pytest
 from hypothesis import given
-from hypothesis import note as _note
 from hypothesis import strategies as st
+from port_helpers import copy_tree as _copy
+from port_helpers import note
+from port_helpers import readonly as _ro
 from tolerances import assert_close, tol
 
 from nested_learning.fast.cpu import titans as FT
 from nested_learning.reference import titans as RT
 from nested_learning.reference.gradcheck import check_gradients
-
-
-def note(msg):
-    try:
-        _note(msg)
-    except Exception:  # outside a hypothesis test
-        pass
-
-
-def _ro(tree):
-    if isinstance(tree, dict):
-        return {k: _ro(v) for k, v in tree.items()}
-    if isinstance(tree, np.ndarray):
-        a = np.array(tree)
-        a.flags.writeable = False
-        return a
-    return tree
-
-
-def _copy(tree):
-    return {k: (np.array(v) if isinstance(v, np.ndarray) else v) for k, v in tree.items()}
 
 
 def _assert_same_tree(fast, ref, dtype, name):
