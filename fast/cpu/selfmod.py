@@ -96,67 +96,92 @@ def _key_write_backward(P0, S0, L, K, ep, alpha, beta, dP_end, dS_end, dP0, dS0,
     right factor and in the shrink); dep, dalpha (B, H, n); dbeta (B, H) = sum_t <dS_t, S_{t-1}>."""
     nb, nh, a, b = P0.shape
     n = L.shape[2]
+    # work arrays allocated once per call, not per (b, h): the histories are ~n a b words each (an
+    # allocation that size is a fresh mmap whose pages fault in every time)
+    histP = np.empty((n, a, b), dtype=P0.dtype)
+    histS = np.empty((n, a, b), dtype=P0.dtype)
+    Z = np.empty((2 * a, b), dtype=P0.dtype)
+    dS = np.empty((a, b), dtype=P0.dtype)
+    acc_k = np.empty(b, dtype=np.float64)  # column-wise accumulators (float64)
+    acc_a = np.empty(b, dtype=np.float64)
+    acc_b = np.empty(b, dtype=np.float64)
     for bh in range(nb * nh):
         bi, h = bh // nh, bh % nh
         bet = beta[h]
-        histP = np.empty((n, a, b), dtype=P0.dtype)
-        histS = np.empty((n, a, b), dtype=P0.dtype)
-        Pc = P0[bi, h].copy()
-        Sc = S0[bi, h].copy()
-        for j in range(n):  # forward replay: the state before each token
-            histP[j] = Pc
-            histS[j] = Sc
+        # forward replay: histP[j], histS[j] = the states before token j, each computed in place from
+        # the one before (one fused pass per token; the state after the last token is not needed)
+        for i in range(a):
+            for c in range(b):
+                histP[0, i, c] = P0[bi, h, i, c]
+                histS[0, i, c] = S0[bi, h, i, c]
+        for j in range(n - 1):
             e = ep[bi, h, j]
             al = alpha[bi, h, j]
             k = K[bi, h, j]
             l = L[bi, h, j]
-            Pk = np.dot(Pc, k)
+            Pp = histP[j]
+            Sp = histS[j]
+            Pn = histP[j + 1]
+            Sn = histS[j + 1]
+            Pk = np.dot(Pp, k)
             for i in range(a):
                 el = e * l[i]
                 epk = e * Pk[i]
                 for c in range(b):
-                    s = bet * Sc[i, c] - el * k[c]
-                    Sc[i, c] = s
-                    Pc[i, c] = al * Pc[i, c] - epk * k[c] + s
-        # Z stacks [dS_j ; P_{j-1} ; dP_j] (3a, b) so that one product Z k gives (dS_j k, P k, dP k)
-        # and one product [L_j ; dP k ; P k]^T Z gives the key's whole cotangent (fewer BLAS calls).
-        Z = np.empty((3 * a, b), dtype=P0.dtype)
-        U = np.empty(3 * a, dtype=P0.dtype)
-        dSt = Z[:a]
-        dP = Z[2 * a:]
+                    s = bet * Sp[i, c] - el * k[c]
+                    Sn[i, c] = s
+                    Pn[i, c] = al * Pp[i, c] - epk * k[c] + s
+        # Z stacks [dS_j ; dP_j] (2a, b): one product Z k gives (dS_j k, dP_j k). Then one fused pass
+        # over the (a, b) entries reverses the token: it accumulates the key's cotangent and
+        # <dP_j, P_{j-1}>, <dS_j, S_{j-1}> column-wise (vectorised over b) and updates dP, dS in place.
+        dSt = Z[:a]  # adjoint of S_j (P_j = ... + S_j; S_{j+1} = beta S_j ...): dP_j + beta dS_{j+1}
+        dP = Z[a:]
         dP[:, :] = dP_end[bi, h]
-        dS = dS_end[bi, h].copy()
+        for i in range(a):
+            for c in range(b):
+                dS[i, c] = dS_end[bi, h, i, c]
+                dSt[i, c] = dP[i, c] + dS[i, c]
         bsum = 0.0
         for j in range(n - 1, -1, -1):
             e = ep[bi, h, j]
             al = alpha[bi, h, j]
             k = K[bi, h, j]
             l = L[bi, h, j]
-            Z[a:2 * a] = histP[j]
-            for i in range(a):
-                for c in range(b):
-                    dSt[i, c] = dP[i, c] + dS[i, c]  # adjoint of S_j (P_j = ... + S_j; S_{j+1} = beta S_j ...)
-            Zk = np.dot(Z, k)  # (3a,)   dS_j k, P_{j-1} k, dP_j k
-            dalpha[bi, h, j] = np.dot(dP.reshape(-1), histP[j].reshape(-1))  # <dP_j, P_{j-1}>
-            bsum += np.dot(dSt.reshape(-1), histS[j].reshape(-1))  # <dS_j, S_{j-1}>
+            Pj = histP[j]
+            Sj = histS[j]
+            Zk = np.dot(Z, k)  # (2a,)   dS_j k, dP_j k
+            Pk = np.dot(Pj, k)  # (a,)    P_{j-1} k
             g_dot = 0.0
             s_dot = 0.0
             for i in range(a):
                 dL[bi, h, j, i] = -e * Zk[i]  # dG = -eta' dS_j;  dL = dG k
                 g_dot += l[i] * Zk[i]
-                s_dot += Zk[2 * a + i] * Zk[a + i]
-                U[i] = l[i]
-                U[a + i] = Zk[2 * a + i]
-                U[2 * a + i] = Zk[a + i]
+                s_dot += Zk[a + i] * Pk[i]
             dep[bi, h, j] = -g_dot - s_dot  # -<dS_j, G_j> - <dP k, P k>
-            dk_all = np.dot(U, Z)  # (b,)   L^T dS_j + (dP k)^T P_{j-1} + (P k)^T dP_j
-            for c in range(b):
-                dK[bi, h, j, c] = -e * dk_all[c]
+            acc_k[:] = 0.0
+            acc_a[:] = 0.0
+            acc_b[:] = 0.0
             for i in range(a):
-                epk = e * Zk[2 * a + i]
+                li = l[i]
+                dpk = Zk[a + i]
+                pk = Pk[i]
+                epk = e * dpk
                 for c in range(b):
-                    dP[i, c] = al * dP[i, c] - epk * k[c]
-                    dS[i, c] = bet * dSt[i, c]
+                    dpv = dP[i, c]
+                    dsv = dSt[i, c]
+                    pv = Pj[i, c]
+                    acc_k[c] += li * dsv + dpk * pv + pk * dpv  # L^T dS_j + (dP k)^T P_{j-1} + (P k)^T dP_j
+                    acc_a[c] += dpv * pv  # <dP_j, P_{j-1}>
+                    acc_b[c] += dsv * Sj[i, c]  # <dS_j, S_{j-1}>
+                    ndp = al * dpv - epk * k[c]
+                    nds = bet * dsv
+                    dP[i, c] = ndp
+                    dS[i, c] = nds
+                    dSt[i, c] = ndp + nds
+            dalpha[bi, h, j] = acc_a.sum()
+            bsum += acc_b.sum()
+            for c in range(b):
+                dK[bi, h, j, c] = -e * acc_k[c]
         dP0[bi, h] = dP
         dS0[bi, h] = dS
         dbeta[bi, h] = bsum
