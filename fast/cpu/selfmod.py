@@ -39,7 +39,8 @@ Port decisions:
 - ``forward_loop`` (the token-loop oracle), complex inputs (the complex-step path) and any cache
   made by the reference fall back to reference.selfmod explicitly; the port's own cache (rank-1
   factors and read caches per segment) is not the reference's layout;
-- the element-wise glue (conv, l2/RMS norms, activations) calls reference.primitives.
+- the element-wise glue (conv, l2/RMS norms, activations) calls fast.cpu.primitives (compiled; the
+  same functions and cache layouts as reference.primitives).
 """
 
 from __future__ import annotations
@@ -47,10 +48,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ...reference import primitives as P
 from ...reference import selfmod as RS
 from ...reference.selfmod import SelfModConfig, init_params, init_state, param_shapes  # noqa: F401  (same API)
 from . import mlp_memory as FM
+from . import primitives as P  # the compiled glue (same functions and cache layouts as reference.primitives)
 from . import titans as FT
 
 # ---------------------------------------------------------------------------------------------

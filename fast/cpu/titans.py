@@ -34,7 +34,8 @@ Port decisions:
 - ``cfg.impl == "loop"`` (the token-loop oracle) falls back to reference.titans explicitly;
 - the layer runs with one BLAS thread (``mlp_memory.blas_single_thread``: measured 0.16 s vs
   0.59 s per forward+backward at titans-small sizes on the loaded 2-core machine);
-- the cheap element-wise glue (conv, norms, activations, output norm) calls reference.primitives.
+- the element-wise glue (conv, norms, activations, output norm) calls fast.cpu.primitives (compiled;
+  the same functions and cache layouts as reference.primitives).
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ...reference import primitives as P
 from ...reference import titans as RT
 from ...reference.titans import TitansConfig, init_params, init_state, param_shapes  # noqa: F401  (same API)
 from . import mlp_memory as FM
+from . import primitives as P  # the compiled glue (same functions and cache layouts as reference.primitives)
 
 # ---------------------------------------------------------------------------------------------
 # Compiled gate scans: the chunk coefficients and their backward
