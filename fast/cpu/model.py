@@ -30,6 +30,10 @@ Decisions (SPEC.md#fast-cpu):
       removes one of the three forward passes of an in-context ``loss_and_grads``; and that
       pass, which needs only the CMS weights' gradients, does not differentiate block 0's
       sequence mixer and the embedding (nothing it needs lies below block 0's CMS);
+    - in ``loss_and_grads`` of the hope family, block 0's self-modifying layer sees the same input in
+      the chunk-major pass and in the whole-sequence pass, so the latter re-uses the former's chain of
+      layer caches merged into one (``fast.cpu.selfmod.merge_caches``) instead of running the layer
+      a second time (the same function; measured gradients bitwise identical at hope-small);
     - BLAS runs single-threaded inside the public functions (``NL_CPU_BLAS_THREADS``, default 1,
       applied with threadpoolctl): a step is hundreds of small products (16-token chunks), where
       OpenBLAS's spinning worker threads cost more than they give, catastrophically on a loaded
@@ -154,11 +158,15 @@ def _attn_backward(dy, cache, b):
     return da, grads
 
 
-def _block_forward(x, params, i, cfg, p0, past, mem_state, cms_w, cms_groups):
+def _block_forward(x, params, i, cfg, p0, past, mem_state, cms_w, cms_groups, mixer=None):
+    """``mixer``: (o, cache) of this block's sequence-memory layer already computed on the same input
+    (the whole-sequence pass re-uses the chunk-major pass's lowest block; see ``loss_and_grads``)."""
     b = f"blocks.{i}."
     a, c_n1 = P.rmsnorm_forward(x, params[b + "norm1.g"], cfg.norm_eps)  # (B, n, D)
     new_past = new_mem = None
-    if _has_attention(cfg):
+    if mixer is not None:
+        o, c_mix = mixer
+    elif _has_attention(cfg):
         o, c_mix, new_past = _attn_forward(a, params, b, cfg, p0, past)
     else:
         _, lcfg, fwd, _ = _mem_layer(cfg)
@@ -204,12 +212,12 @@ def _block_backward(dy, cache, i, cfg, cms_only=False):
     return dx + dh, grads, dcms
 
 
-def _stack_forward(params, cfg, tokens, p0, past, mem, cms_w, cms_groups):
+def _stack_forward(params, cfg, tokens, p0, past, mem, cms_w, cms_groups, mixer0=None):
     x, c_emb = P.embedding_forward(tokens, params["embed.E"])  # (B, n, D)
     caches, new_past, new_mem = [], [], []
     for i in range(cfg.n_layers):
         x, c, np_i, nm_i = _block_forward(x, params, i, cfg, p0, past[i], mem[i],
-                                          cms_w[i] if cms_w else None, cms_groups)
+                                          cms_w[i] if cms_w else None, cms_groups, mixer0 if i == 0 else None)
         caches.append(c)
         new_past.append(np_i)
         new_mem.append(nm_i)
@@ -307,7 +315,8 @@ def _complete_chunk(params, cfg, state, next_token, record, fwd=None):
     state["pending"] = state["pending"][:, :0]
 
 
-def _run(params, tokens, cfg, state, record=None):
+def _run(params, tokens, cfg, state, record=None, keep=None):
+    """``keep``: a list that receives block 0's sequence-memory layer cache of each forwarded piece."""
     T = tokens.shape[1]
     C = cfg.cms_chunk
     out, t, whole = [], 0, None
@@ -318,6 +327,8 @@ def _run(params, tokens, cfg, state, record=None):
         n = T - t if C is None else min(T - t, C - state["pending"].shape[1])
         logits, cache = _advance(params, cfg, state, tokens[:, t:t + n])
         whole = (logits, cache) if (starts and n == C) else None  # the chunk's one-piece forward
+        if keep is not None:
+            keep.append(cache[1][0][1])  # (c_n1, c_mix, c_n2, c_sec) of block 0
         out.append(logits)
         t += n
     return np.concatenate(out, axis=1)
@@ -344,10 +355,14 @@ def cms_increments(params, tokens, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """The in-context CMS increments of a fresh pass over tokens (reference/model.py)."""
     params = _check_params(params, cfg)
     tokens = _check_tokens(tokens, cfg)
+    return _cms_increments(params, tokens, cfg)
+
+
+def _cms_increments(params, tokens, cfg, keep=None):
     if cfg.cms_chunk is None:
         return {}
     record: dict[str, list] = {}
-    _run(params, tokens, cfg, init_state(params, cfg, tokens.shape[0]), record)
+    _run(params, tokens, cfg, init_state(params, cfg, tokens.shape[0]), record, keep)
     B, T = tokens.shape
     out = {}
     for i in range(cfg.n_layers):
@@ -363,7 +378,7 @@ def cms_increments(params, tokens, cfg: ModelConfig) -> dict[str, np.ndarray]:
     return out
 
 
-def _first_order_forward(params, tokens, cfg, increments):
+def _first_order_forward(params, tokens, cfg, increments, mixer0=None):
     """The whole sequence in one pass with the CMS weights theta_0 + increments (constants)."""
     B, T = tokens.shape
     cms_w, groups = None, [[(0, T)] for _ in cfg.cms_levels]
@@ -388,7 +403,8 @@ def _first_order_forward(params, tokens, cfg, increments):
                     pair.append(w)
                 ws.append(tuple(pair))
             cms_w.append(ws)
-    return _stack_forward(params, cfg, tokens, 0, [None] * cfg.n_layers, [None] * cfg.n_layers, cms_w, groups)
+    return _stack_forward(params, cfg, tokens, 0, [None] * cfg.n_layers, [None] * cfg.n_layers, cms_w, groups,
+                          mixer0)
 
 
 @_blas_limited
@@ -406,8 +422,17 @@ def loss_and_grads(params, tokens, cfg: ModelConfig):
     same function as reference/model.py::loss_and_grads."""
     params = _check_params(params, cfg)
     tokens = _check_tokens(tokens, cfg, min_T=2)
-    increments = cms_increments(params, tokens, cfg)
-    logits, cache, _, _ = _first_order_forward(params, tokens, cfg, increments)
+    # Block 0's sequence-memory layer sees the same input in the chunk-major pass and in the
+    # whole-sequence pass (nothing below it depends on the CMS increments), so the second pass re-uses
+    # the first's chain of layer caches, merged into one (fast.cpu.selfmod.merge_caches; the same
+    # function: a chain of calls equals one call) instead of running the layer again.
+    keep = [] if cfg.family == "hope" and PORTED_LAYERS["hope"] == "selfmod" else None
+    increments = _cms_increments(params, tokens, cfg, keep)
+    mixer0 = None
+    if keep:
+        module = _mem_layer(cfg)[0]
+        mixer0 = module.merge_caches(keep)
+    logits, cache, _, _ = _first_order_forward(params, tokens, cfg, increments, mixer0)
     loss, c_ce = P.cross_entropy_forward(logits[:, :-1], tokens[:, 1:])
     dlogits = np.zeros_like(logits)
     dlogits[:, :-1] = P.cross_entropy_backward(np.asarray(1.0, dtype=logits.dtype), c_ce)

@@ -436,8 +436,34 @@ def _forward(x, params, cfg, state):
     for c in ("q", "k", "v"):
         new_state[f"conv_{c}"] = np.array(conv[c], copy=True)
     cache = {"x": x, "params": params, "cfg": cfg, "had_state": had_state, "segs": segs, "out": out_cache,
-             "fast": True}  # fmt: skip
+             "o": o, "fast": True}  # fmt: skip
     return y, cache, new_state
+
+
+def merge_caches(caches):
+    """(y, cache) of one ``forward`` over the concatenated inputs of a chain of ``forward`` calls
+    (each call's state the previous one's new state), from the chain's port caches, or None when one
+    of them is not the port's. The chain computes the same function as one call over the whole input
+    (SPEC.md#selfmod), and its backward is the chain rule through the states the calls pass on, so
+    the merged cache is the calls' segments in order (positions shifted); only the output projection
+    (cheap) is recomputed over the whole input. Used by fast.cpu.model to re-use the chunk-major
+    pass's lowest-block layer in the whole-sequence pass."""
+    if not caches or not all(isinstance(c, dict) and c.get("fast") and "o" in c for c in caches):
+        return None
+    first = caches[0]
+    params, cfg = first["params"], first["cfg"]
+    segs, t = [], 0
+    for c in caches:
+        for seg in c["segs"]:
+            segs.append(dict(seg, t0=seg["t0"] + t, t1=seg["t1"] + t))
+        t += c["x"].shape[1]
+    x = np.concatenate([c["x"] for c in caches], axis=1)  # (B, T, D)
+    o = np.concatenate([c["o"] for c in caches], axis=2)  # (B, H, T, dh)
+    with FM.blas_single_thread():
+        y, out_cache = _output_forward(o, x, params, cfg)
+    cache = {"x": x, "params": params, "cfg": cfg, "had_state": first["had_state"], "segs": segs,
+             "out": out_cache, "o": o, "fast": True}  # fmt: skip
+    return y, cache
 
 
 def _backward(dy, cache, dstate):
