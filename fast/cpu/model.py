@@ -30,10 +30,14 @@ Decisions (SPEC.md#fast-cpu):
       removes one of the three forward passes of an in-context ``loss_and_grads``; and that
       pass, which needs only the CMS weights' gradients, does not differentiate block 0's
       sequence mixer and the embedding (nothing it needs lies below block 0's CMS);
-    - in ``loss_and_grads`` of the hope family, block 0's self-modifying layer sees the same input in
-      the chunk-major pass and in the whole-sequence pass, so the latter re-uses the former's chain of
-      layer caches merged into one (``fast.cpu.selfmod.merge_caches``) instead of running the layer
-      a second time (the same function; measured gradients bitwise identical at hope-small);
+    - in ``loss_and_grads`` of the hope family, each block's self-modifying layer sees the same input
+      in the chunk-major pass and in the whole-sequence pass, so the latter re-uses the former's chain
+      of layer caches merged into one (``fast.cpu.selfmod.merge_caches``) instead of running the
+      layers a second time. Block 0's input is bitwise the same; a higher block's differs by rounding
+      only (the whole-sequence pass's CMS weights theta_0 + sum of increments vs the chunk pass's
+      weights updated in place: the same numbers summed in another order), so its layer's gradient
+      is taken at the chunk pass's activations: measured at hope-small against running the layers
+      again, gradients differ by 2.5e-16 (float64) and 1.7e-7 (float32) of the gradient's scale;
     - BLAS runs single-threaded inside the public functions (``NL_CPU_BLAS_THREADS``, default 1,
       applied with threadpoolctl): a step is hundreds of small products (16-token chunks), where
       OpenBLAS's spinning worker threads cost more than they give, catastrophically on a loaded
@@ -212,12 +216,12 @@ def _block_backward(dy, cache, i, cfg, cms_only=False):
     return dx + dh, grads, dcms
 
 
-def _stack_forward(params, cfg, tokens, p0, past, mem, cms_w, cms_groups, mixer0=None):
+def _stack_forward(params, cfg, tokens, p0, past, mem, cms_w, cms_groups, mixers=None):
     x, c_emb = P.embedding_forward(tokens, params["embed.E"])  # (B, n, D)
     caches, new_past, new_mem = [], [], []
     for i in range(cfg.n_layers):
         x, c, np_i, nm_i = _block_forward(x, params, i, cfg, p0, past[i], mem[i],
-                                          cms_w[i] if cms_w else None, cms_groups, mixer0 if i == 0 else None)
+                                          cms_w[i] if cms_w else None, cms_groups, mixers[i] if mixers else None)
         caches.append(c)
         new_past.append(np_i)
         new_mem.append(nm_i)
@@ -316,7 +320,7 @@ def _complete_chunk(params, cfg, state, next_token, record, fwd=None):
 
 
 def _run(params, tokens, cfg, state, record=None, keep=None):
-    """``keep``: a list that receives block 0's sequence-memory layer cache of each forwarded piece."""
+    """``keep``: a list that receives, per forwarded piece, each block's sequence-memory layer cache."""
     T = tokens.shape[1]
     C = cfg.cms_chunk
     out, t, whole = [], 0, None
@@ -328,7 +332,7 @@ def _run(params, tokens, cfg, state, record=None, keep=None):
         logits, cache = _advance(params, cfg, state, tokens[:, t:t + n])
         whole = (logits, cache) if (starts and n == C) else None  # the chunk's one-piece forward
         if keep is not None:
-            keep.append(cache[1][0][1])  # (c_n1, c_mix, c_n2, c_sec) of block 0
+            keep.append([c[1] for c in cache[1]])  # each block's c_mix of (c_n1, c_mix, c_n2, c_sec)
         out.append(logits)
         t += n
     return np.concatenate(out, axis=1)
@@ -378,7 +382,7 @@ def _cms_increments(params, tokens, cfg, keep=None):
     return out
 
 
-def _first_order_forward(params, tokens, cfg, increments, mixer0=None):
+def _first_order_forward(params, tokens, cfg, increments, mixers=None):
     """The whole sequence in one pass with the CMS weights theta_0 + increments (constants)."""
     B, T = tokens.shape
     cms_w, groups = None, [[(0, T)] for _ in cfg.cms_levels]
@@ -404,7 +408,7 @@ def _first_order_forward(params, tokens, cfg, increments, mixer0=None):
                 ws.append(tuple(pair))
             cms_w.append(ws)
     return _stack_forward(params, cfg, tokens, 0, [None] * cfg.n_layers, [None] * cfg.n_layers, cms_w, groups,
-                          mixer0)
+                          mixers)
 
 
 @_blas_limited
@@ -422,17 +426,19 @@ def loss_and_grads(params, tokens, cfg: ModelConfig):
     same function as reference/model.py::loss_and_grads."""
     params = _check_params(params, cfg)
     tokens = _check_tokens(tokens, cfg, min_T=2)
-    # Block 0's sequence-memory layer sees the same input in the chunk-major pass and in the
-    # whole-sequence pass (nothing below it depends on the CMS increments), so the second pass re-uses
-    # the first's chain of layer caches, merged into one (fast.cpu.selfmod.merge_caches; the same
-    # function: a chain of calls equals one call) instead of running the layer again.
+    # Each block's sequence-memory layer sees the same input in the chunk-major pass and in the
+    # whole-sequence pass (block 0 exactly: nothing below it depends on the CMS increments; a higher
+    # block up to rounding: the whole-sequence pass's CMS weights theta_0 + increments are the chunk
+    # pass's in-context weights summed in another order), so the second pass re-uses the first's chain
+    # of layer caches, merged into one per block (fast.cpu.selfmod.merge_caches; a chain of calls
+    # equals one call) instead of running the layers again.
     keep = [] if cfg.family == "hope" and PORTED_LAYERS["hope"] == "selfmod" else None
     increments = _cms_increments(params, tokens, cfg, keep)
-    mixer0 = None
+    mixers = None
     if keep:
         module = _mem_layer(cfg)[0]
-        mixer0 = module.merge_caches(keep)
-    logits, cache, _, _ = _first_order_forward(params, tokens, cfg, increments, mixer0)
+        mixers = [module.merge_caches([piece[i] for piece in keep]) for i in range(len(keep[0]))]
+    logits, cache, _, _ = _first_order_forward(params, tokens, cfg, increments, mixers)
     loss, c_ce = P.cross_entropy_forward(logits[:, :-1], tokens[:, 1:])
     dlogits = np.zeros_like(logits)
     dlogits[:, :-1] = P.cross_entropy_backward(np.asarray(1.0, dtype=logits.dtype), c_ce)
