@@ -77,15 +77,15 @@ def level_backward(dy, cache):
     if not _compiled(act, dy, pre) or dy.dtype != pre.dtype:
         P.FALLBACKS["cms.level_backward"] = P.FALLBACKS.get("cms.level_backward", 0) + 1
         return R.level_backward(dy, cache)
-    f, df, _ = P.FAST_ACTIVATIONS[act]
     dz = dy.copy()  # (B, T, D): the residual path
     dW1 = np.empty(W1.shape, dtype=pre.dtype)
     dW2 = np.empty(W2.shape, dtype=pre.dtype)
     for g, (s, e) in enumerate(groups):
         p = pre[:, s:e]  # (B, n, Hm)
         dyg = dy[:, s:e]  # (B, n, D)
-        dW1[:, g] = np.matmul(_bt(dyg), f(p))  # (B, D, Hm)
-        dpre = _apply(dyg, W1[:, g]) * df(p)  # (B, n, Hm)
+        fp, dfp = P.act_and_grad(act, p)  # act(p), act'(p) in one compiled pass
+        dW1[:, g] = np.matmul(_bt(dyg), fp)  # (B, D, Hm)
+        dpre = _apply(dyg, W1[:, g]) * dfp  # (B, n, Hm)
         dW2[:, g] = np.matmul(_bt(dpre), z[:, s:e])  # (B, Hm, D)
         dz[:, s:e] += _apply(dpre, W2[:, g])  # (B, n, D)
     return dz, dW1, dW2
