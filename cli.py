@@ -189,7 +189,7 @@ def _run_errors():
               help="TOML file: training keys, [model] and [optimizer_hparams] tables; flags override it.")
 @click.option("--data", default=None, metavar="PATH",
               help="A text file, a directory or a glob (read as bytes). Default: the Python stdlib.")
-@click.option("--steps", type=int, default=None, help="Optimizer steps (default 200).")
+@click.option("--steps", type=int, default=None, help="Optimizer steps (default 300).")
 @click.option("--batch-size", type=int, default=None, help="Sequences per batch (default 4).")
 @click.option("--seq-len", type=int, default=None, help="Predicted bytes per sequence (default 128).")
 @click.option("--optimizer", type=click.Choice(_TRAIN_OPTIMIZERS), default=None, help="Default adamw; warmup then cosine decay.")

@@ -85,7 +85,7 @@ class TrainConfig:
     """Everything that defines a run besides the model config (SPEC.md#training)."""
 
     preset: str = "hope-small"
-    steps: int = 200
+    steps: int = 300
     batch_size: int = 4
     seq_len: int = 128
     optimizer: str = "adamw"
