@@ -1,0 +1,174 @@
+"""The GPU port's array namespaces: the reference's vectorised modules run over CuPy (or NumPy).
+
+SPEC: SPEC.md#fast-gpu. The GPU port is single-source: it is the reference's own code (the
+chunk-parallel forms of reference/titans.py, selfmod.py, cms.py, model.py, optimizers.py and the
+primitives under them), executed with its array module ``np`` bound to an array namespace
+instead of NumPy. ``load("cupy")`` gives a package of those modules whose function bodies call
+CuPy (cuBLAS for every matrix product and ``einsum``, CUDA kernels for the element-wise work);
+``load("numpy")`` gives the same package over NumPy, which is how the GPU port's logic runs on a
+machine without a GPU (CI): there it must equal the reference bit for bit.
+
+How a module is loaded (``_load_module``): its source file is compiled under its own file name (so
+tracebacks and line numbers are the reference's) and executed as a fresh module of the package
+``nested_learning.fast.gpu._xp_<name>``; module-level code (constants, dataclasses, dtype tables)
+runs with NumPy, then the module's global ``np`` is rebound to the namespace, so every function
+body computes on the namespace's arrays. ``from . import x`` inside those modules resolves to the
+sibling in the same package, and ``config`` is the reference's own module (one ModelConfig class
+for every backend). Nothing is copied or edited: the overrides below are the only differences,
+each a function the reference takes from outside NumPy.
+
+The CuPy namespace (``CupyNamespace``) forwards every name to ``cupy`` except:
+    - ``random``: NumPy's (initialisation draws on the host; the drawn arrays are uploaded);
+    - ``shape``, ``size``: read the attribute (CuPy arrays refuse NumPy's implicit conversion);
+    - ``add``: ``cupy.add`` whose ``.at`` (the embedding gradient's scatter-add) is a one-hot
+      matrix product for the (V, D) / (N,) / (N, D) pattern (no float64 atomics needed; the same
+      sums in another order);
+and primitives' ``_erf`` is ``cupyx.scipy.special.erf`` (scipy's erf takes no device array).
+TF32 stays off (CuPy's default) unless ``NL_GPU_TF32=1`` is set before the first load, which sets
+``CUPY_TF32=1``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import types
+
+import numpy
+
+# The reference modules the GPU port runs, in dependency order (each imports only earlier ones).
+MODULES = ("primitives", "mlp_memory", "titans", "selfmod", "cms", "model", "optimizers")
+_REF = "nested_learning.reference"
+_LOADED: dict[str, types.ModuleType] = {}
+
+
+def cupy_available() -> tuple[bool, str]:
+    """(True, device name) when CuPy imports and sees a CUDA device, else (False, the reason)."""
+    if importlib.util.find_spec("cupy") is None:
+        return False, "CuPy is not installed (pip install 'nested-learning[gpu]' on a CUDA machine)"
+    try:
+        import cupy
+
+        n = cupy.cuda.runtime.getDeviceCount()
+        if n < 1:
+            return False, "CuPy sees no CUDA device"
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        name = props["name"]
+        return True, name.decode() if isinstance(name, bytes) else str(name)
+    except Exception as exc:  # no driver, no device, a broken CUDA install: all mean "no GPU here"
+        return False, f"CuPy cannot use a CUDA device: {type(exc).__name__}: {exc}"
+
+
+class _AddWithAt:
+    """``cupy.add`` with an ``at`` that needs no atomics for the embedding-gradient pattern."""
+
+    def __init__(self, xp_add, xp):
+        self._add, self._xp = xp_add, xp
+
+    def __call__(self, *args, **kwargs):
+        return self._add(*args, **kwargs)
+
+    def at(self, a, indices, values):
+        xp = self._xp
+        if a.ndim == 2 and getattr(indices, "ndim", None) == 1 and values.ndim == 2:
+            onehot = (indices[:, None] == xp.arange(a.shape[0])[None, :]).astype(a.dtype)  # (N, V)
+            a += onehot.T @ values.astype(a.dtype, copy=False)  # (V, D)   sum over the rows of each index
+            return None
+        return self._add.at(a, indices, values)
+
+
+class CupyNamespace(types.ModuleType):
+    """``cupy`` with the overrides listed in the module docstring."""
+
+    def __init__(self):
+        super().__init__("nested_learning.fast.gpu.cupy_namespace")
+        if os.environ.get("NL_GPU_TF32") == "1":
+            os.environ.setdefault("CUPY_TF32", "1")
+        import cupy
+        import cupyx.scipy.special
+
+        self._cupy = cupy
+        self.erf = cupyx.scipy.special.erf
+        self.random = numpy.random
+        self.add = _AddWithAt(cupy.add, cupy)
+
+    @staticmethod
+    def shape(a):
+        return tuple(a.shape) if hasattr(a, "shape") else numpy.shape(a)
+
+    @staticmethod
+    def size(a):
+        return int(a.size) if hasattr(a, "size") else numpy.size(a)
+
+    def __getattr__(self, name):  # only reached for names not set above
+        return getattr(self._cupy, name)
+
+
+def _namespace(name: str):
+    if name == "numpy":
+        return numpy
+    if name == "cupy":
+        ok, why = cupy_available()
+        if not ok:
+            raise RuntimeError(f"the GPU backend needs CuPy and a CUDA device: {why}")
+        return CupyNamespace()
+    raise ValueError(f"array namespace must be 'numpy' or 'cupy', got {name!r}")
+
+
+def _overrides(name: str, xp) -> dict[str, dict]:
+    """module -> {global: replacement}: what the reference takes from outside NumPy."""
+    if name == "cupy":
+        return {"primitives": {"_erf": xp.erf}}
+    return {}
+
+
+def _load_module(package: str, module: str, xp, overrides: dict) -> types.ModuleType:
+    spec = importlib.util.find_spec(f"{_REF}.{module}")
+    if spec is None or spec.origin is None:
+        raise ImportError(f"cannot find the reference module {_REF}.{module}")
+    with open(spec.origin, encoding="utf-8") as f:
+        code = compile(f.read(), spec.origin, "exec")
+    mod = types.ModuleType(f"{package}.{module}")
+    mod.__file__ = spec.origin
+    mod.__package__ = package
+    sys.modules[mod.__name__] = mod  # before exec: dataclasses look their module up
+    exec(code, mod.__dict__)  # module-level code runs with NumPy
+    if getattr(mod, "np", None) is not numpy:
+        raise ImportError(f"{spec.origin} must import numpy as np (the namespace rebinds that name)")
+    mod.np = xp  # every function body now computes on the namespace
+    for key, value in overrides.items():
+        if not hasattr(mod, key):
+            raise ImportError(f"{spec.origin} has no {key!r} to override")
+        setattr(mod, key, value)
+    setattr(sys.modules[package], module, mod)
+    return mod
+
+
+def load(name: str = "cupy") -> types.ModuleType:
+    """The package of the reference's modules over the namespace ``name`` ("cupy" or "numpy");
+    loaded once per process. Its attributes are the modules of ``MODULES`` plus ``xp`` and
+    ``config``."""
+    if name in _LOADED:
+        return _LOADED[name]
+    xp = _namespace(name)
+    package = f"nested_learning.fast.gpu._xp_{name}"
+    pkg = types.ModuleType(package)
+    pkg.__path__ = []  # a package that finds nothing on disk: only the modules set below
+    pkg.__package__ = package
+    sys.modules[package] = pkg
+    config = importlib.import_module(f"{_REF}.config")
+    sys.modules[f"{package}.config"] = config
+    pkg.config = config
+    overrides = _overrides(name, xp)
+    try:
+        for module in MODULES:
+            _load_module(package, module, xp, overrides.get(module, {}))
+    except BaseException:
+        for key in [k for k in sys.modules if k == package or k.startswith(package + ".")]:
+            del sys.modules[key]
+        raise
+    pkg.xp = xp
+    _LOADED[name] = pkg
+    return pkg
