@@ -196,7 +196,7 @@ def _run_errors():
 @click.option("--lr", type=float, default=None, help="Peak learning rate (default 3e-3).")
 @click.option("--warmup-steps", type=int, default=None, help="Linear warmup steps (default steps // 10).")
 @click.option("--backend", type=click.Choice(["reference", "cpu", "gpu"]), default=None,
-              help="Default: the fastest available (cpu, the Numba port, where numba imports; gpu is not built yet).")
+              help="Default: cpu (the Numba port) where numba imports, else reference; gpu: the CuPy port.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None,
               help="Computation dtype (default: the preset's).")
 @click.option("--seed", type=int, default=None, help="Seed of the initialisation and the data order (default 0).")
@@ -480,7 +480,12 @@ def conformance_verify(directory, backend, only) -> None:
     from nested_learning import conformance as conf
 
     if backend == "gpu":
-        raise click.ClickException("backend 'gpu' (fast/gpu, CuPy) is not implemented yet; use reference or cpu")
+        from nested_learning import training
+
+        try:
+            training.check_backend("gpu")
+        except training.TrainingError as exc:
+            raise click.ClickException(str(exc)) from None
     try:
         rows = conf.verify(directory, backend=backend, only=only)
     except conf.ConformanceError as exc:

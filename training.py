@@ -59,8 +59,8 @@ BACKENDS = ("reference", "cpu", "gpu")
 
 
 def default_backend() -> str:
-    """The fastest backend available here: the Numba port ("cpu") where numba imports, else the
-    reference. (The GPU port is not built yet, so it is never the default.)"""
+    """The default backend: the Numba port ("cpu") where numba imports, else the reference. The GPU
+    port runs only when asked for (``--backend gpu``; README.md#benchmarks has its measured speed)."""
     import importlib.util
 
     return "cpu" if importlib.util.find_spec("numba") is not None else "reference"
@@ -253,12 +253,17 @@ def to_toml(rc: RunConfig) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
+def _is_array(x) -> bool:
+    """A NumPy array or scalar, or a device array (CuPy: ``__cuda_array_interface__``)."""
+    return isinstance(x, np.ndarray | np.generic) or hasattr(x, "__cuda_array_interface__")
+
+
 def tree_leaves(tree) -> list[np.ndarray]:
     if isinstance(tree, dict):
         return [x for v in tree.values() for x in tree_leaves(v)]
     if isinstance(tree, list | tuple):
         return [x for v in tree for x in tree_leaves(v)]
-    if isinstance(tree, np.ndarray | np.generic):
+    if _is_array(tree):
         return [tree]
     return []
 
@@ -270,7 +275,7 @@ def tree_map(fn: Callable, tree):
         return [tree_map(fn, v) for v in tree]
     if isinstance(tree, tuple):
         return tuple(tree_map(fn, v) for v in tree)
-    if isinstance(tree, np.ndarray | np.generic):
+    if _is_array(tree):
         return fn(tree)
     return tree
 
@@ -304,33 +309,43 @@ def metrics_from_loss(loss: float) -> dict:
 
 
 def _model(backend: str = "reference"):
-    """The model module of ``backend``: the reference, or the Numba port with the same API
-    (``init_params``, ``forward``, ``loss_and_grads``; SPEC.md#fast-cpu)."""
+    """The model module of ``backend``: the reference, the Numba port or the CuPy port, with the
+    same API (``init_params``, ``forward``, ``loss_and_grads``; SPEC.md#fast-cpu, SPEC.md#fast-gpu)."""
     check_backend(backend)
     if backend == "cpu":
         from nested_learning.fast.cpu import model
+    elif backend == "gpu":
+        from nested_learning.fast.gpu import model
     else:
         from nested_learning.reference import model
     return model
 
 
-def _optimizers():
+def _optimizers(backend: str = "reference"):
+    """reference/optimizers.py; on the GPU the same module over CuPy (the state stays on the device)."""
+    if backend == "gpu":
+        return _model("gpu").optimizers()
     from nested_learning.reference import optimizers
 
     return optimizers
 
 
 def check_backend(backend: str) -> None:
-    if backend == "gpu":
-        raise TrainingError("backend 'gpu' (the CuPy port, fast/gpu) is not built yet; "
-                            "use --backend cpu or --backend reference")
     if backend not in BACKENDS:
         raise TrainingError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend == "gpu":
+        from nested_learning.fast.gpu import model, namespace
+
+        if model.NAMESPACE == "cupy":
+            ok, why = namespace.cupy_available()
+            if not ok:
+                raise TrainingError(f"backend 'gpu' needs CuPy and a CUDA device: {why}; "
+                                    "use --backend cpu or --backend reference here")
 
 
 def make_optimizer(rc: RunConfig, lr: float):
     try:
-        return _optimizers().make(rc.train.optimizer, lr=lr, **rc.optimizer_hparams)
+        return _optimizers(rc.train.backend).make(rc.train.optimizer, lr=lr, **rc.optimizer_hparams)
     except (TypeError, ValueError) as exc:
         raise TrainingError(f"optimizer {rc.train.optimizer!r}: bad hyper-parameters "
                             f"{sorted(rc.optimizer_hparams)} ({exc})") from None
@@ -356,6 +371,15 @@ def evaluate(params, mc, stream: np.ndarray, batch_size: int, seq_len: int, max_
     return out
 
 
+def _stream_forward(model, backend: str, params, tokens, mc, state):
+    """``model.forward`` whose logits come back as NumPy; on the GPU the parameters and the
+    streaming state stay on the device between calls."""
+    if backend != "gpu":
+        return model.forward(params, tokens, mc, state=state)
+    logits, state = model.forward(model.to_device(params), tokens, mc, state=state, as_numpy=False)
+    return model.to_host(logits), state
+
+
 def stream_losses(params, mc, doc: np.ndarray, piece: int, state=None, backend: str = "reference"):
     """Per-byte losses of one document read in pieces of ``piece`` bytes, carrying ``state``.
 
@@ -363,11 +387,13 @@ def stream_losses(params, mc, doc: np.ndarray, piece: int, state=None, backend: 
     not scored). Returns (losses (n - 1,), state after the whole document).
     """
     model = _model(backend)
+    if backend == "gpu":
+        params = model.to_device(params)  # uploaded once
     doc = np.asarray(doc, dtype=np.int64)
     losses = []
     for start in range(0, doc.shape[0], piece):
         part = doc[start : start + piece]
-        logits, state = model.forward(params, part[None, :], mc, state=state)  # (1, t, V)
+        logits, state = _stream_forward(model, backend, params, part[None, :], mc, state)  # (1, t, V)
         nxt = doc[start + 1 : start + 1 + part.shape[0]]
         losses.append(cross_entropy(logits[0, : nxt.shape[0]], nxt))
     return np.concatenate(losses) if losses else np.zeros(0), state
@@ -429,14 +455,16 @@ def generate(params, mc, prompt: np.ndarray, max_new: int, temperature: float = 
     prompt = np.asarray(prompt, dtype=np.int64)
     if prompt.ndim != 1 or prompt.shape[0] == 0:
         raise TrainingError("the prompt must hold at least one byte")
-    logits, state = model.forward(params, prompt[None, :], mc, state=None)  # (1, n, V)
+    if backend == "gpu":
+        params = model.to_device(params)  # uploaded once
+    logits, state = _stream_forward(model, backend, params, prompt[None, :], mc, None)  # (1, n, V)
     out = []
     for _ in range(max_new):
         tok = sample_next(logits[0, -1], temperature, top_k, rng)
         out.append(tok)
         if on_token is not None:
             on_token(tok)
-        logits, state = model.forward(params, np.array([[tok]], dtype=np.int64), mc, state=state)  # (1, 1, V)
+        logits, state = _stream_forward(model, backend, params, np.array([[tok]], dtype=np.int64), mc, state)
     return np.array(out, dtype=np.int64)
 
 
@@ -525,6 +553,8 @@ def train(rc: RunConfig, run_dir: str | os.PathLike, resume: bool = False,
 def _train(rc: RunConfig, run_dir, resume: bool, echo: Callable[[str], None], tty: bool) -> dict:
     tc, mc = rc.train, rc.model
     model = _model(tc.backend)
+    on_device = tc.backend == "gpu"  # parameters, gradients and optimizer state stay on the device
+    device_kw = {"as_numpy": False} if on_device else {}
     run_dir = Path(run_dir)
     ck_path = run_dir / CHECKPOINT_NAME
     corpus = data_mod.load_corpus(tc.data, tc.val_fraction)
@@ -537,6 +567,8 @@ def _train(rc: RunConfig, run_dir, resume: bool, echo: Callable[[str], None], tt
         ckpt.atomic_write_text(run_dir / "config.json", json.dumps(rc.to_dict(), indent=2) + "\n")
         ckpt.atomic_write_text(run_dir / "data.json", json.dumps(corpus.info, indent=1) + "\n")
         params = model.init_params(mc, seed=tc.seed)
+        if on_device:
+            params = model.to_device(params)
         opt_state = make_optimizer(rc, tc.lr).init(params)
         sampler = data_mod.BatchSampler(corpus.train.stream, tc.batch_size, tc.seq_len, seed=[tc.seed, 1])
         step = 0
@@ -556,6 +588,8 @@ def _train(rc: RunConfig, run_dir, resume: bool, echo: Callable[[str], None], tt
         kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
         ckpt.atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
         echo(f"resuming {run_dir} at step {step}/{tc.steps}")
+    if on_device:
+        params, opt_state = model.to_device(params), model.to_device(opt_state)
     if step == 0 and not resume:
         echo(f"training {mc.name} ({mc.family}, {_count(params):,} parameters, {mc.dtype}) on "
              f"{corpus.info['source']}: {corpus.train.n_bytes:,} train / {corpus.val.n_bytes:,} validation "
@@ -563,7 +597,8 @@ def _train(rc: RunConfig, run_dir, resume: bool, echo: Callable[[str], None], tt
         echo(f"run directory: {run_dir}")
 
     def save(at_step: int) -> None:
-        ckpt.save_checkpoint(ck_path, params=params, opt_state=opt_state, config=rc.to_dict(), step=at_step,
+        host = model.to_host if on_device else (lambda tree: tree)
+        ckpt.save_checkpoint(ck_path, params=host(params), opt_state=host(opt_state), config=rc.to_dict(), step=at_step,
                              rng_state=_jsonable(sampler._rng.bit_generator.state),
                              data_position=sampler.state(), extra={"data_sha256": corpus.info["sha256"]})
 
@@ -575,7 +610,7 @@ def _train(rc: RunConfig, run_dir, resume: bool, echo: Callable[[str], None], tt
         while step < tc.steps:
             tokens = sampler.next_batch()  # (B, T + 1)
             t0 = time.perf_counter()
-            loss, grads = model.loss_and_grads(params, tokens, mc)
+            loss, grads = model.loss_and_grads(params, tokens, mc, **device_kw)
             loss = float(loss)
             gnorm = global_norm(grads)
             if not (math.isfinite(loss) and math.isfinite(gnorm)):
@@ -586,7 +621,7 @@ def _train(rc: RunConfig, run_dir, resume: bool, echo: Callable[[str], None], tt
                                     f"{gnorm}); training stopped, {kept}", step + 1)
             if tc.grad_clip > 0 and gnorm > tc.grad_clip:
                 scale = tc.grad_clip / gnorm
-                grads = tree_map(lambda g, s=scale: g * np.asarray(s, dtype=g.dtype), grads)
+                grads = tree_map(lambda g, s=scale: g * g.dtype.type(s), grads)
             lr = lr_at(step, tc)
             params, opt_state = make_optimizer(rc, lr).update(params, grads, opt_state)
             step += 1

@@ -1,10 +1,11 @@
 """The fast model API: the reference model's ``loss_and_grads`` and ``forward`` on a compiled backend.
 
-SPEC: SPEC.md#fast-cpu, SPEC.md#public-api. ``device="cpu"`` runs ``fast/cpu/model.py`` (Numba +
-BLAS); ``device="gpu"`` is the CuPy port (a clear error until it exists). The functions compute
-the same values as ``reference/model.py`` (within the ("float32" | "float64", "port") rows of
-tests/tolerances.py) with the same arguments and return structures. Numba is imported only when a
-CPU function is first called, never by ``import nested_learning.fast.model``.
+SPEC: SPEC.md#fast-cpu, SPEC.md#fast-gpu, SPEC.md#public-api. ``device="cpu"`` runs
+``fast/cpu/model.py`` (Numba + BLAS); ``device="gpu"`` runs ``fast/gpu/model.py`` (the reference's
+code over CuPy; NumPy in and out here). The functions compute the same values as
+``reference/model.py`` (within the ("float32" | "float64", "port" | "gpu") rows of
+tests/tolerances.py) with the same arguments and return structures. Numba and CuPy are imported
+only when a function of their device is first called, never by ``import nested_learning.fast.model``.
 
     from nested_learning.fast import model
     loss, grads = model.loss_and_grads(params, tokens, cfg, device="cpu")
@@ -22,10 +23,7 @@ def _backend(device: str):
     if device == "cpu":
         return importlib.import_module("nested_learning.fast.cpu.model")
     if device == "gpu":
-        raise NotImplementedError(
-            "device 'gpu' (the CuPy port, fast/gpu) is not implemented yet; use device='cpu' or the "
-            "reference (nested_learning.reference.model)"
-        )
+        return importlib.import_module("nested_learning.fast.gpu.model")
     raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
 
 

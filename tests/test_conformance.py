@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from nested_learning import conformance as conf
 from nested_learning.cli import cli
+from nested_learning.fast.gpu import namespace
 
 COMMITTED = Path(__file__).parent / "conformance"
 
@@ -66,8 +67,9 @@ def test_cli_errors(tmp_path):
     runner = CliRunner()
     res = runner.invoke(cli, ["conformance", "verify", str(tmp_path)])
     assert res.exit_code == 1 and "no conformance vectors" in res.output
-    res = runner.invoke(cli, ["conformance", "verify", str(COMMITTED), "--backend", "gpu"])
-    assert res.exit_code == 1 and "not implemented" in res.output
+    if not namespace.cupy_available()[0]:  # no GPU here: a clear error
+        res = runner.invoke(cli, ["conformance", "verify", str(COMMITTED), "--backend", "gpu"])
+        assert res.exit_code == 1 and "needs CuPy and a CUDA device" in res.output
     res = runner.invoke(cli, ["conformance", "export", str(tmp_path / "x"), "--only", "nothing-matches"])
     assert res.exit_code == 2
     bad = tmp_path / "bad.npz"

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nested_learning import checkpoint, data, training
+from nested_learning.fast.gpu import namespace
 from nested_learning.reference import model
 
 WORDS = "the memory learns to compress its context into weights while the optimizer learns gradients".split()
@@ -186,8 +187,10 @@ def test_resume_after_interruption_reproduces_the_trajectory(tmp_path, corpus, m
 
 
 def test_run_errors(tmp_path, corpus):
-    with pytest.raises(training.TrainingError, match="not built yet"):
-        training.train(tiny_run(corpus, backend="gpu"), tmp_path / "x")
+    if not namespace.cupy_available()[0]:  # no GPU here: a clear error before anything is written
+        with pytest.raises(training.TrainingError, match="needs CuPy and a CUDA device"):
+            training.train(tiny_run(corpus, backend="gpu"), tmp_path / "x")
+        assert not (tmp_path / "x").exists()
     training.train(tiny_run(corpus, steps=2), tmp_path / "run", echo=lambda s: None)
     with pytest.raises(training.TrainingError, match="already holds a run.*--resume"):
         training.train(tiny_run(corpus, steps=2), tmp_path / "run", echo=lambda s: None)

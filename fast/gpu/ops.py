@@ -11,6 +11,7 @@ the model API (``fast/gpu/model.py``) keeps everything on the device.
 from __future__ import annotations
 
 import functools
+import importlib
 
 from . import model as _model
 
@@ -18,18 +19,23 @@ __all__ = ["primitives", "mlp_memory", "titans", "selfmod", "cms", "model"]
 
 
 class _HostView:
-    """Attribute access returns the module's function wrapped with to_device / to_host."""
+    """Attribute access returns the module's function wrapped with to_device / to_host. The
+    namespace is loaded at the first call, not at attribute access (the op table resolves every
+    op on machines without a GPU too)."""
 
     def __init__(self, module: str):
         self._module = module
 
     def __getattr__(self, name: str):
-        fn = getattr(getattr(_model._ns(), self._module), name)
-        if not callable(fn) or isinstance(fn, type):
-            return fn
+        if name.startswith("__"):
+            raise AttributeError(name)
+        reference = importlib.import_module(f"nested_learning.reference.{self._module}")
+        if not callable(getattr(reference, name)):  # AttributeError for a name the reference lacks
+            raise AttributeError(f"{name!r} of reference.{self._module} is not a function")
 
-        @functools.wraps(fn)
+        @functools.wraps(getattr(reference, name))
         def wrapper(*args, **kwargs):
+            fn = getattr(getattr(_model._ns(), self._module), name)
             args = _model.to_device(list(args))
             kwargs = _model.to_device(kwargs)
             return _model.to_host(fn(*args, **kwargs))
