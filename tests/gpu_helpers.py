@@ -93,16 +93,24 @@ def worst_errors(path) -> dict[tuple[str, str], dict]:
     return worst
 
 
-def check_close(actual, expected, dtype, name: str = "", kind: str = "gpu", bound: float | None = None) -> float:
-    """GPU result vs the reference: same shape and dtype-independent relative error within the
-    (dtype, kind) row of tests/tolerances.py (or ``bound`` when given); records the error and, on
-    failure, names the tensor, the worst index and both values. Returns the relative error."""
+def check_close(actual, expected, dtype, name: str = "", kind: str = "gpu", bound: float | None = None,
+                scale: float | None = None, same_call: bool = True) -> float:
+    """GPU result vs the reference: same shape and a relative error (``rel_error``, or max abs
+    diff / ``scale`` when given) within the (dtype, kind) row of tests/tolerances.py (or ``bound``);
+    records the error and, on failure, names the tensor, the worst index and both values. Under
+    NL_GPU_TESTS_ON_NUMPY=1 a comparison of the same call on both sides (``same_call``) must be
+    exact: that proves the test compares what it means to. Returns the relative error."""
     actual = np.asarray(actual)
     expected = np.asarray(expected)
     t = tol(dtype, kind) if bound is None else bound
     assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    rel = rel_error(actual, expected)
+    if scale is None:
+        rel = rel_error(actual, expected)
+    else:
+        rel = float(np.max(np.abs(actual.astype(np.float64) - expected))) / scale if actual.size else 0.0
     record_error(name, dtype, rel, kind, t)
+    if ON_NUMPY and same_call:
+        assert rel == 0.0, f"{name}: {rel:.3e} != 0 on the NumPy namespace (the same computation on both sides)"
     if not rel <= t:
         diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
         idx = np.unravel_index(int(np.argmax(diff)), diff.shape) if diff.size else ()
@@ -113,7 +121,7 @@ def check_close(actual, expected, dtype, name: str = "", kind: str = "gpu", boun
     return rel
 
 
-def check_tree(got, want, dtype, name: str, kind: str = "gpu") -> None:
+def check_tree(got, want, dtype, name: str, kind: str = "gpu", same_call: bool = True) -> None:
     """Nested dicts / lists / tuples of arrays: the same structure (dict key order included), NumPy
     arrays of the reference's dtype, values within ``check_close``; other leaves equal."""
     if want is None:
@@ -121,15 +129,15 @@ def check_tree(got, want, dtype, name: str, kind: str = "gpu") -> None:
     elif isinstance(want, dict):
         assert isinstance(got, dict) and list(got) == list(want), f"{name}: keys {list(got)} != {list(want)}"
         for k in want:
-            check_tree(got[k], want[k], dtype, f"{name}[{k}]", kind)
+            check_tree(got[k], want[k], dtype, f"{name}[{k}]", kind, same_call)
     elif isinstance(want, list | tuple):
         assert isinstance(got, list | tuple) and len(got) == len(want), f"{name}: length differs"
         for i, (a, b) in enumerate(zip(got, want, strict=True)):
-            check_tree(a, b, dtype, f"{name}[{i}]", kind)
+            check_tree(a, b, dtype, f"{name}[{i}]", kind, same_call)
     elif isinstance(want, np.ndarray):
         assert isinstance(got, np.ndarray), f"{name}: {type(got).__name__}, not a NumPy array"
         assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
-        check_close(got, want, dtype, name, kind)
+        check_close(got, want, dtype, name, kind, same_call=same_call)
     else:
         assert got == want, f"{name}: {got!r} != {want!r}"
 
