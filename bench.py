@@ -1,18 +1,22 @@
 """``nested-learning bench``: training-step and streaming-decode timings per backend, in one run.
 
-SPEC: SPEC.md#fast-cpu (what is measured and how). Every number of one run comes from the same
-machine and process, with the same BLAS thread limit for every backend (``NL_CPU_BLAS_THREADS``,
-default 1: the CPU port's setting, applied to the reference too so the ratio compares code, not
-thread settings).
+SPEC: SPEC.md#fast-cpu (what is measured and how), SPEC.md#fast-gpu (the GPU rows). Every number
+of one run comes from the same machine and process, with the same BLAS thread limit for every
+backend (``NL_CPU_BLAS_THREADS``, default 1: the CPU port's setting, applied to the reference too
+so the ratio compares code, not thread settings).
 
 - training step: ``loss_and_grads`` + one AdamW update (reference/optimizers.py) on a batch of
   random bytes; the first call is timed on its own (for the CPU port it includes Numba's
-  compilation or cache load), then ``repeats`` steps whose median gives tokens/s;
+  compilation or cache load, for the GPU rows CUDA's start-up and kernel compilation), then
+  ``repeats`` steps whose median gives tokens/s;
 - achieved GFLOP/s: a model-FLOP estimate (6 x matmul parameters x tokens, plus 6 T^2 D per layer
   and sequence for causal attention; the memory layers' inner products and the in-context CMS
   passes are NOT counted, so for hope families this understates the work) over the step time,
-  and its fraction of the machine's matrix-product rate measured at the start of the run
-  (a 512^3 product in the run's dtype under the same thread limit);
+  and its fraction of the matrix-product rate of the row's device measured at the start of the
+  run (CPU: a 512^3 product in the run's dtype under the same thread limit; GPU: an
+  ``GPU_MATMUL_N``^3 product in the run's dtype on the card, TF32 off unless ``CUPY_TF32=1``);
+- ``vs <base>``: tokens/s over those of the run's first backend on the same preset (``vs ref``
+  when that is the reference; ``vs_reference`` in the JSON rows is always against the reference);
 - streaming decode: a batch-1 context of ``context`` random tokens fed through ``forward`` in
   pieces of ``PREFILL_PIECE`` tokens carrying the streaming state (the same state one call would
   produce; pieces bound the prefill's temporaries), then ``DECODE_WARMUP`` untimed tokens, then
@@ -29,7 +33,26 @@ thread settings).
   and for attention families beyond ``ATTENTION_MAX_CONTEXT``
   tokens (their KV cache and per-token cost grow with the context: that is not a flat decode);
 - a (preset, backend) whose first step took longer than ``max_seconds`` reports that first call
-  as its step time (marked ``*``; no further step and no decode is run).
+  as its step time (marked ``*``; no further step and no decode is run);
+- ``time_budget`` (seconds from the start of the run): once spent, no further (preset, backend)
+  and no further decode context is started (each is reported skipped, with that reason); a step
+  or a prefill already running is not interrupted;
+- a (preset, backend) that raises is reported ``error: ...`` with its traceback, and the run goes
+  on (the CLI then exits 1); JSON rows (``json_out``) are written as each row ends, so a run
+  killed from outside keeps the rows it finished.
+
+The GPU rows (SPEC.md#fast-gpu). ``gpu`` is the GPU port (fast/gpu/model.py: the reference's code
+over CuPy): parameters, tokens and AdamW state (fast.gpu.model.optimizers(): reference/optimizers.py
+over the device namespace) stay on the device across steps, ``loss_and_grads(..., as_numpy=False)``
+and ``forward(..., as_numpy=False)`` return device arrays, and the clock is read only after
+``synchronize()``. Under ``NL_GPU_NAMESPACE=numpy`` the same code path runs on the CPU (no card:
+the rate is the CPU's; that is how CI exercises it). ``torch-cuda`` is ``torch_model`` (PyTorch
+eager, gradients by autograd) on ``TORCH_CUDA_DEVICE`` with its parameters and optimizer state on
+the device across steps (``torch_model.Trainer``); THIS ROW'S UPDATE IS ``torch.optim.AdamW``
+(the same hyperparameters as reference/optimizers.py's AdamW: lr 1e-3, betas (0.9, 0.999), eps
+1e-8, decoupled weight decay 1e-2), its decode is ``torch_model.forward_tensors``, TF32 is off,
+and the clock is read after ``torch.cuda.synchronize()``. Without CuPy or a CUDA device these rows
+say ``no GPU: <reason>`` and the other backends still run.
 
 ``startup_times`` (``python -m nested_learning.bench startup [PRESET]``) measures the cached
 compile: two fresh Python processes, one after the other, with the same ``NUMBA_CACHE_DIR`` (a new
@@ -38,8 +61,8 @@ step at batch 4 x 256 (imports, parameters, compile or cache load, the step).
 
 ``--backend torch`` times ``torch_model`` (PyTorch eager on CPU, the ``oracle`` extra; gradients
 by autograd) under ``torch.set_num_threads`` = the same thread limit; its gradients come back as
-NumPy and take the same AdamW update (reference/optimizers.py) as every other backend. Without
-torch the row says so.
+NumPy and take the same AdamW update (reference/optimizers.py) as every other host backend.
+Without torch the row says so.
 """
 
 from __future__ import annotations
@@ -51,29 +74,169 @@ import os
 import platform
 import statistics
 import time
+import traceback
 
 import numpy as np
 
 DEFAULT_PRESETS = ("transformer-tiny", "hope-attention-tiny", "titans-tiny", "hope-tiny", "transformer-small",
                    "hope-attention-small", "titans-small", "hope-small")
+BACKENDS = ("reference", "cpu", "torch", "gpu", "torch-cuda")
+GPU_BACKENDS = ("gpu", "torch-cuda")
+TORCH_CUDA_DEVICE = "cuda"  # the torch-cuda row's device (the tests run that code path on "cpu")
+GPU_MATMUL_N = 8192  # the card's matrix-product rate: an N^3 product (2 N^3 flops)
+ADAMW_LR = 1e-3
 
 
-def _modules(backend: str):
-    if backend == "reference":
-        from .reference import model
-    elif backend == "cpu":
-        from .fast.cpu import model
-    elif backend == "torch":
-        from . import torch_model as model  # ImportError naming the oracle extra without torch
-
-        model.torch.set_num_threads(_blas_threads())  # the run's thread limit, as for BLAS
-    else:
-        raise ValueError(f"backend {backend!r} is not implemented (choose reference, cpu or torch)")
-    return model
+class NoGPU(Exception):
+    """A GPU backend cannot run here; the message says why."""
 
 
 def _blas_threads() -> int:
     return int(os.environ.get("NL_CPU_BLAS_THREADS", "1"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends: what the timing loops need from each (arrays on its device, its AdamW step, a barrier)
+# ---------------------------------------------------------------------------------------------
+
+
+class _AdamWSteps:
+    """Calling it does one training step: ``loss_and_grads`` then the AdamW ``update`` of the
+    optimizers module given (reference/optimizers.py, over NumPy or over the device namespace)."""
+
+    def __init__(self, loss_and_grads, optimizers, params, tokens, cfg):
+        self.loss_and_grads, self.tokens, self.cfg = loss_and_grads, tokens, cfg
+        self.opt = optimizers.make("adamw", lr=ADAMW_LR)
+        self.params, self.state = params, self.opt.init(params)
+
+    def __call__(self):
+        _, grads = self.loss_and_grads(self.params, self.tokens, self.cfg)
+        self.params, self.state = self.opt.update(self.params, grads, self.state)
+
+
+class _HostBackend:
+    """reference, cpu, torch: NumPy in and out, the reference's AdamW, nothing to wait for."""
+
+    device = "cpu"
+
+    def __init__(self, model):
+        self.model = model
+
+    def params(self, cfg):
+        return self.model.init_params(cfg, 0)
+
+    def forward(self, params, tokens, cfg, state=None):
+        return self.model.forward(params, tokens, cfg, state)
+
+    def stepper(self, params, tokens, cfg):
+        from .reference import optimizers
+
+        return _AdamWSteps(self.model.loss_and_grads, optimizers, params, tokens, cfg)
+
+    def synchronize(self):
+        pass
+
+
+class _GpuBackend:
+    """The GPU port: parameters, tokens, AdamW state and the streaming state on the device."""
+
+    device = "gpu"
+
+    def __init__(self):
+        from .fast.gpu import model as gpu
+        from .fast.gpu import namespace
+
+        if gpu.NAMESPACE != "numpy":
+            ok, why = namespace.cupy_available()
+            if not ok:
+                raise NoGPU(why)
+        self.gpu = gpu
+
+    def params(self, cfg):
+        from .reference import model as ref
+
+        return self.gpu.to_device(ref.init_params(cfg, 0))
+
+    def forward(self, params, tokens, cfg, state=None):
+        return self.gpu.forward(params, tokens, cfg, state, as_numpy=False)
+
+    def _loss_and_grads(self, params, tokens, cfg):
+        return self.gpu.loss_and_grads(params, tokens, cfg, as_numpy=False)
+
+    def stepper(self, params, tokens, cfg):
+        return _AdamWSteps(self._loss_and_grads, self.gpu.optimizers(), params, self.gpu.to_device(tokens), cfg)
+
+    def synchronize(self):
+        self.gpu.synchronize()
+
+
+class _TorchStep:
+    def __init__(self, trainer, tokens):
+        self.trainer, self.tokens = trainer, tokens
+
+    def __call__(self):
+        self.trainer.step(self.tokens)
+
+
+class _TorchDeviceBackend:
+    """torch_model on ``TORCH_CUDA_DEVICE``: tensors stay there; torch.optim.AdamW (see the module
+    docstring)."""
+
+    device = "gpu"
+
+    def __init__(self, device: str):
+        try:
+            from . import torch_model
+        except ImportError as exc:
+            raise NoGPU(f"PyTorch is not installed ({exc})") from None
+        torch = torch_model.torch
+        self.dev = torch.device(device)
+        if self.dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise NoGPU(f"torch {torch.__version__} sees no CUDA device")
+            torch_model.no_tf32()
+        self.tm, self.torch = torch_model, torch
+
+    def _tensor(self, tokens):
+        return self.torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=self.dev)
+
+    def params(self, cfg):
+        return self.tm.init_from_params(self.tm.init_params(cfg, 0), cfg, self.dev)
+
+    def forward(self, params, tokens, cfg, state=None):
+        return self.tm.forward_tensors(params, self._tensor(tokens), cfg, state)
+
+    def stepper(self, params, tokens, cfg):
+        host = {k: v.detach().cpu().numpy() for k, v in params.items()}  # the Trainer keeps its own copy
+        return _TorchStep(self.tm.Trainer(host, cfg, self.dev, lr=ADAMW_LR), self._tensor(tokens))
+
+    def synchronize(self):
+        if self.dev.type == "cuda":
+            self.torch.cuda.synchronize(self.dev)
+
+
+def _backend(name: str):
+    """The backend ``name``; ImportError (a missing extra) or NoGPU (why a GPU row cannot run)."""
+    if name == "reference":
+        from .reference import model
+    elif name == "cpu":
+        from .fast.cpu import model
+    elif name == "torch":
+        from . import torch_model as model  # ImportError naming the oracle extra without torch
+
+        model.torch.set_num_threads(_blas_threads())  # the run's thread limit, as for BLAS
+    elif name == "gpu":
+        return _GpuBackend()
+    elif name == "torch-cuda":
+        return _TorchDeviceBackend(TORCH_CUDA_DEVICE)
+    else:
+        raise ValueError(f"backend {name!r} is not implemented (choose one of {', '.join(BACKENDS)})")
+    return _HostBackend(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Matrix-product rates
+# ---------------------------------------------------------------------------------------------
 
 
 def matmul_gflops(dtype: str, n: int = 512, reps: int = 10) -> float:
@@ -93,6 +256,82 @@ def matmul_gflops(dtype: str, n: int = 512, reps: int = 10) -> float:
     return 2 * n**3 / min(times) / 1e9
 
 
+def _cupy_matmul_gflops(dtype: str, n: int, reps: int) -> float:
+    import cupy as cp
+
+    a = cp.random.RandomState(0).standard_normal((n, n), dtype=dtype)
+    b = cp.random.RandomState(1).standard_normal((n, n), dtype=dtype)
+    a @ b  # cuBLAS start-up
+    cp.cuda.Device().synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, end) / 1e3)
+    del a, b
+    cp.get_default_memory_pool().free_all_blocks()
+    return 2 * n**3 / min(times) / 1e9
+
+
+def _torch_matmul_gflops(dtype: str, n: int, reps: int) -> float:
+    import torch
+
+    from .torch_model import no_tf32
+
+    no_tf32()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn((n, n), dtype=getattr(torch, dtype), device="cuda", generator=g)
+    b = torch.randn((n, n), dtype=getattr(torch, dtype), device="cuda", generator=g)
+    a @ b
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n**3 / min(times) / 1e9
+
+
+def gpu_info(dtype: str, backends, n: int = GPU_MATMUL_N, reps: int = 5) -> dict:
+    """The card the GPU rows run on and its matrix-product rate, measured now.
+
+    ``{"card": name or None, "why": reason when None, "gflops": rate or None, "what": how it was
+    measured}``: CuPy when it sees a device, else torch when it sees one; under
+    ``NL_GPU_NAMESPACE=numpy`` (the GPU port's code on the CPU) the CPU's rate."""
+    if "gpu" in backends:
+        from .fast.gpu import model as gpu
+
+        if gpu.NAMESPACE == "numpy":
+            return {"card": None, "why": "NL_GPU_NAMESPACE=numpy: the GPU port's code runs on the CPU",
+                    "gflops": matmul_gflops(dtype), "what": f"the CPU's: 512^3 {dtype}"}
+    from .fast.gpu import namespace
+
+    ok, why = namespace.cupy_available()
+    if ok:
+        import cupy
+
+        tf32 = "on" if os.environ.get("CUPY_TF32") == "1" else "off"
+        return {"card": why, "gflops": _cupy_matmul_gflops(dtype, n, reps),
+                "what": f"CuPy {cupy.__version__} {n}^3 {dtype}, TF32 {tf32}"}
+    try:
+        import torch
+    except ImportError:
+        return {"card": None, "why": why, "gflops": None, "what": None}
+    if not torch.cuda.is_available():
+        return {"card": None, "why": f"{why}; torch {torch.__version__} sees no CUDA device", "gflops": None,
+                "what": None}
+    return {"card": torch.cuda.get_device_name(), "gflops": _torch_matmul_gflops(dtype, n, reps),
+            "what": f"torch {torch.__version__} {n}^3 {dtype}, TF32 off"}
+
+
 def model_flops(cfg, B: int, T: int) -> float:
     """Forward + backward FLOPs estimate of one step (see the module docstring)."""
     from .reference import model as ref
@@ -105,6 +344,10 @@ def model_flops(cfg, B: int, T: int) -> float:
     return flops
 
 
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
 PREFILL_PIECE = 1024  # tokens per prefill call
 DECODE_WARMUP = 2  # untimed decode tokens before the timed ones
 ATTENTION_MAX_CONTEXT = 8192
@@ -112,27 +355,30 @@ PREFILL_BUDGET = 3.0  # a context's prefill may take this many times --max-secon
 # the CPU port take ~75 s: the flat-decode measurement must fit the default budget of a 60 s run)
 
 
-def _time_steps(model, opt, params, tokens, cfg, repeats: int, max_seconds: float):
-    """(first call s, median step s, steps timed); a first call over ``max_seconds`` is the step
-    time itself (0 steps timed)."""
-    state = opt.init(params)
+def _nothing():
+    pass
+
+
+def _time_steps(step, repeats: int, max_seconds: float, sync=_nothing):
+    """(first call s, median step s, steps timed) of ``step()`` (one training step); the clock is
+    read after ``sync()``. A first call over ``max_seconds`` is the step time itself (0 steps timed)."""
     t = time.perf_counter()
-    _, grads = model.loss_and_grads(params, tokens, cfg)
-    params, state = opt.update(params, grads, state)
+    step()
+    sync()
     first = time.perf_counter() - t
     if first > max_seconds:
         return first, first, 0
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        _, grads = model.loss_and_grads(params, tokens, cfg)
-        params, state = opt.update(params, grads, state)
+        step()
+        sync()
         times.append(time.perf_counter() - t)
     return first, statistics.median(times), repeats
 
 
 def state_bytes(state) -> int:
-    """Bytes held by the arrays (NumPy or torch) of a streaming state."""
+    """Bytes held by the arrays (NumPy, CuPy or torch) of a streaming state."""
     if isinstance(state, dict):
         return sum(state_bytes(v) for v in state.values())
     if isinstance(state, (list, tuple)):
@@ -142,8 +388,9 @@ def state_bytes(state) -> int:
 
 
 def _time_decode(model, params, cfg, context: int, n_tokens: int, abort_after: float = float("inf"),
-                 piece: int = PREFILL_PIECE):
-    """Prefill ``context`` tokens in pieces, then time ``n_tokens`` decode steps (batch 1).
+                 piece: int = PREFILL_PIECE, sync=_nothing):
+    """Prefill ``context`` tokens in pieces, then time ``n_tokens`` decode steps (batch 1); the
+    clock is read after ``sync()`` (the device's queued work).
 
     Returns a dict (prefill_s, median_s, mean_s, state_bytes), or None when the prefill ran past
     ``abort_after`` seconds."""
@@ -154,6 +401,7 @@ def _time_decode(model, params, cfg, context: int, n_tokens: int, abort_after: f
     while done < context:
         n = min(piece, context - done)
         _, state = model.forward(params, rng.integers(0, cfg.vocab_size, size=(1, n)), cfg, state)
+        sync()
         done += n
         if time.perf_counter() - t0 > abort_after and done < context:
             return None
@@ -161,11 +409,13 @@ def _time_decode(model, params, cfg, context: int, n_tokens: int, abort_after: f
     gc.collect()  # the prefill's temporaries are freed before decode is timed
     for _ in range(DECODE_WARMUP):
         _, state = model.forward(params, rng.integers(0, cfg.vocab_size, size=(1, 1)), cfg, state)
+    sync()
     times = []
     for _ in range(n_tokens):
         tok = rng.integers(0, cfg.vocab_size, size=(1, 1))
         t = time.perf_counter()
         _, state = model.forward(params, tok, cfg, state)
+        sync()
         times.append(time.perf_counter() - t)
     size = state_bytes(state)
     return dict(prefill_s=prefill, median_s=float(np.median(times)), mean_s=float(np.mean(times)), state_bytes=size)
@@ -181,88 +431,171 @@ def _predict_prefill(cfg, c, last, tokens_per_s):
     return s0 * (c / c0) ** power
 
 
+def _measure(be, row, cfg, tokens, rate, repeats, decode_contexts, decode_tokens, max_seconds, prefill_seconds,
+             out_of_time):
+    """Fill ``row`` with one (preset, backend)'s step and decode timings; returns the step's
+    marks for the table (first, tps, gflops, decode results, steps timed)."""
+    batch_size, seq_len = tokens.shape
+    params = be.params(cfg)
+    step = be.stepper(params, tokens, cfg)
+    first, step_s, n = _time_steps(step, repeats, max_seconds, be.synchronize)
+    del step
+    tps = batch_size * seq_len / step_s
+    gflops = model_flops(cfg, batch_size, seq_len) / step_s / 1e9
+    row.update(first_call_s=first, step_s=step_s, steps_timed=n, tokens_per_s=tps, gflops=gflops,
+               of_peak=gflops / rate if rate else None)
+    attention = cfg.family in ("transformer", "hope-attention")
+    decode, skipped, last = {}, {}, None
+    for c in decode_contexts:
+        decode[c] = None
+        if n == 0:
+            skipped[c] = f"first step over {max_seconds:g} s"
+            continue
+        if attention and c > ATTENTION_MAX_CONTEXT:
+            skipped[c] = f"attention beyond {ATTENTION_MAX_CONTEXT} tokens"
+            continue
+        if out_of_time():
+            skipped[c] = out_of_time()
+            continue
+        predicted = _predict_prefill(cfg, c, last, tps)
+        if predicted > prefill_seconds:
+            skipped[c] = f"prefill predicted {predicted:.0f} s > {prefill_seconds:g} s"
+            continue
+        res = _time_decode(be, params, cfg, c, decode_tokens, abort_after=2 * prefill_seconds, sync=be.synchronize)
+        if res is None:
+            skipped[c] = f"prefill over {2 * prefill_seconds:g} s"
+            continue
+        decode[c] = res
+        last = (c, res["prefill_s"])
+        row[f"prefill_{c}_s"] = res["prefill_s"]
+    row["decode_s_per_token"] = {str(c): (v["median_s"] if v else None) for c, v in decode.items()}
+    row["decode_mean_s_per_token"] = {str(c): (v["mean_s"] if v else None) for c, v in decode.items()}
+    row["decode_state_bytes"] = {str(c): (v["state_bytes"] if v else None) for c, v in decode.items()}
+    if skipped:
+        row["decode_skipped"] = {str(c): why for c, why in skipped.items()}
+    return first, tps, gflops, decode, n
+
+
+def _short(backend: str) -> str:
+    return "ref" if backend == "reference" else backend
+
+
 def run(presets=(), backends=(), batch_size=4, seq_len=256, dtype="float32", repeats=3, decode_contexts=(1024,),
-        decode_tokens=8, max_seconds=60.0, json_out=None, echo=print, prefill_seconds=None) -> list[dict]:
-    """Run the benchmark and print its table; returns the rows."""
+        decode_tokens=8, max_seconds=60.0, json_out=None, echo=print, prefill_seconds=None,
+        time_budget=None) -> list[dict]:
+    """Run the benchmark and print its table; returns the rows (see the module docstring)."""
     from threadpoolctl import threadpool_limits
 
     from . import config
-    from .reference import optimizers
 
+    t_start = time.perf_counter()
     presets = presets or DEFAULT_PRESETS
     if not backends:
         backends = ("reference", "cpu")
+    for name in backends:
+        if name not in BACKENDS:
+            raise ValueError(f"backend {name!r} is not implemented (choose one of {', '.join(BACKENDS)})")
     decode_contexts = sorted(set(decode_contexts))
     if prefill_seconds is None:
         prefill_seconds = PREFILL_BUDGET * max_seconds
     cfgs = [dataclasses.replace(config.preset(p), dtype=dtype) for p in presets]  # ValueError names bad ones
+
+    def out_of_time():
+        if time_budget is not None and time.perf_counter() - t_start > time_budget:
+            return f"the run's time budget ({time_budget:g} s) is spent"
+        return None
+
     rate = matmul_gflops(dtype)
     echo(f"nested-learning bench  {time.strftime('%Y-%m-%d %H:%M')}  {platform.machine()} {platform.processor() or ''}"
          f" {os.cpu_count()} cores  python {platform.python_version()}  numpy {np.__version__}"
          f"  load {_load()}")
     echo(f"batch {batch_size} x {seq_len} tokens, {dtype}, AdamW; BLAS threads {_blas_threads()} (every backend); "
          f"matrix-product rate {rate:.1f} GFLOP/s (512^3 {dtype})")
+    gpu = None
+    if any(b in GPU_BACKENDS for b in backends):
+        try:
+            gpu = gpu_info(dtype, backends)
+        except Exception as exc:  # a broken card or driver: the GPU rows will say so too
+            gpu = {"card": None, "why": f"{type(exc).__name__}: {exc}", "gflops": None, "what": None}
+            echo(traceback.format_exc().rstrip())
+        if gpu["gflops"]:
+            echo(f"GPU: {gpu['card'] or gpu['why']}; matrix-product rate {gpu['gflops'] / 1e3:.2f} TFLOP/s "
+                 f"({gpu['what']}); the GPU rows' GFLOP/s and 'of peak' are against it")
+        else:
+            echo(f"GPU: none ({gpu['why']})")
     echo(f"decode: batch 1, context prefilled in pieces of {PREFILL_PIECE}, {decode_tokens} timed tokens after "
          f"{DECODE_WARMUP} warm-up; median (mean) ms per token")
+    base = backends[0]
     rows = []
-    header = (f"{'preset':<22} {'backend':<9} {'tokens/s':>9} {'vs ref':>7} {'GFLOP/s':>8} {'of peak':>7} "
+    vs = f"vs {_short(base)}"
+    header = (f"{'preset':<22} {'backend':<10} {'tokens/s':>9} {vs:>7} {'GFLOP/s':>8} {'of peak':>7} "
               f"{'first call s':>12} " + " ".join(f"{'decode@' + _ctx(c):>15}" for c in decode_contexts))
     echo(header)
-    for cfg in cfgs:
-        ref_tps = None
-        tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(batch_size, seq_len))
-        attention = cfg.family in ("transformer", "hope-attention")
-        for backend in backends:
-            row = {"preset": cfg.name, "backend": backend, "dtype": dtype, "batch": batch_size, "seq_len": seq_len}
-            try:
-                model = _modules(backend)
-            except ImportError as exc:  # torch without the oracle extra
-                row["status"] = f"not available: {exc}"
-                echo(f"{cfg.name:<22} {backend:<9} {row['status']}")
-                rows.append(row)
-                continue
-            params = model.init_params(cfg, 0)
-            opt = optimizers.make("adamw", lr=1e-3)
-            with threadpool_limits(limits=_blas_threads(), user_api="blas"):
-                first, step, n = _time_steps(model, opt, params, tokens, cfg, repeats, max_seconds)
-                tps = batch_size * seq_len / step
-                gflops = model_flops(cfg, batch_size, seq_len) / step / 1e9
-                row.update(first_call_s=first, step_s=step, steps_timed=n, tokens_per_s=tps, gflops=gflops,
-                           of_peak=gflops / rate)
+    fh = open(json_out, "w") if json_out else None  # closed below; rows are written as they end
+
+    def emit(row):
+        rows.append(row)
+        if fh is not None:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+
+    try:
+        for cfg in cfgs:
+            ref_tps = base_tps = None
+            tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(batch_size, seq_len))
+            for backend in backends:
+                row = {"preset": cfg.name, "backend": backend, "dtype": dtype, "batch": batch_size, "seq_len": seq_len}
+                why = out_of_time()
+                be = None
+                if why:
+                    row["status"] = f"skipped: {why}"
+                else:
+                    try:
+                        be = _backend(backend)
+                    except ImportError as exc:  # torch without the oracle extra
+                        row["status"] = f"not available: {exc}"
+                    except NoGPU as exc:
+                        row["status"] = f"no GPU: {exc}"
+                if be is None:
+                    echo(f"{cfg.name:<22} {backend:<10} {row['status']}")
+                    emit(row)
+                    continue
+                row_rate = rate
+                if be.device == "gpu":
+                    row["device"] = gpu["card"] or gpu["why"]
+                    row_rate = gpu["gflops"]
+                row["peak_gflops"] = row_rate
+                try:
+                    with threadpool_limits(limits=_blas_threads(), user_api="blas"):
+                        first, tps, gflops, decode, n = _measure(
+                            be, row, cfg, tokens, row_rate, repeats, decode_contexts, decode_tokens, max_seconds,
+                            prefill_seconds, out_of_time)
+                except Exception as exc:  # reported, and the run goes on (the CLI exits 1)
+                    row["status"] = f"error: {type(exc).__name__}: {exc}"
+                    echo(f"{cfg.name:<22} {backend:<10} {row['status']}")
+                    echo(traceback.format_exc().rstrip())
+                    emit(row)
+                    continue
+                finally:
+                    del be
+                    gc.collect()
                 if backend == "reference":
                     ref_tps = tps
+                if backend == base:
+                    base_tps = tps
                 row["vs_reference"] = tps / ref_tps if ref_tps else None
-                decode, skipped, last = {}, {}, None
-                for c in decode_contexts:
-                    decode[c] = None
-                    if n == 0:
-                        skipped[c] = f"first step over {max_seconds:g} s"
-                        continue
-                    if attention and c > ATTENTION_MAX_CONTEXT:
-                        skipped[c] = f"attention beyond {ATTENTION_MAX_CONTEXT} tokens"
-                        continue
-                    predicted = _predict_prefill(cfg, c, last, tps)
-                    if predicted > prefill_seconds:
-                        skipped[c] = f"prefill predicted {predicted:.0f} s > {prefill_seconds:g} s"
-                        continue
-                    res = _time_decode(model, params, cfg, c, decode_tokens, abort_after=2 * prefill_seconds)
-                    if res is None:
-                        skipped[c] = f"prefill over {2 * prefill_seconds:g} s"
-                        continue
-                    decode[c] = res
-                    last = (c, res["prefill_s"])
-                    row[f"prefill_{c}_s"] = res["prefill_s"]
-                row["decode_s_per_token"] = {str(c): (v["median_s"] if v else None) for c, v in decode.items()}
-                row["decode_mean_s_per_token"] = {str(c): (v["mean_s"] if v else None) for c, v in decode.items()}
-                row["decode_state_bytes"] = {str(c): (v["state_bytes"] if v else None) for c, v in decode.items()}
-                if skipped:
-                    row["decode_skipped"] = {str(c): why for c, why in skipped.items()}
-            ratio = f"{row['vs_reference']:>6.1f}x" if row["vs_reference"] else f"{'-':>7}"
-            dec = " ".join(f"{_fmt_decode(v):>15}" for v in decode.values())
-            mark = "*" if n == 0 else " "
-            echo(f"{cfg.name:<22} {backend:<9} {tps:>8.0f}{mark} {ratio} {gflops:>8.2f} {100 * gflops / rate:>6.1f}% "
-                 f"{first:>12.2f} {dec}")
-            rows.append(row)
+                row["vs_base"] = tps / base_tps if base_tps else None
+                row["base"] = base
+                ratio = f"{row['vs_base']:>6.2f}x" if row["vs_base"] else f"{'-':>7}"
+                peak = f"{100 * row['of_peak']:>6.1f}%" if row["of_peak"] else f"{'-':>7}"
+                dec = " ".join(f"{_fmt_decode(v):>15}" for v in decode.values())
+                mark = "*" if n == 0 else " "
+                echo(f"{cfg.name:<22} {backend:<10} {tps:>8.0f}{mark} {ratio} {gflops:>8.2f} {peak} "
+                     f"{first:>12.2f} {dec}")
+                emit(row)
+    finally:
+        if fh is not None:
+            fh.close()
     if any(r.get("steps_timed") == 0 for r in rows):
         echo(f"* first step over {max_seconds:g} s: its time is the step time (no further step, no decode)")
     notes = [f"{r['preset']} {r['backend']} @{_ctx(int(c))}: {why}" for r in rows
@@ -271,10 +604,6 @@ def run(presets=(), backends=(), batch_size=4, seq_len=256, dtype="float32", rep
         notes.insert(0, f"attention families beyond {ATTENTION_MAX_CONTEXT} tokens (the KV cache grows with the context)")
     if notes:
         echo("decode skipped: " + "; ".join(notes))
-    if json_out:
-        with open(json_out, "w") as fh:
-            for row in rows:
-                fh.write(json.dumps(row) + "\n")
     return rows
 
 

@@ -511,8 +511,10 @@ def conformance_verify(directory, backend, only) -> None:
 @cli.command()
 @click.option("--preset", "presets", multiple=True, metavar="NAME",
               help="Model presets to time (repeatable; default: every family at tiny and small).")
-@click.option("--backend", "backends", multiple=True, type=click.Choice(["reference", "cpu", "torch"]),
-              help="Backends to time (repeatable; default reference and cpu, plus torch when installed).")
+@click.option("--backend", "backends", multiple=True,
+              type=click.Choice(["reference", "cpu", "torch", "gpu", "torch-cuda"]),
+              help="Backends to time (repeatable; default reference and cpu). gpu: the CuPy port; torch-cuda: "
+                   "the PyTorch eager peer on CUDA (torch's AdamW); without a GPU those rows say why.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Sequences per step.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per sequence.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
@@ -522,25 +524,37 @@ def conformance_verify(directory, backend, only) -> None:
               help="Context lengths for streaming decode (repeatable; default 1024).")
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Tokens decoded (and timed) after each context.")
-@click.option("--max-seconds", type=float, default=60.0, show_default=True,
+@click.option("--max-seconds", type=click.FloatRange(min=0), default=60.0, show_default=True,
               help="Skip a (preset, backend) whose first step took longer than this.")
-@click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON lines.")
+@click.option("--prefill-seconds", type=click.FloatRange(min=0), default=None,
+              help="Skip a decode context whose prefill is predicted to take longer than this "
+                   "[default: 3 x --max-seconds].")
+@click.option("--time-budget", type=click.FloatRange(min=0), default=None,
+              help="Seconds for the whole run: after them no further (preset, backend) or decode context is "
+                   "started (each is reported skipped).")
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the rows as JSON lines (each as it ends).")
 def bench(presets, backends, batch_size, seq_len, dtype, repeats, decode_contexts, decode_tokens, max_seconds,
-          json_out) -> None:
+          prefill_seconds, time_budget, json_out) -> None:
     """Time the training step (forward + backward + AdamW) and streaming decode per backend, in one run.
 
-    Prints tokens/s, the speedup over the reference, achieved GFLOP/s against the machine's
-    matrix-product rate measured in the same run, the first-call (compile) time, and decode time
-    per token at each context length.
+    Prints tokens/s, the speedup over the first backend, achieved GFLOP/s against the matrix-product
+    rate of the row's device (CPU, or the card for gpu / torch-cuda) measured in the same run, the
+    first-call (compile) time, and decode time per token at each context length. Exits 1 when a
+    row failed with an error (its traceback is printed; the other rows still run).
     """
     from nested_learning import bench as b
 
     try:
-        b.run(presets=presets, backends=backends, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
-              repeats=repeats, decode_contexts=decode_contexts or (1024,), decode_tokens=decode_tokens,
-              max_seconds=max_seconds, json_out=json_out, echo=click.echo)
+        rows = b.run(presets=presets, backends=backends, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
+                     repeats=repeats, decode_contexts=decode_contexts or (1024,), decode_tokens=decode_tokens,
+                     max_seconds=max_seconds, json_out=json_out, echo=click.echo, prefill_seconds=prefill_seconds,
+                     time_budget=time_budget)
     except ValueError as exc:  # an unknown preset
         raise click.BadParameter(str(exc), param_hint="--preset") from None
+    failed = [f"{r['preset']} {r['backend']}" for r in rows if r.get("status", "").startswith("error")]
+    if failed:
+        raise click.ClickException(f"{len(failed)} row(s) failed: {', '.join(failed)}")
 
 
 def main() -> None:

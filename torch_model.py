@@ -40,6 +40,15 @@ Decisions (none new: each follows the SPEC section it names):
     - parameters are the reference's (``reference.model.init_params`` / ``param_shapes``: one
       interface for every backend, SPEC.md#fast-cpu); NumPy in, NumPy out, in ``cfg.dtype``.
 
+Devices: the NumPy-interface functions (``forward``, ``loss_and_grads``, ``cms_increments``) build
+their tensors on the module's device, CPU unless ``set_device("cuda")``; every other tensor is made
+on the device of the tensors it derives from. On CUDA, TF32 is switched off (matrix products and
+cuDNN), so float32 means float32 as on every other backend. The device-resident interface, for a
+benchmark that keeps everything on the GPU across steps (bench.py's ``torch-cuda`` row):
+``init_from_params(params, cfg, device=...)`` (tensors), ``forward_tensors`` (tensors in, tensors
+out, no validation, no host copy) and ``Trainer`` (parameters and ``torch.optim.AdamW`` state on
+the device; one ``step(tokens)`` = loss, autograd gradients, AdamW update).
+
 Only the model configurations reachable from ``config.ModelConfig`` are implemented (memory
 layers with momentum, retention, GELU memories, no LayerNorm, static q, l2-normalised v).
 """
@@ -62,6 +71,31 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 from .config import ModelConfig
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_DEVICE = torch.device("cpu")
+
+
+def set_device(device) -> torch.device:
+    """The device of the NumPy-interface functions' tensors ("cpu", "cuda", "cuda:1", ...); returns it.
+    A CUDA device switches TF32 off (matrix products and cuDNN): float32 stays float32."""
+    global _DEVICE
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"torch {torch.__version__} sees no CUDA device")
+        no_tf32()
+    _DEVICE = dev
+    return dev
+
+
+def get_device() -> torch.device:
+    """The device set by ``set_device`` (CPU by default)."""
+    return _DEVICE
+
+
+def no_tf32() -> None:
+    """Float32 matrix products and convolutions in float32 (no TF32) on CUDA."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,8 +117,10 @@ def init_params(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     return ref.init_params(cfg, seed)
 
 
-def init_from_params(params, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Torch copies (never views) of ``params`` in ``cfg.dtype``; ValueError names a bad key."""
+def init_from_params(params, cfg: ModelConfig, device=None) -> dict[str, torch.Tensor]:
+    """Torch copies (never views) of ``params`` in ``cfg.dtype`` on ``device`` (default: the module's,
+    ``set_device``); ValueError names a bad key."""
+    device = _DEVICE if device is None else torch.device(device)
     if not isinstance(cfg, ModelConfig):
         raise ValueError(f"cfg must be a ModelConfig (config.preset(name)), got {type(cfg).__name__}")
     if not isinstance(params, dict):
@@ -99,7 +135,7 @@ def init_from_params(params, cfg: ModelConfig) -> dict[str, torch.Tensor]:
             raise ValueError(f"params[{key!r}] must be a float array of shape {shape}, got dtype {a.dtype}")
         if a.shape != shape:
             raise ValueError(f"params[{key!r}] must have shape {shape}, got {a.shape}")
-        out[key] = torch.tensor(np.array(a, dtype=cfg.dtype, copy=True))
+        out[key] = torch.tensor(np.array(a, dtype=cfg.dtype, copy=True), device=device)
     extra = sorted(set(params) - set(shapes))
     if extra:
         raise ValueError(f"params has keys {extra} that config {cfg.name!r} does not use")
@@ -114,7 +150,7 @@ def _tokens(tokens, cfg: ModelConfig, min_T: int = 1) -> torch.Tensor:
         raise ValueError(f"tokens must have shape (B, T) with B >= 1 and T >= {min_T}, got shape {a.shape}")
     if a.min() < 0 or a.max() >= cfg.vocab_size:
         raise ValueError(f"tokens must lie in the vocabulary [0, {cfg.vocab_size}), got [{a.min()}, {a.max()}]")
-    return torch.tensor(a.astype(np.int64))
+    return torch.tensor(a.astype(np.int64), device=_DEVICE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +183,7 @@ def _rope(x, p0, base):
     n, dh = x.shape[-2:]
     theta = base ** (-2.0 * np.arange(dh // 2) / dh)
     ang = np.outer(np.arange(p0, p0 + n, dtype=np.float64), theta)  # (n, dh/2)
-    cos, sin = (torch.tensor(f(ang)).to(x.dtype) for f in (np.cos, np.sin))
+    cos, sin = (torch.tensor(f(ang), device=x.device).to(x.dtype) for f in (np.cos, np.sin))
     x0, x1 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).reshape(x.shape)
 
@@ -157,7 +193,7 @@ def _attention(q, K, V):
     n, dh = q.shape[-2:]
     Tk = K.shape[2]
     s = (q @ K.transpose(-1, -2)) * (1.0 / math.sqrt(dh))  # (B, H, n, Tk)
-    mask = torch.arange(Tk)[None, :] <= torch.arange(Tk - n, Tk)[:, None]
+    mask = torch.arange(Tk, device=q.device)[None, :] <= torch.arange(Tk - n, Tk, device=q.device)[:, None]
     return torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1) @ V  # Eq. (63)
 
 
@@ -234,8 +270,8 @@ def _titans_init(P, cfg, b, B):
     for n in _titans_names(cfg):
         w0 = P[b + ("mem.M0" if n == "M" else f"mem.{n}_0")]
         st["W"][n] = st["Wb"][n] = w0.expand((B,) + w0.shape)
-        st["S"][n] = torch.zeros((B,) + w0.shape, dtype=w0.dtype)
-    z = torch.zeros((B, 3, cfg.d_model), dtype=P["embed.E"].dtype)
+        st["S"][n] = torch.zeros((B,) + w0.shape, dtype=w0.dtype, device=w0.device)
+    z = torch.zeros((B, 3, cfg.d_model), dtype=P["embed.E"].dtype, device=P["embed.E"].device)
     st["conv"] = {c: z for c in "qkv"}
     return st
 
@@ -297,9 +333,9 @@ def _sm_init(P, cfg, b, B):
         for w in _sm_weights(cfg):
             w0 = P[b + (f"mem.{m}.M0" if w == "M" else f"mem.{m}.{w}_0")]
             st["W"][m][w] = w0.expand((B,) + w0.shape)
-            st["S"][m][w] = torch.zeros((B,) + w0.shape, dtype=w0.dtype)
+            st["S"][m][w] = torch.zeros((B,) + w0.shape, dtype=w0.dtype, device=w0.device)
         st["B"][m] = dict(st["W"][m])
-    z = torch.zeros((B, 3, cfg.d_model), dtype=P["embed.E"].dtype)
+    z = torch.zeros((B, 3, cfg.d_model), dtype=P["embed.E"].dtype, device=P["embed.E"].device)
     st["conv"] = {c: z for c in "qkv"}
     return st
 
@@ -450,14 +486,15 @@ def _stack(P, cfg, tokens, p0, past, mem, cms_w, groups):
 def init_state(P, cfg: ModelConfig, batch: int) -> dict:
     """Fresh sequences: position 0, no caches, fresh memories, CMS levels at theta_0."""
     state = {"batch": batch, "pos": 0, "past": [None] * cfg.n_layers, "mem": [None] * cfg.n_layers,
-             "chunk_mem": [None] * cfg.n_layers, "pending": torch.zeros((batch, 0), dtype=torch.int64), "cms": []}
+             "chunk_mem": [None] * cfg.n_layers, "cms": [],
+             "pending": torch.zeros((batch, 0), dtype=torch.int64, device=P["embed.E"].device)}
     for i in range(cfg.n_layers):
         fast = {}
         for l in _live_levels(cfg):
             for n in ("W1", "W2"):
                 w0 = P[f"blocks.{i}.cms.{l}.{n}"].detach()
                 fast[f"{l}.{n}"] = w0.expand((batch,) + w0.shape).clone()  # per sequence
-                fast[f"{l}.acc_{n}"] = torch.zeros((batch,) + w0.shape, dtype=w0.dtype)
+                fast[f"{l}.acc_{n}"] = torch.zeros((batch,) + w0.shape, dtype=w0.dtype, device=w0.device)
         state["cms"].append(fast)
     return state
 
@@ -566,17 +603,21 @@ def forward(params, tokens, cfg: ModelConfig, state=None):
 
     ``state`` is this module's own (torch tensors), from a previous call; the input state is not
     modified. In-context CMS writes happen as in the reference (gradients by autograd)."""
-    P = init_from_params(params, cfg)
     tok = _tokens(tokens, cfg)
-    if state is None:
-        state = init_state(P, cfg, tok.shape[0])
-    elif not isinstance(state, dict) or state.get("batch") != tok.shape[0]:
+    if state is not None and (not isinstance(state, dict) or state.get("batch") != tok.shape[0]):
         raise ValueError(f"state must be the dict returned by torch_model.forward for a batch of {tok.shape[0]}")
-    else:
-        state = _copy_state(state)
+    logits, state = forward_tensors(init_from_params(params, cfg), tok, cfg, state)
+    return logits.cpu().numpy(), state
+
+
+def forward_tensors(P: dict, tokens: torch.Tensor, cfg: ModelConfig, state=None):
+    """``forward`` on tensors: ``P`` from ``init_from_params`` and int64 ``tokens`` (B, T) on one
+    device; logits (B, T, V) stay a tensor there. Nothing is validated or copied to the host (the
+    device-resident interface); the input state is not modified."""
+    state = init_state(P, cfg, tokens.shape[0]) if state is None else _copy_state(state)
     with torch.no_grad():
-        logits = _run(P, cfg, tok, state)
-    return logits.numpy(), state
+        logits = _run(P, cfg, tokens, state)
+    return logits, state
 
 
 def _increments(P, cfg, tok):
@@ -594,7 +635,7 @@ def _increments(P, cfg, tok):
             G = -(-T // cfg.cms_levels[l].period)
             for n in ("W1", "W2"):
                 key = f"blocks.{i}.cms.{l}.{n}"
-                cum = [torch.zeros((B,) + P[key].shape, dtype=P[key].dtype)]
+                cum = [torch.zeros((B,) + P[key].shape, dtype=P[key].dtype, device=P[key].device)]
                 for d in record.get(key, [])[:G - 1]:
                     cum.append(cum[-1] + d)
                 out[key] = torch.stack(cum, dim=1).detach()  # (B, G, ...): constants (first order)
@@ -604,7 +645,7 @@ def _increments(P, cfg, tok):
 def cms_increments(params, tokens, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """The in-context CMS increments of a fresh pass (as ``reference.model.cms_increments``)."""
     P = init_from_params(params, cfg)
-    return {k: v.numpy() for k, v in _increments(P, cfg, _tokens(tokens, cfg)).items()}
+    return {k: v.cpu().numpy() for k, v in _increments(P, cfg, _tokens(tokens, cfg)).items()}
 
 
 def _groups(period, T):
@@ -649,10 +690,48 @@ def loss_and_grads(params, tokens, cfg: ModelConfig):
     loss = _loss(P, cfg, tok, increments)
     keys = list(P)
     grads = torch.autograd.grad(loss, [P[k] for k in keys], allow_unused=True)
-    out = {k: (np.zeros(P[k].shape, dtype=cfg.dtype) if g is None else g.numpy()) for k, g in zip(keys, grads,
-                                                                                                   strict=True)}
+    out = {k: (np.zeros(P[k].shape, dtype=cfg.dtype) if g is None else g.cpu().numpy())
+           for k, g in zip(keys, grads, strict=True)}
     return float(loss.detach()), out
 
 
-__all__ = ["cms_increments", "forward", "init_from_params", "init_params", "init_state", "loss_and_grads",
-           "param_shapes"]
+class Trainer:
+    """Training steps with the parameters and the optimizer state kept on one device.
+
+    ``params`` (NumPy, as ``init_params``) are copied once to ``device`` as leaf tensors; each
+    ``step(tokens)`` (int64 tensor (B, T) on that device) computes the loss of ``loss_and_grads``
+    (in-context CMS increments as constants, then the whole-sequence pass), its gradients by
+    autograd and one ``torch.optim.AdamW`` update, and returns the loss as a device tensor (no host
+    synchronisation). ``adamw`` overrides torch's AdamW hyperparameters; the defaults are those of
+    ``reference.optimizers.DEFAULTS["adamw"]`` (lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight
+    decay 1e-2: decoupled, on every parameter, as there).
+    """
+
+    def __init__(self, params, cfg: ModelConfig, device=None, **adamw):
+        from .reference.optimizers import DEFAULTS
+
+        self.cfg = cfg
+        self.P = {k: v.requires_grad_() for k, v in init_from_params(params, cfg, device).items()}
+        hp = {k: DEFAULTS["adamw"][k] for k in ("lr", "betas", "eps", "weight_decay")}
+        hp.update(adamw)
+        self.opt = torch.optim.AdamW(list(self.P.values()), **hp)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One AdamW step on ``tokens``; returns the loss before the update (a device tensor)."""
+        increments = _increments(self.P, self.cfg, tokens)
+        loss = _loss(self.P, self.cfg, tokens, increments)
+        self.opt.zero_grad(set_to_none=False)
+        loss.backward()
+        for p in self.P.values():  # a parameter the loss does not use: a zero gradient (AdamW still decays
+            if p.grad is None:     # it), as loss_and_grads returns and the other backends' AdamW take
+                p.grad = torch.zeros_like(p)
+        self.opt.step()
+        return loss.detach()
+
+    def params(self) -> dict[str, np.ndarray]:
+        """The current parameters as NumPy arrays."""
+        return {k: v.detach().cpu().numpy() for k, v in self.P.items()}
+
+
+__all__ = ["Trainer", "cms_increments", "forward", "forward_tensors", "get_device", "init_from_params", "init_params",
+           "init_state", "loss_and_grads", "no_tf32", "param_shapes", "set_device"]

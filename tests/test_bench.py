@@ -7,6 +7,7 @@ measured: how many tokens are fed, which state is timed, and that each skip says
 """
 
 import dataclasses
+import json
 import re
 
 import numpy as np
@@ -163,3 +164,185 @@ def test_info_model_medium(name):
     res = CliRunner().invoke(cli, ["info", "--model", name])
     assert res.exit_code == 0, res.output
     assert name in res.output
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU rows (SPEC.md#fast-gpu): what runs without a GPU. The gpu row's whole code path runs here
+# over the NumPy namespace (NL_GPU_NAMESPACE=numpy), the torch-cuda row's on torch's CPU device.
+# ------------------------------------------------------------------------------------------------
+
+def _has_gpu() -> bool:
+    from nested_learning.fast.gpu import namespace
+
+    if namespace.cupy_available()[0]:
+        return True
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(_has_gpu(), reason="a GPU is present: the GPU rows run (tests/test_gpu_*.py, scripts/gpu_check.sh)")
+def test_gpu_rows_without_a_gpu_say_why_and_the_run_goes_on(tmp_path):
+    from nested_learning.fast.gpu import namespace
+
+    out, js = [], tmp_path / "rows.jsonl"
+    rows = bench.run(presets=("titans-tiny",), backends=("cpu", "gpu", "torch-cuda"), batch_size=1, seq_len=6,
+                     repeats=1, decode_contexts=(8,), decode_tokens=1, echo=out.append, json_out=str(js))
+    cpu, gpu, tcuda = rows
+    assert cpu["tokens_per_s"] > 0 and cpu["vs_base"] == 1.0 and cpu["decode_s_per_token"]["8"] > 0
+    assert gpu["status"] == f"no GPU: {namespace.cupy_available()[1]}" and "tokens_per_s" not in gpu
+    assert tcuda["status"].startswith("no GPU: ") and "tokens_per_s" not in tcuda
+    text = "\n".join(out)
+    assert re.search(r"^GPU: none \(CuPy", text, re.M)
+    assert re.search(r"titans-tiny +torch-cuda no GPU: ", text)
+    assert [json.loads(line)["backend"] for line in js.read_text().splitlines()] == ["cpu", "gpu", "torch-cuda"]
+
+
+def test_gpu_row_code_path_over_the_numpy_namespace(monkeypatch):
+    from nested_learning.fast.gpu import model as gpu_model
+
+    monkeypatch.setattr(gpu_model, "NAMESPACE", "numpy")
+    out = []
+    rows = bench.run(presets=("hope-tiny",), backends=("reference", "gpu"), batch_size=2, seq_len=8, repeats=1,
+                     decode_contexts=(8, 20), decode_tokens=2, echo=out.append)
+    ref_row, gpu = rows
+    assert "status" not in gpu, gpu.get("status")
+    assert gpu["tokens_per_s"] > 0 and gpu["steps_timed"] == 1 and gpu["vs_reference"] == gpu["vs_base"] > 0
+    assert gpu["decode_s_per_token"]["20"] > 0 and gpu["decode_state_bytes"]["8"] == gpu["decode_state_bytes"]["20"]
+    assert gpu["decode_state_bytes"]["8"] == ref_row["decode_state_bytes"]["8"]  # the same state layout
+    assert "NL_GPU_NAMESPACE=numpy" in gpu["device"] and gpu["peak_gflops"] > 0
+    assert any(line.startswith("GPU: NL_GPU_NAMESPACE=numpy") for line in out)
+
+
+def test_gpu_step_is_the_reference_adamw_step(monkeypatch):
+    # over the NumPy namespace the GPU port is the reference bit for bit: so is the benchmark's step
+    from nested_learning.fast.gpu import model as gpu_model
+    from nested_learning.reference import optimizers
+
+    monkeypatch.setattr(gpu_model, "NAMESPACE", "numpy")
+    cfg = config.preset("hope-tiny")
+    tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, size=(2, 9))
+    be = bench._backend("gpu")
+    step = be.stepper(be.params(cfg), tokens, cfg)
+    opt = optimizers.make("adamw", lr=bench.ADAMW_LR)
+    params = ref.init_params(cfg, 0)
+    state = opt.init(params)
+    for _ in range(2):
+        step()
+        _, grads = ref.loss_and_grads(params, tokens, cfg)
+        params, state = opt.update(params, grads, state)
+    for k in params:
+        np.testing.assert_array_equal(gpu_model.to_host(step.params[k]), params[k], err_msg=k)
+
+
+def test_clock_waits_for_the_device():
+    calls = []
+    n_steps = []
+    first, med, n = bench._time_steps(lambda: n_steps.append(1), 3, 10.0, sync=lambda: calls.append(len(n_steps)))
+    assert n == 3 and calls == [1, 2, 3, 4]  # after every step, before its clock is read
+    rec, synced = _Recorder(), []
+    bench._time_decode(rec, None, config.preset("titans-tiny"), 50, 3, piece=20, sync=lambda: synced.append(len(rec.calls)))
+    assert synced == [1, 2, 3, 3 + bench.DECODE_WARMUP] + [3 + bench.DECODE_WARMUP + i for i in (1, 2, 3)]
+
+
+def test_torch_device_row_runs_its_code_path_on_the_cpu(monkeypatch):
+    pytest.importorskip("torch")
+    monkeypatch.setattr(bench, "TORCH_CUDA_DEVICE", "cpu")
+    rows = bench.run(presets=("titans-tiny",), backends=("torch-cuda",), batch_size=1, seq_len=8, repeats=1,
+                     decode_contexts=(12,), decode_tokens=2, echo=lambda *a: None)
+    row = rows[0]
+    assert "status" not in row, row.get("status")
+    assert row["tokens_per_s"] > 0 and row["decode_s_per_token"]["12"] > 0 and row["decode_state_bytes"]["12"] > 0
+
+
+@pytest.mark.parametrize("name", ["hope-tiny", "transformer-tiny"])
+def test_torch_trainer_is_loss_and_grads_plus_adamw(name):
+    # the torch-cuda row's step (device-resident parameters, torch.optim.AdamW) against the NumPy
+    # interface's autograd gradients + reference AdamW, float64, three steps
+    torch = pytest.importorskip("torch")
+    from tolerances import assert_close
+
+    from nested_learning import torch_model as tm
+    from nested_learning.reference import optimizers
+
+    cfg = dataclasses.replace(config.preset(name), dtype="float64")
+    params = ref.init_params(cfg, 0)
+    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, size=(2, 9))
+    trainer = tm.Trainer(params, cfg, "cpu")
+    opt = optimizers.make("adamw")
+    state = opt.init(params)
+    for _ in range(3):
+        loss_t = trainer.step(torch.as_tensor(tokens))
+        loss, grads = tm.loss_and_grads(params, tokens, cfg)
+        params, state = opt.update(params, grads, state)
+        assert float(loss_t) == pytest.approx(loss, rel=1e-12)
+    got = trainer.params()
+    for k in params:
+        assert_close(got[k], params[k], "float64", "torch_oracle", k)
+    # forward_tensors is forward without the host round trip
+    P = tm.init_from_params(params, cfg, "cpu")
+    logits, st1 = tm.forward_tensors(P, torch.as_tensor(tokens), cfg)
+    ref_logits, st2 = tm.forward(params, tokens, cfg)
+    np.testing.assert_array_equal(logits.numpy(), ref_logits)
+
+
+def test_torch_model_device_choice():
+    torch = pytest.importorskip("torch")
+    from nested_learning import torch_model as tm
+
+    assert tm.get_device() == torch.device("cpu")
+    assert tm.set_device("cpu") == torch.device("cpu")
+    cfg = config.preset("titans-tiny")
+    assert tm.init_from_params(tm.init_params(cfg, 0), cfg)["embed.E"].device.type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="sees no CUDA device"):
+            tm.set_device("cuda")
+        assert tm.get_device() == torch.device("cpu")  # unchanged
+
+
+def test_cli_bench_gpu_options_and_time_budget(tmp_path):
+    js = tmp_path / "rows.jsonl"
+    res = CliRunner().invoke(cli, ["bench", "--preset", "titans-tiny", "--preset", "hope-tiny", "--backend", "cpu",
+                                   "--backend", "gpu", "--backend", "torch-cuda", "--seq-len", "6", "--batch-size",
+                                   "1", "--repeats", "1", "--decode-context", "8", "--decode-tokens", "1",
+                                   "--max-seconds", "5", "--prefill-seconds", "0", "--time-budget", "0",
+                                   "--json-out", str(js)])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in js.read_text().splitlines()]
+    assert len(rows) == 6 and all(r["status"] == "skipped: the run's time budget (0 s) is spent" for r in rows)
+    res = CliRunner().invoke(cli, ["bench", "--preset", "titans-tiny", "--backend", "cpu", "--seq-len", "6",
+                                   "--batch-size", "1", "--repeats", "1", "--decode-context", "8",
+                                   "--decode-tokens", "1", "--prefill-seconds", "0", "--json-out", str(js)])
+    assert res.exit_code == 0, res.output
+    row = json.loads(js.read_text())
+    assert re.fullmatch(r"prefill predicted \d+ s > 0 s", row["decode_skipped"]["8"])
+    res = CliRunner().invoke(cli, ["bench", "--backend", "tpu"])
+    assert res.exit_code == 2 and "tpu" in res.output
+    res = CliRunner().invoke(cli, ["bench", "--max-seconds", "-1"])
+    assert res.exit_code == 2
+
+
+def test_a_failing_row_is_reported_and_the_cli_exits_1(monkeypatch, tmp_path):
+    real = bench._backend
+
+    def broken(name):
+        be = real(name)
+        if name == "reference":
+            def stepper(*a):
+                raise FloatingPointError("a step that fails")
+            be.stepper = stepper
+        return be
+
+    monkeypatch.setattr(bench, "_backend", broken)
+    js = tmp_path / "rows.jsonl"
+    res = CliRunner().invoke(cli, ["bench", "--preset", "titans-tiny", "--backend", "reference", "--backend", "cpu",
+                                   "--seq-len", "6", "--batch-size", "1", "--repeats", "1", "--decode-context", "8",
+                                   "--decode-tokens", "1", "--json-out", str(js)])
+    assert res.exit_code == 1
+    assert "FloatingPointError: a step that fails" in res.output and "Traceback" in res.output
+    assert "1 row(s) failed: titans-tiny reference" in res.output
+    ref_row, cpu_row = (json.loads(line) for line in js.read_text().splitlines())
+    assert ref_row["status"] == "error: FloatingPointError: a step that fails"
+    assert cpu_row["tokens_per_s"] > 0 and cpu_row["vs_reference"] is None  # the run went on
