@@ -17,13 +17,17 @@ sibling in the same package, and ``config`` is the reference's own module (one M
 for every backend). Nothing is copied or edited: the overrides below are the only differences,
 each a function the reference takes from outside NumPy.
 
-The CuPy namespace (``CupyNamespace``) forwards every name to ``cupy`` except:
+The CuPy namespace (a ``Namespace`` over ``cupy``) forwards every name to ``cupy`` except:
     - ``random``: NumPy's (initialisation draws on the host; the drawn arrays are uploaded);
     - ``shape``, ``size``: read the attribute (CuPy arrays refuse NumPy's implicit conversion);
     - ``add``: ``cupy.add`` whose ``.at`` (the embedding gradient's scatter-add) is a one-hot
       matrix product for the (V, D) / (N,) / (N, D) pattern (no float64 atomics needed; the same
       sums in another order);
 and primitives' ``_erf`` is ``cupyx.scipy.special.erf`` (scipy's erf takes no device array).
+``einsum`` is ``fast/gpu/einsum.py``'s planned contraction (one cached plan per subscripts and
+shapes, one batched matrix product per call) unless ``NL_GPU_EINSUM=native`` (the namespace's own
+``einsum``); ``load("numpy", einsum="planned")`` runs the planned contraction over NumPy, which is
+how CPU tests check it against the reference.
 TF32 stays off (CuPy's default) unless ``NL_GPU_TF32=1`` is set before the first load, which sets
 ``CUPY_TF32=1``.
 """
@@ -38,10 +42,12 @@ import types
 
 import numpy
 
+from .einsum import PlannedEinsum
+
 # The reference modules the GPU port runs, in dependency order (each imports only earlier ones).
 MODULES = ("primitives", "mlp_memory", "titans", "selfmod", "cms", "model", "optimizers")
 _REF = "nested_learning.reference"
-_LOADED: dict[str, types.ModuleType] = {}
+_LOADED: dict[tuple[str, str], types.ModuleType] = {}
 
 
 def cupy_available() -> tuple[bool, str]:
@@ -79,48 +85,58 @@ class _AddWithAt:
         return self._add.at(a, indices, values)
 
 
-class CupyNamespace(types.ModuleType):
-    """``cupy`` with the overrides listed in the module docstring."""
+class Namespace(types.ModuleType):
+    """An array module (``base``) with some names replaced; every other name is the base's."""
 
-    def __init__(self):
-        super().__init__("nested_learning.fast.gpu.cupy_namespace")
+    def __init__(self, name: str, base, **replaced):
+        super().__init__(f"nested_learning.fast.gpu.{name}_namespace")
+        self._base = base
+        for key, value in replaced.items():
+            setattr(self, key, value)
+
+    def __getattr__(self, name):  # only reached for names not set in __init__
+        return getattr(self._base, name)
+
+
+def _shape(a):
+    return tuple(a.shape) if hasattr(a, "shape") else numpy.shape(a)
+
+
+def _size(a):
+    return int(a.size) if hasattr(a, "size") else numpy.size(a)
+
+
+EINSUMS = ("planned", "native")
+
+
+def _namespace(name: str, einsum: str):
+    if einsum not in EINSUMS:
+        raise ValueError(f"einsum must be one of {EINSUMS}, got {einsum!r}")
+    if name == "numpy":
+        if einsum == "native":
+            return numpy
+        return Namespace(name, numpy, einsum=PlannedEinsum(numpy))
+    if name == "cupy":
+        ok, why = cupy_available()
+        if not ok:
+            raise RuntimeError(f"the GPU backend needs CuPy and a CUDA device: {why}")
         if os.environ.get("NL_GPU_TF32") == "1":
             os.environ.setdefault("CUPY_TF32", "1")
         import cupy
         import cupyx.scipy.special
 
-        self._cupy = cupy
-        self.erf = cupyx.scipy.special.erf
-        self.random = numpy.random
-        self.add = _AddWithAt(cupy.add, cupy)
-
-    @staticmethod
-    def shape(a):
-        return tuple(a.shape) if hasattr(a, "shape") else numpy.shape(a)
-
-    @staticmethod
-    def size(a):
-        return int(a.size) if hasattr(a, "size") else numpy.size(a)
-
-    def __getattr__(self, name):  # only reached for names not set above
-        return getattr(self._cupy, name)
-
-
-def _namespace(name: str):
-    if name == "numpy":
-        return numpy
-    if name == "cupy":
-        ok, why = cupy_available()
-        if not ok:
-            raise RuntimeError(f"the GPU backend needs CuPy and a CUDA device: {why}")
-        return CupyNamespace()
+        replaced = {"erf": cupyx.scipy.special.erf, "random": numpy.random, "add": _AddWithAt(cupy.add, cupy),
+                    "shape": _shape, "size": _size}
+        if einsum == "planned":
+            replaced["einsum"] = PlannedEinsum(cupy)
+        return Namespace(name, cupy, **replaced)
     raise ValueError(f"array namespace must be 'numpy' or 'cupy', got {name!r}")
 
 
 def _overrides(name: str, xp) -> dict[str, dict]:
     """module -> {global: replacement}: what the reference takes from outside NumPy."""
     if name == "cupy":
-        return {"primitives": {"_erf": xp.erf}}
+        return {"primitives": {"_erf": xp.erf}}  # every other difference lives in the namespace
     return {}
 
 
@@ -146,14 +162,17 @@ def _load_module(package: str, module: str, xp, overrides: dict) -> types.Module
     return mod
 
 
-def load(name: str = "cupy") -> types.ModuleType:
+def load(name: str = "cupy", einsum: str | None = None) -> types.ModuleType:
     """The package of the reference's modules over the namespace ``name`` ("cupy" or "numpy");
-    loaded once per process. Its attributes are the modules of ``MODULES`` plus ``xp`` and
-    ``config``."""
-    if name in _LOADED:
-        return _LOADED[name]
-    xp = _namespace(name)
-    package = f"nested_learning.fast.gpu._xp_{name}"
+    loaded once per process and ``einsum`` ("planned" or "native"; default: "planned" for cupy,
+    unless ``NL_GPU_EINSUM`` says otherwise, and "native" for numpy, which is then bitwise the
+    reference). Its attributes are the modules of ``MODULES`` plus ``xp`` and ``config``."""
+    if einsum is None:
+        einsum = os.environ.get("NL_GPU_EINSUM", "planned") if name == "cupy" else "native"
+    if (name, einsum) in _LOADED:
+        return _LOADED[(name, einsum)]
+    xp = _namespace(name, einsum)
+    package = f"nested_learning.fast.gpu._xp_{name}_{einsum}"
     pkg = types.ModuleType(package)
     pkg.__path__ = []  # a package that finds nothing on disk: only the modules set below
     pkg.__package__ = package
@@ -170,5 +189,5 @@ def load(name: str = "cupy") -> types.ModuleType:
             del sys.modules[key]
         raise
     pkg.xp = xp
-    _LOADED[name] = pkg
+    _LOADED[(name, einsum)] = pkg
     return pkg
