@@ -171,9 +171,8 @@ def layer_config(cfg):
     import dataclasses
 
     from nested_learning.fast.gpu import model as gpu_model
-    from nested_learning.fast.gpu import namespace
 
-    pkg = namespace.load(gpu_model.NAMESPACE)
+    pkg = gpu_model._ns()  # the package the GPU calls run (fast/gpu/namespace.py)
     module = {"TitansConfig": pkg.titans, "SelfModConfig": pkg.selfmod}[type(cfg).__name__]
     cls = getattr(module, type(cfg).__name__)
     if isinstance(cfg, cls):
