@@ -161,20 +161,11 @@ def assert_bitwise_tree(got, want, name: str = "") -> None:
 
 
 def layer_config(cfg):
-    """``cfg`` (a reference TitansConfig / SelfModConfig) as the loaded module's own class.
-
-    The GPU port executes reference/titans.py and selfmod.py afresh, so their config dataclasses
-    are new classes and the layer's ``isinstance(cfg, TitansConfig)`` check rejects a reference
-    instance (measured on the NumPy namespace; see test_fast_gpu_namespace.py::
-    test_op_views_accept_the_reference_layer_configs). The same fields, in the loaded class; a
-    no-op once the classes are shared."""
-    import dataclasses
-
+    """``cfg`` (a reference TitansConfig / SelfModConfig), checked to be the class the loaded
+    modules use: fast/gpu/namespace.py rebinds them to the reference's own classes."""
     from nested_learning.fast.gpu import model as gpu_model
 
     pkg = gpu_model._ns()  # the package the GPU calls run (fast/gpu/namespace.py)
     module = {"TitansConfig": pkg.titans, "SelfModConfig": pkg.selfmod}[type(cfg).__name__]
-    cls = getattr(module, type(cfg).__name__)
-    if isinstance(cfg, cls):
-        return cfg
-    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+    assert isinstance(cfg, getattr(module, type(cfg).__name__))
+    return cfg

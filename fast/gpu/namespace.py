@@ -12,7 +12,8 @@ How a module is loaded (``_load_module``): its source file is compiled under its
 tracebacks and line numbers are the reference's) and executed as a fresh module of the package
 ``nested_learning.fast.gpu._xp_<name>``; module-level code (constants, dataclasses, dtype tables)
 runs with NumPy, then the module's global ``np`` is rebound to the namespace, so every function
-body computes on the namespace's arrays. ``from . import x`` inside those modules resolves to the
+body computes on the namespace's arrays, and every class it defines (``TitansConfig``,
+``SelfModConfig``) is rebound to the reference's own class, so a config passes either way. ``from . import x`` inside those modules resolves to the
 sibling in the same package, and ``config`` is the reference's own module (one ModelConfig class
 for every backend). Nothing is copied or edited: the overrides below are the only differences,
 each a function the reference takes from outside NumPy.
@@ -154,6 +155,10 @@ def _load_module(package: str, module: str, xp, overrides: dict) -> types.Module
     if getattr(mod, "np", None) is not numpy:
         raise ImportError(f"{spec.origin} must import numpy as np (the namespace rebinds that name)")
     mod.np = xp  # every function body now computes on the namespace
+    reference = importlib.import_module(f"{_REF}.{module}")
+    for key, value in list(vars(mod).items()):  # one class per name for every backend (TitansConfig, ...)
+        if isinstance(value, type) and value.__module__ == mod.__name__:
+            setattr(mod, key, getattr(reference, key))
     for key, value in overrides.items():
         if not hasattr(mod, key):
             raise ImportError(f"{spec.origin} has no {key!r} to override")
