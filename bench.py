@@ -51,8 +51,10 @@ eager, gradients by autograd) on ``TORCH_CUDA_DEVICE`` with its parameters and o
 the device across steps (``torch_model.Trainer``); THIS ROW'S UPDATE IS ``torch.optim.AdamW``
 (the same hyperparameters as reference/optimizers.py's AdamW: lr 1e-3, betas (0.9, 0.999), eps
 1e-8, decoupled weight decay 1e-2), its decode is ``torch_model.forward_tensors``, TF32 is off,
-and the clock is read after ``torch.cuda.synchronize()``. Without CuPy or a CUDA device these rows
-say ``no GPU: <reason>`` and the other backends still run.
+and the clock is read after ``torch.cuda.synchronize()``. CUDA's context and cuBLAS start before
+either GPU row's first call (in gpu_info's matrix product; in the torch-cuda backend's set-up), so
+a first call holds kernel compilation and first-use costs, not the context's creation. Without
+CuPy or a CUDA device these rows say ``no GPU: <reason>`` and the other backends still run.
 
 ``startup_times`` (``python -m nested_learning.bench startup [PRESET]``) measures the cached
 compile: two fresh Python processes, one after the other, with the same ``NUMBA_CACHE_DIR`` (a new
@@ -195,6 +197,8 @@ class _TorchDeviceBackend:
             if not torch.cuda.is_available():
                 raise NoGPU(f"torch {torch.__version__} sees no CUDA device")
             torch_model.no_tf32()
+            a = torch.ones((8, 8), device=self.dev)  # CUDA's context and cuBLAS start here, not in the
+            float((a @ a).sum())  # first call (see the module docstring)
         self.tm, self.torch = torch_model, torch
 
     def _tensor(self, tokens):
@@ -259,8 +263,8 @@ def matmul_gflops(dtype: str, n: int = 512, reps: int = 10) -> float:
 def _cupy_matmul_gflops(dtype: str, n: int, reps: int) -> float:
     import cupy as cp
 
-    a = cp.random.RandomState(0).standard_normal((n, n), dtype=dtype)
-    b = cp.random.RandomState(1).standard_normal((n, n), dtype=dtype)
+    a = cp.sin(cp.arange(n * n, dtype=dtype)).reshape(n, n)  # any values will do (no denormals); no cuRAND
+    b = cp.cos(cp.arange(n * n, dtype=dtype)).reshape(n, n)
     a @ b  # cuBLAS start-up
     cp.cuda.Device().synchronize()
     times = []
@@ -560,10 +564,10 @@ def run(presets=(), backends=(), batch_size=4, seq_len=256, dtype="float32", rep
                     echo(f"{cfg.name:<22} {backend:<10} {row['status']}")
                     emit(row)
                     continue
-                row_rate = rate
+                row_rate, row["peak"] = rate, f"CPU 512^3 {dtype}, {_blas_threads()} BLAS thread(s)"
                 if be.device == "gpu":
                     row["device"] = gpu["card"] or gpu["why"]
-                    row_rate = gpu["gflops"]
+                    row_rate, row["peak"] = gpu["gflops"], gpu["what"]
                 row["peak_gflops"] = row_rate
                 try:
                     with threadpool_limits(limits=_blas_threads(), user_api="blas"):

@@ -346,3 +346,18 @@ def test_a_failing_row_is_reported_and_the_cli_exits_1(monkeypatch, tmp_path):
     ref_row, cpu_row = (json.loads(line) for line in js.read_text().splitlines())
     assert ref_row["status"] == "error: FloatingPointError: a step that fails"
     assert cpu_row["tokens_per_s"] > 0 and cpu_row["vs_reference"] is None  # the run went on
+
+
+def test_gpu_check_script_parses():
+    # scripts/gpu_check.sh runs once on a GPU machine: at least its syntax is checked on every run
+    import pathlib
+    import shutil
+    import subprocess
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    text = script.read_text()
+    assert "set -uo pipefail" in text and "NL_REQUIRE_GPU=1" in text and "--backend gpu" in text
