@@ -27,7 +27,7 @@
 # overrunning. Knobs (environment; the defaults are the GPU run's; for a dry run on a CPU, shrink them):
 #   OUT (/tmp/gpu_check)  PYTHON (python3)  NL_CHECK_BUDGET_S (400)  NL_CHECK_TESTS_S (120)
 #   NL_CHECK_CONF_S (40)  NL_CHECK_BENCH_SMALL_S (60)  NL_CHECK_BENCH_MEDIUM_S (130)
-#   NL_CHECK_PRESETS ("hope-small hope-medium")  NL_CHECK_EXTRA_PRESETS ("titans-small transformer-small")
+#   NL_CHECK_PRESETS ("hope-small hope-medium")  NL_CHECK_EXTRA_PRESETS ("titans-small transformer-small"; "" for none)
 #   NL_CHECK_BACKENDS ("gpu cpu torch-cuda")  NL_CHECK_BATCH (4)  NL_CHECK_SEQ_LEN (256)
 #   NL_CHECK_REPEATS (2)  NL_CHECK_CONTEXTS ("1024 65536")  NL_CHECK_DECODE_TOKENS (16)
 #   NL_CHECK_MAX_SECONDS (8)  NL_CHECK_PREFILL_SECONDS (15)  NL_CHECK_TESTS ("tests/test_gpu_*.py")
@@ -195,7 +195,7 @@ bench_preset() {  # bench_preset PRESET REQUIRED
         --time-budget $(( t * 6 / 10 )) --json-out "$OUT/bench_$p.jsonl"
 }
 for p in ${NL_CHECK_PRESETS:-hope-small hope-medium}; do bench_preset "$p" 1; done
-for p in ${NL_CHECK_EXTRA_PRESETS:-titans-small transformer-small}; do
+for p in ${NL_CHECK_EXTRA_PRESETS-titans-small transformer-small}; do
     if (( $(left) >= 30 )); then bench_preset "$p" 0; else STATUS[bench_$p]="not run (time budget)"; fi
 done
 
@@ -203,7 +203,7 @@ done
 STEPS_FILE="$OUT/steps.tsv"
 : > "$STEPS_FILE"
 for k in install warmup tests conformance $(for p in ${NL_CHECK_PRESETS:-hope-small hope-medium} \
-        ${NL_CHECK_EXTRA_PRESETS:-titans-small transformer-small}; do echo "bench_$p"; done); do
+        ${NL_CHECK_EXTRA_PRESETS-titans-small transformer-small}; do echo "bench_$p"; done); do
     printf '%s\t%s\n' "$k" "${STATUS[$k]:-not run}" >> "$STEPS_FILE"
 done
 OUT="$OUT" NL_CHECK_BACKENDS="${NL_CHECK_BACKENDS:-gpu cpu torch-cuda}" timeout 30 "$PY" - <<'EOF' 2>&1 | tee "$OUT/summary.log"
