@@ -368,10 +368,7 @@ def write_chunk(Pw, S, G, k, ep, alpha, beta, keyside):
         dh = k.shape[-1]
         eye = np.eye(dh, dtype=G.dtype)
         A = alpha[..., None, None] * eye - ep[..., None, None] * np.einsum("bhnk,bhnl->bhnkl", k, k)
-        R = np.empty_like(A)  # (B, H, n, dh, dh)   R_j = A_{j+1} ... A_{n-1}
-        R[:, :, n - 1] = eye
-        for j in range(n - 2, -1, -1):
-            R[:, :, j] = A[:, :, j + 1] @ R[:, :, j + 1]  # suffix-product scan
+        R = suffix_products(A)  # (B, H, n, dh, dh)   R_j = A_{j+1} ... A_{n-1}
         full = A[:, :, 0] @ R[:, :, 0]  # (B, H, dh, dh)
         P_new = Pw @ full + np.einsum("bhjak,bhjkl->bhal", S_all, R)  # Eq. (88) over the segment
     else:
@@ -379,6 +376,61 @@ def write_chunk(Pw, S, G, k, ep, alpha, beta, keyside):
         r = np.concatenate([rev[..., 1:], np.ones_like(rev[..., :1])], axis=-1)  # prod_{i>j} alpha_i
         P_new = rev[..., 0, None, None] * Pw + np.einsum("bhj,bhjuv->bhuv", r, S_all)  # Eq. (88)
     return P_new, S_all[:, :, -1]
+
+
+def suffix_products(A):
+    """The suffix-product scan of the key-side writes: R_j = A_{j+1} ... A_{n-1} (R_{n-1} = I).
+
+    A (B, H, n, d, d) -> R (B, H, n, d, d). One matrix product per token, in sequence (the GPU
+    port runs this scan as one kernel: SPEC.md#fast-gpu)."""
+    n = A.shape[2]
+    R = np.empty_like(A)
+    R[:, :, n - 1] = np.eye(A.shape[-1], dtype=A.dtype)
+    for j in range(n - 2, -1, -1):
+        R[:, :, j] = A[:, :, j + 1] @ R[:, :, j + 1]  # suffix-product scan
+    return R
+
+
+def suffix_products_backward(A, R, dR, dfull):
+    """VJP of A -> (R = suffix_products(A), full = A_0 R_0): dA (B, H, n, d, d).
+
+    dR (B, H, n, d, d) is the adjoint reaching each R_j (updated in place: on return it holds each
+    R_j's whole adjoint), dfull (B, H, d, d) the adjoint of full. The scan reversed: a prefix scan
+    of adjoints, dR_{j+1} += A_{j+1}^T dR_j, and dA_{j+1} = dR_j R_{j+1}^T."""
+    n = A.shape[2]
+    dA = np.zeros_like(A)
+    dA[:, :, 0] = dfull @ np.swapaxes(R[:, :, 0], -1, -2)
+    dR[:, :, 0] += np.swapaxes(A[:, :, 0], -1, -2) @ dfull
+    for j in range(n - 1):  # R_j = A_{j+1} R_{j+1}, reversed
+        dA[:, :, j + 1] += dR[:, :, j] @ np.swapaxes(R[:, :, j + 1], -1, -2)
+        dR[:, :, j + 1] += np.swapaxes(A[:, :, j + 1], -1, -2) @ dR[:, :, j]
+    return dA
+
+
+def scalar_suffix_products(alpha):
+    """The scalar retention's suffix products: R_j = alpha_{j+1} ... alpha_{n-1} (R_{n-1} = 1).
+
+    alpha (B, H, n) -> R (B, H, n)."""
+    n = alpha.shape[-1]
+    R = np.empty_like(alpha)
+    R[..., n - 1] = 1
+    for j in range(n - 2, -1, -1):
+        R[..., j] = alpha[..., j + 1] * R[..., j + 1]
+    return R
+
+
+def scalar_suffix_products_backward(alpha, R, dR, dfull):
+    """VJP of alpha -> (R = scalar_suffix_products(alpha), full = alpha_0 R_0): dalpha (B, H, n).
+
+    dR (B, H, n) the adjoint of each R_j (updated in place), dfull (B, H) that of full."""
+    n = alpha.shape[-1]
+    dalpha = np.zeros_like(alpha)
+    dalpha[..., 0] = dfull * R[..., 0]
+    dR[..., 0] += alpha[..., 0] * dfull
+    for j in range(n - 1):
+        dalpha[..., j + 1] += dR[..., j] * R[..., j + 1]
+        dR[..., j + 1] += alpha[..., j + 1] * dR[..., j]
+    return dalpha
 
 
 def write_chunk_backward(dP_new, dS_new, Pw, S, G, k, ep, alpha, beta, keyside):
@@ -401,41 +453,25 @@ def write_chunk_backward(dP_new, dS_new, Pw, S, G, k, ep, alpha, beta, keyside):
     if keyside:
         eye = np.eye(k.shape[-1], dtype=G.dtype)
         A = alpha[..., None, None] * eye - ep[..., None, None] * np.einsum("bhnk,bhnl->bhnkl", k, k)
-        R = np.empty_like(A)  # (B, H, n, dh, dh)
-        R[:, :, n - 1] = eye
-        for j in range(n - 2, -1, -1):
-            R[:, :, j] = A[:, :, j + 1] @ R[:, :, j + 1]
+        R = suffix_products(A)  # (B, H, n, dh, dh)
         full = A[:, :, 0] @ R[:, :, 0]
         # P_new = P0 full + sum_j S_j R_j
         dS_all = np.einsum("bhuw,bhjvw->bhjuv", dP_new, R)  # (B, H, n, a, b)   dP R_j^T
         dPw = np.einsum("bhuw,bhvw->bhuv", dP_new, full)  # dP full^T
         dfull = np.einsum("bhuk,bhul->bhkl", Pw, dP_new)  # P0^T dP
         dR = np.einsum("bhjuk,bhul->bhjkl", S_all, dP_new)  # S_j^T dP
-        dA = np.zeros_like(A)
-        dA[:, :, 0] = dfull @ np.swapaxes(R[:, :, 0], -1, -2)
-        dR[:, :, 0] += np.swapaxes(A[:, :, 0], -1, -2) @ dfull
-        for j in range(n - 1):  # R_j = A_{j+1} R_{j+1}, reversed
-            dA[:, :, j + 1] += dR[:, :, j] @ np.swapaxes(R[:, :, j + 1], -1, -2)
-            dR[:, :, j + 1] += np.swapaxes(A[:, :, j + 1], -1, -2) @ dR[:, :, j]
+        dA = suffix_products_backward(A, R, dR, dfull)
         dalpha = np.einsum("bhnkk->bhn", dA)  # A = alpha I - ...
         dep = -np.einsum("bhnk,bhnkl,bhnl->bhn", k, dA, k)
         dk = -ep[..., None] * (np.einsum("bhnkl,bhnl->bhnk", dA, k) + np.einsum("bhnlk,bhnl->bhnk", dA, k))
     else:
-        R = np.empty_like(alpha)  # (B, H, n)   prod_{i>j} alpha_i
-        R[..., n - 1] = 1
-        for j in range(n - 2, -1, -1):
-            R[..., j] = alpha[..., j + 1] * R[..., j + 1]
+        R = scalar_suffix_products(alpha)  # (B, H, n)   prod_{i>j} alpha_i
         full = alpha[..., 0] * R[..., 0]
         dS_all = R[..., None, None] * dP_new[:, :, None]  # (B, H, n, a, b)
         dPw = full[..., None, None] * dP_new
         dfull = np.einsum("bhuv,bhuv->bh", Pw, dP_new)
         dR = np.einsum("bhjuv,bhuv->bhj", S_all, dP_new)
-        dalpha = np.zeros_like(alpha)
-        dalpha[..., 0] = dfull * R[..., 0]
-        dR[..., 0] += alpha[..., 0] * dfull
-        for j in range(n - 1):
-            dalpha[..., j + 1] += dR[..., j] * R[..., j + 1]
-            dR[..., j + 1] += alpha[..., j + 1] * dR[..., j]
+        dalpha = scalar_suffix_products_backward(alpha, R, dR, dfull)
         dep = np.zeros_like(ep)
         dk = np.zeros_like(k)
     if beta is None:
