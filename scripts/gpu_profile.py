@@ -6,7 +6,7 @@ GPU (after a warm-up), profiles a second one with cProfile (host-side time per f
 launch overhead's breakdown), and times the per-call cost of the operations the reference uses
 most (``einsum``, ``@``, an element-wise op) at that model's sizes, synchronised.
 
-    python scripts/gpu_profile.py [PRESET] [BATCH] [SEQ]
+    python scripts/gpu_profile.py [PRESET] [BATCH] [SEQ]      (NL_GPU_KERNELS=0: without the scan kernels)
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ def main() -> int:
     from nested_learning.fast.gpu import model as G
 
     cp = G.xp()
+    ns = G._ns()
+    print(f"einsum: {type(ns.xp.einsum).__name__}; selfmod scans: "
+          f"{'kernels' if hasattr(ns.selfmod.suffix_products, '__self__') else 'the reference loops'}")
     cfg = config.preset(preset)
     params = G.to_device(G.init_params(cfg, 0))
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1))
@@ -58,12 +61,12 @@ def main() -> int:
         cp.cuda.Device().synchronize()
         return (time.perf_counter() - t) / n * 1e6
 
-    a = cp.random.standard_normal((B, 8, 16, 32, 64), dtype=cp.float32)
-    k = cp.random.standard_normal((B, 8, 16, 32), dtype=cp.float32)
-    m = cp.random.standard_normal((B, 8, 32, 32), dtype=cp.float32)
+    rng = np.random.default_rng(1)
+    a, k, m = (cp.asarray(rng.standard_normal(s).astype(np.float32))
+               for s in ((B, 8, 16, 32, 64), (B, 8, 16, 32), (B, 8, 32, 32)))
     rows = [
-        ("einsum bhnvk,bhnk->bhnv", lambda: cp.einsum("bhnvk,bhnv->bhnk", a, k)),
-        ("einsum bhnd,bhnm->bhndm", lambda: cp.einsum("bhnd,bhnm->bhndm", k, k)),
+        ("einsum bhnvk,bhnv->bhnk (namespace)", lambda: ns.xp.einsum("bhnvk,bhnv->bhnk", a, k)),
+        ("einsum bhnd,bhnm->bhndm (namespace)", lambda: ns.xp.einsum("bhnd,bhnm->bhndm", k, k)),
         ("matmul (B,8,32,32)@(B,8,32,32)", lambda: m @ m),
         ("multiply (B,8,16,32,64)", lambda: a * a),
         ("sum axis -1 (B,8,16,32,64)", lambda: a.sum(axis=-1)),

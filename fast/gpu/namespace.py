@@ -48,7 +48,7 @@ from .einsum import PlannedEinsum
 # The reference modules the GPU port runs, in dependency order (each imports only earlier ones).
 MODULES = ("primitives", "mlp_memory", "titans", "selfmod", "cms", "model", "optimizers")
 _REF = "nested_learning.reference"
-_LOADED: dict[tuple[str, str], types.ModuleType] = {}
+_LOADED: dict[tuple[str, str, str], types.ModuleType] = {}
 
 
 def cupy_available() -> tuple[bool, str]:
@@ -134,14 +134,27 @@ def _namespace(name: str, einsum: str):
     raise ValueError(f"array namespace must be 'numpy' or 'cupy', got {name!r}")
 
 
-def _overrides(name: str, xp) -> dict[str, dict]:
-    """module -> {global: replacement}: what the reference takes from outside NumPy."""
+def _overrides(name: str, xp, kernels: str) -> dict:
+    """module -> (loaded module -> {global: replacement}): what the reference takes from outside
+    NumPy, and the scans that run as custom kernels (``fast/gpu/scans.py``)."""
+    out = {}
     if name == "cupy":
-        return {"primitives": {"_erf": xp.erf}}  # every other difference lives in the namespace
-    return {}
+        out["primitives"] = lambda mod: {"_erf": xp.erf}  # every other difference lives in the namespace
+    if kernels != "off":
+        out["selfmod"] = lambda mod: _scans(mod, xp, kernels)
+    return out
 
 
-def _load_module(package: str, module: str, xp, overrides: dict) -> types.ModuleType:
+def _scans(mod, xp, kernels: str) -> dict:
+    from . import scans
+
+    fallback = {n: getattr(mod, n) for n in ("suffix_products", "suffix_products_backward",
+                                              "scalar_suffix_products", "scalar_suffix_products_backward")}
+    impl = scans.CudaKernels() if kernels == "cuda" else scans.LoopKernels(xp)
+    return scans.Scans(xp, fallback, impl).overrides()
+
+
+def _load_module(package: str, module: str, xp, overrides) -> types.ModuleType:
     spec = importlib.util.find_spec(f"{_REF}.{module}")
     if spec is None or spec.origin is None:
         raise ImportError(f"cannot find the reference module {_REF}.{module}")
@@ -159,7 +172,7 @@ def _load_module(package: str, module: str, xp, overrides: dict) -> types.Module
     for key, value in list(vars(mod).items()):  # one class per name for every backend (TitansConfig, ...)
         if isinstance(value, type) and value.__module__ == mod.__name__:
             setattr(mod, key, getattr(reference, key))
-    for key, value in overrides.items():
+    for key, value in (overrides(mod) if overrides else {}).items():
         if not hasattr(mod, key):
             raise ImportError(f"{spec.origin} has no {key!r} to override")
         setattr(mod, key, value)
@@ -167,17 +180,27 @@ def _load_module(package: str, module: str, xp, overrides: dict) -> types.Module
     return mod
 
 
-def load(name: str = "cupy", einsum: str | None = None) -> types.ModuleType:
-    """The package of the reference's modules over the namespace ``name`` ("cupy" or "numpy");
-    loaded once per process and ``einsum`` ("planned" or "native"; default: "planned" for cupy,
-    unless ``NL_GPU_EINSUM`` says otherwise, and "native" for numpy, which is then bitwise the
-    reference). Its attributes are the modules of ``MODULES`` plus ``xp`` and ``config``."""
+def load(name: str = "cupy", einsum: str | None = None, kernels: str | None = None) -> types.ModuleType:
+    """The package of the reference's modules over the namespace ``name`` ("cupy" or "numpy"),
+    loaded once per process and combination of:
+
+    - ``einsum``: "planned" or "native" (default: "planned" for cupy unless ``NL_GPU_EINSUM`` says
+      otherwise; "native" for numpy, which is then bitwise the reference);
+    - ``kernels``: the self-modifying layer's scans (``fast/gpu/scans.py``): "cuda" (the default
+      for cupy unless ``NL_GPU_KERNELS=0``), "loops" (the same host logic over whole-array loops,
+      for CPU tests) or "off" (the reference's own loops; the default for numpy).
+
+    Its attributes are the modules of ``MODULES`` plus ``xp`` and ``config``."""
     if einsum is None:
         einsum = os.environ.get("NL_GPU_EINSUM", "planned") if name == "cupy" else "native"
-    if (name, einsum) in _LOADED:
-        return _LOADED[(name, einsum)]
+    if kernels is None:
+        kernels = ("off" if os.environ.get("NL_GPU_KERNELS") == "0" else "cuda") if name == "cupy" else "off"
+    if kernels not in ("cuda", "loops", "off") or (kernels == "cuda" and name != "cupy"):
+        raise ValueError(f"kernels must be 'cuda' (cupy only), 'loops' or 'off', got {kernels!r}")
+    if (name, einsum, kernels) in _LOADED:
+        return _LOADED[(name, einsum, kernels)]
     xp = _namespace(name, einsum)
-    package = f"nested_learning.fast.gpu._xp_{name}_{einsum}"
+    package = f"nested_learning.fast.gpu._xp_{name}_{einsum}_{kernels}"
     pkg = types.ModuleType(package)
     pkg.__path__ = []  # a package that finds nothing on disk: only the modules set below
     pkg.__package__ = package
@@ -185,14 +208,14 @@ def load(name: str = "cupy", einsum: str | None = None) -> types.ModuleType:
     config = importlib.import_module(f"{_REF}.config")
     sys.modules[f"{package}.config"] = config
     pkg.config = config
-    overrides = _overrides(name, xp)
+    overrides = _overrides(name, xp, kernels)
     try:
         for module in MODULES:
-            _load_module(package, module, xp, overrides.get(module, {}))
+            _load_module(package, module, xp, overrides.get(module))
     except BaseException:
         for key in [k for k in sys.modules if k == package or k.startswith(package + ".")]:
             del sys.modules[key]
         raise
     pkg.xp = xp
-    _LOADED[(name, einsum)] = pkg
+    _LOADED[(name, einsum, kernels)] = pkg
     return pkg
