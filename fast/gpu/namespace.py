@@ -139,10 +139,18 @@ def _overrides(name: str, xp, kernels: str) -> dict:
     NumPy, and the scans that run as custom kernels (``fast/gpu/scans.py``)."""
     out = {}
     if name == "cupy":
-        out["primitives"] = lambda mod: {"_erf": xp.erf}  # every other difference lives in the namespace
+        out["primitives"] = lambda mod: {"_erf": xp.erf, **(_activations(mod) if kernels == "cuda" else {})}
     if kernels != "off":
         out["selfmod"] = lambda mod: _scans(mod, xp, kernels)
     return out
+
+
+def _activations(mod) -> dict:
+    import cupy
+
+    from . import activations
+
+    return activations.overrides(mod, cupy)
 
 
 def _scans(mod, xp, kernels: str) -> dict:
@@ -186,9 +194,10 @@ def load(name: str = "cupy", einsum: str | None = None, kernels: str | None = No
 
     - ``einsum``: "planned" or "native" (default: "planned" for cupy unless ``NL_GPU_EINSUM`` says
       otherwise; "native" for numpy, which is then bitwise the reference);
-    - ``kernels``: the self-modifying layer's scans (``fast/gpu/scans.py``): "cuda" (the default
-      for cupy unless ``NL_GPU_KERNELS=0``), "loops" (the same host logic over whole-array loops,
-      for CPU tests) or "off" (the reference's own loops; the default for numpy).
+    - ``kernels``: the custom kernels: "cuda" (the default for cupy unless ``NL_GPU_KERNELS=0``:
+      the self-modifying layer's scans, ``fast/gpu/scans.py``, and the fused activations,
+      ``fast/gpu/activations.py``), "loops" (the scans' host logic over whole-array loops, for CPU
+      tests) or "off" (the reference's own code; the default for numpy).
 
     Its attributes are the modules of ``MODULES`` plus ``xp`` and ``config``."""
     if einsum is None:
