@@ -31,7 +31,7 @@
 #   NL_CHECK_BACKENDS ("gpu cpu torch-cuda")  NL_CHECK_BATCH (4)  NL_CHECK_SEQ_LEN (256)
 #   NL_CHECK_REPEATS (2)  NL_CHECK_CONTEXTS ("1024 65536")  NL_CHECK_DECODE_TOKENS (16)
 #   NL_CHECK_MAX_SECONDS (8)  NL_CHECK_PREFILL_SECONDS (15)  NL_CHECK_TESTS ("tests/test_gpu_*.py")
-#   NL_CHECK_WARMUP (1: run the warm-up)
+#   NL_CHECK_WARMUP (1: run the warm-up)  NL_CHECK_PYTEST_ARGS ("-x"; e.g. "--maxfail=20" to see every failure)
 
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -154,7 +154,7 @@ rm -f "$OUT/gpu_errors.jsonl"
 # shellcheck disable=SC2086  # the test glob is meant to expand
 run_step tests "${NL_CHECK_TESTS_S:-110}" 1 \
     env NL_REQUIRE_GPU=1 NL_GPU_ERRORS="$OUT/gpu_errors.jsonl" \
-    "$PY" -m pytest ${NL_CHECK_TESTS:-tests/test_gpu_*.py} -q -x -p no:cacheprovider
+    "$PY" -m pytest ${NL_CHECK_TESTS:-tests/test_gpu_*.py} -q ${NL_CHECK_PYTEST_ARGS:--x} -p no:cacheprovider
 
 # ---- (b) conformance vectors on the GPU ---------------------------------------------------------
 run_step conformance "${NL_CHECK_CONF_S:-40}" 1 \

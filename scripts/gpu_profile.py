@@ -6,13 +6,15 @@ GPU (after a warm-up), profiles a second one with cProfile (host-side time per f
 launch overhead's breakdown), and times the per-call cost of the operations the reference uses
 most (``einsum``, ``@``, an element-wise op) at that model's sizes, synchronised.
 
-    python scripts/gpu_profile.py [PRESET] [BATCH] [SEQ]      (NL_GPU_KERNELS=0: without the scan kernels)
+    python scripts/gpu_profile.py [PRESET] [BATCH] [SEQ]
+    (NL_GPU_KERNELS=0: without the custom kernels; NL_PROFILE=0: the step time only)
 """
 
 from __future__ import annotations
 
 import cProfile
 import io
+import os
 import pstats
 import sys
 import time
@@ -42,6 +44,8 @@ def main() -> int:
     G.synchronize()
     dt = time.perf_counter() - t0
     print(f"{preset} batch {B}x{T}: one step {dt:.3f} s = {B * T / dt:.0f} tokens/s")
+    if os.environ.get("NL_PROFILE") == "0":
+        return 0
     prof = cProfile.Profile()
     prof.enable()
     G.loss_and_grads(params, tokens, cfg, as_numpy=False)
