@@ -328,3 +328,32 @@ def test_default_backend_is_the_fastest_available():
     expected = "cpu" if importlib.util.find_spec("numba") is not None else "reference"
     assert training.default_backend() == expected
     assert training.TrainConfig().backend == expected
+
+
+def test_gpu_backend_loop_over_the_numpy_namespace_is_the_reference(tmp_path, corpus, monkeypatch):
+    """--backend gpu's own logic (parameters, gradients and AdamW state kept as device arrays across
+    steps, host copies in checkpoints, device-resident streaming state in eval --continual and
+    generate) run over the NumPy namespace (SPEC.md#fast-gpu): bitwise the reference's run, and
+    the checkpoint resumes. The CuPy path itself is checked on a GPU (tests/test_gpu_model.py)."""
+    from nested_learning.fast.gpu import model as gpu_model
+
+    monkeypatch.setattr(gpu_model, "NAMESPACE", "numpy")
+    ref = tiny_run(corpus, preset="hope-tiny", steps=4, checkpoint_every=2, seq_len=20)
+    gpu = tiny_run(corpus, preset="hope-tiny", steps=4, checkpoint_every=2, seq_len=20, backend="gpu")
+    training.train(ref, tmp_path / "ref", echo=lambda s: None)
+    training.train(gpu, tmp_path / "gpu", echo=lambda s: None)
+    strip = [{k: v for k, v in r.items() if k != "step_time_s"} for r in training.read_metrics(tmp_path / "ref")]
+    assert strip == [{k: v for k, v in r.items() if k != "step_time_s"} for r in training.read_metrics(tmp_path / "gpu")]
+    p_ref, _, _ = training.load_model_checkpoint(tmp_path / "ref")
+    p_gpu, rc, _ = training.load_model_checkpoint(tmp_path / "gpu")
+    assert all(np.array_equal(p_ref[k], p_gpu[k]) and type(p_gpu[k]) is np.ndarray for k in p_ref)
+    split = data.load_corpus(rc.train.data, rc.train.val_fraction).val
+    c_ref = training.evaluate_continual(p_ref, rc.model, split, 2, 60, 16, backend="reference")
+    c_gpu = training.evaluate_continual(p_gpu, rc.model, split, 2, 60, 16, backend="gpu")
+    assert c_ref == c_gpu
+    prompt = np.frombuffer(b"def ", dtype=np.uint8).astype(np.int64)
+    np.testing.assert_array_equal(training.generate(p_gpu, rc.model, prompt, 6, temperature=0.0, backend="gpu"),
+                                  training.generate(p_ref, rc.model, prompt, 6, temperature=0.0, backend="reference"))
+    more = training.resolve_config(training.read_toml(tmp_path / "gpu" / "config.toml"), {"steps": 6})
+    training.train(more, tmp_path / "gpu", resume=True, echo=lambda s: None)  # a GPU checkpoint resumes
+    assert len(losses(tmp_path / "gpu")) == 6
