@@ -7,8 +7,9 @@ The same functions as ``reference/model.py`` with the same names, signatures, re
 and dtypes: ``init_params``, ``init_state``, ``forward(params, tokens, cfg, state=None)``,
 ``loss_and_grads(params, tokens, cfg)``, ``cms_increments``, ``loss_with_increments``. The
 computation is the reference's own vectorised code run on CuPy arrays (``fast/gpu/namespace.py``
-says how), so the GPU computes the function the reference specifies, in the same order of
-operations; results differ from the reference's by the rounding of cuBLAS / CUDA kernels only
+says how), so the GPU computes the function the reference specifies, step for step except for
+the overrides listed there (the planned einsum, the scan and activation kernels: the same
+quantities in another summation order); results differ from the reference's by rounding only
 (the ("float32" | "float64", "gpu") rows of tests/tolerances.py).
 
 Arrays: parameters, tokens and states are accepted as NumPy or CuPy arrays (NumPy ones are
