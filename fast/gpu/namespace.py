@@ -10,13 +10,14 @@ machine without a GPU (CI): there it must equal the reference bit for bit.
 
 How a module is loaded (``_load_module``): its source file is compiled under its own file name (so
 tracebacks and line numbers are the reference's) and executed as a fresh module of the package
-``nested_learning.fast.gpu._xp_<name>``; module-level code (constants, dataclasses, dtype tables)
-runs with NumPy, then the module's global ``np`` is rebound to the namespace, so every function
-body computes on the namespace's arrays, and every class it defines (``TitansConfig``,
-``SelfModConfig``) is rebound to the reference's own class, so a config passes either way. ``from . import x`` inside those modules resolves to the
-sibling in the same package, and ``config`` is the reference's own module (one ModelConfig class
-for every backend). Nothing is copied or edited: the overrides below are the only differences,
-each a function the reference takes from outside NumPy.
+``nested_learning.fast.gpu._xp_<namespace>_<einsum>_<kernels>``; module-level code (constants,
+dataclasses, dtype tables) runs with NumPy, then the module's global ``np`` is rebound to the
+namespace, so every function body computes on the namespace's arrays, and every class it defines
+(``TitansConfig``, ``SelfModConfig``) is rebound to the reference's own class, so a config passes
+either way. ``from . import x`` inside those modules resolves to the sibling in the same package,
+and ``config`` is the reference's own module (one ModelConfig class for every backend). Nothing is
+copied or edited: the replacements below are the only differences (SPEC.md#fast-gpu lists them
+with their reasons).
 
 The CuPy namespace (a ``Namespace`` over ``cupy``) forwards every name to ``cupy`` except:
     - ``random``: NumPy's (initialisation draws on the host; the drawn arrays are uploaded);
@@ -24,11 +25,13 @@ The CuPy namespace (a ``Namespace`` over ``cupy``) forwards every name to ``cupy
     - ``add``: ``cupy.add`` whose ``.at`` (the embedding gradient's scatter-add) is a one-hot
       matrix product for the (V, D) / (N,) / (N, D) pattern (no float64 atomics needed; the same
       sums in another order);
-and primitives' ``_erf`` is ``cupyx.scipy.special.erf`` (scipy's erf takes no device array).
-``einsum`` is ``fast/gpu/einsum.py``'s planned contraction (one cached plan per subscripts and
-shapes, one batched matrix product per call) unless ``NL_GPU_EINSUM=native`` (the namespace's own
-``einsum``); ``load("numpy", einsum="planned")`` runs the planned contraction over NumPy, which is
-how CPU tests check it against the reference.
+    - ``einsum``: ``fast/gpu/einsum.py``'s planned contraction (one cached plan per subscripts and
+      shapes, one batched matrix product per operand pair) unless ``NL_GPU_EINSUM=native`` (CuPy's
+      own); ``load("numpy", einsum="planned")`` runs it over NumPy for the CPU tests.
+Module globals replaced after loading (``_overrides``): primitives' ``_erf`` is
+``cupyx.scipy.special.erf`` (scipy's erf takes no device array); with ``kernels="cuda"`` the
+activations (``fast/gpu/activations.py``) and the self-modifying layer's scans
+(``fast/gpu/scans.py``) are custom kernels.
 TF32 stays off (CuPy's default) unless ``NL_GPU_TF32=1`` is set before the first load, which sets
 ``CUPY_TF32=1``.
 """
