@@ -307,3 +307,19 @@ def test_error_records_are_json_lines_and_reduce_to_the_worst(tmp_path, monkeypa
     assert rows[0]["test"].endswith("test_error_records_are_json_lines_and_reduce_to_the_worst")
     worst = worst_errors(path)
     assert {k[1]: v["tensor"] for k, v in worst.items()} == {"float32": "y", "float64": "z"}
+
+
+def test_the_gpu_tests_themselves_pass_over_numpy():
+    """tests/test_gpu_*.py only run on a GPU; here, in every CI run, they run over the NumPy
+    namespace (NL_GPU_TESTS_ON_NUMPY=1: every same-call comparison must be exact), so the GPU
+    tests cannot rot between the sessions that have a GPU. Says nothing about a GPU itself."""
+    tests = Path(__file__).parent
+    files = sorted(str(p) for p in tests.glob("test_gpu_*.py"))
+    assert len(files) >= 4, files
+    env = {k: v for k, v in os.environ.items() if k not in ("NL_REQUIRE_GPU", "NL_GPU_ERRORS")}
+    env.update(NL_GPU_TESTS_ON_NUMPY="1", PYTHONPATH=os.pathsep.join([str(tests), env.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
+                         cwd=tests.parent, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    text = out.stdout[-3000:] + out.stderr[-2000:]
+    assert out.returncode == 0, text
+    assert " passed" in text and "skipped" not in text and "failed" not in text, text
