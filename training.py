@@ -372,11 +372,11 @@ def evaluate(params, mc, stream: np.ndarray, batch_size: int, seq_len: int, max_
 
 
 def _stream_forward(model, backend: str, params, tokens, mc, state):
-    """``model.forward`` whose logits come back as NumPy; on the GPU the parameters and the
-    streaming state stay on the device between calls."""
+    """``model.forward`` whose logits come back as NumPy; on the GPU the streaming state stays on
+    the device between calls (the callers upload the parameters once)."""
     if backend != "gpu":
         return model.forward(params, tokens, mc, state=state)
-    logits, state = model.forward(model.to_device(params), tokens, mc, state=state, as_numpy=False)
+    logits, state = model.forward(params, tokens, mc, state=state, as_numpy=False)
     return model.to_host(logits), state
 
 
