@@ -47,7 +47,7 @@ omega_chunked_forward, omega_chunked_backward = RM.omega_chunked_forward, RM.ome
 omega_inner_grad, prox_step_size = RM.omega_inner_grad, RM.prox_step_size
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _rule_forward(rule, q, k, v, eta, alpha, states, y):
     """Token loop: states[:, 0] holds M0; fills states[:, 1:] and y (write, then read, Eq. 15)."""
     B, T, dk = k.shape
@@ -86,7 +86,7 @@ def _rule_forward(rule, q, k, v, eta, alpha, states, y):
                 y[b, t, i] = acc  # Eq. (15)   y_t = M_t q_t
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _rule_backward(rule, q, k, v, eta, alpha, states, dy, dM, dq, dk_, dv_, deta, dalpha):
     """Reverse token loop; dM (B, d_v, d_k) holds dM_T on entry and dM0 on exit."""
     B, T, dk = k.shape

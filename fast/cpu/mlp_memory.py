@@ -32,13 +32,13 @@ Decisions (the reference's, SPEC.md#mlp-memory); port-specific ones:
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
 from numba import njit
 
 from ...reference import mlp_memory as R
+from . import blas
 
 _ACT_CODES = {"sigmoid": 0, "silu": 1, "gelu": 2, "softplus": 3}
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
@@ -50,7 +50,7 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 # ---------------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sigmoid_scalar(x):
     if x >= 0:
         return 1.0 / (1.0 + math.exp(-x))
@@ -58,7 +58,7 @@ def _sigmoid_scalar(x):
     return ex / (1.0 + ex)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _act_kernel(h, code, second, f, df, d2f):
     """(s(h), s'(h), s''(h)) element-wise over flat arrays; d2f is filled only when ``second``."""
     for i in range(h.size):
@@ -100,20 +100,11 @@ def _act(act: str, h: np.ndarray, second: bool = True):
     return f.reshape(h.shape), df.reshape(h.shape), (d2f.reshape(h.shape) if second else None)
 
 
-_CONTROLLER = None
-
-
 def blas_single_thread():
-    """Context manager limiting BLAS to one thread (threadpoolctl; ~0.1 ms per use)."""
-    global _CONTROLLER
-    try:
-        if _CONTROLLER is None:
-            from threadpoolctl import ThreadpoolController
-
-            _CONTROLLER = ThreadpoolController()
-        return _CONTROLLER.limit(limits=1, user_api="blas")
-    except Exception:  # threadpoolctl missing or unable to inspect the BLAS: run as is
-        return contextlib.nullcontext()
+    """Context manager limiting BLAS to one thread (``fast.cpu.blas.limited``: re-entrant, so the
+    model's worker threads do not restore each other's limits; inside an outer limit it changes
+    nothing)."""
+    return blas.limited(1)
 
 
 def _T(a):

@@ -68,24 +68,18 @@ from ...reference.model import (  # noqa: F401  (re-exported: the shared, non-nu
     param_shapes,
     state_size,
 )
-from . import cms
+from . import blas, cms
 from . import primitives as P
 
 BLAS_THREADS = int(os.environ.get("NL_CPU_BLAS_THREADS", "1"))
-_CONTROLLER = None
 
 
 def _blas_limited(fn):
-    """Run ``fn`` with BLAS limited to ``BLAS_THREADS`` threads (threadpoolctl)."""
+    """Run ``fn`` with BLAS limited to ``BLAS_THREADS`` threads (``fast.cpu.blas.limited``)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        global _CONTROLLER
-        if _CONTROLLER is None:
-            from threadpoolctl import ThreadpoolController
-
-            _CONTROLLER = ThreadpoolController()
-        with _CONTROLLER.limit(limits=BLAS_THREADS, user_api="blas"):
+        with blas.limited(BLAS_THREADS):
             return fn(*args, **kwargs)
 
     return wrapper

@@ -8,7 +8,7 @@ This module computes the SAME functions as ``reference/primitives.py`` with the 
 signatures, return structures, caches and dtypes; the reference is the specification. Matrix
 products are plain NumPy matmuls on 2-D / stacked views (BLAS, instead of the reference's
 ``np.einsum``); row-wise and element-wise work (norms, activations, softmax, cross-entropy, RoPE,
-conv, the embedding scatter) runs in ``@njit(cache=True)`` kernels at module level.
+conv, the embedding scatter) runs in ``@njit(cache=True, nogil=True)`` kernels at module level.
 
 Symbols (paper symbol -> code name, shape): as in reference/primitives.py.
 
@@ -83,7 +83,7 @@ _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sigmoid_scalar(x):
     if x >= 0:
         return 1.0 / (1.0 + math.exp(-x))
@@ -91,7 +91,7 @@ def _sigmoid_scalar(x):
     return e / (1.0 + e)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _act_kernel(x, kind, order):
     """f (order 0) or f' (order 1) of silu (kind 0) / gelu (kind 1) / sigmoid (kind 2), element-wise
     over a 1-D array, in its dtype."""
@@ -110,7 +110,7 @@ def _act_kernel(x, kind, order):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _act_pair_kernel(x, kind):
     """(f, f') of silu (kind 0) / gelu (kind 1) in one pass (one sigmoid or erf per element), the
     same expressions as ``_act_kernel``'s two orders."""
@@ -246,7 +246,7 @@ def linear_backward(dy, cache):
     return dx, dW, db
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _scatter_rows(dE, tokens, dy):
     """dE[tokens[n]] += dy[n], in token order."""
     for n in range(tokens.size):
@@ -278,7 +278,7 @@ def embedding_backward(dy, cache):
 # ---------------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _rmsnorm_fwd_kernel(x, g, eps):
     N, D = x.shape
     y = np.empty_like(x)
@@ -296,7 +296,7 @@ def _rmsnorm_fwd_kernel(x, g, eps):
     return y, xhat, r
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _rmsnorm_bwd_kernel(dy, xhat, r, g):
     N, D = dy.shape
     dx = np.empty_like(dy)
@@ -334,7 +334,7 @@ def rmsnorm_backward(dy, cache):
     return dx.reshape(dy.shape), dg
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _l2norm_fwd_kernel(x, eps):
     N, D = x.shape
     y = np.empty_like(x)
@@ -349,7 +349,7 @@ def _l2norm_fwd_kernel(x, eps):
     return y, nrm
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _l2norm_bwd_kernel(dy, y, nrm):
     N, D = dy.shape
     dx = np.empty_like(dy)
@@ -395,7 +395,7 @@ def layernorm_backward(dy, cache):
 # ---------------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _swiglu_gate_kernel(a, u):
     """h = silu(a) * u, element-wise over 1-D arrays."""
     h = np.empty_like(a)
@@ -404,7 +404,7 @@ def _swiglu_gate_kernel(a, u):
     return h
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _swiglu_gate_bwd_kernel(dh, a, u):
     """da = dh u silu'(a), du = dh silu(a)."""
     da = np.empty_like(a)
@@ -461,7 +461,7 @@ def swiglu_backward(dy, cache):
 # ---------------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _conv_fwd_kernel(xp, w, T):
     Bn, _, D = xp.shape
     K = w.shape[1]
@@ -474,7 +474,7 @@ def _conv_fwd_kernel(xp, w, T):
     return y
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _conv_bwd_kernel(dy, xp, w):
     Bn, T, D = dy.shape
     K = w.shape[1]
@@ -539,7 +539,7 @@ def conv1d_backward(dy, cache, dnew_state=None):
 # ---------------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _rotate_kernel(x, cos, sin, sign):
     """x (M, T, dh): pair i of token t rotated by the angle with (cos, sign * sin)[t, i]."""
     M, T, dh = x.shape
@@ -590,7 +590,7 @@ def rope_backward(dy, cache):
 # ---------------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _causal_softmax_kernel(s, offset):
     """Row-wise softmax of s (M, T_q, T_k) in place, keys i > offset + t masked to exactly 0."""
     M, Tq, Tk = s.shape
@@ -612,7 +612,7 @@ def _causal_softmax_kernel(s, offset):
     return s
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _softmax_bwd_kernel(p, dp):
     """ds = p (dp - <dp, p>) row-wise, in place in dp."""
     M, Tq, Tk = p.shape
@@ -681,7 +681,7 @@ def softmax_backward(dy, cache):
 # ---------------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _ce_fwd_kernel(flat, t):
     """Per row n: lse[n] = logsumexp(flat[n]); returns (lse, sum_n lse[n] - flat[n, t[n]])."""
     N, V = flat.shape
@@ -699,7 +699,7 @@ def _ce_fwd_kernel(flat, t):
     return lse, total
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _ce_bwd_kernel(flat, t, lse, scale):
     N, V = flat.shape
     d = np.empty_like(flat)

@@ -62,7 +62,7 @@ from . import titans as FT
 # ---------------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _key_write(P0, S0, L, K, ep, alpha, beta, P_out, S_out):
     """n token writes of the key-side weight, per (b, h) (Eq. 88 with the pinned momentum):
     S <- beta S - eta'_t L_t k_t^T, P <- alpha_t P - eta'_t (P k_t) k_t^T + S (momentum off: beta = 0
@@ -93,7 +93,7 @@ def _key_write(P0, S0, L, K, ep, alpha, beta, P_out, S_out):
         S_out[bi, h] = Sc
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _key_write_backward(P0, S0, L, K, ep, alpha, beta, dP_end, dS_end, dP0, dS0, dL, dK, dep, dalpha, dbeta):
     """VJP of ``_key_write`` per (b, h): recompute the states before each token from (P0, S0), then
     reverse the tokens. Outputs dP0, dS0; dL (B, H, n, a); dK (B, H, n, b) (the key as the gradient's

@@ -53,7 +53,7 @@ from . import primitives as P  # the compiled glue (same functions and cache lay
 # ---------------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _coef_kernel(alpha, beta, eta, momentum, a_out, P_out, K_out, A, s, w, Bc, e):
     """Per (b, h): a_i = prod_{j>i} alpha_j, P[i, m] = prod_{m<j<=i} beta_j (identity without
     momentum), K_m = sum_{i>=m} a_i P[i, m]; A = a_0, s = sum_{i>=1} a_i P[i, 0], w = eta K,
@@ -93,7 +93,7 @@ def _coef_kernel(alpha, beta, eta, momentum, a_out, P_out, K_out, A, s, w, Bc, e
                 e[b, h, m] = 0.0
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _coef_backward_kernel(dA, ds, dw, dBc, de, a, Pm, K, alpha, beta, eta, momentum, dalpha, dbeta, deta):
     """VJP of ``_coef_kernel`` (the reference's log-derivative form: d log a_i / d log alpha_j =
     [j > i], d log P[i, m] / d log beta_j = [m < j <= i]). ``error_model="numpy"``: a gate that
