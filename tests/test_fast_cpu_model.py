@@ -99,7 +99,7 @@ def _compiled_fallbacks():
 def test_model_matches_reference(family, data):
     cfg = data.draw(configs(family))
     seed = data.draw(st.integers(0, 2**20))
-    B = data.draw(st.integers(1, 2))
+    B = data.draw(st.integers(1, 3))  # 2 and 3 take the batch split (F.GROUPS = 2): even and uneven groups
     T = data.draw(st.integers(2, 9))
     split = data.draw(st.integers(1, T - 1))
     note(f"{cfg} B={B} T={T} split={split}")
@@ -134,6 +134,73 @@ def test_model_matches_reference(family, data):
         assert FP.FALLBACKS.get(f"model.{family}_layer", 0) == layer_fb
     for k, v in params.items():
         np.testing.assert_array_equal(v, before[k], err_msg=k)
+
+
+def test_batch_groups_are_a_balanced_contiguous_partition(monkeypatch):
+    for G in range(1, 5):
+        monkeypatch.setattr(F, "GROUPS", G)
+        for B in range(1, 10):
+            groups = F.batch_groups(B)
+            assert len(groups) == min(G, B)
+            assert groups[0].start == 0 and groups[-1].stop == B
+            assert all(a.stop == b.start for a, b in zip(groups, groups[1:], strict=False))
+            sizes = [g.stop - g.start for g in groups]
+            assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+@pytest.mark.parametrize("name", ["hope-tiny", "titans-tiny", "hope-attention-tiny", "transformer-tiny"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_batch_split_result_is_independent_of_the_thread_count(name, dtype, monkeypatch):
+    """SPEC.md#fast-cpu (groups and threads): the grouping fixes the rounding, the thread count never
+    changes a result (bitwise); any grouping is the reference's function (port tolerance), and the
+    groups really run on the worker threads."""
+    import threading
+
+    cfg = dataclasses.replace(config.preset(name), dtype=dtype)
+    params = R.init_params(cfg, 3)
+    tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, size=(3, 9))
+    lr, gr = R.loss_and_grads(params, tokens, cfg)
+    seen = []
+    inner = F._loss_and_grads
+
+    def recording(p, t, c):
+        seen.append((t.shape[0], threading.current_thread().name))
+        return inner(p, t, c)
+
+    monkeypatch.setattr(F, "_loss_and_grads", recording)
+    runs = {}
+    for groups, threads in ((1, 1), (3, 1), (3, 3), (2, 2)):
+        monkeypatch.setattr(F, "GROUPS", groups)
+        monkeypatch.setattr(F, "THREADS", threads)
+        seen.clear()
+        runs[groups, threads] = F.loss_and_grads(params, tokens, cfg)
+        assert sorted(n for n, _ in seen) == sorted(g.stop - g.start for g in F.batch_groups(3))
+        on_workers = all(t.startswith("nl-cpu") for _, t in seen)
+        assert on_workers == (min(threads, groups, F.usable_cores()) > 1), seen
+        assert_close(runs[groups, threads][0], lr, dtype, "port", f"loss {groups} groups")
+        _assert_grads_close(runs[groups, threads][1], gr, dtype)
+    (l1, g1), (l3, g3) = runs[3, 1], runs[3, 3]
+    assert l1 == l3
+    for k in g1:
+        np.testing.assert_array_equal(g1[k], g3[k], err_msg=k)
+
+
+def test_an_error_in_one_group_is_raised(monkeypatch):
+    cfg = config.preset("titans-tiny")
+    params = R.init_params(cfg, 0)
+    tokens = np.array([[0, 1, 2, 3, 4], [4, 3, 2, 1, 0]])
+    inner = F._loss_and_grads
+
+    def failing(p, t, c):
+        if t[0, 0] == 4:  # the second group only
+            raise RuntimeError("group failed")
+        return inner(p, t, c)
+
+    monkeypatch.setattr(F, "_loss_and_grads", failing)
+    monkeypatch.setattr(F, "GROUPS", 2)
+    monkeypatch.setattr(F, "THREADS", 2)
+    with pytest.raises(RuntimeError, match="group failed"):
+        F.loss_and_grads(params, tokens, cfg)
 
 
 def test_in_context_increments_and_frozen_loss_match(rng):

@@ -414,12 +414,91 @@ def loss_with_increments(params, tokens, cfg: ModelConfig, increments) -> float:
     return P.cross_entropy_forward(logits[:, :-1], tokens[:, 1:])[0]
 
 
+# ---------------------------------------------------------------------------------------------
+# The batch split over cores (SPEC.md#fast-cpu: groups and threads)
+# ---------------------------------------------------------------------------------------------
+
+GROUPS = int(os.environ.get("NL_CPU_GROUPS", "2"))
+"""``loss_and_grads`` splits the batch into this many contiguous groups of sequences (at most B; sizes
+differ by at most one) and combines their results in a fixed order. The grouping, not the thread
+count, decides the rounding, so a result is the same on any machine with the same setting."""
+THREADS = int(os.environ.get("NL_CPU_THREADS", "0"))
+"""Threads that run the groups (0: one per group, at most the cores this process may use; 1: the
+groups run one after the other). Never changes a result."""
+_POOL = None
+_POOL_SIZE = 0
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS reports one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def batch_groups(B: int) -> list[slice]:
+    """The contiguous groups of a batch of B sequences: ``min(GROUPS, B)`` slices whose sizes differ
+    by at most one, the larger first."""
+    g = max(1, min(GROUPS, B))
+    sizes = [B // g + (1 if i < B % g else 0) for i in range(g)]
+    starts = np.cumsum([0] + sizes)
+    return [slice(int(starts[i]), int(starts[i + 1])) for i in range(g)]
+
+
+def worker_threads(n_groups: int) -> int:
+    """Threads that run ``n_groups`` groups now (``THREADS``, or one per group up to the cores)."""
+    want = THREADS if THREADS > 0 else usable_cores()
+    return max(1, min(n_groups, want))
+
+
+def _map_groups(fn, groups):
+    """[fn(g) for g in groups], on ``worker_threads`` threads; results in the groups' order (an
+    exception in any group is raised here). The compiled kernels release the GIL (``nogil=True``)
+    and so do NumPy's BLAS products, so the groups' numerical work overlaps; the Python glue does
+    not."""
+    global _POOL, _POOL_SIZE
+    n = worker_threads(len(groups))
+    if n == 1:
+        return [fn(g) for g in groups]
+    if _POOL is None or _POOL_SIZE != n:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if _POOL is not None:
+            _POOL.shutdown(wait=True)
+        _POOL, _POOL_SIZE = ThreadPoolExecutor(max_workers=n, thread_name_prefix="nl-cpu"), n
+    return list(_POOL.map(fn, groups))
+
+
 @_blas_limited
 def loss_and_grads(params, tokens, cfg: ModelConfig):
     """Mean next-token cross-entropy on tokens[:, 1:] and its gradient (keys of ``params``), the
-    same function as reference/model.py::loss_and_grads."""
+    same function as reference/model.py::loss_and_grads.
+
+    The sequences of a batch are independent (per-sequence fast state, in-context CMS included) and
+    the loss is a mean over them, so the batch is split into ``batch_groups`` computed on
+    ``worker_threads`` threads: loss = sum_g (B_g / B) loss_g, and the same for every gradient,
+    summed in the groups' order."""
     params = _check_params(params, cfg)
     tokens = _check_tokens(tokens, cfg, min_T=2)
+    B = tokens.shape[0]
+    groups = batch_groups(B)
+    if len(groups) == 1:
+        return _loss_and_grads(params, tokens, cfg)
+    results = _map_groups(lambda g: _loss_and_grads(params, tokens[g], cfg), groups)
+    weights = [(g.stop - g.start) / B for g in groups]
+    loss = sum(w * r[0] for w, r in zip(weights, results, strict=True))
+    grads = {}
+    for k in params:
+        acc = weights[0] * results[0][1][k]
+        for w, r in zip(weights[1:], results[1:], strict=True):
+            acc = acc + w * r[1][k]
+        grads[k] = np.asarray(acc, dtype=params[k].dtype)
+    return float(loss), grads
+
+
+def _loss_and_grads(params, tokens, cfg):
+    """``loss_and_grads`` of checked inputs, in the calling thread."""
     # Each block's sequence-memory layer sees the same input in the chunk-major pass and in the
     # whole-sequence pass (block 0 exactly: nothing below it depends on the CMS increments; a higher
     # block up to rounding: the whole-sequence pass's CMS weights theta_0 + increments are the chunk
@@ -445,5 +524,5 @@ def loss_and_grads(params, tokens, cfg: ModelConfig):
     return float(loss), {k: np.asarray(grads[k], dtype=params[k].dtype) for k in params}
 
 
-__all__ = ["PORTED_LAYERS", "cms_increments", "forward", "init_params", "init_state", "loss_and_grads",
-           "loss_with_increments", "param_counts", "param_shapes", "state_size"]
+__all__ = ["GROUPS", "PORTED_LAYERS", "THREADS", "batch_groups", "cms_increments", "forward", "init_params",
+           "init_state", "loss_and_grads", "loss_with_increments", "param_counts", "param_shapes", "state_size", "usable_cores", "worker_threads"]
