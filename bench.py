@@ -62,7 +62,8 @@ empty directory unless given), each timed from its launch to the end of its firs
 step at batch 4 x 256 (imports, parameters, compile or cache load, the step).
 
 ``--backend torch`` times ``torch_model`` (PyTorch eager on CPU, the ``oracle`` extra; gradients
-by autograd) under ``torch.set_num_threads`` = the same thread limit; its gradients come back as
+by autograd) under ``torch.set_num_threads`` = the CPU port's thread count (``cpu_threads``: its batch
+groups run on that many threads, SPEC.md#fast-cpu) times the BLAS limit; its gradients come back as
 NumPy and take the same AdamW update (reference/optimizers.py) as every other host backend.
 Without torch the row says so.
 """
@@ -95,6 +96,15 @@ class NoGPU(Exception):
 
 def _blas_threads() -> int:
     return int(os.environ.get("NL_CPU_BLAS_THREADS", "1"))
+
+
+def cpu_threads(batch_size: int) -> tuple[int, int]:
+    """(groups, threads) of the CPU port's training step at this batch size (SPEC.md#fast-cpu:
+    ``NL_CPU_GROUPS``, ``NL_CPU_THREADS``). The torch peer gets the same number of threads."""
+    from .fast.cpu import model as cpu
+
+    groups = len(cpu.batch_groups(batch_size))
+    return groups, cpu.worker_threads(groups)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +229,7 @@ class _TorchDeviceBackend:
             self.torch.cuda.synchronize(self.dev)
 
 
-def _backend(name: str):
+def _backend(name: str, batch_size: int = 4):
     """The backend ``name``; ImportError (a missing extra) or NoGPU (why a GPU row cannot run)."""
     if name == "reference":
         from .reference import model
@@ -228,7 +238,9 @@ def _backend(name: str):
     elif name == "torch":
         from . import torch_model as model  # ImportError naming the oracle extra without torch
 
-        model.torch.set_num_threads(_blas_threads())  # the run's thread limit, as for BLAS
+        # the CPU port's thread count (its batch groups run on that many threads; BLAS inside each
+        # stays at the run's limit), so both use the same cores
+        model.torch.set_num_threads(cpu_threads(batch_size)[1] * _blas_threads())
     elif name == "gpu":
         return _GpuBackend()
     elif name == "torch-cuda":
@@ -513,8 +525,11 @@ def run(presets=(), backends=(), batch_size=4, seq_len=256, dtype="float32", rep
     echo(f"nested-learning bench  {time.strftime('%Y-%m-%d %H:%M')}  {platform.machine()} {platform.processor() or ''}"
          f" {os.cpu_count()} cores  python {platform.python_version()}  numpy {np.__version__}"
          f"  load {_load()}")
+    groups, threads = cpu_threads(batch_size)
     echo(f"batch {batch_size} x {seq_len} tokens, {dtype}, AdamW; BLAS threads {_blas_threads()} (every backend); "
-         f"matrix-product rate {rate:.1f} GFLOP/s (512^3 {dtype})")
+         f"matrix-product rate {rate:.1f} GFLOP/s (512^3 {dtype}, one core)")
+    echo(f"cpu: the batch in {groups} group(s) on {threads} thread(s) (NL_CPU_GROUPS, NL_CPU_THREADS); torch: "
+         f"{threads * _blas_threads()} intra-op thread(s); reference: one thread")
     gpu = None
     if any(b in GPU_BACKENDS for b in backends):
         try:
@@ -549,13 +564,15 @@ def run(presets=(), backends=(), batch_size=4, seq_len=256, dtype="float32", rep
             tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(batch_size, seq_len))
             for backend in backends:
                 row = {"preset": cfg.name, "backend": backend, "dtype": dtype, "batch": batch_size, "seq_len": seq_len}
+                if backend in ("reference", "cpu", "torch"):
+                    row["threads"] = 1 if backend == "reference" else threads * (_blas_threads() if backend == "torch" else 1)
                 why = out_of_time()
                 be = None
                 if why:
                     row["status"] = f"skipped: {why}"
                 else:
                     try:
-                        be = _backend(backend)
+                        be = _backend(backend, batch_size)
                     except ImportError as exc:  # torch without the oracle extra
                         row["status"] = f"not available: {exc}"
                     except NoGPU as exc:

@@ -127,7 +127,9 @@ def test_first_step_over_the_budget_is_the_step_time():
     assert row["steps_timed"] == 0 and row["step_s"] == row["first_call_s"]
     assert row["tokens_per_s"] == pytest.approx(6 / row["first_call_s"])
     assert row["decode_s_per_token"]["8"] is None and "first step over 0 s" in row["decode_skipped"]["8"]
-    assert re.search(r"titans-tiny +reference +\d+\* ", out[4]) and out[-1].startswith("* first step over 0 s")
+    assert row["threads"] == 1 and any(line.startswith("cpu: the batch in 1 group(s)") for line in out)
+    row_line = next(line for line in out if line.startswith("titans-tiny"))
+    assert re.search(r"titans-tiny +reference +\d+\* ", row_line) and out[-1].startswith("* first step over 0 s")
 
 
 def test_startup_times_two_processes_share_the_cache(tmp_path):
@@ -327,8 +329,8 @@ def test_cli_bench_gpu_options_and_time_budget(tmp_path):
 def test_a_failing_row_is_reported_and_the_cli_exits_1(monkeypatch, tmp_path):
     real = bench._backend
 
-    def broken(name):
-        be = real(name)
+    def broken(name, batch_size=4):
+        be = real(name, batch_size)
         if name == "reference":
             def stepper(*a):
                 raise FloatingPointError("a step that fails")
