@@ -33,7 +33,8 @@ products with np.einsum; its writes are ~90% of a hope-small training step):
   segment-start state instead of storing one per token (in place, one fused pass per token), and
   reverses them token by token, each token one fused pass over the (a, b) entries that accumulates
   the key's and the gates' cotangents column-wise (measured 2.5 -> 1.3 ms per call at hope-small
-  sizes against the former separate passes and per-(b, h) work arrays);
+  sizes against the former separate passes and per-(b, h) work arrays; then 1.11 -> 0.96 ms by
+  keeping the replay's P k per token and not storing dS~, see the kernel's docstring);
 - the forward keeps the per-token factors and read caches (vectors per token) for the backward;
   states are kept only at segment starts (as the reference);
 - the layer runs with one BLAS thread (fast.cpu.mlp_memory.blas_single_thread).
@@ -97,54 +98,64 @@ def _key_write(P0, S0, L, K, ep, alpha, beta, P_out, S_out):
 def _key_write_backward(P0, S0, L, K, ep, alpha, beta, dP_end, dS_end, dP0, dS0, dL, dK, dep, dalpha, dbeta):
     """VJP of ``_key_write`` per (b, h): recompute the states before each token from (P0, S0), then
     reverse the tokens. Outputs dP0, dS0; dL (B, H, n, a); dK (B, H, n, b) (the key as the gradient's
-    right factor and in the shrink); dep, dalpha (B, H, n); dbeta (B, H) = sum_t <dS_t, S_{t-1}>."""
+    right factor and in the shrink); dep, dalpha (B, H, n); dbeta (B, H) = sum_t <dS~_t, S_{t-1}>.
+
+    Adjoints (M_t = alpha_t I - eta'_t k_t k_t^T; dS~_t = dS_t + dP_t is the adjoint of S_t, which
+    enters P_t and S_{t+1}): dP_{t-1} = dP_t M_t, dS_{t-1} = beta dS~_t, dL_t = -eta'_t dS~_t k_t,
+    dk_t = -eta'_t (dS~_t^T l_t + P_{t-1}^T (dP_t k_t) + dP_t^T (P_{t-1} k_t)).
+    Layout (measured at hope-small sizes B = H = 4, n = 16, a = 128, b = 32, float32, one thread:
+    1.11 -> 0.96 ms per call): the replay keeps each token's P_{t-1} k_t (PK) for the reverse sweep
+    instead of a second matrix-vector product per token; the reverse sweep keeps Z = [dS; dP] (2a, b)
+    so that one product Z k gives dS k and dP k (dS~ k is their sum) and dS~ is formed on the fly
+    rather than stored (one array stream fewer per token). Column accumulators are float64 (float32
+    measured 6% faster per call: kept float64, the port's precision rule, SPEC.md#fast-cpu). Not kept
+    (measured slower): a transposed (b, a) layout with the matrix-vector products fused into the
+    update sweeps (1.04 ms forward, 3.9 ms backward: the key's row reductions then need lane-wise
+    partial sums and every 128-element row loop pays LLVM's runtime alias checks)."""
     nb, nh, a, b = P0.shape
     n = L.shape[2]
-    # work arrays allocated once per call, not per (b, h); float64 column accumulators (a float32
-    # variant measured no faster)
-    histP = np.empty((n, a, b), dtype=P0.dtype)
+    # work arrays allocated once per call, not per (b, h)
+    histP = np.empty((n, a, b), dtype=P0.dtype)  # P_{t-1}, the state before token t
     histS = np.empty((n, a, b), dtype=P0.dtype)
-    Z = np.empty((2 * a, b), dtype=P0.dtype)
-    dS = np.empty((a, b), dtype=P0.dtype)
+    PK = np.empty((n, a), dtype=P0.dtype)  # P_{t-1} k_t
+    Z = np.empty((2 * a, b), dtype=P0.dtype)  # [dS_t ; dP_t]
     acc_k = np.empty(b, dtype=np.float64)  # column-wise accumulators (float64)
     acc_a = np.empty(b, dtype=np.float64)
     acc_b = np.empty(b, dtype=np.float64)
     for bh in range(nb * nh):
         bi, h = bh // nh, bh % nh
         bet = beta[h]
-        # forward replay: histP[j], histS[j] = the states before token j, each computed in place from
-        # the one before (one fused pass per token; the state after the last token is not needed)
-        for i in range(a):
-            for c in range(b):
-                histP[0, i, c] = P0[bi, h, i, c]
-                histS[0, i, c] = S0[bi, h, i, c]
-        for j in range(n - 1):
+        # forward replay: histP[j], histS[j] = the states before token j, each computed from the one
+        # before (one fused pass per token; the state after the last token is not needed)
+        histP[0] = P0[bi, h]
+        histS[0] = S0[bi, h]
+        for j in range(n):
+            k = K[bi, h, j]
+            Pp = histP[j]
+            Pk = PK[j]
+            Pk[:] = np.dot(Pp, k)  # (a,)   P_{j-1} k_j, before the write
+            if j == n - 1:
+                break
             e = ep[bi, h, j]
             al = alpha[bi, h, j]
-            k = K[bi, h, j]
             l = L[bi, h, j]
-            Pp = histP[j]
             Sp = histS[j]
             Pn = histP[j + 1]
             Sn = histS[j + 1]
-            Pk = np.dot(Pp, k)
             for i in range(a):
                 el = e * l[i]
                 epk = e * Pk[i]
                 for c in range(b):
                     s = bet * Sp[i, c] - el * k[c]
                     Sn[i, c] = s
-                    Pn[i, c] = al * Pp[i, c] - epk * k[c] + s
-        # Z stacks [dS_j ; dP_j] (2a, b): one product Z k gives (dS_j k, dP_j k). Then one fused pass
-        # over the (a, b) entries reverses the token: it accumulates the key's cotangent and
-        # <dP_j, P_{j-1}>, <dS_j, S_{j-1}> column-wise (vectorised over b) and updates dP, dS in place.
-        dSt = Z[:a]  # adjoint of S_j (P_j = ... + S_j; S_{j+1} = beta S_j ...): dP_j + beta dS_{j+1}
+                    Pn[i, c] = al * Pp[i, c] - epk * k[c] + s  # Eq. (88)
+        # reverse sweep: per token one product Z k, then one fused pass over the (a, b) entries that
+        # accumulates the key's cotangent, <dP_j, P_{j-1}> and <dS~_j, S_{j-1}> column-wise
+        # (vectorised over b) and updates dP, dS in place
+        dS = Z[:a]
         dP = Z[a:]
+        dS[:, :] = dS_end[bi, h]
         dP[:, :] = dP_end[bi, h]
-        for i in range(a):
-            for c in range(b):
-                dS[i, c] = dS_end[bi, h, i, c]
-                dSt[i, c] = dP[i, c] + dS[i, c]
         bsum = 0.0
         for j in range(n - 1, -1, -1):
             e = ep[bi, h, j]
@@ -153,15 +164,17 @@ def _key_write_backward(P0, S0, L, K, ep, alpha, beta, dP_end, dS_end, dP0, dS0,
             l = L[bi, h, j]
             Pj = histP[j]
             Sj = histS[j]
+            Pk = PK[j]
             Zk = np.dot(Z, k)  # (2a,)   dS_j k, dP_j k
-            Pk = np.dot(Pj, k)  # (a,)    P_{j-1} k
             g_dot = 0.0
             s_dot = 0.0
             for i in range(a):
-                dL[bi, h, j, i] = -e * Zk[i]  # dG = -eta' dS_j;  dL = dG k
-                g_dot += l[i] * Zk[i]
+                zs = Zk[i] + Zk[a + i]  # dS~_j k
+                Zk[i] = zs
+                dL[bi, h, j, i] = -e * zs  # dG = -eta' dS~_j;  dL = dG k
+                g_dot += l[i] * zs
                 s_dot += Zk[a + i] * Pk[i]
-            dep[bi, h, j] = -g_dot - s_dot  # -<dS_j, G_j> - <dP k, P k>
+            dep[bi, h, j] = -g_dot - s_dot  # -<dS~_j, G_j> - <dP k, P k>
             acc_k[:] = 0.0
             acc_a[:] = 0.0
             acc_b[:] = 0.0
@@ -172,16 +185,13 @@ def _key_write_backward(P0, S0, L, K, ep, alpha, beta, dP_end, dS_end, dP0, dS0,
                 epk = e * dpk
                 for c in range(b):
                     dpv = dP[i, c]
-                    dsv = dSt[i, c]
+                    dsv = dpv + dS[i, c]  # dS~_j
                     pv = Pj[i, c]
-                    acc_k[c] += li * dsv + dpk * pv + pk * dpv  # L^T dS_j + (dP k)^T P_{j-1} + (P k)^T dP_j
+                    acc_k[c] += li * dsv + dpk * pv + pk * dpv  # L^T dS~_j + (dP k)^T P_{j-1} + (P k)^T dP_j
                     acc_a[c] += dpv * pv  # <dP_j, P_{j-1}>
-                    acc_b[c] += dsv * Sj[i, c]  # <dS_j, S_{j-1}>
-                    ndp = al * dpv - epk * k[c]
-                    nds = bet * dsv
-                    dP[i, c] = ndp
-                    dS[i, c] = nds
-                    dSt[i, c] = ndp + nds
+                    acc_b[c] += dsv * Sj[i, c]  # <dS~_j, S_{j-1}>
+                    dP[i, c] = al * dpv - epk * k[c]
+                    dS[i, c] = bet * dsv
             dalpha[bi, h, j] = acc_a.sum()
             bsum += acc_b.sum()
             for c in range(b):
