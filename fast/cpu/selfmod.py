@@ -33,8 +33,10 @@ products with np.einsum; its writes are ~90% of a hope-small training step):
   segment-start state instead of storing one per token (in place, one fused pass per token), and
   reverses them token by token, each token one fused pass over the (a, b) entries that accumulates
   the key's and the gates' cotangents column-wise (measured 2.5 -> 1.3 ms per call at hope-small
-  sizes against the former separate passes and per-(b, h) work arrays; then 1.11 -> 0.96 ms by
-  keeping the replay's P k per token and not storing dS~, see the kernel's docstring);
+  sizes against the former separate passes and per-(b, h) work arrays; keeping the replay's P k
+  per token and not storing dS~ gains a few percent more, see the kernel's docstring);
+- the W1 fold's full-size VJP terms (three inner products with the segment-start state, two scaled
+  copies) run in one compiled pass (``_fold_state_backward``, 123-135 -> 37 us per call);
 - the forward keeps the per-token factors and read caches (vectors per token) for the backward;
   states are kept only at segment starts (as the reference);
 - the layer runs with one BLAS thread (fast.cpu.mlp_memory.blas_single_thread).
@@ -103,12 +105,15 @@ def _key_write_backward(P0, S0, L, K, ep, alpha, beta, dP_end, dS_end, dP0, dS0,
     Adjoints (M_t = alpha_t I - eta'_t k_t k_t^T; dS~_t = dS_t + dP_t is the adjoint of S_t, which
     enters P_t and S_{t+1}): dP_{t-1} = dP_t M_t, dS_{t-1} = beta dS~_t, dL_t = -eta'_t dS~_t k_t,
     dk_t = -eta'_t (dS~_t^T l_t + P_{t-1}^T (dP_t k_t) + dP_t^T (P_{t-1} k_t)).
-    Layout (measured at hope-small sizes B = H = 4, n = 16, a = 128, b = 32, float32, one thread:
-    1.11 -> 0.96 ms per call): the replay keeps each token's P_{t-1} k_t (PK) for the reverse sweep
-    instead of a second matrix-vector product per token; the reverse sweep keeps Z = [dS; dP] (2a, b)
-    so that one product Z k gives dS k and dP k (dS~ k is their sum) and dS~ is formed on the fly
-    rather than stored (one array stream fewer per token). Column accumulators are float64 (float32
-    measured 6% faster per call: kept float64, the port's precision rule, SPEC.md#fast-cpu). Not kept
+    Layout: the replay keeps each token's P_{t-1} k_t (PK) for the reverse sweep instead of a second
+    matrix-vector product per token; the reverse sweep keeps Z = [dS; dP] (2a, b) so that one product
+    Z k gives dS k and dP k (dS~ k is their sum) and dS~ is formed on the fly rather than stored (one
+    array stream fewer per token). Measured at hope-small sizes (B = H = 4, n = 16, a = 128, b = 32,
+    float32, one thread, old and new alternating in one process, medians): quiet machine 1.06 ->
+    1.02 ms per call; under load (3 runs, best of 15) 1.10/1.10/1.08 -> 1.20/1.08/1.06 ms: a few
+    percent at most. Column accumulators are float64 (float32 measured 0.96 ms, 6% faster: kept
+    float64, the port's precision rule, SPEC.md#fast-cpu). A BLAS matrix-vector product at these
+    sizes costs ~0.5 us per call (measured), ~1/4 of the per-token time. Not kept
     (measured slower): a transposed (b, a) layout with the matrix-vector products fused into the
     update sweeps (1.04 ms forward, 3.9 ms backward: the key's row reductions then need lane-wise
     partial sums and every 128-element row loop pays LLVM's runtime alias checks)."""
@@ -199,6 +204,40 @@ def _key_write_backward(P0, S0, L, K, ep, alpha, beta, dP_end, dS_end, dP0, dS0,
         dP0[bi, h] = dP
         dS0[bi, h] = dS
         dbeta[bi, h] = bsum
+
+
+@njit(cache=True, nogil=True)
+def _fold_state_backward(dPe, dSe, W0, S0, A, s, Bc, dP0, dS0, sums):
+    """The full-size part of the W1 fold's VJP (``P = A W0 + s S0 - ...``, ``S = Bc S0 - ...``) per
+    (b, h), one pass over the weight's entries: sums (3, B, H) = <dP, W0>, <dP, S0>, <dS, S0>;
+    dP0 = A dP, dS0 = s dP + Bc dS. Row-wise float64 accumulators vectorised over the contiguous
+    axis. Measured at hope-small sizes ((4, 4, 32, 128) float32): 37 us against 123-135 us for the
+    NumPy expressions it replaces (three products and reductions, three scaled copies)."""
+    nb, nh, p, q = dPe.shape
+    accA = np.empty(q, dtype=np.float64)
+    accs = np.empty(q, dtype=np.float64)
+    accB = np.empty(q, dtype=np.float64)
+    for bh in range(nb * nh):
+        bi, h = bh // nh, bh % nh
+        a_ = A[bi, h]
+        s_ = s[bi, h]
+        b_ = Bc[bi, h]
+        accA[:] = 0.0
+        accs[:] = 0.0
+        accB[:] = 0.0
+        for r in range(p):
+            for c in range(q):
+                dp = dPe[bi, h, r, c]
+                dsv = dSe[bi, h, r, c]
+                s0 = S0[bi, h, r, c]
+                accA[c] += dp * W0[bi, h, r, c]
+                accs[c] += dp * s0
+                accB[c] += dsv * s0
+                dP0[bi, h, r, c] = a_ * dp
+                dS0[bi, h, r, c] = s_ * dp + b_ * dsv
+        sums[0, bi, h] = accA.sum()
+        sums[1, bi, h] = accs.sum()
+        sums[2, bi, h] = accB.sum()
 
 
 def key_write(P0, S0, L, K, ep, alpha, beta):
@@ -529,26 +568,28 @@ def _backward(dy, cache, dstate):
                 else:
                     (A, s, wt, Bc, e), ccache = coef
                     dPe, dSe = dW[m][w], dS[m][w]
-                    dA = np.sum(dPe * seg["W"][m][w], axis=(-2, -1))
                     LdP = L @ dPe  # (B, H, n, b)
                     dwt = -np.sum(LdP * R, axis=-1)
                     dL = -wt[..., None] * (R @ np.swapaxes(dPe, -1, -2))
                     dR = -wt[..., None] * LdP
                     if cfg.momentum:
-                        S0 = seg["S"][m][w]
                         LdS = L @ dSe
                         de = -np.sum(LdS * R, axis=-1)
                         dL = dL - e[..., None] * (R @ np.swapaxes(dSe, -1, -2))
                         dR = dR - e[..., None] * LdS
-                        ds_ = np.sum(dPe * S0, axis=(-2, -1))
-                        dBc = np.sum(dSe * S0, axis=(-2, -1))
-                        dS0 = s[..., None, None] * dPe + Bc[..., None, None] * dSe
+                        dP0, dS0 = np.empty_like(dPe), np.empty_like(dPe)
+                        sums = np.empty((3,) + A.shape, dtype=dt)  # dA, ds, dBc
+                        ins = (dPe, dSe, seg["W"][m][w], seg["S"][m][w], A, s, Bc)
+                        args = [np.ascontiguousarray(v, dtype=dt) for v in ins]
+                        _fold_state_backward(*args, dP0, dS0, sums)
+                        dA, ds_, dBc = sums
                     else:
+                        dA = np.sum(dPe * seg["W"][m][w], axis=(-2, -1))
                         de = np.zeros_like(wt)
                         ds_ = dBc = np.zeros_like(dA)
                         dS0 = dSe
+                        dP0 = A[..., None, None] * dPe
                     dal_w, dbeta_t, dep_w = FT.chunk_coefficients_backward(dA, ds_, dwt, dBc, de, ccache)
-                    dP0 = A[..., None, None] * dPe
                     dep += dep_w
                     dalpha += dal_w
                     if beta is not None:
