@@ -17,8 +17,11 @@ Symbols (as in the reference; leading dims ``...`` are per sequence / per head):
 | matrix M       | M           | (..., Dv, Dk)  |
 
 How it is fast: every einsum of the reference becomes a stacked matrix product (``np.matmul``, BLAS)
-and the activation triple (s, s', s'') is one compiled element-wise kernel (``_act_kernel``), so the
-GELU's erf is evaluated once per element instead of three times through SciPy.
+and the activation triple (s, s', s'') is one compiled element-wise pass, so the GELU's erf is
+evaluated once per element instead of three times through SciPy. In float32 that pass is
+fast/cpu/vmath.py's vectorised one (NumPy's SIMD exp, then a branch-free float32 loop; a few ulps
+from the exact function, SPEC.md#fast-cpu); float64 and softplus keep ``_act_kernel``'s scalar
+libm calls. Measured for the hope-small shape (4, 4, 16, 128), GELU with s'': see ``_act``.
 
 Decisions (the reference's, SPEC.md#mlp-memory); port-specific ones:
 - complex inputs (the reference's complex-step path) fall back to the reference explicitly
@@ -38,9 +41,9 @@ import numpy as np
 from numba import njit
 
 from ...reference import mlp_memory as R
-from . import blas
+from . import blas, vmath
 
-_ACT_CODES = {"sigmoid": 0, "silu": 1, "gelu": 2, "softplus": 3}
+_ACT_CODES = {"sigmoid": vmath.SIGMOID, "silu": vmath.SILU, "gelu": vmath.GELU, "softplus": 3}
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -91,9 +94,13 @@ def _act_kernel(h, code, second, f, df, d2f):
 
 
 def _act(act: str, h: np.ndarray, second: bool = True):
-    """(s(h), s'(h), s''(h) or None) in h's dtype, one compiled pass."""
+    """(s(h), s'(h), s''(h) or None) in h's dtype, one compiled pass (float32 sigmoid / silu / gelu:
+    ``vmath.activation``, the codes are the same)."""
     R._check_activation(act)
     flat = np.ascontiguousarray(h).reshape(-1)
+    if flat.dtype == np.float32 and act != "softplus":
+        f, df, d2f = vmath.activation(_ACT_CODES[act], vmath.F_DF_D2F if second else vmath.F_DF, flat)
+        return f.reshape(h.shape), df.reshape(h.shape), (d2f.reshape(h.shape) if second else None)
     f, df = np.empty_like(flat), np.empty_like(flat)
     d2f = np.empty_like(flat) if second else np.empty(0, dtype=flat.dtype)
     _act_kernel(flat, _ACT_CODES[act], second, f, df, d2f)

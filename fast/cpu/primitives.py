@@ -25,6 +25,10 @@ Decisions (SPEC.md#fast-cpu):
     - complex input (the reference's complex-step path) and ops not on the training path
       (layernorm, softplus, the generic softmax) are NOT compiled: those calls fall back to the
       reference explicitly (``_reference_fallback``), visible and counted in ``FALLBACKS``;
+    - float32 activations (silu, gelu, sigmoid, their derivatives, the SwiGLU gate) take the
+      vectorised path of fast/cpu/vmath.py (NumPy's SIMD exp + branch-free float32 loops, a few
+      ulps from the exact function); float64 keeps the scalar libm kernels below (the
+      verification path);
     - kernels store in the input dtype but accumulate row sums in float64 scalars; no fastmath, no ``prange``:
       every row is reduced by one thread in a fixed order, so results do not depend on the thread
       count (BLAS's own threading is the only parallelism);
@@ -55,6 +59,7 @@ from ...reference.primitives import (  # element-wise triples and the argument c
     sigmoid,
     softplus,
 )
+from . import vmath
 
 FALLBACKS: dict[str, int] = {}
 """op name -> how many calls fell back to the reference (the equivalence tests assert 0)."""
@@ -94,7 +99,8 @@ def _sigmoid_scalar(x):
 @njit(cache=True, nogil=True)
 def _act_kernel(x, kind, order):
     """f (order 0) or f' (order 1) of silu (kind 0) / gelu (kind 1) / sigmoid (kind 2), element-wise
-    over a 1-D array, in its dtype."""
+    over a 1-D array, in its dtype: the float64 path (float32 takes ``vmath``), ~9-10 ns per element
+    (scalar libm erf/exp and a branch per element: LLVM cannot vectorise it)."""
     out = np.empty_like(x)
     for i in range(x.size):
         v = x[i]
@@ -130,6 +136,7 @@ def _act_pair_kernel(x, kind):
 
 
 _KIND = {"silu": 0, "gelu": 1, "sigmoid": 2}
+_VKIND = {"silu": vmath.SILU, "gelu": vmath.GELU, "sigmoid": vmath.SIGMOID}
 
 
 def act_and_grad(name: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -139,7 +146,11 @@ def act_and_grad(name: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if name not in ("silu", "gelu") or _is_complex(x) or x.dtype.kind != "f":
         f, df, _ = FAST_ACTIVATIONS[name]
         return f(x), df(x)
-    f, df = _act_pair_kernel(np.ascontiguousarray(x).reshape(-1), _KIND[name])
+    flat = np.ascontiguousarray(x).reshape(-1)
+    if flat.dtype == np.float32:
+        f, df, _ = vmath.activation(_VKIND[name], vmath.F_DF, flat)
+    else:
+        f, df = _act_pair_kernel(flat, _KIND[name])
     return f.reshape(x.shape), df.reshape(x.shape)
 
 
@@ -150,7 +161,10 @@ def _act(name: str, order: int, x: np.ndarray) -> np.ndarray:
              ("sigmoid", 0): R.sigmoid, ("sigmoid", 1): R.dsigmoid}[(name, order)]
         FALLBACKS[name] = FALLBACKS.get(name, 0) + 1
         return f(x)
-    return _act_kernel(np.ascontiguousarray(x).reshape(-1), _KIND[name], order).reshape(x.shape)
+    flat = np.ascontiguousarray(x).reshape(-1)
+    if flat.dtype == np.float32:
+        return vmath.activation(_VKIND[name], (vmath.F, vmath.DF)[order], flat)[order].reshape(x.shape)
+    return _act_kernel(flat, _KIND[name], order).reshape(x.shape)
 
 
 def silu(x):
@@ -397,7 +411,7 @@ def layernorm_backward(dy, cache):
 
 @njit(cache=True, nogil=True)
 def _swiglu_gate_kernel(a, u):
-    """h = silu(a) * u, element-wise over 1-D arrays."""
+    """h = silu(a) * u, element-wise over 1-D arrays (the float64 path; float32: ``_swiglu_gate``)."""
     h = np.empty_like(a)
     for i in range(a.size):
         h[i] = a[i] * _sigmoid_scalar(a[i]) * u[i]
@@ -414,6 +428,24 @@ def _swiglu_gate_bwd_kernel(dh, a, u):
         da[i] = dh[i] * u[i] * (s * (1.0 + a[i] * (1.0 - s)))
         du[i] = dh[i] * a[i] * s
     return da, du
+
+
+def _all_float32(*arrays) -> bool:
+    return all(a.dtype == np.float32 for a in arrays)
+
+
+def _swiglu_gate(a, u):
+    """h = silu(a) * u over flat arrays: ``vmath``'s vectorised loop in float32, else the kernel."""
+    if _all_float32(a, u):
+        return vmath.swiglu_gate32(a, u, vmath.exp_neg_abs(a))
+    return _swiglu_gate_kernel(a, u)
+
+
+def _swiglu_gate_bwd(dh, a, u):
+    """(da, du) of the gate over flat arrays: ``vmath`` in float32, else the kernel."""
+    if _all_float32(dh, a, u):
+        return vmath.swiglu_gate_bwd32(dh, a, u, vmath.exp_neg_abs(a))
+    return _swiglu_gate_bwd_kernel(dh, a, u)
 
 
 def swiglu_forward(x, W_gate, W_up, W_down):
@@ -433,7 +465,7 @@ def swiglu_forward(x, W_gate, W_up, W_down):
     x2 = _rows(x)  # (N, D)
     a = x2 @ W_gate.T  # (N, F)
     u = x2 @ W_up.T  # (N, F)
-    h = _swiglu_gate_kernel(a.reshape(-1), u.reshape(-1)).reshape(a.shape)  # (N, F)
+    h = _swiglu_gate(a.reshape(-1), u.reshape(-1)).reshape(a.shape)  # (N, F)
     y = h @ W_down.T  # (N, D)
     lead = x.shape[:-1]
     return y.reshape(x.shape), (x, W_gate, W_up, W_down, a.reshape(lead + (F,)), u.reshape(lead + (F,)),
@@ -450,7 +482,7 @@ def swiglu_backward(dy, cache):
     dy2, x2, a2, u2, h2 = _rows(dy), _rows(x), _rows(a), _rows(u), _rows(h)
     dW_down = dy2.T @ h2  # (D, F)
     dh = dy2 @ W_down  # (N, F)
-    da, du = _swiglu_gate_bwd_kernel(dh.reshape(-1), a2.reshape(-1), u2.reshape(-1))
+    da, du = _swiglu_gate_bwd(dh.reshape(-1), a2.reshape(-1), u2.reshape(-1))
     da, du = da.reshape(dh.shape), du.reshape(dh.shape)
     dx = (da @ W_gate + du @ W_up).reshape(x.shape)  # (..., D)
     return dx, da.T @ x2, du.T @ x2, dW_down
