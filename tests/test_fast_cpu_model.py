@@ -11,6 +11,7 @@ backends, and ``nested_learning.fast.model`` dispatches by device.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -175,14 +176,49 @@ def test_batch_split_result_is_independent_of_the_thread_count(name, dtype, monk
         seen.clear()
         runs[groups, threads] = F.loss_and_grads(params, tokens, cfg)
         assert sorted(n for n, _ in seen) == sorted(g.stop - g.start for g in F.batch_groups(3))
-        on_workers = all(t.startswith("nl-cpu") for _, t in seen)
-        assert on_workers == (min(threads, groups, F.usable_cores()) > 1), seen
+        workers = sorted({t for _, t in seen if t.startswith("nl-cpu")})
+        # the caller runs the first group; the others go to at most min(THREADS, groups) - 1 worker
+        # threads (an idle worker may take two groups of a small model)
+        assert ("MainThread" in {t for _, t in seen}) and len(workers) <= min(threads, groups) - 1, seen
+        assert (len(workers) > 0) == (min(threads, groups) > 1), seen
         assert_close(runs[groups, threads][0], lr, dtype, "port", f"loss {groups} groups")
         _assert_grads_close(runs[groups, threads][1], gr, dtype)
     (l1, g1), (l3, g3) = runs[3, 1], runs[3, 3]
     assert l1 == l3
     for k in g1:
         np.testing.assert_array_equal(g1[k], g3[k], err_msg=k)
+
+
+@pytest.mark.skipif(F.usable_cores() < 2, reason="one core: the groups run in the calling thread")
+def test_worker_processes_give_bitwise_the_threads_result(monkeypatch):
+    """NL_CPU_WORKERS=process runs the same code on the same numbers in another process: the
+    result is bitwise the thread workers'; a worker that dies is reported (RuntimeError naming the
+    remedy) and the next call starts a new one."""
+    import signal
+
+    monkeypatch.setattr(F, "GROUPS", 2)
+    monkeypatch.setattr(F, "THREADS", 2)
+    for name, dtype in (("hope-tiny", "float64"), ("titans-tiny", "float32")):
+        cfg = dataclasses.replace(config.preset(name), dtype=dtype)
+        params = R.init_params(cfg, 5)
+        tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, size=(3, 7))
+        out = {}
+        for kind in ("thread", "process"):
+            monkeypatch.setattr(F, "WORKERS", kind)
+            out[kind] = F.loss_and_grads(params, tokens, cfg)
+        assert out["thread"][0] == out["process"][0], name
+        for k in params:
+            np.testing.assert_array_equal(out["thread"][1][k], out["process"][1][k], err_msg=f"{name} {k}")
+    pool = F._POOL
+    assert F._POOL_KEY == ("process", 1)
+    for pid in list(pool._processes):
+        os.kill(pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match="worker process died"):
+        for _ in range(3):  # the pool notices the death at the next submit or result
+            F.loss_and_grads(params, tokens, cfg)
+    again = F.loss_and_grads(params, tokens, cfg)
+    assert again[0] == out["process"][0]
+    F._pool("thread", 1)  # leave no worker process behind
 
 
 def test_an_error_in_one_group_is_raised(monkeypatch):

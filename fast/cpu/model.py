@@ -423,10 +423,15 @@ GROUPS = int(os.environ.get("NL_CPU_GROUPS", "2"))
 differ by at most one) and combines their results in a fixed order. The grouping, not the thread
 count, decides the rounding, so a result is the same on any machine with the same setting."""
 THREADS = int(os.environ.get("NL_CPU_THREADS", "0"))
-"""Threads that run the groups (0: one per group, at most the cores this process may use; 1: the
-groups run one after the other). Never changes a result."""
+"""Workers that run the groups, the calling thread included (0: one per group, at most the cores
+this process may use; 1: the groups run one after the other). Never changes a result."""
+WORKERS = os.environ.get("NL_CPU_WORKERS", "thread")
+"""What runs the groups other than the caller's first: ``"thread"`` (threads of this process: the
+kernels and BLAS release the GIL, the Python glue does not) or ``"process"`` (worker processes
+started once from a forkserver that has imported this module: no shared GIL, the parameters and
+gradients cross a pipe each step). Never changes a result (the same code on the same numbers)."""
 _POOL = None
-_POOL_SIZE = 0
+_POOL_KEY = None
 
 
 def usable_cores() -> int:
@@ -447,27 +452,68 @@ def batch_groups(B: int) -> list[slice]:
 
 
 def worker_threads(n_groups: int) -> int:
-    """Threads that run ``n_groups`` groups now (``THREADS``, or one per group up to the cores)."""
+    """Workers (the caller included) that run ``n_groups`` groups now: ``THREADS``, or one per
+    group up to the usable cores."""
     want = THREADS if THREADS > 0 else usable_cores()
     return max(1, min(n_groups, want))
 
 
-def _map_groups(fn, groups):
-    """[fn(g) for g in groups], on ``worker_threads`` threads; results in the groups' order (an
-    exception in any group is raised here). The compiled kernels release the GIL (``nogil=True``)
-    and so do NumPy's BLAS products, so the groups' numerical work overlaps; the Python glue does
-    not."""
-    global _POOL, _POOL_SIZE
-    n = worker_threads(len(groups))
-    if n == 1:
-        return [fn(g) for g in groups]
-    if _POOL is None or _POOL_SIZE != n:
+def _group_step(params, tokens, cfg):
+    """One group's ``loss_and_grads`` (checked inputs), in a worker thread or process."""
+    with blas.limited(BLAS_THREADS):
+        return _loss_and_grads(params, tokens, cfg)
+
+
+def _pool(kind: str, n: int):
+    """The executor of ``n`` workers of ``kind``, kept between calls (re-made when either changes)."""
+    global _POOL, _POOL_KEY
+    if _POOL is not None and _POOL_KEY == (kind, n):
+        return _POOL
+    if _POOL is not None:
+        _POOL.shutdown(wait=True)
+    if kind == "thread":
         from concurrent.futures import ThreadPoolExecutor
 
-        if _POOL is not None:
-            _POOL.shutdown(wait=True)
-        _POOL, _POOL_SIZE = ThreadPoolExecutor(max_workers=n, thread_name_prefix="nl-cpu"), n
-    return list(_POOL.map(fn, groups))
+        _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="nl-cpu")
+    elif kind == "process":
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+        if ctx.get_start_method() == "forkserver":
+            ctx.set_forkserver_preload([__name__])  # the workers start with the port imported
+        _POOL = ProcessPoolExecutor(max_workers=n, mp_context=ctx)
+    else:
+        raise ValueError(f"NL_CPU_WORKERS must be 'thread' or 'process', got {kind!r}")
+    _POOL_KEY = (kind, n)
+    return _POOL
+
+
+def _map_groups(params, tokens, cfg, groups):
+    """[_loss_and_grads on each group], in the groups' order: the first in the calling thread, the
+    others on ``worker_threads - 1`` workers of kind ``WORKERS``. An exception in any group is
+    raised here; a worker process that died is reported and its pool re-made on the next call."""
+    global _POOL
+    n = worker_threads(len(groups))
+    if n == 1:
+        return [_loss_and_grads(params, tokens[g], cfg) for g in groups]
+    pool = _pool(WORKERS, n - 1)
+    futures = [pool.submit(_group_step, params, tokens[g], cfg) for g in groups[1:]]
+    try:
+        first = _loss_and_grads(params, tokens[groups[0]], cfg)
+        return [first] + [f.result() for f in futures]
+    except Exception as exc:
+        from concurrent.futures.process import BrokenProcessPool
+
+        for f in futures:
+            f.cancel()
+        if isinstance(exc, BrokenProcessPool):
+            _POOL.shutdown(wait=True)  # the dead pool's manager thread ends before we go on
+            _POOL = None
+            raise RuntimeError(f"a CPU-port worker process died ({exc}); the next call starts new ones. "
+                               "NL_CPU_WORKERS=thread runs the groups in threads instead") from exc
+        raise
 
 
 @_blas_limited
@@ -476,8 +522,8 @@ def loss_and_grads(params, tokens, cfg: ModelConfig):
     same function as reference/model.py::loss_and_grads.
 
     The sequences of a batch are independent (per-sequence fast state, in-context CMS included) and
-    the loss is a mean over them, so the batch is split into ``batch_groups`` computed on
-    ``worker_threads`` threads: loss = sum_g (B_g / B) loss_g, and the same for every gradient,
+    the loss is a mean over them, so the batch is split into ``batch_groups`` computed by
+    ``worker_threads`` workers (``WORKERS``): loss = sum_g (B_g / B) loss_g, and the same for every gradient,
     summed in the groups' order."""
     params = _check_params(params, cfg)
     tokens = _check_tokens(tokens, cfg, min_T=2)
@@ -485,7 +531,7 @@ def loss_and_grads(params, tokens, cfg: ModelConfig):
     groups = batch_groups(B)
     if len(groups) == 1:
         return _loss_and_grads(params, tokens, cfg)
-    results = _map_groups(lambda g: _loss_and_grads(params, tokens[g], cfg), groups)
+    results = _map_groups(params, tokens, cfg, groups)
     weights = [(g.stop - g.start) / B for g in groups]
     loss = sum(w * r[0] for w, r in zip(weights, results, strict=True))
     grads = {}
@@ -524,5 +570,5 @@ def _loss_and_grads(params, tokens, cfg):
     return float(loss), {k: np.asarray(grads[k], dtype=params[k].dtype) for k in params}
 
 
-__all__ = ["GROUPS", "PORTED_LAYERS", "THREADS", "batch_groups", "cms_increments", "forward", "init_params",
+__all__ = ["GROUPS", "PORTED_LAYERS", "THREADS", "WORKERS", "batch_groups", "cms_increments", "forward", "init_params",
            "init_state", "loss_and_grads", "loss_with_increments", "param_counts", "param_shapes", "state_size", "usable_cores", "worker_threads"]
