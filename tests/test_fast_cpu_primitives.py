@@ -241,6 +241,14 @@ lf, cf = F.cross_entropy_forward(lg, t); lr, cr = R.cross_entropy_forward(lg, t)
 close(F.cross_entropy_backward(np.asarray(1.0), cf), R.cross_entropy_backward(np.asarray(1.0), cr), "ce backward")
 tok = rng.integers(0, 6, (2, 3)); E = rng.standard_normal((6, 4))
 close(F.embedding_backward(up, F.embedding_forward(tok, E)[1]), R.embedding_backward(up, R.embedding_forward(tok, E)[1]), "emb")
+x32 = (4 * x).astype(np.float32); a32 = x32.reshape(-1); u32 = np.flip(a32).copy()  # float32: the vmath path
+for name in ("gelu", "silu", "sigmoid"):
+    for order in (0, 1):
+        got = F._act(name, order, x32); assert got.dtype == np.float32
+        err = np.max(np.abs(got - F._act(name, order, x32.astype(np.float64)))) / np.max(np.abs(got))
+        assert err < 1e-6, (name, order, err)
+h32 = F._swiglu_gate(a32, u32); assert h32.dtype == np.float32
+assert np.max(np.abs(h32 - F._swiglu_gate(a32.astype(np.float64), u32.astype(np.float64)))) < 1e-6 * np.max(np.abs(h32))
 for name in ("hope-attention-tiny", "transformer-tiny"):
     cfg = config.preset(name)
     p = RM.init_params(cfg, 1); tok = rng.integers(0, cfg.vocab_size, (1, 5))
@@ -248,6 +256,38 @@ for name in ("hope-attention-tiny", "transformer-tiny"):
     close(lf, lr, name); [close(gf[k], gr[k], name + k) for k in gr]
 print("no-jit ok")
 """
+
+
+def test_float32_activations_take_vmath_and_match_the_float64_kernels(rng):
+    """float32 silu / gelu / sigmoid (f, f', the pair) and the SwiGLU gate take fast/cpu/vmath.py's
+    path (equal to its output) and agree with the float64 libm kernels within 1e-6 of the largest
+    entry (the port row allows 5e-4); no fallback. Inputs cover both tails of the GELU."""
+    from nested_learning.fast.cpu import vmath
+
+    x = np.concatenate([np.linspace(-14, 14, 2800), 3 * rng.standard_normal(1000)]).astype(np.float32)
+    x = _ro(x.reshape(1, -1, 8))
+    kinds = {"silu": vmath.SILU, "gelu": vmath.GELU, "sigmoid": vmath.SIGMOID}
+    before = dict(F.FALLBACKS)
+    for name, kind in kinds.items():
+        for order in (0, 1):
+            got = F._act(name, order, x)
+            assert got.dtype == np.float32 and got.shape == x.shape
+            np.testing.assert_array_equal(got.reshape(-1), vmath.activation(kind, order, x.reshape(-1))[order])
+            want = F._act(name, order, x.astype(np.float64))  # the scalar erf/exp kernel
+            assert np.max(np.abs(got - want)) <= 1e-6 * np.max(np.abs(want)), (name, order)
+        if name != "sigmoid":
+            f, df = F.act_and_grad(name, x)
+            np.testing.assert_array_equal(f, F._act(name, 0, x))
+            np.testing.assert_array_equal(df, F._act(name, 1, x))
+    a = x.reshape(-1)
+    u, dh = _ro(np.flip(a)), _ro(np.roll(a, 3))
+    h = F._swiglu_gate(a, u)
+    h64 = F._swiglu_gate_kernel(a.astype(np.float64), u.astype(np.float64))
+    assert h.dtype == np.float32 and np.max(np.abs(h - h64)) <= 1e-6 * np.max(np.abs(h64))
+    for got, want in zip(F._swiglu_gate_bwd(dh, a, u), F._swiglu_gate_bwd_kernel(*(v.astype(np.float64) for v in (dh, a, u))),
+                         strict=True):  # fmt: skip
+        assert got.dtype == np.float32 and np.max(np.abs(got - want)) <= 1e-6 * np.max(np.abs(want))
+    assert F.FALLBACKS == before
 
 
 def test_kernels_logic_without_jit():
