@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from hypothesis import given, note
 from hypothesis import strategies as st
-from tolerances import assert_close
+from tolerances import assert_close, tol
 
 from nested_learning.fast import registry
 from nested_learning.fast.cpu import primitives as F
@@ -260,9 +260,12 @@ print("no-jit ok")
 
 def test_float32_activations_take_vmath_and_match_the_float64_kernels(rng):
     """float32 silu / gelu / sigmoid (f, f', the pair) and the SwiGLU gate take fast/cpu/vmath.py's
-    path (equal to its output) and agree with the float64 libm kernels within 1e-6 of the largest
-    entry (the port row allows 5e-4); no fallback. Inputs cover both tails of the GELU."""
+    path (equal to its output) and agree with the float64 libm kernels within the
+    ("float32", "activation_vs_float64") row (1e-6) of the largest entry (the port row allows
+    5e-4); no fallback. Inputs cover both tails of the GELU."""
     from nested_learning.fast.cpu import vmath
+
+    bound = tol("float32", "activation_vs_float64")
 
     x = np.concatenate([np.linspace(-14, 14, 2800), 3 * rng.standard_normal(1000)]).astype(np.float32)
     x = _ro(x.reshape(1, -1, 8))
@@ -274,7 +277,7 @@ def test_float32_activations_take_vmath_and_match_the_float64_kernels(rng):
             assert got.dtype == np.float32 and got.shape == x.shape
             np.testing.assert_array_equal(got.reshape(-1), vmath.activation(kind, order, x.reshape(-1))[order])
             want = F._act(name, order, x.astype(np.float64))  # the scalar erf/exp kernel
-            assert np.max(np.abs(got - want)) <= 1e-6 * np.max(np.abs(want)), (name, order)
+            assert np.max(np.abs(got - want)) <= bound * np.max(np.abs(want)), (name, order)
         if name != "sigmoid":
             f, df = F.act_and_grad(name, x)
             np.testing.assert_array_equal(f, F._act(name, 0, x))
@@ -283,10 +286,10 @@ def test_float32_activations_take_vmath_and_match_the_float64_kernels(rng):
     u, dh = _ro(np.flip(a)), _ro(np.roll(a, 3))
     h = F._swiglu_gate(a, u)
     h64 = F._swiglu_gate_kernel(a.astype(np.float64), u.astype(np.float64))
-    assert h.dtype == np.float32 and np.max(np.abs(h - h64)) <= 1e-6 * np.max(np.abs(h64))
+    assert h.dtype == np.float32 and np.max(np.abs(h - h64)) <= bound * np.max(np.abs(h64))
     for got, want in zip(F._swiglu_gate_bwd(dh, a, u), F._swiglu_gate_bwd_kernel(*(v.astype(np.float64) for v in (dh, a, u))),
                          strict=True):  # fmt: skip
-        assert got.dtype == np.float32 and np.max(np.abs(got - want)) <= 1e-6 * np.max(np.abs(want))
+        assert got.dtype == np.float32 and np.max(np.abs(got - want)) <= bound * np.max(np.abs(want))
     assert F.FALLBACKS == before
 
 
