@@ -528,7 +528,10 @@ def run(presets=(), backends=(), batch_size=4, seq_len=256, dtype="float32", rep
     groups, threads = cpu_threads(batch_size)
     echo(f"batch {batch_size} x {seq_len} tokens, {dtype}, AdamW; BLAS threads {_blas_threads()} (every backend); "
          f"matrix-product rate {rate:.1f} GFLOP/s (512^3 {dtype}, one core)")
-    echo(f"cpu: the batch in {groups} group(s) on {threads} thread(s) (NL_CPU_GROUPS, NL_CPU_THREADS); torch: "
+    from .fast.cpu import model as cpu_model
+
+    echo(f"cpu: the batch in {groups} group(s) on {threads} worker(s): the caller and {threads - 1} "
+         f"{cpu_model.WORKERS} worker(s) (NL_CPU_GROUPS, NL_CPU_THREADS, NL_CPU_WORKERS); torch: "
          f"{threads * _blas_threads()} intra-op thread(s); reference: one thread")
     gpu = None
     if any(b in GPU_BACKENDS for b in backends):

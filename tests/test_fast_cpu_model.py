@@ -169,6 +169,7 @@ def test_batch_split_result_is_independent_of_the_thread_count(name, dtype, monk
         return inner(p, t, c)
 
     monkeypatch.setattr(F, "_loss_and_grads", recording)
+    monkeypatch.setattr(F, "WORKERS", "thread")  # the recording wrapper lives in this process
     runs = {}
     for groups, threads in ((1, 1), (3, 1), (3, 3), (2, 2)):
         monkeypatch.setattr(F, "GROUPS", groups)
@@ -209,8 +210,7 @@ def test_worker_processes_give_bitwise_the_threads_result(monkeypatch):
         assert out["thread"][0] == out["process"][0], name
         for k in params:
             np.testing.assert_array_equal(out["thread"][1][k], out["process"][1][k], err_msg=f"{name} {k}")
-    pool = F._POOL
-    assert F._POOL_KEY == ("process", 1)
+    pool = F._POOLS[("process", 1)]
     for pid in list(pool._processes):
         os.kill(pid, signal.SIGKILL)
     with pytest.raises(RuntimeError, match="worker process died"):
@@ -218,7 +218,7 @@ def test_worker_processes_give_bitwise_the_threads_result(monkeypatch):
             F.loss_and_grads(params, tokens, cfg)
     again = F.loss_and_grads(params, tokens, cfg)
     assert again[0] == out["process"][0]
-    F._pool("thread", 1)  # leave no worker process behind
+    F._POOLS.pop(("process", 1)).shutdown(wait=True)  # leave no worker process behind
 
 
 def test_an_error_in_one_group_is_raised(monkeypatch):
@@ -233,6 +233,7 @@ def test_an_error_in_one_group_is_raised(monkeypatch):
         return inner(p, t, c)
 
     monkeypatch.setattr(F, "_loss_and_grads", failing)
+    monkeypatch.setattr(F, "WORKERS", "thread")
     monkeypatch.setattr(F, "GROUPS", 2)
     monkeypatch.setattr(F, "THREADS", 2)
     with pytest.raises(RuntimeError, match="group failed"):
