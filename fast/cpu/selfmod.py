@@ -545,6 +545,14 @@ def _backward(dy, cache, dstate):
           for m in cfg.memories}  # fmt: skip
     dconv = {c: get(f"conv_{c}") for c in "qkv"}
     dqin = np.zeros((B, T, D), dtype=dt)
+    # live[m]: memory m's running-state cotangents (dW, dS) may be nonzero. The writes' VJP is linear
+    # in them, and within a segment every read uses the chunk-start state, not the writes, so while
+    # they are zero the write backward of m returns zeros and is skipped (exact). That holds from the
+    # end of the input back to m's last chunk start when no dstate comes in: every per-chunk call of
+    # the chunk-major CMS pass, and the last chunk of any call (SPEC.md#fast-cpu).
+    live = {m: any(ds.get(f"{m}.{w}") is not None and np.any(ds[f"{m}.{w}"]) for w in wn)
+            or any(cfg.momentum and ds.get(f"{m}.S_{w}") is not None and np.any(ds[f"{m}.S_{w}"]) for w in wn)
+            for m in cfg.memories}  # fmt: skip
     for seg in reversed(cache["segs"]):
         t0, t1 = seg["t0"], seg["t1"]
         k, eta, alpha, ep = seg["k"], seg["eta"], seg["alpha"], seg["ep"]
@@ -552,6 +560,8 @@ def _backward(dy, cache, dstate):
         dalpha, dep = np.zeros_like(alpha), np.zeros_like(ep)
         for m in cfg.memories:
             if sg:  # W_t = W_{t-1} + sg(increment): the adjoint passes straight through the writes
+                continue
+            if not live[m]:  # zero cotangents in, zero out (see ``live`` above)
                 continue
             fac, c_g, c_vh, coef = seg["mem"][m]
             beta = betas[m]
@@ -644,6 +654,7 @@ def _backward(dy, cache, dstate):
             for w in wn:
                 dW[m][w] = dW[m][w] + dB[m][w]
                 dB[m][w] = np.zeros_like(dB[m][w])
+            live[m] = True
     dx = dx + _merge(dxh)
     if not cfg.adaptive_q:
         dx = dx + dqin @ params["W_q"]
