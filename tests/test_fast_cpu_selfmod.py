@@ -97,6 +97,9 @@ configs = st.fixed_dictionaries(
         "single_shrink": st.booleans(),
         "sg": st.sampled_from([False, False, False, True]),
         "stream": st.booleans(),
+        # dense: every state key; none: no dstate; partial: only some memories' cotangents (the
+        # port skips the write backward of a memory while its cotangents are zero)
+        "dstate": st.sampled_from(["dense", "dense", "none", "partial"]),
         "dtype": st.sampled_from(["float32", "float64"]),
         "seed": st.integers(0, 2**16),
     }
@@ -119,13 +122,21 @@ def test_fast_selfmod_matches_reference(c):
     dy = rng.standard_normal(yr.shape).astype(c["dtype"])
     dstate = _ro({k: rng.standard_normal(v.shape).astype(c["dtype"]) for k, v in sr.items()
                   if isinstance(v, np.ndarray)})  # fmt: skip
+    if c["dstate"] == "none":
+        dstate = None
+    elif c["dstate"] == "partial":  # the first memory keeps its cotangents; the others: zeros or missing
+        first = cfg.memories[0]
+        dstate = {k: (v if k.split(".")[0] in (first, "conv_q", "conv_k", "conv_v") else
+                      (np.zeros_like(v) if i % 2 else None)) for i, (k, v) in enumerate(dstate.items())}
+        dstate = {k: v for k, v in dstate.items() if v is not None}
     gf = FS.backward(dy, cf, dstate)
     gr = RS.backward(dy, cr, dstate)
     g64 = [None] * 3
     if c["dtype"] == "float32":  # the reference's own float32 rounding, for cancelling gradients
         _, _, x6, p6, s6 = _make({**c, "dtype": "float64"})
         c6 = RS.forward(x6, p6, cfg, s6)[1]
-        g64 = RS.backward(dy.astype(np.float64), c6, {k: v.astype(np.float64) for k, v in dstate.items()})
+        g64 = RS.backward(dy.astype(np.float64), c6,
+                          None if dstate is None else {k: v.astype(np.float64) for k, v in dstate.items()})
     for name, a, b, b64 in zip(("dx", "dparams", "dstate0"), gf, gr, g64, strict=True):
         _assert_same_tree(a, b, c["dtype"], name, b64, kind)
     np.testing.assert_array_equal(x, saved[0])
