@@ -269,8 +269,8 @@ def _advance(params, cfg, state, seg):
     """Forward a segment inside one processing chunk; update the state in place.
     Returns (logits, the stack cache)."""
     n = seg.shape[1]
-    if state["pending"].shape[1] == 0:
-        state["chunk_mem"] = _copy(state["mem"])
+    if state["pending"].shape[1] == 0:  # no copy (the reference copies): no layer writes a state in place
+        state["chunk_mem"] = state["mem"]
     groups = [[(0, n)] for _ in cfg.cms_levels]
     logits, cache, new_past, new_mem = _stack_forward(params, cfg, seg, state["pos"], state["past"], state["mem"],
                                                       _cms_weights(params, cfg, state, n), groups)
