@@ -236,9 +236,135 @@ def _fold(wt, L, R):
     return _T(L * wt[..., None]) @ R
 
 
+# Compiled element-wise glue of the chunk loop. Each replaces 3-8 NumPy calls (and their temporaries) per
+# chunk and weight; sums run in float64 (the NumPy pairwise sums they replace are as accurate in float32).
+
+
+@njit(cache=True, nogil=True)
+def _state_step(A, s, Bc, W, S, F, momentum, W_out, S_out):
+    """One chunk's state update from the folds F[:, :, 0] = sum_m w_m L_m R_m^T, F[:, :, 1] = the
+    same with e (Titans Eqs. 16-18): W' = (A W - F_0) + s S, S' = Bc S - F_1 (the reference's order
+    of operations); without momentum W' = A W - F_0 and S is not touched."""
+    nb, nh, ni, nj = W.shape
+    for b in range(nb):
+        for h in range(nh):
+            a_, s_, bc = A[b, h], s[b, h], Bc[b, h]
+            for i in range(ni):
+                for j in range(nj):
+                    wn = a_ * W[b, h, i, j] - F[b, h, 0, i, j]
+                    if momentum:
+                        sv = S[b, h, i, j]
+                        W_out[b, h, i, j] = wn + s_ * sv
+                        S_out[b, h, i, j] = bc * sv - F[b, h, 1, i, j]
+                    else:
+                        W_out[b, h, i, j] = wn
+
+
+@njit(cache=True, nogil=True)
+def _state_inners(D2, W0, S0, momentum, out):
+    """out[:, :, 0] += <dW, W_start>, out[:, :, 1] += <dW, S_start>, out[:, :, 2] += <dS, S_start>
+    per (b, h) (the cotangents dA, ds, dBc of the chunk weights); D2[:, :, 0] = dW, D2[:, :, 1] = dS."""
+    nb, nh, ni, nj = W0.shape
+    for b in range(nb):
+        for h in range(nh):
+            a0 = 0.0
+            a1 = 0.0
+            a2 = 0.0
+            for i in range(ni):
+                for j in range(nj):
+                    dw = np.float64(D2[b, h, 0, i, j])
+                    a0 += dw * W0[b, h, i, j]
+                    if momentum:
+                        s0 = np.float64(S0[b, h, i, j])
+                        a1 += dw * s0
+                        a2 += D2[b, h, 1, i, j] * s0
+            out[b, h, 0] += a0
+            out[b, h, 1] += a1
+            out[b, h, 2] += a2
+
+
+@njit(cache=True, nogil=True)
+def _factor_cotangents(LD, RD, R, w, e, momentum, dw, de, dL, dR):
+    """The fold's VJP for the factors: with LD[:, :, k] = L dX_k, RD[:, :, k] = R dX_k^T (dX_0 = dW,
+    dX_1 = dS): dw_m -= <L_m dW, R_m>, de_m -= <L_m dS, R_m> (accumulated over the weights),
+    dL = -w RD_0 - e RD_1, dR = -w LD_0 - e LD_1."""
+    nb, nh, _, nm, nj = LD.shape
+    ni = RD.shape[4]
+    for b in range(nb):
+        for h in range(nh):
+            for m in range(nm):
+                wm, em = w[b, h, m], e[b, h, m]
+                acc0 = 0.0
+                acc1 = 0.0
+                for j in range(nj):
+                    r = np.float64(R[b, h, m, j])
+                    acc0 += LD[b, h, 0, m, j] * r
+                    if momentum:
+                        acc1 += LD[b, h, 1, m, j] * r
+                        dR[b, h, m, j] = -wm * LD[b, h, 0, m, j] - em * LD[b, h, 1, m, j]
+                    else:
+                        dR[b, h, m, j] = -wm * LD[b, h, 0, m, j]
+                dw[b, h, m] -= acc0
+                if momentum:
+                    de[b, h, m] -= acc1
+                for i in range(ni):
+                    if momentum:
+                        dL[b, h, m, i] = -wm * RD[b, h, 0, m, i] - em * RD[b, h, 1, m, i]
+                    else:
+                        dL[b, h, m, i] = -wm * RD[b, h, 0, m, i]
+
+
+@njit(cache=True, nogil=True)
+def _cotangent_step(A, s, Bc, D2, momentum):
+    """In place, the state cotangents one chunk back: dS <- s dW + Bc dS, dW <- A dW."""
+    nb, nh, _, ni, nj = D2.shape
+    for b in range(nb):
+        for h in range(nh):
+            a_, s_, bc = A[b, h], s[b, h], Bc[b, h]
+            for i in range(ni):
+                for j in range(nj):
+                    dw = D2[b, h, 0, i, j]
+                    if momentum:
+                        D2[b, h, 1, i, j] = s_ * dw + bc * D2[b, h, 1, i, j]
+                    D2[b, h, 0, i, j] = a_ * dw
+
+
 # ---------------------------------------------------------------------------------------------
 # The chunk-parallel memory (Titans Eqs. 16-18)
 # ---------------------------------------------------------------------------------------------
+
+
+_MEM_LN_EPS = 1e-5  # the LayerNorm eps of the MLP memory: mlp_memory's default, which the reference uses
+
+
+def _read_and_inner_grad(cfg, Wb, q, k, v):
+    """``_read_forward(cfg, Wb, q)`` and ``inner_grad(cfg, Wb, k, v)`` in one pass: both evaluate the
+    memory at the same chunk-start state, so the MLP memory runs once on the stacked [q; k] tokens
+    (two products and one activation pass instead of four and two). Returns (o, rcache, fac, fcache)
+    with the caches fast.cpu.mlp_memory's functions return (same keys). The matrix memory and
+    complex input (the complex-step path) take the separate calls."""
+    if cfg.memory == "matrix" or np.iscomplexobj(q) or np.iscomplexobj(Wb["W1"]):
+        o, rcache = _read_forward(cfg, Wb, q)
+        fac, fcache = inner_grad(cfg, Wb, k, v)
+        return o, rcache, fac, fcache
+    W1, W2 = Wb["W1"], Wb["W2"]
+    n = q.shape[2]
+    y, _, a, sp, spp, c, rstd = FM._read(W1, W2, np.concatenate((q, k), axis=2), cfg.act, cfg.layernorm,
+                                         _MEM_LN_EPS, True)  # fmt: skip
+    tok = (slice(None), slice(None), slice(None, n))
+    kt = (slice(None), slice(None), slice(n, None))
+    ln = cfg.layernorm
+    rcache = {"W1": W1, "W2": W2, "z": q, "a": a[tok], "sp": sp[tok], "c": c[tok], "rstd": rstd[tok] if ln else None,
+              "layernorm": ln, "fast": True}  # fmt: skip
+    ck, rk = c[kt], (rstd[kt] if ln else None)
+    g = 2 * (y[kt] - v)  # (B, H, n, dh)   Titans Eq. (12) (mlp_memory.inner_grad)
+    u1 = FM._layernorm_jvp(g, ck, rk) if ln else g
+    wv = u1 @ W1  # (B, H, n, Hm)   W1^T u1
+    ak, spk = a[kt], sp[kt]
+    u2 = spk * wv
+    fcache = {"W1": W1, "W2": W2, "k": k, "a": ak, "sp": spk, "spp": spp[kt], "c": ck, "rstd": rk,
+              "g": g, "u1": u1, "w": wv, "layernorm": ln, "fast": True}  # fmt: skip
+    return y[tok], rcache, {"W1": (u1, ak), "W2": (u2, k)}, fcache
 
 
 def memory_chunked_forward(q, k, v, alpha, beta, eta, mem, cfg):
@@ -250,16 +376,22 @@ def memory_chunked_forward(q, k, v, alpha, beta, eta, mem, cfg):
     segs = RT._segments(q.shape[2], mem["pos"], cfg.chunk)
     o = np.empty_like(q)
     tape = []
+    mom = bool(cfg.momentum)
     for t0, t1, boundary in segs:
         sl = slice(t0, t1)
-        o[:, :, sl], rcache = _read_forward(cfg, Wb, q[:, :, sl])  # Titans Eq. (15), at M_b
-        fac, fcache = inner_grad(cfg, Wb, k[:, :, sl], v[:, :, sl])
+        o[:, :, sl], rcache, fac, fcache = _read_and_inner_grad(cfg, Wb, q[:, :, sl], k[:, :, sl], v[:, :, sl])
         (A, s, w, Bc, e), ccache = chunk_coefficients(alpha[..., sl], beta[..., sl], eta[..., sl], cfg.momentum)
         W_start, S_start = W, S
-        W = {n: A[..., None, None] * W[n] - _fold(w, *fac[n]) for n in names}  # Titans Eqs. (16)-(17)
-        if cfg.momentum:
-            W = {n: W[n] + s[..., None, None] * S[n] for n in names}  # Titans Eq. (18)
-            S = {n: Bc[..., None, None] * S[n] - _fold(e, *fac[n]) for n in names}  # Titans Eq. (18)
+        we = np.stack((w, e), axis=2) if mom else w[:, :, None]  # (B, H, 1|2, n)
+        W, S = {}, ({} if mom else None)
+        for n in names:  # Titans Eqs. (16)-(18): both folds of a weight in one product
+            L, R = fac[n]
+            F = _T(L[:, :, None] * we[..., None]) @ R[:, :, None]  # (B, H, 1|2, i, j)
+            W[n] = np.empty_like(W_start[n])
+            if mom:
+                S[n] = np.empty_like(S_start[n])
+            _state_step(A, s, Bc, W_start[n], S_start[n] if mom else W_start[n], F, mom, W[n],
+                        S[n] if mom else W[n])  # fmt: skip
         if boundary:
             Wb = W
         tape.append((sl, rcache, fac, fcache, (A, s, w, Bc, e), ccache, W_start, S_start, boundary))
@@ -272,60 +404,61 @@ def memory_chunked_forward(q, k, v, alpha, beta, eta, mem, cfg):
 
 
 def memory_chunked_backward(do, cache, dmem=None):
-    """Same as ``reference.titans.memory_chunked_backward``: (dq, dk, dv, dalpha, dbeta, deta, dmem0)."""
+    """Same as ``reference.titans.memory_chunked_backward``: (dq, dk, dv, dalpha, dbeta, deta, dmem0).
+
+    The state cotangents of a weight live in one array D2 (B, H, 1|2, i, j) = [dW; dS], so the four
+    products of the folds' VJP are two stacked products (L D2, R D2^T) and the element-wise rest is
+    compiled (``_state_inners``, ``_factor_cotangents``, ``_cotangent_step``), updated in place."""
     tape, alpha, beta, eta, cfg = cache
     names = RT._weight_names(cfg)
+    mom = bool(cfg.momentum)
     dq, dk, dv = (np.zeros_like(do) for _ in range(3))
     dalpha, dbeta, deta = (np.zeros_like(alpha) for _ in range(3))
     W_like = tape[-1][6]
-    dW = {n: RT._dmem_get(dmem, n, W_like[n]) for n in names}
-    dWb = {n: RT._dmem_get(dmem, n + "_b", W_like[n]) for n in names}
-    dS = {n: RT._dmem_get(dmem, "S_" + n, W_like[n]) for n in names} if cfg.momentum else None
+    D2, dWb = {}, {}
+    for n in names:
+        like = W_like[n]
+        D2[n] = np.empty((*like.shape[:2], 1 + mom, *like.shape[2:]), like.dtype)
+        D2[n][:, :, 0] = RT._dmem_get(dmem, n, like)
+        if mom:
+            D2[n][:, :, 1] = RT._dmem_get(dmem, "S_" + n, like)
+        dWb[n] = np.array(RT._dmem_get(dmem, n + "_b", like), copy=True)
     for sl, rcache, fac, fcache, coef, ccache, W_start, S_start, boundary in reversed(tape):
         if boundary:
-            dW = {n: dW[n] + dWb[n] for n in names}
-            dWb = {n: np.zeros_like(dWb[n]) for n in names}
+            for n in names:
+                D2[n][:, :, 0] += dWb[n]
+                dWb[n][...] = 0
         dWb_r, dq[:, :, sl] = _read_backward(cfg, do[:, :, sl], rcache)
-        dWb = {n: dWb[n] + dWb_r[n] for n in names}
+        for n in names:
+            dWb[n] += dWb_r[n]
         if cfg.stop_grad_writes:
             continue
         A, s, w, Bc, e = coef
-        dA = sum(_inner(dW[n], W_start[n]) for n in names)
-        dw = 0
-        de = 0
+        dt = w.dtype
+        inn = np.zeros((*A.shape, 3), np.float64)  # dA, ds, dBc
+        dw, de = np.zeros(w.shape, np.float64), np.zeros(w.shape, np.float64)
         dfac = {}
         for n in names:
             L, R = fac[n]
-            LdW = L @ dW[n]  # (B, H, m, j)   L_m^T dW
-            RdWt = R @ _T(dW[n])  # (B, H, m, i)   dW R_m
-            dw = dw - np.sum(LdW * R, axis=-1)  # -<dW, L_m R_m^T>
-            dL = -w[..., None] * RdWt
-            dR = -w[..., None] * LdW
-            if cfg.momentum:
-                LdS = L @ dS[n]
-                de = de - np.sum(LdS * R, axis=-1)
-                dL = dL - e[..., None] * (R @ _T(dS[n]))
-                dR = dR - e[..., None] * LdS
+            X = D2[n]
+            _state_inners(X, W_start[n], S_start[n] if mom else W_start[n], mom, inn)
+            LD = L[:, :, None] @ X  # (B, H, 1|2, m, j)   L_m^T dW, L_m^T dS
+            RD = R[:, :, None] @ _T(X)  # (B, H, 1|2, m, i)   dW R_m, dS R_m
+            dL, dR = np.empty_like(L), np.empty_like(R)
+            _factor_cotangents(LD, RD, R, w, e, mom, dw, de, dL, dR)
             dfac[n] = (dL, dR)
-        if cfg.momentum:
-            ds = sum(_inner(dW[n], S_start[n]) for n in names)
-            dBc = sum(_inner(dS[n], S_start[n]) for n in names)
-            dS_new = {n: s[..., None, None] * dW[n] + Bc[..., None, None] * dS[n] for n in names}
-        else:
-            ds = dBc = np.zeros_like(dA)
-            de = np.zeros_like(w)
-        da, db, de_ = chunk_coefficients_backward(dA, ds, dw, dBc, de, ccache)
+        dA, ds, dBc = (inn[..., i].astype(dt) for i in range(3))
+        da, db, de_ = chunk_coefficients_backward(dA, ds, dw.astype(dt), dBc, de.astype(dt), ccache)
         dalpha[..., sl], dbeta[..., sl], deta[..., sl] = da, db, de_
         dWb_g, dk[:, :, sl], dv[:, :, sl] = inner_grad_backward(cfg, dfac, fcache)
-        dWb = {n: dWb[n] + dWb_g[n] for n in names}
-        dW = {n: A[..., None, None] * dW[n] for n in names}
-        if cfg.momentum:
-            dS = dS_new
+        for n in names:
+            dWb[n] += dWb_g[n]
+            _cotangent_step(A, s, Bc, D2[n], mom)
     dmem0 = {}
     for n in names:
-        dmem0[n], dmem0[n + "_b"] = dW[n], dWb[n]
+        dmem0[n], dmem0[n + "_b"] = D2[n][:, :, 0], dWb[n]
         if cfg.momentum:
-            dmem0["S_" + n] = dS[n] if not cfg.stop_grad_writes else np.zeros_like(dW[n])
+            dmem0["S_" + n] = D2[n][:, :, 1] if not cfg.stop_grad_writes else np.zeros_like(dWb[n])
     return dq, dk, dv, dalpha, dbeta, deta, dmem0
 
 
