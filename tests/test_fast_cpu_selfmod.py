@@ -327,3 +327,22 @@ def test_kernels_without_jit_match_the_reference():
     out = subprocess.run([sys.executable, "-c", _NOJIT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "ok" in out.stdout
+
+
+def test_returned_states_never_alias_the_inputs():
+    """The port returns its own arrays without copying them (SPEC.md#fast-cpu) but copies those it
+    would share with the input state or dstate: a call inside one chunk (the chunk-start states are
+    the input's) and zero cotangents (the write backward is skipped) return copies."""
+    cfg = RS.SelfModConfig(d_model=4, n_heads=2, hidden=3, chunk_memory=8, chunk_other=8)
+    rng = np.random.default_rng(3)
+    params = RS.example_params(cfg, rng)
+    state = FS.forward(rng.standard_normal((1, 2, 4)), params, cfg)[2]
+    y, cache, new = FS.forward(rng.standard_normal((1, 3, 4)), params, cfg, state)  # no chunk starts
+    dstate = {k: (np.zeros_like(v) if k.startswith("k.") else rng.standard_normal(v.shape))
+              for k, v in new.items() if isinstance(v, np.ndarray)}  # fmt: skip
+    dstate0 = FS.backward(rng.standard_normal(y.shape), cache, dstate)[2]
+    for out, inp in ((new, state), (dstate0, dstate)):
+        for k, v in out.items():
+            for u in inp.values():
+                if isinstance(v, np.ndarray) and isinstance(u, np.ndarray):
+                    assert not np.shares_memory(v, u), k
