@@ -7,6 +7,7 @@ instant and never imports numba or cupy. User errors are ``click.ClickException`
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -558,6 +559,10 @@ def bench(presets, backends, batch_size, seq_len, dtype, repeats, decode_context
 
 
 def main() -> None:
+    # the CPU port's batch groups run in worker processes from the command line (SPEC.md#fast-cpu:
+    # measured faster than threads; the entry points have a __main__ guard). Set before anything
+    # imports the port, which reads it once.
+    os.environ.setdefault("NL_CPU_WORKERS", "process")
     cli(prog_name="nested-learning")
 
 

@@ -363,3 +363,22 @@ def test_gpu_check_script_parses():
     assert res.returncode == 0, res.stderr
     text = script.read_text()
     assert "set -uo pipefail" in text and "NL_REQUIRE_GPU=1" in text and "--backend gpu" in text
+
+
+def test_the_command_line_runs_the_cpu_groups_in_worker_processes(tmp_path):
+    """SPEC.md#fast-cpu: ``nested-learning`` sets NL_CPU_WORKERS=process unless it is set (the
+    library's default is threads); the bench header names what ran. A fresh process, since the
+    port reads the setting once."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "NL_CPU_WORKERS"}
+    args = [sys.executable, "-m", "nested_learning", "bench", "--preset", "titans-tiny", "--backend", "cpu",
+            "--batch-size", "2", "--seq-len", "6", "--repeats", "1", "--decode-context", "4", "--decode-tokens", "1"]
+    for setting, kind in ((None, "process"), ("thread", "thread")):
+        run_env = env if setting is None else dict(env, NL_CPU_WORKERS=setting)
+        res = subprocess.run(args, env=run_env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout + res.stderr
+        if len(os.sched_getaffinity(0)) >= 2:  # one core: the groups run in the caller
+            assert f"the caller and 1 {kind} worker(s)" in res.stdout, res.stdout

@@ -426,14 +426,18 @@ count, decides the rounding, so a result is the same on any machine with the sam
 THREADS = int(os.environ.get("NL_CPU_THREADS", "0"))
 """Workers that run the groups, the calling thread included (0: one per group, at most the cores
 this process may use; 1: the groups run one after the other). Never changes a result."""
-WORKERS = os.environ.get("NL_CPU_WORKERS", "process")
-"""What runs the groups other than the caller's first: ``"process"`` (worker processes started once
-from a forkserver that has imported this module; the parameters and gradients cross a pipe each
-call, ~10 ms for 4 MB each way) or ``"thread"`` (threads of this process: the compiled kernels and
-BLAS release the GIL, the Python glue does not). Never changes a result (the same code on the same
-numbers; tested bitwise). Processes are the default because the hope family's step is glue-heavy:
-measured on the 2-core machine, batch 4 x 256 float32, tokens/s serial / threads / processes:
-hope-small 830 / 1,046 / 1,460, titans-small 5,406 / 7,301 / 8,289."""
+WORKERS = os.environ.get("NL_CPU_WORKERS", "thread")
+"""What runs the groups other than the caller's first: ``"thread"`` (threads of this process: the
+compiled kernels and BLAS release the GIL, the Python glue does not) or ``"process"`` (worker
+processes started once from a forkserver that has imported this module; the parameters and
+gradients cross a pipe each call, ~10 ms for 4 MB each way). Never changes a result (the same code
+on the same numbers; tested bitwise). Processes win where the step is glue-heavy (the hope
+family): measured on the 2-core machine, batch 4 x 256 float32, tokens/s serial / threads /
+processes: hope-small 830 / 1,046 / 1,460, titans-small 5,406 / 7,301 / 8,289. The command line
+(``nested-learning``, ``python -m nested_learning``) uses processes unless ``NL_CPU_WORKERS`` says
+otherwise; the library default is threads, because a worker process imports the parent's main
+script (multiprocessing's rule), which a script without an ``if __name__ == "__main__":`` guard
+does not survive."""
 _POOLS: dict = {}  # (kind, n) -> executor
 
 
