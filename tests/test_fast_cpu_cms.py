@@ -27,20 +27,25 @@ def _ro(a):
 @given(dtype=st.sampled_from(["float32", "float64"]), seed=st.integers(0, 2**31 - 1), B=st.integers(1, 3),
        T=st.integers(1, 9), start=st.integers(0, 5), D=st.integers(1, 5),
        levels=st.lists(st.tuples(st.integers(1, 6), st.sampled_from([None, 1, 2, 3, 4])), min_size=1, max_size=3),
-       variant=st.sampled_from(["sequential", "independent"]), act=st.sampled_from(["gelu", "silu"]))
-def test_cms_matches_reference(dtype, seed, B, T, start, D, levels, variant, act):
+       variant=st.sampled_from(["sequential", "independent"]), act=st.sampled_from(["gelu", "silu"]),
+       shared=st.lists(st.booleans(), min_size=3, max_size=3))
+def test_cms_matches_reference(dtype, seed, B, T, start, D, levels, variant, act, shared):
+    """``shared[l]``: level l's weights are one (D, Hm) / (Hm, D) pair broadcast over (B, G) (stride
+    0, as the model passes a frozen level)."""
     rng = np.random.default_rng(seed)
     u = _ro(rng.standard_normal((B, T, D)).astype(dtype))
     weights, groups = [], []
-    for hm, period in levels:
+    for (hm, period), sh in zip(levels, shared, strict=False):
         gr = R.groups_for(period, start, T)
         groups.append(gr)
-        weights.append((_ro(0.5 * rng.standard_normal((B, len(gr), D, hm)).astype(dtype)),
-                        _ro(0.5 * rng.standard_normal((B, len(gr), hm, D)).astype(dtype))))
+        lead = (1, 1) if sh else (B, len(gr))
+        pair = (_ro(0.5 * rng.standard_normal(lead + (D, hm)).astype(dtype)),
+                _ro(0.5 * rng.standard_normal(lead + (hm, D)).astype(dtype)))
+        weights.append(tuple(np.broadcast_to(w, (B, len(gr)) + w.shape[2:]) for w in pair))
     agg = _ro(rng.standard_normal(len(levels)).astype(dtype)) if variant == "independent" else None
     up = _ro(rng.standard_normal((B, T, D)).astype(dtype))
     before = [u.copy()] + [w.copy() for pair in weights for w in pair]
-    note(f"{dtype} B={B} T={T} start={start} D={D} levels={levels} {variant} {act}")
+    note(f"{dtype} B={B} T={T} start={start} D={D} levels={levels} {variant} {act} shared={shared}")
     fallbacks = dict(FP.FALLBACKS)
     yf, cf = F.forward(u, weights, groups, variant, act, agg)
     duf, dwf, daggf = F.backward(up, cf)
@@ -62,12 +67,18 @@ def test_cms_matches_reference(dtype, seed, B, T, start, D, levels, variant, act
         np.testing.assert_array_equal(a, b)
 
 
-def test_level_backward_accepts_the_reference_cache(rng):
+def test_level_caches_are_interchangeable(rng):
+    """The port's backward accepts the reference's cache (a C-ordered ``pre``) and the reference's
+    backward the port's (``pre`` a view of the feature-major (B, Hm, T) array)."""
     z = rng.standard_normal((2, 5, 3))
     W1, W2 = rng.standard_normal((2, 2, 3, 4)), rng.standard_normal((2, 2, 4, 3))
     _, cache = R.level_forward(z, W1, W2, [(0, 2), (2, 5)])
+    _, fcache = F.level_forward(z, W1, W2, [(0, 2), (2, 5)])
+    assert_close(fcache[5], cache[5], "float64", "port", "pre")
     dy = rng.standard_normal(z.shape)
     for a, b in zip(F.level_backward(dy, cache), R.level_backward(dy, cache), strict=True):
+        assert_close(a, b, "float64", "port")
+    for a, b in zip(R.level_backward(dy, fcache), R.level_backward(dy, cache), strict=True):
         assert_close(a, b, "float64", "port")
 
 
