@@ -36,7 +36,22 @@ products with np.einsum; its writes are ~90% of a hope-small training step):
   sizes against the former separate passes and per-(b, h) work arrays; keeping the replay's P k
   per token and not storing dS~ gains a few percent more, see the kernel's docstring);
 - the W1 fold's full-size VJP terms (three inner products with the segment-start state, two scaled
-  copies) run in one compiled pass (``_fold_state_backward``, 123-135 -> 37 us per call);
+  copies) run in one compiled pass (``_fold_state_backward``, 123-135 -> 37 us per call); its forward
+  update takes both folds from one product and writes P and S in one compiled pass
+  (``_fold_state_forward``: 400 -> 310 us per memory and segment, B = 4, float32, the rest being the
+  product and the state's memory traffic), and the factors' VJP is one compiled pass over the four
+  BLAS products (``_fold_factors_backward``, ten NumPy element-wise calls before);
+- a call returns the arrays it made without copying them (the reference copies the whole state and
+  dstate: 30 (B, H, dh, Hm) copies each way); only an array it would share with the input state or
+  dstate is copied (tested). Segment forward at hope-small sizes (B = 4, float32, alternating in one
+  process, medians) 11.2 -> 9.0 ms, B = 2 6.0 -> 5.1 ms; within a training step the copies had cost
+  ~0.5 ms per call (their pages are warm there);
+- not done, measured: stacking the memories that read the same input (the weights as one
+  (M, B, H, ...) array, one product and one activation call for all of them). At these sizes a
+  stacked product costs what the separate ones cost (80 gemms of 16 x 32 x 128: 283 vs 288 us), so
+  the saving is NumPy's per-call overhead only; five MLP reads took 1.3-1.6 ms either way with
+  the weights already stacked and 3.2 ms with an ``np.stack`` per segment (the states are written
+  per memory, so a stack is a copy of every weight each segment);
 - the forward keeps the per-token factors and read caches (vectors per token) for the backward;
   states are kept only at segment starts (as the reference);
 - the layer runs with one BLAS thread (fast.cpu.mlp_memory.blas_single_thread).
@@ -531,8 +546,7 @@ def _forward(x, params, cfg, state):
     # The returned state copies only the arrays it would share with the input state (a memory with
     # no write in this call, a chunk that started before it): the others were made by this call and
     # are never written in place (the chunk-start states are also read by the backward through the
-    # cache). The reference copies all of them: 30 (B, H, dh, Hm) copies per call, 0.9 ms at
-    # hope-small sizes (B = 4, float32), up to 5 ms when each copy's fresh pages fault.
+    # cache). The reference copies all of them: 30 (B, H, dh, Hm) copies per call (module docstring).
     given = {id(a) for a in st.values() if isinstance(a, np.ndarray)} if had_state else set()  # the caller's
 
     def own(a):
