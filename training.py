@@ -333,6 +333,11 @@ def _optimizers(backend: str = "reference"):
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise TrainingError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend == "cpu":
+        try:  # reads the NL_CPU_* settings (SPEC.md#fast-cpu); a bad one is named with its choices
+            from nested_learning.fast.cpu import model  # noqa: F401
+        except ValueError as exc:
+            raise TrainingError(f"backend 'cpu': {exc}") from None
     if backend == "gpu":
         from nested_learning.fast.gpu import model, namespace
 

@@ -302,3 +302,21 @@ def test_bad_input_raises_the_reference_errors():
         F.loss_and_grads(params, np.array([[1]]), cfg)
     with pytest.raises(ValueError, match="state is for a batch"):
         F.forward(params, np.array([[1, 2]]), cfg, F.forward(params, np.array([[1], [2]]), cfg)[1])
+
+
+@pytest.mark.parametrize("setting, message", [("NL_CPU_GROUPS=0", "NL_CPU_GROUPS='0': must be an integer >= 1"),
+                                              ("NL_CPU_THREADS=x", "NL_CPU_THREADS='x': must be an integer >= 0"),
+                                              ("NL_CPU_WORKERS=fork", "NL_CPU_WORKERS='fork': must be one of thread")])
+def test_a_bad_cpu_setting_is_named_by_the_command_line(setting, message, tmp_path):
+    """A bad NL_CPU_* value stops ``nested-learning train`` before it writes anything, with a message
+    that names the variable and its choices (no traceback)."""
+    import subprocess
+    import sys
+
+    name, value = setting.split("=")
+    env = dict(os.environ, **{name: value})
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "nested_learning", "train", "--steps", "1", "--out", str(out)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not out.exists()

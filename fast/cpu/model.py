@@ -38,6 +38,10 @@ Decisions (SPEC.md#fast-cpu):
       weights updated in place: the same numbers summed in another order), so its layer's gradient
       is taken at the chunk pass's activations: measured at hope-small against running the layers
       again, gradients differ by 2.5e-16 (float64) and 1.7e-7 (float32) of the gradient's scale;
+    - ``loss_and_grads`` splits the batch into ``NL_CPU_GROUPS`` groups run on the caller and worker
+      threads or processes (``NL_CPU_THREADS``, ``NL_CPU_WORKERS``; see ``WORKERS`` below): the
+      sequences are independent and the loss is their mean; the grouping fixes the rounding, the
+      workers never change a result;
     - BLAS runs single-threaded inside the public functions (``NL_CPU_BLAS_THREADS``, default 1,
       applied with threadpoolctl): a step is hundreds of small products (16-token chunks), where
       OpenBLAS's spinning worker threads cost more than they give, catastrophically on a loaded
@@ -419,14 +423,31 @@ def loss_with_increments(params, tokens, cfg: ModelConfig, increments) -> float:
 # The batch split over cores (SPEC.md#fast-cpu: groups and threads)
 # ---------------------------------------------------------------------------------------------
 
-GROUPS = int(os.environ.get("NL_CPU_GROUPS", "2"))
+def _env_setting(name: str, default: str, allowed=None, minimum=None):
+    """The environment variable ``name`` (``default`` when unset), checked: an int >= ``minimum`` or
+    one of ``allowed``; anything else is a ValueError that names the variable and the choices."""
+    raw = os.environ.get(name, default)
+    if allowed is not None:
+        if raw not in allowed:
+            raise ValueError(f"{name}={raw!r}: must be one of {', '.join(allowed)}")
+        return raw
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ValueError(f"{name}={raw!r}: must be an integer >= {minimum}")
+    return value
+
+
+GROUPS = _env_setting("NL_CPU_GROUPS", "2", minimum=1)
 """``loss_and_grads`` splits the batch into this many contiguous groups of sequences (at most B; sizes
 differ by at most one) and combines their results in a fixed order. The grouping, not the thread
 count, decides the rounding, so a result is the same on any machine with the same setting."""
-THREADS = int(os.environ.get("NL_CPU_THREADS", "0"))
+THREADS = _env_setting("NL_CPU_THREADS", "0", minimum=0)
 """Workers that run the groups, the calling thread included (0: one per group, at most the cores
 this process may use; 1: the groups run one after the other). Never changes a result."""
-WORKERS = os.environ.get("NL_CPU_WORKERS", "thread")
+WORKERS = _env_setting("NL_CPU_WORKERS", "thread", allowed=("thread", "process"))
 """What runs the groups other than the caller's first: ``"thread"`` (threads of this process: the
 compiled kernels and BLAS release the GIL, the Python glue does not) or ``"process"`` (worker
 processes started once from a forkserver that has imported this module; the parameters and
