@@ -42,7 +42,11 @@ def test_default_corpus_is_the_stdlib_split_by_file():
 def test_split_files_is_a_partition_with_both_sides_non_empty(rels, frac):
     train, val = data.split_files(rels, frac)
     assert sorted(train + val) == sorted(rels)
-    assert 1 <= len(val) <= len(rels) - 1
+    # validation: the fewest files that reach the fraction, at least one and leaving one for train,
+    # taken from the front of the path-hash order
+    n = len(rels)
+    assert len(val) == next((k for k in range(1, n) if k >= frac * n), n - 1)
+    assert set(val) == set(sorted(rels, key=data.path_hash)[:len(val)])
     assert len(train) == len(rels) - len(val) >= 1
     # The split does not depend on the order the files were listed in.
     t2, v2 = data.split_files(list(reversed(rels)), frac)
