@@ -48,6 +48,8 @@ Port decisions:
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 from numba import njit
 
@@ -359,7 +361,9 @@ def _cotangent_step(A, s, Bc, D2, momentum):
 # ---------------------------------------------------------------------------------------------
 
 
-_MEM_LN_EPS = 1e-5  # the LayerNorm eps of the MLP memory: mlp_memory's default, which the reference uses
+# the LayerNorm eps of the MLP memory: the reference layer calls mlp_memory without an eps, so it is
+# that function's default (read from it, so the two cannot drift)
+_MEM_LN_EPS = inspect.signature(FM.mlp_memory_forward).parameters["eps"].default
 
 
 def _read_and_inner_grad(cfg, Wb, q, k, v):
