@@ -23,9 +23,12 @@ Decisions where the paper is open (each in SPEC.md#hope unless noted):
       sublayer adds SwiGLU(norm2(h)) (transformer, titans) or the CMS chain's change
       CMS(u) - u with u = norm2(h) (hope, hope-attention); a final RMSNorm and an untied head;
     - chunk-major processing where CMS is in context (the processing chunk C is the shortest
-      in-context period): each chunk runs all blocks with the fast states from before it; the
-      chunk's CMS write happens when the token after the chunk arrives (it is the last
+      in-context period): each chunk runs all blocks with the fast states from before it;
+      a level's CMS write happens when the token after its chunk arrives (it is the last
       position's target), so one call over T tokens equals any chain of streaming calls;
+    - a level's write (Eq. 71) is the gradient of the summed next-token loss of its own C^(l)
+      tokens, from a re-run of its own chunk with everything before that chunk held fixed
+      (SPEC.md#cms, spec 0.2): no level's write depends on another level's period;
     - the outer gradient treats the in-context CMS increments as constants (first order,
       SPEC.md#cms); ``cms_increments`` / ``loss_with_increments`` are the test hook;
     - initialisation: ``np.random.SeedSequence(seed).spawn`` gives one generator per component
@@ -323,19 +326,22 @@ def _in_context_levels(cfg: ModelConfig) -> list[int]:
 def init_state(params, cfg: ModelConfig, batch: int) -> dict:
     """The state at the start of B sequences: position 0, empty attention caches, fresh memory
     layers, every in-context CMS level at its meta-learned initial weights (one copy per
-    sequence) with a zero gradient accumulator, no pending chunk."""
+    sequence), and an empty record of the open level chunks (``window``, ``history``)."""
     params = _check_params(params, cfg)
     state: dict = {"batch": int(batch), "pos": 0, "past": [None] * cfg.n_layers, "mem": [None] * cfg.n_layers,
-                   "cms": [], "pending": np.zeros((batch, 0), dtype=np.int64), "chunk_mem": [None] * cfg.n_layers}
+                   "cms": [], "window": np.zeros((batch, 0), dtype=np.int64), "history": []}
     for i in range(cfg.n_layers):
         fast = {}
         for l in _in_context_levels(cfg):
             for n in ("W1", "W2"):
                 w0 = params[f"blocks.{i}.cms.{l}.{n}"]
                 fast[f"{l}.{n}"] = np.broadcast_to(w0, (batch,) + w0.shape).copy()  # theta^(f_l)_0
-                fast[f"{l}.acc_{n}"] = np.zeros((batch,) + w0.shape, dtype=w0.dtype)
         state["cms"].append(fast)
     return state
+
+
+STATE_KEYS = ("batch", "pos", "past", "mem", "cms", "window", "history")
+"""The keys of a streaming state (SPEC.md#hope: what the state carries)."""
 
 
 def _copy(obj):
@@ -349,82 +355,131 @@ def _copy(obj):
 
 
 def _check_state(state, cfg: ModelConfig, batch: int) -> dict:
-    keys = ("batch", "pos", "past", "mem", "cms", "pending", "chunk_mem")
-    if not isinstance(state, dict) or any(k not in state for k in keys):
-        raise ValueError(f"state must be the dict returned by model.forward (keys {keys}), got {type(state).__name__}")
+    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
+        raise ValueError(f"state must be the dict returned by model.forward (keys {STATE_KEYS}), "
+                         f"got {type(state).__name__}")
     if state["batch"] != batch:
         raise ValueError(f"state is for a batch of {state['batch']} sequences; tokens must have shape "
                          f"({state['batch']}, T), got batch {batch}")
     return _copy(state)
 
 
-def _cms_weights(params, cfg, state, n):
-    """Per block, per level: (W1, W2) as (B, 1, ...) for a segment inside one processing chunk."""
+def _level_weights(params, cfg, i, l, fasts, batch):
+    """(W1, W2) of block i's CMS level l as (B, G, ...), one group per entry of ``fasts`` (each a
+    ``state["cms"]``-like list: the in-context weights in force during that group), or the outer
+    parameter shared by the batch (one group) for a level frozen in context."""
+    if f"{l}.W1" not in fasts[0][i]:
+        return tuple(np.broadcast_to(params[f"blocks.{i}.cms.{l}.{n}"],
+                                     (batch, 1) + params[f"blocks.{i}.cms.{l}.{n}"].shape) for n in ("W1", "W2"))
+    if len(fasts) == 1:
+        return tuple(fasts[0][i][f"{l}.{n}"][:, None] for n in ("W1", "W2"))
+    return tuple(np.stack([f[i][f"{l}.{n}"] for f in fasts], axis=1) for n in ("W1", "W2"))
+
+
+def _cms_weights(params, cfg, state):
+    """Per block, per level: the weights in force now as (B, 1, ...), for a segment inside one
+    processing chunk (every level's weights are constant there)."""
     if not _has_cms(cfg):
         return None
-    Bn = state["batch"]
-    out = []
-    for i in range(cfg.n_layers):
-        ws = []
-        for l in range(len(cfg.cms_levels)):
-            if f"{l}.W1" in state["cms"][i]:
-                w = tuple(state["cms"][i][f"{l}.{n}"][:, None] for n in ("W1", "W2"))
-            else:  # frozen in context: the outer parameter, shared by the batch
-                w = tuple(np.broadcast_to(params[f"blocks.{i}.cms.{l}.{n}"],
-                                          (Bn, 1) + params[f"blocks.{i}.cms.{l}.{n}"].shape) for n in ("W1", "W2"))
-            ws.append(w)
-        out.append(ws)
-    return out
+    return [[_level_weights(params, cfg, i, l, [state["cms"]], state["batch"]) for l in range(len(cfg.cms_levels))]
+            for i in range(cfg.n_layers)]
+
+
+def open_chunk_start(cfg: ModelConfig, pos: int) -> int:
+    """The earliest position whose tokens, memory-layer states and CMS weights the state must keep
+    at position ``pos`` (after the writes due there): the start of the oldest open chunk of an
+    in-context level, min_l floor(pos / C^(l)) C^(l)."""
+    return min((pos // cfg.cms_levels[l].period) * cfg.cms_levels[l].period for l in _in_context_levels(cfg))
 
 
 def _advance(params, cfg, state, seg):
-    """Forward a segment that lies inside one processing chunk; update the state in place."""
+    """Forward a segment that lies inside one processing chunk; update the state in place.
+
+    At a processing chunk's start, the memory layers' states and the CMS weights in force are
+    appended to ``state["history"]``: a level's write re-runs its chunk from them."""
     n = seg.shape[1]
-    if state["pending"].shape[1] == 0:  # a chunk starts: remember the memory layers' states
-        state["chunk_mem"] = _copy(state["mem"])
+    if cfg.cms_chunk is not None and state["pos"] % cfg.cms_chunk == 0:
+        state["history"].append({"start": state["pos"], "mem": _copy(state["mem"]),
+                                 "cms": [dict(fast) for fast in state["cms"]]})  # writes make new arrays
     groups = [[(0, n)] for _ in cfg.cms_levels]
     logits, _, new_past, new_mem = _stack_forward(params, cfg, seg, state["pos"], state["past"], state["mem"],
-                                                  _cms_weights(params, cfg, state, n), groups)
+                                                  _cms_weights(params, cfg, state), groups)
     state["past"], state["mem"] = new_past, new_mem
     state["pos"] += n
     if cfg.cms_chunk is not None:
-        state["pending"] = np.concatenate([state["pending"], seg], axis=1)
+        state["window"] = np.concatenate([state["window"], seg], axis=1)
     return logits
 
 
-def _complete_chunk(params, cfg, state, next_token, record):
-    """The CMS write of the pending chunk, now that its last token's target has arrived.
+def level_chunk_inputs(params, cfg: ModelConfig, state, start: int, next_token):
+    """What re-running the level chunk [start, pos) needs, from the state at ``pos``: its tokens
+    X (B, n) and targets (B, n) (the next tokens, ``next_token`` last), the attention cache prefix
+    [0, start), the memory layers' states at ``start``, and per block and level the CMS weights
+    in force in each of that level's chunks inside [start, pos) with those groups."""
+    pos, window = state["pos"], state["window"]
+    X = window[:, start - (pos - window.shape[1]):]
+    n = X.shape[1]
+    targets = np.concatenate([X[:, 1:], next_token[:, None]], axis=1)
+    past = [None if pk is None else (pk[0][:, :, :start], pk[1][:, :, :start]) for pk in state["past"]]
+    by_start = {h["start"]: h for h in state["history"]}
+    groups, cms_w = [], []
+    for lv in cfg.cms_levels:
+        groups.append(cms.groups_for(lv.period if cfg.cms_in_context else None, start, n))
+    for i in range(cfg.n_layers):
+        cms_w.append([_level_weights(params, cfg, i, l, [by_start[start + s]["cms"] for s, _ in groups[l]],
+                                     state["batch"]) for l in range(len(cfg.cms_levels))])
+    return X, targets, past, by_start[start]["mem"], cms_w, groups
 
-    Re-runs the chunk from the states before it (attention cache prefix, memory-layer states,
-    the current CMS weights: all constants), takes the gradient of the summed next-token loss of
-    the chunk's tokens with respect to each in-context level's weights, per sequence, adds it to
-    the level's accumulator, and applies Eq. (71) to the levels whose period ends here.
-    """
-    X = state["pending"]  # (B, C)
-    C = X.shape[1]
-    p0 = state["pos"] - C
-    targets = np.concatenate([X[:, 1:], next_token[:, None]], axis=1)  # (B, C)
-    past = [None if pk is None else (pk[0][:, :, :p0], pk[1][:, :, :p0]) for pk in state["past"]]
-    groups = [[(0, C)] for _ in cfg.cms_levels]
-    logits, cache, _, _ = _stack_forward(params, cfg, X, p0, past, state["chunk_mem"],
-                                         _cms_weights(params, cfg, state, C), groups)
+
+def _level_chunk_gradient(params, cfg, state, start, next_token):
+    """Per block, per level: the gradient of the summed next-token loss of the tokens
+    [start, pos) with respect to the CMS weights in force there, everything before ``start``
+    held fixed (Eq. 71, SPEC.md#cms). Returns dcms[i][l] = (dW1, dW2) of shape (B, G_l, ...)."""
+    X, targets, past, mem, cms_w, groups = level_chunk_inputs(params, cfg, state, start, next_token)
+    logits, cache, _, _ = _stack_forward(params, cfg, X, start, past, mem, cms_w, groups)
     _, c_ce = P.cross_entropy_forward(logits, targets)
     dlogits = P.cross_entropy_backward(np.asarray(float(X.size), dtype=logits.dtype), c_ce)  # sum, not mean
-    _, dcms = _stack_backward(dlogits, cache, cfg)
-    due = cms.updates_at(cfg.cms_levels, state["pos"], cfg.cms_in_context)
-    for i in range(cfg.n_layers):
-        fast = state["cms"][i]
-        for l in _in_context_levels(cfg):
+    return _stack_backward(dlogits, cache, cfg)[1]
+
+
+def apply_writes(cfg: ModelConfig, state, due_grads, record):
+    """Eq. (71) for every level in ``due_grads`` ({l: dcms from its own chunk's re-run}), then
+    forget the tokens, memory-layer states and CMS weights no open level chunk needs."""
+    for l, dcms in due_grads.items():
+        for i in range(cfg.n_layers):
+            fast = state["cms"][i]
             for j, n in enumerate(("W1", "W2")):
-                fast[f"{l}.acc_{n}"] = fast[f"{l}.acc_{n}"] + dcms[i][l][j][:, 0]  # sum_t grad loss_t
-            if l in due:
-                for n in ("W1", "W2"):
-                    new = cms.write(fast[f"{l}.{n}"], fast[f"{l}.acc_{n}"], cfg.cms_levels[l].eta)  # Eq. (71)
-                    if record is not None:
-                        record.setdefault(f"blocks.{i}.cms.{l}.{n}", []).append(new - fast[f"{l}.{n}"])
-                    fast[f"{l}.{n}"] = new
-                    fast[f"{l}.acc_{n}"] = np.zeros_like(fast[f"{l}.acc_{n}"])
-    state["pending"] = state["pending"][:, :0]
+                new = cms.write(fast[f"{l}.{n}"], dcms[i][l][j][:, 0], cfg.cms_levels[l].eta)  # Eq. (71)
+                if record is not None:
+                    record.setdefault(f"blocks.{i}.cms.{l}.{n}", []).append(new - fast[f"{l}.{n}"])
+                fast[f"{l}.{n}"] = new
+    pos, start = state["pos"], open_chunk_start(cfg, state["pos"])
+    state["history"] = [h for h in state["history"] if h["start"] >= start]
+    state["window"] = state["window"][:, start - (pos - state["window"].shape[1]):]
+
+
+def _complete_chunks(params, cfg, state, next_token, record):
+    """The CMS writes due at position pos (a multiple of the processing chunk), now that the target
+    of position pos - 1 has arrived: each level whose period ends here re-runs its own chunk
+    [pos - C^(l), pos) from the states before it and applies Eq. (71) with that chunk's summed
+    next-token-loss gradient (levels with the same period share one re-run)."""
+    pos = state["pos"]
+    due = cms.updates_at(cfg.cms_levels, pos, cfg.cms_in_context)
+    due_grads, by_period = {}, {}
+    for l in due:
+        period = cfg.cms_levels[l].period
+        if period not in by_period:
+            by_period[period] = _level_chunk_gradient(params, cfg, state, pos - period, next_token)
+        due_grads[l] = by_period[period]
+    apply_writes(cfg, state, due_grads, record)
+
+
+def writes_due(cfg: ModelConfig, state) -> bool:
+    """Whether CMS writes are due before the next token: the position is a processing chunk's end
+    (a multiple of ``cfg.cms_chunk``, > 0) and the last processed token's target is missing. A call
+    never processes the token at such a position before its writes, so this is the position alone."""
+    C = cfg.cms_chunk
+    return C is not None and state["pos"] > 0 and state["pos"] % C == 0
 
 
 def _run(params, tokens, cfg, state, record=None):
@@ -432,9 +487,9 @@ def _run(params, tokens, cfg, state, record=None):
     C = cfg.cms_chunk
     out, t = [], 0
     while t < T:
-        if C is not None and state["pending"].shape[1] == C:
-            _complete_chunk(params, cfg, state, tokens[:, t], record)
-        n = T - t if C is None else min(T - t, C - state["pending"].shape[1])
+        if writes_due(cfg, state):
+            _complete_chunks(params, cfg, state, tokens[:, t], record)
+        n = T - t if C is None else min(T - t, C - state["pos"] % C)
         out.append(_advance(params, cfg, state, tokens[:, t:t + n]))
         t += n
     return np.concatenate(out, axis=1)
@@ -444,8 +499,9 @@ def forward(params, tokens, cfg: ModelConfig, state=None):
     """Logits (B, T, V) of tokens (B, T) and the state that continues the sequences.
 
     ``state=None`` starts fresh sequences; passing the returned state back continues them (the
-    attention cache, the memory layers' states, the in-context CMS weights, their gradient
-    accumulators and the partial chunk), so one call equals any chain of calls. The input state
+    attention cache, the memory layers' states, the in-context CMS weights, and what the open
+    level chunks' writes will re-run: their tokens, and per processing chunk the memory layers'
+    states and CMS weights at its start), so one call equals any chain of calls. The input state
     is not modified.
     """
     params = _check_params(params, cfg)
@@ -564,19 +620,25 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
 
 
 def state_size(cfg: ModelConfig) -> dict[str, int]:
-    """Floats of state per sequence: ``fixed`` (in-context CMS weights and accumulators, memory
-    layer states) and ``per_token`` (the attention cache grows by this much per token)."""
+    """Floats of state per sequence, at their largest (when writes are due at the longest in-context
+    period's end): ``fixed`` (the in-context CMS weights, with the versions the open level chunks'
+    re-runs need, ceil(C_max / C^(l)) per level; the memory layers' states, with one copy per
+    processing chunk of the open chunks, C_max / C), ``per_token`` (the attention cache grows by this
+    much per token) and ``chunk_tokens`` (the tokens of the open level chunks kept, at most C_max)."""
+    live = _in_context_levels(cfg)
+    longest = max((cfg.cms_levels[l].period for l in live), default=0)
     fixed = 0
-    for l in _in_context_levels(cfg):
-        fixed += 4 * cfg.d_model * cfg.cms_levels[l].hidden * cfg.n_layers  # W1, W2 and accumulators
+    for l in live:
+        versions = -(-longest // cfg.cms_levels[l].period)
+        fixed += 2 * cfg.d_model * cfg.cms_levels[l].hidden * cfg.n_layers * versions  # W1, W2
     if not _has_attention(cfg):
         module, lcfg, _, _ = _mem_layer(cfg)
         p = module.init_params(lcfg, np.random.default_rng(0))
         st = module.init_state(p, lcfg, 1)
         mem = cfg.n_layers * sum(int(np.size(v)) for v in st.values() if isinstance(v, np.ndarray))
-        fixed += mem * (2 if cfg.cms_chunk else 1)  # + the chunk-start copy the CMS write re-runs from
+        fixed += mem * (1 + (longest // cfg.cms_chunk if live else 0))  # + the chunk-start copies
     per_token = 2 * cfg.d_model * cfg.n_layers if _has_attention(cfg) else 0
-    return {"fixed": fixed, "per_token": per_token, "chunk_tokens": cfg.cms_chunk or 0}
+    return {"fixed": fixed, "per_token": per_token, "chunk_tokens": longest}
 
 
 # ---------------------------------------------------------------------------------------------

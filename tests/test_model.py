@@ -377,6 +377,123 @@ def test_cli_info_model():
     assert result.exit_code == 0, result.output
     counts = model.param_counts(config.preset("hope-attention-tiny"))
     assert f"{sum(counts.values()):,}" in result.output and "blocks.*.cms.0" in result.output
-    assert "state per sequence: 1,024 floats fixed" in result.output and "32 floats per token" in result.output
+    size = model.state_size(config.preset("hope-attention-tiny"))
+    assert f"state per sequence: {size['fixed']:,} floats fixed" in result.output
+    assert f"{size['per_token']:,} floats per token" in result.output
     bad = CliRunner().invoke(cli, ["info", "--model", "hope-huge"])
     assert bad.exit_code == 2 and "unknown preset 'hope-huge'" in bad.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Each CMS level learns from its own chunk (SPEC.md#cms, spec 0.2)
+# ---------------------------------------------------------------------------------------------
+
+
+def _floats_held(state) -> int:
+    """Floats in the distinct arrays a streaming state holds (shared arrays counted once), without
+    the attention cache (``state_size``'s per-token part)."""
+    seen, total = set(), 0
+
+    def walk(obj):
+        nonlocal total
+        if isinstance(obj, np.ndarray):
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                total += obj.size
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, list | tuple):
+            for v in obj:
+                walk(v)
+
+    walk([state["cms"], state["mem"], [(h["cms"], h["mem"]) for h in state["history"]]])
+    return total
+
+
+@pytest.mark.parametrize("name", CMS_TINY)
+def test_state_size_counts_the_state_at_its_largest(name):
+    """``state_size`` = the floats a real state holds per sequence where it is largest (writes due at
+    the longest period's end), measured on a state from ``forward``; tokens kept = the longest
+    period; never more at any length."""
+    cfg = config.preset(name)
+    params = model.init_params(cfg, seed=0)
+    size = model.state_size(cfg)
+    longest = max(lv.period for lv in cfg.cms_levels if lv.period is not None)
+    for T in range(1, 2 * longest + 1):
+        _, state = model.forward(params, _tokens(cfg, 1, T), cfg)
+        assert _floats_held(state) <= size["fixed"] and state["window"].shape[1] <= size["chunk_tokens"]
+        if T == 2 * longest:  # (at T = longest the first snapshot is the fresh memory layer: None)
+            assert _floats_held(state) == size["fixed"] and state["window"].shape[1] == longest
+
+
+def _levels(*periods, etas=None):
+    etas = etas or [0.05] * len(periods)
+    return tuple(CMSLevel(hidden=8, period=p, eta=e) for p, e in zip(periods, etas, strict=True))
+
+
+def _first_write(cfg, params, tokens, l):
+    incs = model.cms_increments(params, tokens, cfg)
+    return {k: v[:, 1] for k, v in incs.items() if f".cms.{l}." in k}
+
+
+@pytest.mark.parametrize("name", CMS_TINY)
+def test_a_level_write_is_invariant_to_frozen_levels_periods(name):
+    """A level that never moves (eta = 0) must not change what another level learns: the period-4
+    level's first write is the same whatever the frozen level's period (4, 2 or 1). Before spec 0.2
+    it was not (measured 8.4e-2 relative on this draw, 0.64 on another: each processing chunk of the
+    fastest period was re-run alone, cutting the slow level's paths through its own earlier tokens)."""
+    base = config.preset(name)
+    tokens = _tokens(base, 2, 9, seed=4)
+    writes = {}
+    for p0 in (4, 2, 1):
+        cfg = dataclasses.replace(base, cms_levels=_levels(p0, 4, None, etas=[0.0, 0.02, 0.0]))
+        writes[p0] = _first_write(cfg, model.init_params(cfg, seed=3), tokens, 1)
+    for p0 in (2, 1):
+        for key, w in writes[4].items():
+            assert np.abs(w).max() > 1e-8, key  # a real write
+            assert_close(writes[p0][key], w, "float64", "rewrite", f"{name} period {p0} {key}")
+
+
+def _chunk_loss(params, tokens, cfg, incs, start, end):
+    """Sum over the sequences and positions t in [start, end) of -log p(x_{t+1} | x_{<=t}), from the
+    whole-sequence pass with the in-context weights theta_0 + incs (an independent log-softmax)."""
+    logits = model._first_order_forward(params, tokens, cfg, incs)[0][:, start:end]
+    z = logits - logits.max(axis=-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    tgt = tokens[:, start + 1:end + 1]
+    return -np.take_along_axis(logp, tgt[..., None], axis=-1).sum()
+
+
+@pytest.mark.parametrize("name", CMS_TINY)
+def test_each_level_write_is_its_own_chunk_gradient(name):
+    """Eq. (71) checked by finite differences, periods 1, 2, 4 and 8 in one model: every write of
+    every level (each block, W1 and W2) is -eta times the gradient of its own chunk's summed
+    next-token loss w.r.t. the weights in force in that chunk, with everything before the chunk and
+    the other levels' weights held fixed; the loss comes from the whole-sequence pass (not the
+    chunk-major code path that made the writes), along random directions (central differences)."""
+    cfg = dataclasses.replace(config.preset(name), cms_levels=_levels(1, 2, 4, 8, None, etas=[0.03, 0.05, 0.02, 0.01, 0]))
+    params = model.init_params(cfg, seed=5)
+    B, T = (2, 17) if name == "hope-attention-tiny" else (1, 17)
+    tokens = _tokens(cfg, B, T, seed=6)
+    incs = model.cms_increments(params, tokens, cfg)
+    rng = np.random.default_rng(7)
+    eps, checked = 1e-5, 0
+    for l, lv in enumerate(cfg.cms_levels[:4]):
+        G = incs[f"blocks.0.cms.{l}.W1"].shape[1]
+        for g in range(G - 1):  # chunks whose write happened (a next chunk exists)
+            start, end = g * lv.period, (g + 1) * lv.period
+            for key in [k for k in incs if f".cms.{l}." in k]:
+                write = incs[key][:, g + 1] - incs[key][:, g]
+                E = rng.standard_normal(write.shape)
+                vals = []
+                for s in (1, -1):
+                    bumped = dict(incs)
+                    bumped[key] = incs[key].copy()
+                    bumped[key][:, g] += s * eps * E
+                    vals.append(_chunk_loss(params, tokens, cfg, bumped, start, end))
+                fd = (vals[0] - vals[1]) / (2 * eps)
+                analytic = float(np.sum(-write / lv.eta * E))
+                assert abs(analytic - fd) <= tol("float64", "gradcheck") * max(abs(fd), 1e-3), (key, g, analytic, fd)
+                checked += 1
+    assert checked == 2 * cfg.n_layers * sum(-(-T // lv.period) - 1 for lv in cfg.cms_levels[:4])
