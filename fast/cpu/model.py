@@ -24,12 +24,15 @@ Decisions (SPEC.md#fast-cpu):
       equivalence tests (``PORTED_LAYERS``: titans is wired; hope's self-modifying layer is not
       yet); until then the family uses the reference's layer, an explicit fallback counted in
       ``primitives.FALLBACKS`` (``"model.<family>_layer"``);
-    - one saving the reference does not make: when a processing chunk was forwarded in one piece
-      by the same call, the CMS write re-uses that forward's cache instead of re-running it (the
-      inputs are identical: the same cache prefix, memory-layer states and CMS weights), which
-      removes one of the three forward passes of an in-context ``loss_and_grads``; and that
-      pass, which needs only the CMS weights' gradients, does not differentiate block 0's
-      sequence mixer and the embedding (nothing it needs lies below block 0's CMS);
+    - the CMS writes' bookkeeping (which level chunks are open, the weights in force, Eq. 71 and
+      forgetting what no open chunk needs) is the reference's own (``level_chunk_inputs``,
+      ``apply_writes``, ``writes_due``, imported); the port re-runs a level's chunk with its own stack;
+    - one saving the reference does not make: when the processing chunk was forwarded in one piece
+      by the same call, the write of the levels whose period is the processing chunk re-uses that
+      forward's cache instead of re-running it (the inputs are identical: the same cache prefix,
+      memory-layer states and CMS weights); slower levels re-run their own chunk (SPEC.md#cms). The
+      re-runs need only the CMS weights' gradients, so they do not differentiate block 0's
+      sequence mixer and the embedding (nothing they need lies below block 0's CMS);
     - in ``loss_and_grads`` of the hope family, each block's self-modifying layer sees the same input
       in the chunk-major pass and in the whole-sequence pass, so the latter re-uses the former's chain
       of layer caches merged into one (``fast.cpu.selfmod.merge_caches``) instead of running the
@@ -63,15 +66,19 @@ from ...reference.model import (  # noqa: F401  (re-exported: the shared, non-nu
     _check_params,
     _check_state,
     _check_tokens,
+    _cms_weights,
     _copy,
     _has_attention,
     _has_cms,
     _in_context_levels,
+    apply_writes,
     init_params,
     init_state,
+    level_chunk_inputs,
     param_counts,
     param_shapes,
     state_size,
+    writes_due,
 )
 from . import blas, cms
 from . import primitives as P
@@ -251,71 +258,54 @@ def _stack_backward(dlogits, cache, cfg, cms_only=False):
 # ---------------------------------------------------------------------------------------------
 
 
-def _cms_weights(params, cfg, state, n):
-    if not _has_cms(cfg):
-        return None
-    Bn = state["batch"]
-    out = []
-    for i in range(cfg.n_layers):
-        ws = []
-        for l in range(len(cfg.cms_levels)):
-            if f"{l}.W1" in state["cms"][i]:
-                w = tuple(state["cms"][i][f"{l}.{n}"][:, None] for n in ("W1", "W2"))
-            else:  # frozen in context: the outer parameter, shared by the batch
-                w = tuple(np.broadcast_to(params[f"blocks.{i}.cms.{l}.{n}"],
-                                          (Bn, 1) + params[f"blocks.{i}.cms.{l}.{n}"].shape) for n in ("W1", "W2"))
-            ws.append(w)
-        out.append(ws)
-    return out
-
-
 def _advance(params, cfg, state, seg):
-    """Forward a segment inside one processing chunk; update the state in place.
-    Returns (logits, the stack cache)."""
+    """Forward a segment inside one processing chunk; update the state in place (the reference's
+    ``_advance``, keeping the chunk-start memory states by reference: no layer writes a state in
+    place). Returns (logits, the stack cache)."""
     n = seg.shape[1]
-    if state["pending"].shape[1] == 0:  # no copy (the reference copies): no layer writes a state in place
-        state["chunk_mem"] = state["mem"]
+    if cfg.cms_chunk is not None and state["pos"] % cfg.cms_chunk == 0:
+        state["history"].append({"start": state["pos"], "mem": state["mem"],
+                                 "cms": [dict(fast) for fast in state["cms"]]})
     groups = [[(0, n)] for _ in cfg.cms_levels]
     logits, cache, new_past, new_mem = _stack_forward(params, cfg, seg, state["pos"], state["past"], state["mem"],
-                                                      _cms_weights(params, cfg, state, n), groups)
+                                                      _cms_weights(params, cfg, state), groups)
     state["past"], state["mem"] = new_past, new_mem
     state["pos"] += n
     if cfg.cms_chunk is not None:
-        state["pending"] = np.concatenate([state["pending"], seg], axis=1)
+        state["window"] = np.concatenate([state["window"], seg], axis=1)
     return logits, cache
 
 
-def _complete_chunk(params, cfg, state, next_token, record, fwd=None):
-    """The CMS write of the pending chunk (reference/model.py::_complete_chunk). ``fwd``: (logits,
-    stack cache) of that chunk's forward when it ran in one piece in this call (not re-run then)."""
-    X = state["pending"]  # (B, C)
-    C = X.shape[1]
-    p0 = state["pos"] - C
-    targets = np.concatenate([X[:, 1:], next_token[:, None]], axis=1)  # (B, C)
+def _level_chunk_gradient(params, cfg, state, start, next_token, fwd=None):
+    """reference/model.py::_level_chunk_gradient, differentiating only down to block 0's CMS.
+    ``fwd``: (logits, stack cache) of the chunk [start, pos) when this call forwarded it in one
+    piece (the same inputs: it is not re-run then)."""
     if fwd is None:
-        past = [None if pk is None else (pk[0][:, :, :p0], pk[1][:, :, :p0]) for pk in state["past"]]
-        groups = [[(0, C)] for _ in cfg.cms_levels]
-        logits, cache, _, _ = _stack_forward(params, cfg, X, p0, past, state["chunk_mem"],
-                                             _cms_weights(params, cfg, state, C), groups)
+        X, targets, past, mem, cms_w, groups = level_chunk_inputs(params, cfg, state, start, next_token)
+        logits, cache, _, _ = _stack_forward(params, cfg, X, start, past, mem, cms_w, groups)
     else:
         logits, cache = fwd
+        X = state["window"][:, start - state["pos"]:]
+        targets = np.concatenate([X[:, 1:], next_token[:, None]], axis=1)
     _, c_ce = P.cross_entropy_forward(logits, targets)
     dlogits = P.cross_entropy_backward(np.asarray(float(X.size), dtype=logits.dtype), c_ce)  # sum, not mean
-    _, dcms = _stack_backward(dlogits, cache, cfg, cms_only=True)
-    due = cms.updates_at(cfg.cms_levels, state["pos"], cfg.cms_in_context)
-    for i in range(cfg.n_layers):
-        fast = state["cms"][i]
-        for l in _in_context_levels(cfg):
-            for j, n in enumerate(("W1", "W2")):
-                fast[f"{l}.acc_{n}"] = fast[f"{l}.acc_{n}"] + dcms[i][l][j][:, 0]  # sum_t grad loss_t
-            if l in due:
-                for n in ("W1", "W2"):
-                    new = cms.write(fast[f"{l}.{n}"], fast[f"{l}.acc_{n}"], cfg.cms_levels[l].eta)  # Eq. (71)
-                    if record is not None:
-                        record.setdefault(f"blocks.{i}.cms.{l}.{n}", []).append(new - fast[f"{l}.{n}"])
-                    fast[f"{l}.{n}"] = new
-                    fast[f"{l}.acc_{n}"] = np.zeros_like(fast[f"{l}.acc_{n}"])
-    state["pending"] = state["pending"][:, :0]
+    return _stack_backward(dlogits, cache, cfg, cms_only=True)[1]
+
+
+def _complete_chunks(params, cfg, state, next_token, record, fwd=None):
+    """The CMS writes due now (reference/model.py::_complete_chunks). ``fwd``: (logits, stack cache)
+    of the last processing chunk when it ran in one piece in this call: the re-run of the levels whose
+    period is the processing chunk."""
+    pos = state["pos"]
+    due = cms.updates_at(cfg.cms_levels, pos, cfg.cms_in_context)
+    due_grads, by_period = {}, {}
+    for l in due:
+        period = cfg.cms_levels[l].period
+        if period not in by_period:
+            reuse = fwd if period == cfg.cms_chunk else None
+            by_period[period] = _level_chunk_gradient(params, cfg, state, pos - period, next_token, reuse)
+        due_grads[l] = by_period[period]
+    apply_writes(cfg, state, due_grads, record)
 
 
 def _run(params, tokens, cfg, state, record=None, keep=None):
@@ -324,10 +314,10 @@ def _run(params, tokens, cfg, state, record=None, keep=None):
     C = cfg.cms_chunk
     out, t, whole = [], 0, None
     while t < T:
-        if C is not None and state["pending"].shape[1] == C:
-            _complete_chunk(params, cfg, state, tokens[:, t], record, whole)
-        starts = state["pending"].shape[1] == 0
-        n = T - t if C is None else min(T - t, C - state["pending"].shape[1])
+        if writes_due(cfg, state):
+            _complete_chunks(params, cfg, state, tokens[:, t], record, whole)
+        starts = C is not None and state["pos"] % C == 0
+        n = T - t if C is None else min(T - t, C - state["pos"] % C)
         logits, cache = _advance(params, cfg, state, tokens[:, t:t + n])
         whole = (logits, cache) if (starts and n == C) else None  # the chunk's one-piece forward
         if keep is not None:
