@@ -32,9 +32,9 @@ Decisions (none new: each follows the SPEC section it names):
       parameters outside it (SPEC.md#outer-gradient, SPEC.md#selfmod);
     - the writes are applied by a token loop inside each chunk (the definition, SPEC.md#chunks),
       not by the reference's closed chunk forms: an independent route to the same function;
-    - in-context CMS is first order (SPEC.md#cms): a chunk-major pass computes each chunk's summed
-      next-token-loss gradient with ``torch.autograd.grad`` from *detached* states and parameters,
-      applies Eq. (71), and keeps the increments as constants (``.detach()``); the outer loss is
+    - in-context CMS is first order (SPEC.md#cms): a chunk-major pass computes each level's write,
+      the summed next-token-loss gradient of its own chunk (re-run from the states before it),
+      with ``torch.autograd.grad`` from *detached* states and parameters, applies Eq. (71), and keeps the increments as constants (``.detach()``); the outer loss is
       then one whole-sequence pass with the weights theta_0 + increments, differentiated by
       autograd (SPEC.md#hope, "Outer loss");
     - parameters are the reference's (``reference.model.init_params`` / ``param_shapes``: one
@@ -484,107 +484,130 @@ def _stack(P, cfg, tokens, p0, past, mem, cms_w, groups):
 
 
 def init_state(P, cfg: ModelConfig, batch: int) -> dict:
-    """Fresh sequences: position 0, no caches, fresh memories, CMS levels at theta_0."""
-    state = {"batch": batch, "pos": 0, "past": [None] * cfg.n_layers, "mem": [None] * cfg.n_layers,
-             "chunk_mem": [None] * cfg.n_layers, "cms": [],
-             "pending": torch.zeros((batch, 0), dtype=torch.int64, device=P["embed.E"].device)}
+    """Fresh sequences: position 0, no caches, fresh memories, CMS levels at theta_0, no open
+    level chunk recorded (``window``: their tokens; ``history``: per processing chunk, the memory
+    states and CMS weights at its start)."""
+    state = {"batch": batch, "pos": 0, "past": [None] * cfg.n_layers, "mem": [None] * cfg.n_layers, "cms": [],
+             "window": torch.zeros((batch, 0), dtype=torch.int64, device=P["embed.E"].device), "history": []}
     for i in range(cfg.n_layers):
         fast = {}
         for l in _live_levels(cfg):
             for n in ("W1", "W2"):
                 w0 = P[f"blocks.{i}.cms.{l}.{n}"].detach()
                 fast[f"{l}.{n}"] = w0.expand((batch,) + w0.shape).clone()  # per sequence
-                fast[f"{l}.acc_{n}"] = torch.zeros((batch,) + w0.shape, dtype=w0.dtype, device=w0.device)
         state["cms"].append(fast)
     return state
 
 
-def _segment_cms_weights(P, cfg, state, leaves):
-    """Per block, per level, (W1, W2) as (B, 1, ...) for a segment inside one processing chunk."""
-    if not _has_cms(cfg):
-        return None
+def _level_groups(period, start, n):
+    """A level's chunks inside the tokens at absolute positions [start, start + n), relative."""
+    if period is None:
+        return [(0, n)]
+    cuts = [start] + list(range((start // period + 1) * period, start + n, period)) + [start + n]
+    return [(a - start, b - start) for a, b in zip(cuts, cuts[1:], strict=False)]
+
+
+def _span_cms_weights(P, cfg, state, start, n, leaves=None):
+    """Per block, per level, (W1, W2) as (B, G_l, ...) over the level's chunks in [start, start + n):
+    the weights in force in each (from ``state["history"]``), ``leaves[i][l]`` instead where given
+    (a level's weights as autograd leaves, one chunk), the outer parameter for a frozen level."""
     B = state["batch"]
+
+    def in_force(p):  # the CMS weights of the processing chunk that holds position p
+        return next(h["cms"] for h in reversed(state["history"]) if h["start"] <= p)
+
+    groups = [_level_groups(lv.period if cfg.cms_in_context else None, start, n) for lv in cfg.cms_levels]
     out = []
     for i in range(cfg.n_layers):
         ws = []
         for l in range(len(cfg.cms_levels)):
-            if f"{l}.W1" in state["cms"][i]:
-                pair = leaves[i][l] if leaves else (state["cms"][i][f"{l}.W1"], state["cms"][i][f"{l}.W2"])
-                ws.append(tuple(w[:, None] for w in pair))
+            if leaves is not None and l in leaves[i]:
+                ws.append(tuple(w[:, None] for w in leaves[i][l]))
+            elif f"{l}.W1" in state["cms"][i]:
+                ws.append(tuple(torch.stack([in_force(start + s)[i][f"{l}.{n}"] for s, _ in groups[l]], dim=1)
+                                for n in ("W1", "W2")))
             else:  # frozen in context: the outer parameter, shared by the batch
                 ws.append(tuple(P[f"blocks.{i}.cms.{l}.{n}"].expand((B, 1) + P[f"blocks.{i}.cms.{l}.{n}"].shape)
                                 for n in ("W1", "W2")))
         out.append(ws)
-    return out
+    return out, groups
 
 
-def _chunk_forward(P, cfg, state, X, p0, past, mem, targets):
-    """Forward a segment; with ``targets``, also the summed next-token loss's gradient w.r.t. each
-    in-context level's per-sequence weights (every state before the chunk a constant)."""
-    live = _live_levels(cfg)
+def _span_forward(P, cfg, state, X, start, past, mem, levels=(), targets=None):
+    """Forward tokens X at [start, start + n) with the weights in force; with ``targets``, also the
+    gradient of their summed next-token loss w.r.t. the weights of ``levels`` (each constant over
+    the span), everything before ``start`` a constant: grads[i][l] = (dW1, dW2)."""
     leaves = None
     if targets is not None:
         leaves = [{l: tuple(state["cms"][i][f"{l}.{n}"].detach().clone().requires_grad_() for n in ("W1", "W2"))
-                   for l in live} for i in range(cfg.n_layers)]
-    groups = [[(0, X.shape[1])] for _ in cfg.cms_levels]
-    with torch.set_grad_enabled(targets is not None):
-        logits, new_past, new_mem = _stack(P, cfg, X, p0, past, mem,
-                                           _segment_cms_weights(P, cfg, state, leaves), groups)
+                   for l in levels} for i in range(cfg.n_layers)]
+    with torch.set_grad_enabled(targets is not None):  # (the weights' views are part of the graph)
+        cms_w, groups = _span_cms_weights(P, cfg, state, start, X.shape[1], leaves) if _has_cms(cfg) else (None, None)
+        groups = groups or [[(0, X.shape[1])] for _ in cfg.cms_levels]
+        logits, new_past, new_mem = _stack(P, cfg, X, start, past, mem, cms_w, groups)
         grads = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), targets.reshape(-1), reduction="sum")
-            flat = [w for blk in leaves for l in live for w in blk[l]]
+            flat = [w for blk in leaves for l in levels for w in blk[l]]
             grads = iter(torch.autograd.grad(loss, flat))
-            grads = [{l: (next(grads), next(grads)) for l in live} for _ in range(cfg.n_layers)]
+            grads = [{l: (next(grads), next(grads)) for l in levels} for _ in range(cfg.n_layers)]
     return logits.detach(), _detach(new_past), _detach(new_mem), grads
 
 
-def _apply_cms(cfg, state, grads, record):
-    """Accumulate a chunk's gradients; levels whose period ends here apply Eq. (71)."""
-    pos = state["pos"]
-    for i in range(cfg.n_layers):
-        fast = state["cms"][i]
-        for l in _live_levels(cfg):
-            lv = cfg.cms_levels[l]
-            for j, n in enumerate(("W1", "W2")):
-                fast[f"{l}.acc_{n}"] = fast[f"{l}.acc_{n}"] + grads[i][l][j]  # sum_t grad loss_t
-            if pos > 0 and pos % lv.period == 0:
-                for n in ("W1", "W2"):
-                    new = fast[f"{l}.{n}"] - lv.eta * fast[f"{l}.acc_{n}"]  # Eq. (71)
-                    if record is not None:
-                        record.setdefault(f"blocks.{i}.cms.{l}.{n}", []).append(new - fast[f"{l}.{n}"])
-                    fast[f"{l}.{n}"] = new
-                    fast[f"{l}.acc_{n}"] = torch.zeros_like(new)
+def _writes(P, cfg, state, next_token, record, fused):
+    """The CMS writes due at ``pos`` (SPEC.md#cms): each due level's gradient of its own chunk's summed
+    next-token loss, from a re-run of that chunk [pos - C^(l), pos) with everything before it
+    constant (``fused``: the processing-chunk levels' gradients, taken during the chunk's forward);
+    Eq. (71); then the records no open level chunk needs are dropped."""
+    pos, C = state["pos"], cfg.cms_chunk
+    due = [l for l in _live_levels(cfg) if pos % cfg.cms_levels[l].period == 0]
+    grads = {}
+    for period in sorted({cfg.cms_levels[l].period for l in due}):
+        levels = [l for l in due if cfg.cms_levels[l].period == period]
+        if fused is not None and period == C:
+            g = fused
+        else:
+            start = pos - period
+            X = state["window"][:, state["window"].shape[1] - period:]
+            targets = torch.cat([X[:, 1:], next_token[:, None]], dim=1)
+            past = [None if pk is None else (pk[0][:, :, :start], pk[1][:, :, :start]) for pk in state["past"]]
+            mem = next(h["mem"] for h in state["history"] if h["start"] == start)
+            *_, g = _span_forward(P, cfg, state, X, start, past, mem, levels, targets)
+        grads.update({l: [g[i][l] for i in range(cfg.n_layers)] for l in levels})
+    for l, per_block in grads.items():
+        for i, pair in enumerate(per_block):
+            fast = state["cms"][i]
+            for n, grad in zip(("W1", "W2"), pair, strict=True):
+                new = fast[f"{l}.{n}"] - cfg.cms_levels[l].eta * grad  # Eq. (71)
+                if record is not None:
+                    record.setdefault(f"blocks.{i}.cms.{l}.{n}", []).append(new - fast[f"{l}.{n}"])
+                fast[f"{l}.{n}"] = new
+    keep = min((pos // cfg.cms_levels[l].period) * cfg.cms_levels[l].period for l in _live_levels(cfg))
+    state["history"] = [h for h in state["history"] if h["start"] >= keep]
+    state["window"] = state["window"][:, state["window"].shape[1] - (pos - keep):]
 
 
 def _run(P, cfg, tokens, state, record=None):
     """The chunk-major loop of SPEC.md#hope over tokens (B, T); updates ``state`` in place."""
     T, C = tokens.shape[1], cfg.cms_chunk
-    out, t = [], 0
+    out, t, fused = [], 0, None
     while t < T:
-        pend = state["pending"].shape[1]
-        if C is not None and pend == C:  # the pending chunk's last target has arrived: its write
-            X = state["pending"]
-            p0 = state["pos"] - C
-            past = [None if pk is None else (pk[0][:, :, :p0], pk[1][:, :, :p0]) for pk in state["past"]]
-            targets = torch.cat([X[:, 1:], tokens[:, t:t + 1]], dim=1)
-            *_, grads = _chunk_forward(P, cfg, state, X, p0, past, state["chunk_mem"], targets)
-            _apply_cms(cfg, state, grads, record)
-            state["pending"] = state["pending"][:, :0]
-            pend = 0
-        n = T - t if C is None else min(T - t, C - pend)
+        pos = state["pos"]
+        if C is not None and pos > 0 and pos % C == 0:  # the last chunk's target has arrived: the writes
+            _writes(P, cfg, state, tokens[:, t], record, fused)
+        n = T - t if C is None else min(T - t, C - pos % C)
         seg = tokens[:, t:t + n]
-        if pend == 0:
-            state["chunk_mem"] = state["mem"]
-        fused = C is not None and pend == 0 and n == C and t + n < T  # whole chunk and its targets here
-        targets = torch.cat([seg[:, 1:], tokens[:, t + n:t + n + 1]], dim=1) if fused else None
-        logits, state["past"], state["mem"], grads = _chunk_forward(P, cfg, state, seg, state["pos"], state["past"],
-                                                                    state["mem"], targets)
+        if C is not None and pos % C == 0:
+            state["history"].append({"start": pos, "mem": state["mem"], "cms": [dict(f) for f in state["cms"]]})
+        # a whole processing chunk with its targets here: the processing-chunk levels' gradients now
+        whole = C is not None and pos % C == 0 and n == C and t + n < T
+        levels = [l for l in _live_levels(cfg) if cfg.cms_levels[l].period == C] if whole else ()
+        targets = torch.cat([seg[:, 1:], tokens[:, t + n:t + n + 1]], dim=1) if whole else None
+        logits, state["past"], state["mem"], fused = _span_forward(P, cfg, state, seg, pos, state["past"],
+                                                                   state["mem"], levels, targets)
         state["pos"] += n
-        if fused:
-            _apply_cms(cfg, state, grads, record)
-        elif C is not None:
-            state["pending"] = torch.cat([state["pending"], seg], dim=1)
+        if C is not None:
+            state["window"] = torch.cat([state["window"], seg], dim=1)
         out.append(logits)
         t += n
     return torch.cat(out, dim=1)
