@@ -364,6 +364,12 @@ def model_flops(cfg, B: int, T: int) -> float:
 # Timing
 # ---------------------------------------------------------------------------------------------
 
+# The clock of every timing and every time-based decision below (the first-step budget, the
+# predicted and abandoned prefills, the run's time budget). Read through the module at each call,
+# so a test can put a fake one here (tests/fake_clock.py) and assert the decisions without
+# depending on the machine's speed or load. (matmul_gflops and startup_times only report.)
+CLOCK = time.perf_counter
+
 PREFILL_PIECE = 1024  # tokens per prefill call
 DECODE_WARMUP = 2  # untimed decode tokens before the timed ones
 ATTENTION_MAX_CONTEXT = 8192
@@ -378,18 +384,18 @@ def _nothing():
 def _time_steps(step, repeats: int, max_seconds: float, sync=_nothing):
     """(first call s, median step s, steps timed) of ``step()`` (one training step); the clock is
     read after ``sync()``. A first call over ``max_seconds`` is the step time itself (0 steps timed)."""
-    t = time.perf_counter()
+    t = CLOCK()
     step()
     sync()
-    first = time.perf_counter() - t
+    first = CLOCK() - t
     if first > max_seconds:
         return first, first, 0
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = CLOCK()
         step()
         sync()
-        times.append(time.perf_counter() - t)
+        times.append(CLOCK() - t)
     return first, statistics.median(times), repeats
 
 
@@ -412,16 +418,16 @@ def _time_decode(model, params, cfg, context: int, n_tokens: int, abort_after: f
     ``abort_after`` seconds."""
     rng = np.random.default_rng(1)
     state = None
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     done = 0
     while done < context:
         n = min(piece, context - done)
         _, state = model.forward(params, rng.integers(0, cfg.vocab_size, size=(1, n)), cfg, state)
         sync()
         done += n
-        if time.perf_counter() - t0 > abort_after and done < context:
+        if CLOCK() - t0 > abort_after and done < context:
             return None
-    prefill = time.perf_counter() - t0
+    prefill = CLOCK() - t0
     gc.collect()  # the prefill's temporaries are freed before decode is timed
     for _ in range(DECODE_WARMUP):
         _, state = model.forward(params, rng.integers(0, cfg.vocab_size, size=(1, 1)), cfg, state)
@@ -429,10 +435,10 @@ def _time_decode(model, params, cfg, context: int, n_tokens: int, abort_after: f
     times = []
     for _ in range(n_tokens):
         tok = rng.integers(0, cfg.vocab_size, size=(1, 1))
-        t = time.perf_counter()
+        t = CLOCK()
         _, state = model.forward(params, tok, cfg, state)
         sync()
-        times.append(time.perf_counter() - t)
+        times.append(CLOCK() - t)
     size = state_bytes(state)
     return dict(prefill_s=prefill, median_s=float(np.median(times)), mean_s=float(np.mean(times)), state_bytes=size)
 
@@ -504,7 +510,7 @@ def run(presets=(), backends=(), batch_size=4, seq_len=256, dtype="float32", rep
 
     from . import config
 
-    t_start = time.perf_counter()
+    t_start = CLOCK()
     presets = presets or DEFAULT_PRESETS
     if not backends:
         backends = ("reference", "cpu")
@@ -517,7 +523,7 @@ def run(presets=(), backends=(), batch_size=4, seq_len=256, dtype="float32", rep
     cfgs = [dataclasses.replace(config.preset(p), dtype=dtype) for p in presets]  # ValueError names bad ones
 
     def out_of_time():
-        if time_budget is not None and time.perf_counter() - t_start > time_budget:
+        if time_budget is not None and CLOCK() - t_start > time_budget:
             return f"the run's time budget ({time_budget:g} s) is spent"
         return None
 
