@@ -8,5 +8,5 @@ a module says so), C chunk size, L levels, V vocabulary. Column vectors: a read 
 """
 
 __version__ = "0.1.0"
-SPEC_VERSION = "0.1"
+SPEC_VERSION = "0.2"
 PAPER = "arXiv 2512.24695v1"

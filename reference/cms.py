@@ -221,8 +221,11 @@ def in_context_forward(u, params, levels, dloss_dy, variant="sequential", act="g
     ``params``: the outer weights ``{l}.W1``, ``{l}.W2`` (and ``agg``). ``dloss_dy(y_chunk, s, e)``
     returns the gradient of the summed per-token loss of tokens [s, e) with respect to the
     chunk's outputs (B, e - s, D). The processing chunk is the shortest period; each level sums
-    the gradients over its own chunk and applies ``write`` at its end (Eq. 71). Returns
-    (y (B, T, D), final per-sequence weights {key: (B, ...)}).
+    the gradients over its own chunk and applies ``write`` at its end (Eq. 71). That sum is the
+    gradient of the level's own chunk's loss (SPEC.md#cms, spec 0.2) because here nothing crosses
+    tokens: the chain is token-wise and the loss is a sum over processing chunks (the language
+    model, whose attention and memory layers do cross tokens, re-runs each level's chunk instead:
+    reference/model.py). Returns (y (B, T, D), final per-sequence weights {key: (B, ...)}).
     """
     Bn, T, D = u.shape
     periods = [lv.period for lv in levels if lv.period is not None]
