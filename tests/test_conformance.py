@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from fake_clock import use_fake_clock
 
 from nested_learning import conformance as conf
 from nested_learning.cli import cli
@@ -78,7 +79,8 @@ def test_cli_errors(tmp_path):
     assert res.exit_code == 1 and "not a conformance vector" in res.output
 
 
-def test_bench_cli_runs_and_writes_json(tmp_path):
+def test_bench_cli_runs_and_writes_json(tmp_path, monkeypatch):
+    use_fake_clock(monkeypatch)  # the decode is measured, not skipped, however slow the machine (test_bench.py)
     runner = CliRunner()
     js = tmp_path / "b.jsonl"
     res = runner.invoke(cli, ["bench", "--preset", "transformer-tiny", "--seq-len", "8", "--batch-size", "2",
