@@ -5,8 +5,6 @@ step where stated) plus the dot-product test, over random shapes, leading dims, 
 the LayerNorm option.
 """
 
-import time
-
 import numpy as np
 import pytest
 from hypothesis import currently_in_test_context, given, note
@@ -432,10 +430,12 @@ REQUIRED_CASES = {
 def test_registered_gradchecks_pass_fast(name):
     assert REQUIRED_CASES <= set(mm.GRADCHECKS)
     rng = np.random.default_rng([0, 7])
-    start = time.perf_counter()
     loss, inputs, grads = mm.GRADCHECKS[name](rng)
-    errors = check_gradients(loss, inputs, grads, rng)
-    assert time.perf_counter() - start < 1.0
+    calls = []
+    errors = check_gradients(lambda x: calls.append(1) or loss(x), inputs, grads, rng)
+    # "fast" as work, not wall-clock time (which depends on the machine's load): `nested-learning
+    # check` runs every registered case, so each stays small (most today: 170 evaluations)
+    assert len(calls) <= 200, f"{name}: {len(calls)} loss evaluations"
     assert_errors(errors)
 
 

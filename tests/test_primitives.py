@@ -117,13 +117,13 @@ def test_backward_matches_finite_differences_and_dot_product(name, data):
 
 
 def test_default_gradchecks_pass_and_are_fast(rng):
-    import time
-
     for name, make in P.GRADCHECKS.items():
-        start = time.perf_counter()
         loss, inputs, grads = make(rng)
-        errors = check_gradients(loss, inputs, grads, rng)
-        assert time.perf_counter() - start < 0.5, name
+        calls = []
+        errors = check_gradients(lambda x, loss=loss, calls=calls: calls.append(1) or loss(x), inputs, grads, rng)
+        # "fast" as work, not wall-clock time (which depends on the machine's load): `nested-learning
+        # check` runs every registered case, so each stays small (most today: 86 evaluations)
+        assert len(calls) <= 100, f"{name}: {len(calls)} loss evaluations"
         assert max(errors.values()) <= tol("float64", "gradcheck"), (name, errors)
 
 
