@@ -184,22 +184,33 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
     whole = subprocess.run(_train_cmd(corpus, tmp_path / "whole"), capture_output=True, text=True, env=env,
                            timeout=120)
     assert whole.returncode == 0, whole.stderr
-    # Slow each step down so the kill lands mid-run, after the first checkpoint.
-    slow = ("import time, runpy, sys; from nested_learning.reference import model as m; f = m.loss_and_grads; "
-            "m.loss_and_grads = lambda *a: (time.sleep(0.05), f(*a))[1]; "
-            "sys.argv = ['nested-learning'] + sys.argv[1:]; runpy.run_module('nested_learning', run_name='__main__')")
-    cmd = [sys.executable, "-c", slow] + _train_cmd(corpus, tmp_path / "cut")[3:]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    ck = tmp_path / "cut" / "checkpoint.safetensors"
-    deadline = time.time() + 60
-    while not ck.exists() and time.time() < deadline:
+    # The kill lands at a step chosen by the test, not by the machine's speed: the child stops in
+    # step 10's gradient (9 steps done, the checkpoint of step 6 written) and says so; then SIGKILL.
+    # Steps 7-9's metrics lines are beyond the checkpoint: the resume must drop them.
+    stop = tmp_path / "stopped-in-step-10"
+    child = ("import os, runpy, sys, time\n"
+             "from nested_learning.reference import model as m\n"
+             "f, calls = m.loss_and_grads, []\n"
+             "def at_step(*a):\n"
+             "    calls.append(1)\n"
+             "    if len(calls) == 10:\n"
+             "        open(os.environ['NL_TEST_STOP_FILE'], 'w').close()\n"
+             "        time.sleep(3600)\n"
+             "    return f(*a)\n"
+             "m.loss_and_grads = at_step\n"
+             "sys.argv = ['nested-learning'] + sys.argv[1:]\n"
+             "runpy.run_module('nested_learning', run_name='__main__')\n")
+    cmd = [sys.executable, "-c", child] + _train_cmd(corpus, tmp_path / "cut")[3:]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env, "NL_TEST_STOP_FILE": str(stop)})
+    deadline = time.time() + 600  # a guard against a hang only
+    while not stop.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    time.sleep(0.2)  # a few steps beyond the checkpoint, whose metrics lines must be dropped on resume
     proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    _, err = proc.communicate(timeout=30)
+    assert stop.exists() and proc.returncode == -signal.SIGKILL, err
     cut_rows = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines() if x]
-    assert 6 <= max(r["step"] for r in cut_rows) < 24, "the kill must land between the first checkpoint and the end"
+    assert max(r["step"] for r in cut_rows) == 9, "killed in step 10: steps 1-9 logged, the checkpoint is step 6's"
     resumed = subprocess.run([sys.executable, "-m", "nested_learning", "train", "--resume", str(tmp_path / "cut")],
                              capture_output=True, text=True, env=env, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
