@@ -16,13 +16,18 @@ where ``<path>`` joins the keys of the nested dicts / lists. String metadata (al
 | ``data_position``| the batch sampler's position (``data.BatchSampler.state()``)        |
 | ``params_tree`` / ``opt_tree`` | the containers' structure, leaves naming tensors or holding scalars |
 | ``checksums``   | SHA-256 of every tensor's dtype, shape and bytes                     |
+| ``metadata_sha256`` | SHA-256 of all the other metadata fields (format version 2)      |
 
 Decisions (SPEC.md#checkpoints):
 
 - **Atomic writes**: the bytes go to a temporary file in the same directory, are flushed and
   fsync'd, then ``os.replace`` puts them in place (and the directory is fsync'd). A crash at any
   point leaves either the old file or the new one, never a mixture.
-- **Checked reads**: a truncated or corrupt file (bad header, wrong sizes, a checksum mismatch),
+- **Checked reads**: the header is read first and the file's size checked against it (a huge
+  or foreign file is refused before it is read into memory); the metadata checksum covers
+  every other metadata field (config, step, sampler state, trees, the tensors' checksums), so
+  no byte of a version-2 file can change unnoticed. Version-1 files (no metadata checksum) stay
+  readable. A truncated or corrupt file (bad header, wrong sizes, a checksum mismatch),
   a file of another format or spec version, or one whose config or tensors do not match the
   model expected raises ``CheckpointError`` (a ``ValueError``) whose message says what is wrong
   and what to do; callers turn it into a one-line CLI error, never a traceback.
@@ -40,7 +45,9 @@ from pathlib import Path
 import numpy as np
 
 FORMAT = "nested-learning-checkpoint"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")  # 1: before the metadata checksum (still read)
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit on the JSON header
 
 
 class CheckpointError(ValueError):
@@ -114,6 +121,12 @@ def unflatten_tree(skeleton, tensors: dict[str, np.ndarray]):
     if "__value__" in skeleton:
         return skeleton["__value__"]
     raise CheckpointError("the checkpoint's tree metadata is malformed")
+
+
+def _metadata_checksum(metadata: dict) -> str:
+    """SHA-256 of every metadata field but ``metadata_sha256`` itself (canonical JSON)."""
+    rest = {k: v for k, v in metadata.items() if k != "metadata_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def _checksum(arr: np.ndarray) -> str:
@@ -213,34 +226,53 @@ def save_checkpoint(
         "checksums": json.dumps({name: _checksum(arr) for name, arr in tensors.items()}),
         "extra": json.dumps(extra or {}),
     }
+    metadata["metadata_sha256"] = _metadata_checksum(metadata)
     atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
 def _read_raw(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The tensors and metadata of a safetensors file; the header is read and the file's size
+    checked against it before the data is read (SPEC.md#checkpoints)."""
     from safetensors.numpy import load
 
+    bad = f"{path}: the checkpoint is truncated or corrupt"
     try:
-        payload = path.read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: the checkpoint is truncated ({len(head)} bytes); "
+                                      "use an earlier checkpoint or retrain")
+            header_len = int.from_bytes(head, "little")
+            if header_len > min(size - 8, MAX_HEADER_BYTES):
+                raise CheckpointError(f"{path}: the checkpoint is truncated or not a safetensors file "
+                                      f"(header claims {header_len} bytes, the file holds {size})")
+            raw_header = f.read(header_len)
+            try:
+                header = json.loads(raw_header.decode("utf-8"))
+                if not isinstance(header, dict):
+                    raise ValueError("the header is not a JSON object")
+                ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+            except (ValueError, TypeError, KeyError, IndexError) as exc:
+                raise CheckpointError(f"{bad} (bad header: {exc}); use an earlier checkpoint or retrain") from None
+            expected = 8 + header_len + max(ends, default=0)
+            if size != expected:
+                raise CheckpointError(f"{bad}: the file holds {size:,} bytes, its header describes {expected:,} "
+                                      "(truncated, extended or not a checkpoint); use an earlier checkpoint or retrain")
+            payload = head + raw_header + f.read()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file") from None
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read the checkpoint ({exc.strerror or exc})") from None
-    if len(payload) < 8:
-        raise CheckpointError(f"{path}: the checkpoint is truncated ({len(payload)} bytes); "
-                              "use an earlier checkpoint or retrain")
-    header_len = int.from_bytes(payload[:8], "little")
-    if header_len > len(payload) - 8:
-        raise CheckpointError(f"{path}: the checkpoint is truncated or not a safetensors file "
-                              f"(header claims {header_len} bytes, the file holds {len(payload)})")
     try:
-        header = json.loads(payload[8 : 8 + header_len].decode("utf-8"))
         metadata = header.get("__metadata__") or {}
-        if not isinstance(metadata, dict):
-            raise ValueError("metadata is not a table")
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise ValueError("metadata is not a table of strings")
         tensors = load(payload)
     except Exception as exc:  # safetensors raises its own error type for every malformed file
-        raise CheckpointError(f"{path}: the checkpoint is truncated or corrupt ({type(exc).__name__}: {exc}); "
-                              "use an earlier checkpoint or retrain") from None
+        raise CheckpointError(f"{bad} ({type(exc).__name__}: {exc}); use an earlier checkpoint or retrain") from None
     return tensors, metadata
 
 
@@ -266,9 +298,12 @@ def load_checkpoint(path: str | os.PathLike, expect_config: dict | None = None) 
     tensors, metadata = _read_raw(path)
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a nested-learning checkpoint (format {metadata.get('format')!r})")
-    if metadata.get("format_version") != FORMAT_VERSION:
+    if metadata.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{path}: checkpoint format version {metadata.get('format_version')!r}; this "
-                              f"code reads version {FORMAT_VERSION}")
+                              f"code reads versions {', '.join(READABLE_VERSIONS)}")
+    if metadata["format_version"] != "1" and metadata.get("metadata_sha256") != _metadata_checksum(metadata):
+        raise CheckpointError(f"{path}: the checkpoint's metadata does not match its checksum (edited or "
+                              "corrupt: config, step or sampler state changed); use an earlier checkpoint or retrain")
     if metadata.get("spec_version") != SPEC_VERSION:
         raise CheckpointError(f"{path}: written under spec version {metadata.get('spec_version')!r}, this code "
                               f"implements {SPEC_VERSION}: the model may compute a different function; retrain")
@@ -282,11 +317,21 @@ def load_checkpoint(path: str | os.PathLike, expect_config: dict | None = None) 
     config = _meta_json(metadata, "config", path)
     if expect_config is not None:
         check_same_model(config.get("model", {}) if isinstance(config, dict) else {}, expect_config, path)
+    step = _meta_json(metadata, "step", path)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{path}: the checkpoint's step {step!r} is not a count of steps (corrupt)")
+    try:
+        params = unflatten_tree(_meta_json(metadata, "params_tree", path), tensors)
+        opt_state = unflatten_tree(_meta_json(metadata, "opt_tree", path), tensors)
+    except (TypeError, ValueError, AttributeError) as exc:  # a malformed tree (CheckpointError is a ValueError)
+        if isinstance(exc, CheckpointError):
+            raise CheckpointError(f"{path}: {exc}") from None
+        raise CheckpointError(f"{path}: the checkpoint's tree metadata is malformed ({exc})") from None
     return Checkpoint(
-        params=unflatten_tree(_meta_json(metadata, "params_tree", path), tensors),
-        opt_state=unflatten_tree(_meta_json(metadata, "opt_tree", path), tensors),
+        params=params,
+        opt_state=opt_state,
         config=config,
-        step=int(_meta_json(metadata, "step", path)),
+        step=step,
         rng_state=_meta_json(metadata, "rng_state", path),
         data_position=_meta_json(metadata, "data_position", path),
         spec_version=metadata["spec_version"],

@@ -95,11 +95,11 @@ def _model_info(name: str) -> None:
         click.echo(f"  {comp:<{width}}  {n:>10,}")
     click.echo(f"  {'total':<{width}}  {sum(counts.values()):>10,}")
     size = model.state_size(cfg)
-    line = f"state per sequence: {size['fixed']:,} floats fixed (in-context CMS weights and accumulators, memory layers)"
+    line = f"state per sequence: {size['fixed']:,} floats fixed (in-context CMS weights and the versions the open level chunks re-run with, memory layers)"
     if size["per_token"]:
         line += f" + {size['per_token']:,} floats per token (attention cache)"
     if size["chunk_tokens"]:
-        line += f" + up to {size['chunk_tokens']} pending tokens (the partial CMS chunk)"
+        line += f" + up to {size['chunk_tokens']} tokens (the open CMS level chunks)"
     click.echo(line)
 
 
@@ -171,7 +171,8 @@ def check(only: str | None, seed: int) -> None:
 
 _TRAIN_OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "adamw", "preconditioned_momentum",
                      "delta_momentum", "deep_momentum", "muon", "m3")
-# Options that may change when a run is resumed (they do not change the loss trajectory).
+# Options that may change when a run is resumed (they do not change the loss trajectory);
+# the same list as rundir.RESUME_OK (kept literal here so --help imports nothing heavy).
 _RESUME_OK = ("steps", "eval_every", "checkpoint_every", "log_every")
 
 
@@ -179,9 +180,10 @@ def _run_errors():
     """The user-facing error types of a run (each becomes a one-line ClickException)."""
     from nested_learning.checkpoint import CheckpointError
     from nested_learning.data import DataError
+    from nested_learning.rundir import RunDirError
     from nested_learning.training import TrainingError
 
-    return (CheckpointError, DataError, TrainingError)
+    return (CheckpointError, DataError, RunDirError, TrainingError)
 
 
 @cli.command()
@@ -205,15 +207,18 @@ def _run_errors():
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run directory (default runs/<preset>-<time>).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
-              help="Continue the run in RUN_DIR from its last checkpoint.")
+              help="Continue the run in RUN_DIR from its last checkpoint (from step 0 if it has none yet).")
+@click.option("--overwrite", is_flag=True,
+              help="Start over in an --out that already holds a run (deletes that run's checkpoint and metrics).")
 @click.option("--eval-every", type=int, default=None, help="Validate every N steps (default 0: at the end).")
 @click.option("--checkpoint-every", type=int, default=None, help="Checkpoint every N steps (default 50).")
 @click.option("--log-every", type=int, default=None, help="Progress line every N steps off a terminal (default 10).")
-def train(config_file, resume_dir, out, **flags) -> None:
+def train(config_file, resume_dir, out, overwrite, **flags) -> None:
     """Train a model on byte-level text; write metrics.jsonl, checkpoints and a summary.
 
     With no arguments: hope-small on the Python standard library's source files, about five
-    minutes on 2 cores with the fastest backend available.
+    minutes on 2 cores with the fastest backend available. One train at a time writes to a run
+    directory (a lock; SPEC.md#run-directories).
     """
     import time
     from pathlib import Path
@@ -226,6 +231,9 @@ def train(config_file, resume_dir, out, **flags) -> None:
                 raise click.UsageError("--config cannot be combined with --resume (the run has its config)")
             if out is not None:
                 raise click.UsageError("--out cannot be combined with --resume (the run continues in RUN_DIR)")
+            if overwrite:
+                raise click.UsageError("--overwrite cannot be combined with --resume (--resume continues the run, "
+                                       "--overwrite --out DIR replaces it)")
             fixed = sorted(k for k, v in flags.items() if v is not None and k not in _RESUME_OK)
             if fixed:
                 raise click.UsageError(f"--resume continues the run as configured; only "
@@ -233,8 +241,13 @@ def train(config_file, resume_dir, out, **flags) -> None:
                                        f"change (got {', '.join('--' + k.replace('_', '-') for k in fixed)})")
             config_path = Path(resume_dir) / "config.toml"
             if not config_path.is_file():
-                raise click.ClickException(f"{resume_dir}: not a run directory (no config.toml)")
-            rc = training.resolve_config(training.read_toml(config_path), flags)
+                raise click.ClickException(f"{resume_dir}: not a run directory (no config.toml); start a run "
+                                           f"there with train --out {resume_dir}")
+            try:
+                rc = training.resolve_config(training.read_toml(config_path), flags)
+            except training.TrainingError as exc:
+                raise click.ClickException(f"{exc}; undo the edit to resume, or start over with train --overwrite "
+                                           f"--out {resume_dir}") from None
             run_dir = Path(resume_dir)
         else:
             file = training.read_toml(config_file) if config_file else {}
@@ -242,9 +255,11 @@ def train(config_file, resume_dir, out, **flags) -> None:
             run_dir = Path(out) if out else Path("runs") / f"{rc.train.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         training.check_backend(rc.train.backend)
         training.train(rc, run_dir, resume=resume_dir is not None, echo=click.echo,
-                       tty=sys.stdout.isatty())
+                       tty=sys.stdout.isatty(), overwrite=overwrite)
     except _run_errors() as exc:
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:  # the disk, not the input: say which file and why
+        raise click.ClickException(f"{exc.filename or 'the run directory'}: {exc.strerror or exc}") from None
 
 
 @cli.command("eval")
@@ -263,6 +278,8 @@ def train(config_file, resume_dir, out, **flags) -> None:
               help="Default: the fastest available (cpu where numba imports).")
 def eval_(target, data, seq_len, batch_size, max_batches, continual, max_docs, doc_bytes, backend) -> None:
     """Validation loss, perplexity and bits per byte of a checkpoint (or a run's last one)."""
+    import numpy as np
+
     from nested_learning import data as data_mod
     from nested_learning import training
 
@@ -286,6 +303,9 @@ def eval_(target, data, seq_len, batch_size, max_batches, continual, max_docs, d
         if not continual:
             ev = training.evaluate(params, mc, split.stream, batch_size or tc.batch_size, seq_len, max_batches,
                                    backend=backend)
+            if not np.isfinite(ev["loss"]):
+                raise click.ClickException(f"the loss of {ck.path} is not finite ({ev['loss']}) on {where}: "
+                                           "the checkpoint is not usable; use an earlier one or retrain")
             click.echo(f"loss {ev['loss']:.4f} nats/byte   perplexity {ev['perplexity']:.2f}   "
                        f"bits per byte {ev['bits_per_byte']:.3f}   ({ev['tokens']:,} bytes)")
             return
@@ -304,6 +324,9 @@ def eval_(target, data, seq_len, batch_size, max_batches, continual, max_docs, d
         raise click.ClickException(str(exc)) from None
 
 
+MIN_TEMPERATURE = 1e-6  # generate --temperature: 0 or at least this
+
+
 @cli.command()
 @click.argument("target", metavar="CHECKPOINT|RUN_DIR", type=click.Path(exists=True))
 @click.option("--prompt", default="\n", show_default="a newline", help="Text the sample continues.")
@@ -316,12 +339,22 @@ def eval_(target, data, seq_len, batch_size, max_batches, continual, max_docs, d
 def generate(target, prompt, max_bytes, temperature, top_k, seed, backend) -> None:
     """Sample text from a checkpoint, carrying the streaming state (the context is read once)."""
     import codecs
+    import math
 
     from nested_learning import data as data_mod
     from nested_learning import training
 
-    if max_bytes < 0 or top_k < 0 or temperature < 0:
-        raise click.BadParameter("--max-bytes, --top-k and --temperature must be >= 0")
+    if max_bytes < 0 or top_k < 0:
+        raise click.BadParameter("--max-bytes and --top-k must be >= 0")
+    if not (temperature == 0 or (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE)):
+        raise click.BadParameter(f"must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g} (below it sampling "
+                                 f"is greedy decoding to float precision: use 0), got {temperature!r}",
+                                 param_hint="--temperature")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        raise click.BadParameter(f"is not valid UTF-8 (a byte the shell passed at character {exc.start} does not "
+                                 "decode); give the prompt as UTF-8 text", param_hint="--prompt") from None
     try:
         backend = backend or training.default_backend()
         training.check_backend(backend)
@@ -384,10 +417,19 @@ def plot(runs, out_file, smooth) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out_file, dpi=100)
+        import io
+
+        from nested_learning.checkpoint import atomic_write_bytes
+
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
         plt.close(fig)
+        atomic_write_bytes(out_file, png.getvalue())  # never a partial PNG where a good one stood
     except _run_errors() as exc:
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"--out {out_file}: cannot write the PNG ({exc.strerror or exc}); "
+                                   "choose a writable path") from None
     click.echo(f"wrote {out_file} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
 
 

@@ -53,6 +53,7 @@ import numpy as np
 
 from nested_learning import checkpoint as ckpt
 from nested_learning import data as data_mod
+from nested_learning import rundir
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 BACKENDS = ("reference", "cpu", "gpu")
@@ -68,8 +69,7 @@ OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "adamw", "preconditioned_mom
               "delta_momentum", "deep_momentum", "muon", "m3")
 
 
-class TrainingError(Exception):
-    """A run that cannot start or go on; the message says why and what to do."""
+TrainingError = rundir.TrainingError  # a run that cannot start or go on; the message says why and what to do
 
 
 class NonFiniteLoss(TrainingError):
@@ -166,6 +166,11 @@ def read_toml(path: str | os.PathLike) -> dict:
         raise TrainingError(f"--config {path}: no such file") from None
     except tomllib.TOMLDecodeError as exc:
         raise TrainingError(f"--config {path}: not valid TOML ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise TrainingError(f"--config {path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                            f"{exc.start}); TOML files are UTF-8") from None
+    except OSError as exc:
+        raise TrainingError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
     valid = set(TRAIN_KEYS) | {"model", "optimizer_hparams"}
     unknown = sorted(set(raw) - valid)
     if unknown:
@@ -185,6 +190,8 @@ def resolve_config(file: dict | None = None, flags: dict | None = None) -> RunCo
     model_overrides = dict(file.pop("model", {}))
     optimizer_hparams = dict(file.pop("optimizer_hparams", {}))
     values = {**file, **{k: v for k, v in (flags or {}).items() if v is not None}}
+    if values.get("data") is not None and not isinstance(values["data"], str):
+        raise TrainingError(f"bad run config: data: must be a path (a string), got {values['data']!r}")
     if values.get("data") is not None:  # recorded absolute, so a resume from elsewhere finds it
         values["data"] = os.path.abspath(os.path.expanduser(values["data"]))
     unknown = sorted(set(values) - set(TRAIN_KEYS))
@@ -511,6 +518,7 @@ def load_model_checkpoint(path: str | os.PathLike):
     rc = run_config_from_dict(ck.config)
     expected = _model().init_params(rc.model, seed=0)
     ckpt.check_params_match(ck.params, expected, ck.path)
+    check_finite_params(ck.params, ck.path)
     return ck.params, rc, ck
 
 
@@ -539,59 +547,232 @@ class _Progress:
 
 
 def train(rc: RunConfig, run_dir: str | os.PathLike, resume: bool = False,
-          echo: Callable[[str], None] = print, tty: bool = False) -> dict:
-    """Train (or resume) the run in ``run_dir``; return the final summary.
+          echo: Callable[[str], None] = print, tty: bool = False, overwrite: bool = False) -> dict:
+    """Train (or resume) the run in ``run_dir``; return the final summary (SPEC.md#run-directories).
 
-    Raises ``NonFiniteLoss`` at the first non-finite loss or gradient (the last good checkpoint
-    stays), ``TrainingError`` / ``DataError`` / ``CheckpointError`` for unusable inputs. BLAS runs
-    on ``blas_threads`` threads (1 by default: multi-threaded BLAS sums in an order that varies
-    from run to run, which breaks bit-exact resume; measured on hope-small float32).
+    Everything that can be checked before the first step is checked before anything is written
+    (the data and both splits against ``seq_len``, the optimizer's hyper-parameters, the memory a
+    step needs). The run directory is then locked for the life of the call (``rundir.RunLock``; a
+    second writer fails at once naming this pid). ``overwrite`` replaces a run already in
+    ``run_dir``; ``resume`` continues it (from step 0 when it stopped before its first checkpoint).
+
+    Raises ``NonFiniteLoss`` at the first non-finite loss or gradient or diverged parameter (the
+    last good checkpoint stays), ``TrainingError`` / ``DataError`` / ``CheckpointError`` /
+    ``rundir.RunDirError`` for unusable inputs. BLAS runs on ``blas_threads`` threads (1 by
+    default: multi-threaded BLAS sums in an order that varies from run to run, which breaks
+    bit-exact resume; measured on hope-small float32).
     """
+    if resume and overwrite:
+        raise TrainingError("resume and overwrite exclude each other: resume continues the run, overwrite replaces it")
     if rc.train.blas_threads:
         from threadpoolctl import threadpool_limits
 
         with threadpool_limits(limits=rc.train.blas_threads, user_api="blas"):
-            return _train(rc, run_dir, resume, echo, tty)
-    return _train(rc, run_dir, resume, echo, tty)
+            return _train(rc, run_dir, resume, echo, tty, overwrite)
+    return _train(rc, run_dir, resume, echo, tty, overwrite)
 
 
-def _train(rc: RunConfig, run_dir, resume: bool, echo: Callable[[str], None], tty: bool) -> dict:
+DIVERGED_ABS = 1e6
+"""A parameter whose magnitude exceeds this has diverged (SPEC.md#run-directories): trained weights
+of these models stay within about 10; the run stops before such a state is ever checkpointed."""
+
+
+def preflight(rc: RunConfig, corpus) -> None:
+    """The checks that need no step and no file written (SPEC.md#run-directories): the training
+    split holds a window, the validation split holds a window, the optimizer accepts its
+    hyper-parameters, one step fits in memory."""
+    tc = rc.train
+    data_mod.BatchSampler(corpus.train.stream, tc.batch_size, tc.seq_len, seed=[tc.seed, 1])
+    if corpus.val.n_bytes < tc.seq_len + 1:
+        raise data_mod.DataError(
+            f"the validation split holds {corpus.val.n_bytes:,} bytes, fewer than seq_len + 1 = {tc.seq_len + 1}, "
+            f"so the run could never be validated; lower --seq-len, raise val_fraction (now {tc.val_fraction:g}) "
+            "or give more data")
+    make_optimizer(rc, tc.lr)
+    rundir.check_fits_in_memory(rc)
+
+
+def _train(rc: RunConfig, run_dir, resume: bool, echo: Callable[[str], None], tty: bool, overwrite: bool) -> dict:
+    tc = rc.train
+    run_dir = Path(run_dir)
+    corpus = data_mod.load_corpus(tc.data, tc.val_fraction)
+    preflight(rc, corpus)
+    if not resume:
+        rundir.make_run_dir(run_dir)
+    elif not run_dir.is_dir():
+        raise rundir.RunDirError(f"--resume {run_dir}: no such run directory")
+    lock = rundir.RunLock(run_dir).acquire()
+    step_box = [0]
+    try:
+        return _train_locked(rc, run_dir, corpus, resume, echo, tty, overwrite, step_box)
+    except MemoryError:
+        raise TrainingError(f"out of memory at step {step_box[0] + 1} (batch {tc.batch_size} x {tc.seq_len} bytes of "
+                            f"{rc.model.name}); {_kept(run_dir / CHECKPOINT_NAME, run_dir)}; lower --batch-size or "
+                            "--seq-len") from None
+    finally:
+        lock.release()
+
+
+def _occupied(run_dir: Path, ck_path: Path) -> str:
+    """Why a new run cannot start in ``run_dir``, and the three ways on."""
+    if ck_path.exists():
+        try:
+            what = f"a run with a checkpoint at step {ckpt.load_checkpoint(ck_path).step}"
+            hint = f"resume it with --resume {run_dir}, "
+        except ckpt.CheckpointError as exc:
+            what, hint = f"a run whose checkpoint cannot be used ({exc})", ""
+    else:
+        what = (f"a run that stopped before its first checkpoint ({len(_train_rows(run_dir))} steps logged, "
+                "nothing to resume from)")
+        hint = f"restart it with --resume {run_dir} (from step 0, with its config), "
+    return (f"{run_dir} already holds {what}; {hint}start over with --overwrite (deletes the run's checkpoint and "
+            "metrics), or choose another --out")
+
+
+def _train_rows(run_dir: Path) -> list[dict]:
+    try:
+        return [r for r in read_metrics(run_dir) if "loss" in r]
+    except TrainingError:
+        return []
+
+
+def _metrics_up_to(rows: list[dict], step: int, tc: TrainConfig) -> list[dict]:
+    """The metrics of an uninterrupted run up to its checkpoint at ``step``: one training row per
+    step, one validation row per validated step; a validation at ``step`` itself only when it is a
+    periodic one of this config (a final validation is redone at the end)."""
+    seen_train, seen_val, kept = set(), set(), []
+    for r in rows:
+        s = r.get("step")
+        if not isinstance(s, int) or s > step:
+            continue
+        if "loss" in r:
+            if s in seen_train:
+                continue
+            seen_train.add(s)
+        elif "val_loss" in r:
+            periodic = bool(tc.eval_every) and s % tc.eval_every == 0 and s < tc.steps
+            if s in seen_val or (s == step and not periodic):
+                continue
+            seen_val.add(s)
+        kept.append(r)
+    return kept
+
+
+def _largest_abs(tree) -> float:
+    """max |x| over the tree's leaves (NaN when any is NaN); works on NumPy and CuPy arrays."""
+    m = 0.0
+    for x in tree_leaves(tree):
+        if x.size:
+            v = float(abs(x).max())
+            if not v <= m:
+                m = v
+                if math.isnan(v):
+                    return v
+    return m
+
+
+def check_finite_params(params, path) -> float:
+    """Raise CheckpointError unless every parameter is finite and below DIVERGED_ABS; return the largest."""
+    m = _largest_abs(params)
+    if not (math.isfinite(m) and m <= DIVERGED_ABS):
+        n_bad = sum(int(np.sum(~np.isfinite(np.asarray(x)))) for x in tree_leaves(params))
+        what = f"{n_bad:,} non-finite values" if n_bad else f"largest |parameter| {m:.3g} > {DIVERGED_ABS:g}: diverged"
+        raise ckpt.CheckpointError(f"{path}: the checkpoint's parameters are not usable ({what}); use an earlier "
+                                   "checkpoint or retrain")
+    return m
+
+
+def _kept(ck_path: Path, run_dir: Path) -> str:
+    """What the run keeps after a stop: the last good checkpoint, or nothing yet."""
+    if not ck_path.exists():
+        return (f"no checkpoint was written before it: start again with --overwrite --out {run_dir} "
+                "(or --resume, which restarts from step 0)")
+    try:
+        ck = ckpt.load_checkpoint(ck_path)
+        m = check_finite_params(ck.params, ck_path)
+    except ckpt.CheckpointError as exc:
+        return f"the checkpoint at {ck_path} is not usable ({exc})"
+    return f"the last good checkpoint (finite, largest |parameter| {m:.3g}, step {ck.step}) is kept at {ck_path}"
+
+
+def _train_locked(rc: RunConfig, run_dir: Path, corpus, resume: bool, echo, tty: bool, overwrite: bool,
+                  step_box: list) -> dict:
     tc, mc = rc.train, rc.model
     model = _model(tc.backend)
     on_device = tc.backend == "gpu"  # parameters, gradients and optimizer state stay on the device
     device_kw = {"as_numpy": False} if on_device else {}
-    run_dir = Path(run_dir)
     ck_path = run_dir / CHECKPOINT_NAME
-    corpus = data_mod.load_corpus(tc.data, tc.val_fraction)
-    if not resume:
-        if ck_path.exists() or (run_dir / "metrics.jsonl").exists():
-            raise TrainingError(f"{run_dir} already holds a run; resume it with --resume {run_dir} "
-                                "or choose another --out")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(run_dir / "config.toml", to_toml(rc))
-        ckpt.atomic_write_text(run_dir / "config.json", json.dumps(rc.to_dict(), indent=2) + "\n")
-        ckpt.atomic_write_text(run_dir / "data.json", json.dumps(corpus.info, indent=1) + "\n")
+    n_tmp, tmp_bytes = rundir.remove_orphaned_temp_files(run_dir)
+    if n_tmp:
+        echo(f"removed {n_tmp} orphaned temp file(s) ({rundir.fmt_bytes(tmp_bytes)}) left by an interrupted write")
+    metrics_path = run_dir / "metrics.jsonl"
+    restart = resume and not ck_path.exists()  # stopped before its first checkpoint: step 0, same config
+    if resume:
+        recorded = {}
+        if (run_dir / "data.json").exists():
+            try:
+                recorded = json.loads((run_dir / "data.json").read_text())
+            except (ValueError, UnicodeDecodeError):
+                recorded = {}
+        if recorded.get("sha256") not in (None, corpus.info["sha256"]):
+            raise TrainingError(f"{run_dir}: the data changed since the run started (sha256 "
+                                f"{str(recorded.get('sha256', ''))[:12]} vs {corpus.info['sha256'][:12]}); "
+                                "resume needs the same data")
+    if not resume or restart:
+        if not resume and rundir.has_run(run_dir):
+            if not overwrite:
+                raise rundir.RunDirError(_occupied(run_dir, ck_path))
+            echo(f"--overwrite: removed the earlier run's {', '.join(rundir.remove_run_files(run_dir))}")
+        if restart:
+            echo(f"{run_dir} holds no checkpoint (the run stopped before its first one): restarting it from step 0 "
+                 "with its config")
         params = model.init_params(mc, seed=tc.seed)
         if on_device:
             params = model.to_device(params)
         opt_state = make_optimizer(rc, tc.lr).init(params)
         sampler = data_mod.BatchSampler(corpus.train.stream, tc.batch_size, tc.seq_len, seed=[tc.seed, 1])
         step = 0
-        (run_dir / "metrics.jsonl").write_text("")
+        kept_rows: list[dict] = []
+        ckpt.atomic_write_text(run_dir / "config.toml", to_toml(rc))
+        ckpt.atomic_write_text(run_dir / "config.json", json.dumps(rc.to_dict(), indent=2) + "\n")
+        ckpt.atomic_write_text(run_dir / "data.json", json.dumps(corpus.info, indent=1) + "\n")
+        ckpt.atomic_write_text(metrics_path, "")
     else:
-        ck = ckpt.load_checkpoint(ck_path, expect_config=mc.to_dict())
-        recorded = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").exists() else {}
-        if recorded.get("sha256") not in (None, corpus.info["sha256"]):
-            raise TrainingError(f"{run_dir}: the data changed since the run started (sha256 "
-                                f"{recorded.get('sha256', '')[:12]} vs {corpus.info['sha256'][:12]}); "
-                                "resume needs the same data")
+        ck = ckpt.load_checkpoint(ck_path)
+        if not isinstance(ck.config, dict):
+            raise ckpt.CheckpointError(f"{ck_path}: the checkpoint carries no run config")
+        changes = rundir.config_changes(ck.config, json.loads(json.dumps(rc.to_dict())))
+        if changes:
+            raise ckpt.CheckpointError(
+                f"{run_dir}/config.toml describes another model or other training settings than its checkpoint "
+                f"({'; '.join(changes)}); a resumed run keeps the settings it was trained with (only "
+                f"{', '.join(rundir.RESUME_OK)} may change). Undo the edit to resume, or start a new run with "
+                f"these settings: nested-learning train --config {run_dir}/config.toml --out NEW_DIR")
+        if tc.steps < ck.step:
+            raise rundir.RunDirError(
+                f"steps {tc.steps} is below the checkpoint's step {ck.step}: a run cannot go back; give --steps "
+                f"{ck.step} or more, or start a new run: nested-learning train --config {run_dir}/config.toml "
+                "--steps N --out NEW_DIR")
         ckpt.check_params_match(ck.params, model.init_params(mc, seed=0), ck_path)
+        check_finite_params(ck.params, ck_path)
+        summary_path = run_dir / "summary.json"
+        if tc.steps == ck.step and summary_path.exists():
+            try:
+                done = json.loads(summary_path.read_text())
+            except (ValueError, UnicodeDecodeError):
+                done = {}
+            if isinstance(done, dict) and done.get("steps") == ck.step:
+                echo(f"{run_dir} is complete at step {ck.step}/{tc.steps}: nothing to do (give --steps above "
+                     f"{ck.step} to train further)")
+                return done
         params, opt_state, step = ck.params, ck.opt_state, ck.step
         sampler = data_mod.BatchSampler(corpus.train.stream, tc.batch_size, tc.seq_len, seed=[tc.seed, 1],
                                         state=ck.data_position)
         # Cut metrics.jsonl back to the checkpoint, so the file is the uninterrupted run's.
-        kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
-        ckpt.atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        kept_rows = _metrics_up_to(read_metrics(run_dir) if metrics_path.exists() else [], step, tc)
+        ckpt.atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept_rows))
+        ckpt.atomic_write_text(run_dir / "config.toml", to_toml(rc))  # the resumable keys may have changed
+        ckpt.atomic_write_text(run_dir / "config.json", json.dumps(rc.to_dict(), indent=2) + "\n")
         echo(f"resuming {run_dir} at step {step}/{tc.steps}")
     if on_device:
         params, opt_state = model.to_device(params), model.to_device(opt_state)
@@ -611,24 +792,27 @@ def _train(rc: RunConfig, run_dir, resume: bool, echo: Callable[[str], None], tt
     start_step = step
     loss = None
     t_start = time.perf_counter()
-    with open(run_dir / "metrics.jsonl", "a") as metrics:
+    with open(metrics_path, "a") as metrics:
         while step < tc.steps:
+            step_box[0] = step
             tokens = sampler.next_batch()  # (B, T + 1)
             t0 = time.perf_counter()
             loss, grads = model.loss_and_grads(params, tokens, mc, **device_kw)
             loss = float(loss)
             gnorm = global_norm(grads)
             if not (math.isfinite(loss) and math.isfinite(gnorm)):
-                kept = f"the last good checkpoint (step {_ck_step(ck_path)}) is kept at {ck_path}" \
-                    if ck_path.exists() else "no checkpoint was written before it"
                 what = "loss" if not math.isfinite(loss) else "gradient"
                 raise NonFiniteLoss(f"step {step + 1}: the {what} is not finite (loss {loss}, gradient norm "
-                                    f"{gnorm}); training stopped, {kept}", step + 1)
+                                    f"{gnorm}); training stopped, {_kept(ck_path, run_dir)}", step + 1)
             if tc.grad_clip > 0 and gnorm > tc.grad_clip:
                 scale = tc.grad_clip / gnorm
                 grads = tree_map(lambda g, s=scale: g * g.dtype.type(s), grads)
             lr = lr_at(step, tc)
             params, opt_state = make_optimizer(rc, lr).update(params, grads, opt_state)
+            largest = _largest_abs(params)
+            if not (math.isfinite(largest) and largest <= DIVERGED_ABS):  # never checkpoint a diverged state
+                raise NonFiniteLoss(f"step {step + 1}: the parameters diverged (largest |parameter| {largest:.3g}, "
+                                    f"above {DIVERGED_ABS:g}); training stopped, {_kept(ck_path, run_dir)}", step + 1)
             step += 1
             dt = time.perf_counter() - t0
             tok_s = tokens[:, 1:].size / dt if dt > 0 else float("inf")
@@ -648,11 +832,16 @@ def _train(rc: RunConfig, run_dir, resume: bool, echo: Callable[[str], None], tt
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
                 metrics.flush()
                 save(step)
-        save(step)
+        step_box[0] = step
+        if step > start_step or not ck_path.exists():
+            save(step)
         ev = evaluate(params, mc, corpus.val.stream, tc.batch_size, tc.seq_len, tc.eval_batches, backend=tc.backend)
         metrics.write(json.dumps({"step": step, "val_loss": ev["loss"], "val_perplexity": ev["perplexity"],
                                   "val_bits_per_byte": ev["bits_per_byte"]}) + "\n")
-    summary = {"steps": step, "final_train_loss": loss if step > start_step else None,
+    if loss is None:  # nothing trained in this call (resumed at the last step): the run's last loss
+        earlier = [r for r in kept_rows if "loss" in r]
+        loss = earlier[-1]["loss"] if earlier else None
+    summary = {"steps": step, "final_train_loss": loss,
                "validation": ev, "wall_time_s": round(time.perf_counter() - t_start, 3),
                "run_dir": str(run_dir), "checkpoint": str(ck_path)}
     ckpt.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
