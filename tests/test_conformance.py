@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from fake_clock import use_fake_clock
+from tolerances import tol
 
 from nested_learning import conformance as conf
 from nested_learning.cli import cli
@@ -19,12 +20,19 @@ from nested_learning.fast.gpu import namespace
 COMMITTED = Path(__file__).parent / "conformance"
 
 
+def _dtype(row) -> str:
+    return "float32" if ".float32:" in row["name"] else "float64"
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_committed_vectors_verify(backend):
     rows = conf.verify(COMMITTED, backend=backend)
     names = {r["name"].split(":")[0] for r in rows}
     assert names == set(conf.vector_names()), "the committed set must hold every vector"
-    bad = [r for r in rows if not r["ok"]]
+    # within the vector's tolerance and the ("port") row of tests/tolerances.py, never bit for bit:
+    # a committed file holds the rounding of the machine that wrote it (the reference itself
+    # reproduces it to ~1e-6 in float32 on another machine's BLAS)
+    bad = [r for r in rows if not (r["ok"] and r["max_rel"] <= tol(_dtype(r), "port"))]
     assert not bad, bad[:5]
     assert any(r["name"].endswith("grad.blocks.0.mem.memory.W1_0") for r in rows)  # hope: every gradient
 
