@@ -39,7 +39,7 @@ def rel_error(a: np.ndarray, b: np.ndarray, floor: float = 1e-12) -> float:
 def _copy_inputs(inputs: Inputs, dtype=None) -> dict[str, np.ndarray]:
     out = {}
     for key, value in inputs.items():
-        arr = np.array(value, copy=True)
+        arr = np.array(value, copy=True, order="C")  # C order: numerical_gradient perturbs reshape(-1) views
         if dtype is not None and np.issubdtype(arr.dtype, np.floating):
             arr = arr.astype(dtype)
         out[key] = arr

@@ -213,15 +213,20 @@ def _feature_update(hp, params, grads, state):
 # ---------------------------------------------------------------------------------------------
 
 
+def _reg(lam, m):
+    return lam @ m if np.ndim(lam) == 2 else lam * m  # a scalar lam I or a symmetric matrix
+
+
 def outer_inner_loss(m, H, PM, lam):
-    """The memory objective ``1/2 m^T (H + lam I) m - <m, P M~>`` (``PM`` = P M~): Eq. (101) with
-    the diagonal ``sum_i g_i^2`` replaced by the outer-product memory ``H = sum_i g_i g_i^T``."""
-    return 0.5 * m @ (H @ m) + 0.5 * lam * m @ m - m @ PM
+    """The memory objective ``1/2 m^T (H + lam) m - <m, P M~>`` (``PM`` = P M~; lam a scalar times
+    I or a symmetric matrix): Eq. (101) with the diagonal ``sum_i g_i^2`` replaced by the
+    outer-product memory ``H = sum_i g_i g_i^T``."""
+    return 0.5 * m @ (H @ m) + 0.5 * m @ _reg(lam, m) - m @ PM
 
 
 def outer_inner_grad(m, H, PM, lam):
-    """``(H + lam I) m - P M~``; zero at the optimum ``m* = (H + lam I)^{-1} P M~`` (Eq. 102's analogue)."""
-    return H @ m + lam * m - PM
+    """``(H + lam) m - P M~``; zero at the optimum ``m* = (H + lam)^{-1} P M~`` (Eq. 102's analogue)."""
+    return H @ m + _reg(lam, m) - PM
 
 
 def psd_sqrt(H):
@@ -334,7 +339,8 @@ def _gc_feature(rng):
 
 def _gc_outer(rng):
     A = rng.standard_normal((4, 6))
-    H, PM, lam = A @ A.T, rng.standard_normal(4), 0.3
+    B = rng.standard_normal((4, 4))
+    H, PM, lam = A @ A.T, rng.standard_normal(4), 0.1 * B @ B.T  # a matrix lam (the eps H^{1/2} case)
     inputs = {"m": rng.standard_normal(4)}
     return (lambda x: outer_inner_loss(x["m"], H, PM, lam)), inputs, {"m": outer_inner_grad(inputs["m"], H, PM, lam)}
 
