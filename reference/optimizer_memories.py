@@ -229,10 +229,14 @@ def outer_inner_grad(m, H, PM, lam):
     return H @ m + _reg(lam, m) - PM
 
 
-def psd_sqrt(H):
-    """``H^{1/2}`` of a symmetric positive semi-definite H (eigenvalues clipped at 0)."""
+def outer_step(H, M, eps):
+    """``(H^{1/2} + eps I)^{-1} M`` on the range of H. M~ is a combination of the gradients H holds,
+    so it lies in range(H); eigenvalues below ``n * machine-eps * max eigenvalue`` are rounding and
+    get no step (dividing their rounding-level components by ``sqrt(1e-17) + eps`` would not)."""
     lam, V = np.linalg.eigh(0.5 * (H + H.T))
-    return (V * np.sqrt(np.maximum(lam, 0))) @ V.T
+    keep = lam > H.shape[0] * np.finfo(H.dtype).eps * max(float(lam[-1]), 0.0)
+    V, lam = V[:, keep], lam[keep]
+    return V @ ((V.T @ M) / (np.sqrt(lam) + eps))
 
 
 def _outer_init(hp, params):
@@ -259,8 +263,7 @@ def _outer_update(hp, params, grads, state):
         g = _vec(grads[k])
         H = state[f"H/{k}"] + np.outer(g, g)  # Eq. (106): H <- H + g g^T
         M = hp["momentum"] * _vec(state[f"m/{k}"]) + g
-        root = psd_sqrt(H)
-        step = np.linalg.solve(root + hp["eps"] * np.eye(g.size, dtype=g.dtype), M)
+        step = outer_step(H, M, hp["eps"])  # the optimum with P = H^{1/2}, lam = eps H^{1/2}
         new[k] = W - hp["lr"] * step.reshape(W.shape)
         H_new[k], m_new[k] = H, M.reshape(W.shape)
     return O_._arrays(new, params), O_._pack(state["step"] + 1, H=H_new, m=m_new)
