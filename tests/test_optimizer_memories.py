@@ -254,3 +254,24 @@ def test_outer_adagrad_step_is_the_memory_optimum():
     g = numerical_gradient(objective, {"m": m_star})["m"]
     assert np.max(np.abs(g)) < 1e-8 * np.max(np.abs(H))
     assert_close(root @ root, H, "float64", "rewrite")
+
+
+@pytest.mark.parametrize("name", OM.NAMES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pure_dtype_preserving_and_refuses_non_finite(name, dtype):
+    rng = np.random.default_rng(9)
+    params = {"W": rng.standard_normal((2, 3)).astype(dtype), "b": rng.standard_normal(3).astype(dtype)}
+    grads = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in params.items()}
+    keep_p, keep_g = {k: v.copy() for k, v in params.items()}, {k: v.copy() for k, v in grads.items()}
+    opt = OM.make(name, lr=0.1)
+    state = opt.init(params)
+    for _ in range(3):
+        new, state = opt.update(params, grads, state)
+    for k in params:
+        assert new[k].dtype == dtype and new[k].shape == params[k].shape
+        assert np.array_equal(params[k], keep_p[k]) and np.array_equal(grads[k], keep_g[k])
+        assert not np.shares_memory(new[k], params[k])
+    assert all(v.dtype == dtype for key, v in state.items() if key != "step") and state["step"] == 3
+    bad = dict(grads, b=np.full(3, np.nan, dtype=dtype))
+    with pytest.raises(ValueError, match="refusing to update parameter 'b'"):
+        opt.update(params, bad, state)
