@@ -490,6 +490,42 @@ def _group_step(params, tokens, cfg):
         return _loss_and_grads(params, tokens, cfg)
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Worker-process initializer: end this worker as soon as ``parent_pid`` (the process that made
+    the pool) exits, however it exits (SIGKILL included; SPEC.md#run-directories). A forkserver
+    worker's OS parent is the forkserver, which lives as long as its workers do, and the workers
+    hold their own queue's pipe open, so neither a parent-death signal nor an EOF would come: a
+    daemon thread waits on a pidfd of ``parent_pid`` (readable when it exits; polled every 0.5 s
+    where pidfds are missing) and ends the process."""
+    import threading
+
+    def watch():
+        import select
+        import time
+
+        try:
+            fd = os.pidfd_open(parent_pid)
+        except (AttributeError, OSError):
+            fd = None
+        if fd is not None:
+            select.select([fd], [], [])
+            os._exit(1)
+        while True:
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:
+                pass
+            time.sleep(0.5)
+
+    try:
+        os.kill(parent_pid, 0)
+    except ProcessLookupError:  # the parent died before this worker started
+        os._exit(1)
+    threading.Thread(target=watch, name="nl-cpu-parent-watch", daemon=True).start()
+
+
 def _pool(kind: str, n: int):
     """The executor of ``n`` workers of ``kind``, kept between calls; one per (kind, n), so that
     switching settings back and forth does not restart worker processes."""
@@ -508,7 +544,8 @@ def _pool(kind: str, n: int):
         ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
         if ctx.get_start_method() == "forkserver":
             ctx.set_forkserver_preload([__name__])  # the workers start with the port imported
-        pool = ProcessPoolExecutor(max_workers=n, mp_context=ctx)
+        pool = ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_die_with_parent,
+                                   initargs=(os.getpid(),))  # the workers end with this process
     else:
         raise ValueError(f"NL_CPU_WORKERS must be 'thread' or 'process', got {kind!r}")
     _POOLS[key] = pool
