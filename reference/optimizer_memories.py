@@ -7,7 +7,7 @@ arXiv 2512.24695v1. SPEC: SPEC.md#optimizer-memories.
 The three optimizers share ``reference/optimizers.py``'s interface and conventions (pure
 ``init`` / ``update`` over parameter dicts, flat state ``"step"`` and ``"<slot>/<param>"``)::
 
-    opt = make(name, **hparams)   # also reachable as optimizers.make(name, ...)
+    opt = make(name, **hparams)   # optimizer_memories.make (not optimizers.make: SPEC.md#optimizer-memories)
     state = opt.init(params)
     params, state = opt.update(params, grads, state)
 
