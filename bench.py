@@ -399,14 +399,19 @@ def _time_steps(step, repeats: int, max_seconds: float, sync=_nothing):
     return first, statistics.median(times), repeats
 
 
-def state_bytes(state) -> int:
-    """Bytes held by the arrays (NumPy, CuPy or torch) of a streaming state."""
+def state_bytes(state, _seen=None) -> int:
+    """Bytes held by the arrays (NumPy, CuPy or torch) of a streaming state, each array counted once
+    (the records of the open CMS level chunks share arrays with the current weights, SPEC.md#hope)."""
+    seen = set() if _seen is None else _seen
     if isinstance(state, dict):
-        return sum(state_bytes(v) for v in state.values())
+        return sum(state_bytes(v, seen) for v in state.values())
     if isinstance(state, (list, tuple)):
-        return sum(state_bytes(v) for v in state)
+        return sum(state_bytes(v, seen) for v in state)
     n = getattr(state, "nbytes", None)
-    return int(n) if isinstance(n, (int, np.integer)) else 0
+    if not isinstance(n, (int, np.integer)) or id(state) in seen:
+        return 0
+    seen.add(id(state))
+    return int(n)
 
 
 def _time_decode(model, params, cfg, context: int, n_tokens: int, abort_after: float = float("inf"),
