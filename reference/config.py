@@ -31,6 +31,10 @@ FAMILIES = ("hope", "hope-attention", "titans", "transformer")
 CMS_VARIANTS = ("sequential", "independent")
 ACTIVATIONS = ("gelu", "silu")
 DTYPES = ("float32", "float64")
+# ModelConfig field -> its default: the switches of the self-modifying Titans layer (the
+# SelfModConfig field of the same name without ``mem_``), SPEC.md#hope "Ablation switches"
+SELFMOD_SWITCHES = {"mem_momentum": True, "mem_adaptive_q": False, "mem_normalize_v": True,
+                    "mem_single_shrink": False, "mem_stop_grad_writes": False, "mem_layernorm": False}
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,15 @@ class ModelConfig:
     mem_kind: str = "mlp"  # "matrix" or "mlp" memory
     mem_hidden: int = 0  # hidden width of an MLP memory; 0 means 4 * d_head
     mem_eta_max: float = 0.1  # the memory layer's inner learning rate bound, eta = eta_max sigmoid(.)
+    # the ablation switches of the hope family's self-modifying Titans layer (reference/selfmod.py
+    # SelfModConfig, same names without ``mem_``; SPEC.md#hope "Ablation switches"). The defaults
+    # are SelfModConfig's, the pinned readings of SPEC.md#selfmod.
+    mem_momentum: bool = True  # S <- beta S - eta' G (Table 6 "w/o Momentum": False)
+    mem_adaptive_q: bool = False  # q from a memory M_q (Table 6's Hope row; the text: q static)
+    mem_normalize_v: bool = True  # l2-normalised v (False: the paper's literal reading)
+    mem_single_shrink: bool = False  # normalised delta rule onto v_hat (mem_kind="matrix" only)
+    mem_stop_grad_writes: bool = False  # first-order outer gradient through the writes
+    mem_layernorm: bool = False  # z + LN(W1 s(W2 z)) in every memory (not in NL's equations)
 
     def __post_init__(self):
         def bad(msg):
@@ -134,6 +147,15 @@ class ModelConfig:
             bad(f"mem_eta_max must be positive, got {self.mem_eta_max!r}")
         if not self.norm_eps > 0 or not self.init_std > 0 or not self.rope_base > 0:
             bad("norm_eps, init_std and rope_base must be positive")
+        for key, default in SELFMOD_SWITCHES.items():  # SPEC.md#hope, ablation switches
+            v = getattr(self, key)
+            if not isinstance(v, bool):
+                bad(f"{key} must be true or false, got {v!r}")
+            if v != default and self.family != "hope":
+                bad(f"{key} is a switch of the hope family's self-modifying layer; family {self.family!r} "
+                    f"has none (leave it at {default})")
+        if self.mem_single_shrink and self.mem_kind != "matrix":
+            bad(f"mem_single_shrink needs mem_kind='matrix' (SPEC.md#selfmod), got {self.mem_kind!r}")
 
     @property
     def d_head(self) -> int:
@@ -220,6 +242,13 @@ PRESETS: dict[str, ModelConfig] = {
     "hope-attention-medium": _medium("hope-attention", cms_levels=_MEDIUM_CMS),
     "titans-medium": _medium("titans", mlp_hidden=1792),
     "hope-medium": _medium("hope", cms_levels=_MEDIUM_HOPE_CMS, mem_eta_max=0.01, mem_hidden=64),
+    # Table 6's ablations that the existing switches build (SPEC.md#hope, "Ablation presets")
+    "hope-small-no-momentum": _small("hope", name="hope-small-no-momentum", cms_levels=_SMALL_HOPE_CMS,
+                                     mem_eta_max=0.01, mem_momentum=False),
+    "hope-small-no-cms": _small("hope", name="hope-small-no-cms", cms_levels=_SMALL_HOPE_CMS, mem_eta_max=0.01,
+                                cms_in_context=False),
+    "hope-small-adaptive-q": _small("hope", name="hope-small-adaptive-q", cms_levels=_SMALL_HOPE_CMS,
+                                    mem_eta_max=0.01, mem_adaptive_q=True),
 }
 
 
@@ -235,6 +264,6 @@ def preset(name: str) -> ModelConfig:
 
 
 __all__ = [
-    "ACTIVATIONS", "CMS_VARIANTS", "CMSLevel", "DTYPES", "FAMILIES", "ModelConfig", "PRESETS",
+    "ACTIVATIONS", "CMS_VARIANTS", "CMSLevel", "DTYPES", "FAMILIES", "ModelConfig", "PRESETS", "SELFMOD_SWITCHES",
     "from_dict", "preset", "preset_names",
 ]

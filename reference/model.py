@@ -44,7 +44,7 @@ import numpy as np
 
 from . import cms
 from . import primitives as P
-from .config import ModelConfig
+from .config import SELFMOD_SWITCHES, ModelConfig
 
 # ---------------------------------------------------------------------------------------------
 # Parameters
@@ -76,10 +76,17 @@ def _mem_layer(cfg: ModelConfig):
     raise ValueError(f"family {cfg.family!r} has no memory layer")
 
 
+def selfmod_switches(cfg: ModelConfig) -> dict[str, bool]:
+    """The ablation switches of ``cfg`` as SelfModConfig keywords (``mem_momentum`` -> ``momentum``,
+    ...; SPEC.md#hope "Ablation switches"). The CPU port's adapter passes the same dict."""
+    return {key.removeprefix("mem_"): getattr(cfg, key) for key in SELFMOD_SWITCHES}
+
+
 def _selfmod_adapter(selfmod, cfg: ModelConfig):
     scfg = selfmod.SelfModConfig(d_model=cfg.d_model, n_heads=cfg.n_heads, chunk_memory=cfg.mem_chunk,
                                  chunk_other=cfg.mem_chunk_other, memory=cfg.mem_kind,
-                                 hidden=cfg.mem_hidden, eta_max=cfg.mem_eta_max, eps=cfg.norm_eps)
+                                 hidden=cfg.mem_hidden, eta_max=cfg.mem_eta_max, eps=cfg.norm_eps,
+                                 **selfmod_switches(cfg))
     return scfg, selfmod.forward, selfmod.backward
 
 

@@ -117,9 +117,12 @@ def _mem_layer(cfg: ModelConfig):
                                    memory=cfg.mem_kind, hidden=cfg.mem_hidden, eta_max=cfg.mem_eta_max,
                                    eps=cfg.norm_eps)
         return module, lcfg, module.titans_forward, module.titans_backward
+    from ...reference.model import selfmod_switches  # the reference adapter's own mapping
+
     lcfg = module.SelfModConfig(d_model=cfg.d_model, n_heads=cfg.n_heads, chunk_memory=cfg.mem_chunk,
                                 chunk_other=cfg.mem_chunk_other, memory=cfg.mem_kind,
-                                hidden=cfg.mem_hidden, eta_max=cfg.mem_eta_max, eps=cfg.norm_eps)
+                                hidden=cfg.mem_hidden, eta_max=cfg.mem_eta_max, eps=cfg.norm_eps,
+                                **selfmod_switches(cfg))  # every switch is ported (SPEC.md#hope)
     return module, lcfg, module.forward, module.backward
 
 

@@ -1,0 +1,187 @@
+"""The Hope ablation switches and presets (SPEC.md#hope "Ablation switches", NL Table 6).
+
+The self-modifying layer's switches are ModelConfig fields ``mem_<switch>`` (defaults = the pinned
+readings of SPEC.md#selfmod). Checked here: both adapters (reference/model.py, fast/cpu/model.py)
+hand every switch to the layer; each switch changes the model's gradients and the CPU port agrees
+with the reference on loss_and_grads (the "port" rows of tests/tolerances.py); the CPU port runs its
+own layer (no fallback) for every switch; ModelConfig round-trips through to_dict / from_dict and
+TOML, bad values are a ValueError naming the field; each ablation preset trains two steps through
+``nested-learning train`` on the reference and the CPU port, with the preset's switches in the
+resolved config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from tolerances import assert_close
+
+from nested_learning import config, training
+from nested_learning.cli import cli
+from nested_learning.fast.cpu import model as F
+from nested_learning.fast.cpu import primitives as FP
+from nested_learning.reference import model as R
+from nested_learning.reference.config import SELFMOD_SWITCHES
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_cli_train import write_corpus  # noqa: E402
+
+# each switch flipped from its default, with what it needs (single_shrink: a matrix memory)
+FLIPS = {
+    "mem_momentum": dict(mem_momentum=False),
+    "mem_adaptive_q": dict(mem_adaptive_q=True),
+    "mem_normalize_v": dict(mem_normalize_v=False),
+    "mem_single_shrink": dict(mem_single_shrink=True, mem_kind="matrix"),
+    "mem_stop_grad_writes": dict(mem_stop_grad_writes=True),
+    "mem_layernorm": dict(mem_layernorm=True),
+}
+# preset -> the fields it changes from hope-small (SPEC.md#hope "Ablation presets")
+ABLATION_PRESETS = {
+    "hope-small-no-momentum": dict(mem_momentum=False),
+    "hope-small-no-cms": dict(cms_in_context=False),
+    "hope-small-adaptive-q": dict(mem_adaptive_q=True),
+}
+
+
+def _tokens(cfg, B=2, T=9, seed=0):
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, (B, T))
+
+
+def test_every_switch_has_a_flip_and_defaults_are_the_layers():
+    assert set(FLIPS) == set(SELFMOD_SWITCHES)
+    from nested_learning.reference.selfmod import SelfModConfig
+
+    layer = SelfModConfig(d_model=8)
+    for key, default in SELFMOD_SWITCHES.items():
+        assert getattr(layer, key.removeprefix("mem_")) == default == getattr(config.ModelConfig(), key), key
+
+
+@pytest.mark.parametrize("switch", sorted(FLIPS))
+def test_adapters_pass_the_switch_and_port_agrees(switch):
+    """Both adapters build the layer with the switch; it changes the gradients; the CPU port's own
+    layer (not a fallback) gives the reference's loss and gradients (float64 "port" row; with LN the
+    "port_selfmod_layernorm" row, tests/tolerances.py)."""
+    base = config.preset("hope-tiny")
+    cfg = dataclasses.replace(base, **FLIPS[switch])
+    name = switch.removeprefix("mem_")
+    for mod in (R, F):
+        _, lcfg, _, _ = mod._mem_layer(cfg)
+        assert getattr(lcfg, name) == getattr(cfg, switch) != SELFMOD_SWITCHES[switch], (mod.__name__, switch)
+    module = F._mem_layer(cfg)[0]
+    assert module.__name__ == "nested_learning.fast.cpu.selfmod"
+    params = R.init_params(cfg, seed=0)
+    tokens = _tokens(cfg)
+    before = dict(FP.FALLBACKS)
+    loss_r, grads_r = R.loss_and_grads(params, tokens, cfg)
+    loss_f, grads_f = F.loss_and_grads(params, tokens, cfg)
+    assert FP.FALLBACKS == before, "the CPU port fell back to the reference"
+    kind = "port_selfmod_layernorm" if cfg.mem_layernorm else "port"
+    assert_close(np.float64(loss_f), np.float64(loss_r), "float64", kind, "loss")
+    assert set(grads_f) == set(grads_r)
+    for k in grads_r:
+        assert_close(grads_f[k], grads_r[k], "float64", kind, k)
+    # the switch is a different function: same parameters (where shared), other gradients
+    off = dataclasses.replace(cfg, **{switch: SELFMOD_SWITCHES[switch]})
+    loss_o, grads_o = R.loss_and_grads(R.init_params(off, seed=0), tokens, off)
+    shared = set(grads_o) & set(grads_r)
+    assert any(not np.allclose(grads_o[k], grads_r[k], rtol=1e-6, atol=0) for k in shared), switch
+
+
+def test_port_layer_runs_its_own_path_for_every_switch():
+    """fast/cpu/selfmod.forward falls back to the reference only for complex inputs (the complex
+    step); with each switch its cache is the port's own ("fast")."""
+    for switch, flip in FLIPS.items():
+        cfg = dataclasses.replace(config.preset("hope-tiny"), **flip)
+        module, lcfg, fwd, _ = F._mem_layer(cfg)
+        lp = module.init_params(lcfg, np.random.default_rng(0), dtype=np.float64)
+        x = np.random.default_rng(1).standard_normal((1, 5, cfg.d_model))
+        _, cache, _ = fwd(x, lp, lcfg)
+        assert cache.get("fast") is True and "reference" not in cache, switch
+
+
+def test_round_trip_and_validation():
+    for name in ("hope-small", *ABLATION_PRESETS):
+        cfg = config.preset(name)
+        assert config.from_dict(cfg.to_dict()) == cfg
+        assert config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    for name, change in ABLATION_PRESETS.items():
+        assert config.preset(name) == dataclasses.replace(config.preset("hope-small"), name=name, **change)
+    # a config written before the switches existed reads back as the same function
+    old = {k: v for k, v in config.preset("hope-small").to_dict().items() if k not in SELFMOD_SWITCHES}
+    assert config.from_dict(old) == config.preset("hope-small")
+    flipped = dataclasses.replace(config.preset("hope-tiny"), **FLIPS["mem_single_shrink"], mem_momentum=False)
+    assert config.from_dict(flipped.to_dict()) == flipped
+    base = config.preset("hope-tiny")
+    for key in SELFMOD_SWITCHES:
+        with pytest.raises(ValueError, match=f"{key} must be true or false, got 'no'"):
+            dataclasses.replace(base, **{key: "no"})
+        with pytest.raises(ValueError, match=f"{key} must be true or false, got 1"):
+            config.from_dict({**base.to_dict(), key: 1})
+        with pytest.raises(ValueError, match=f"{key} is a switch of the hope family's self-modifying layer"):
+            dataclasses.replace(config.preset("titans-tiny"), **{key: not SELFMOD_SWITCHES[key]})
+    assert dataclasses.replace(config.preset("titans-tiny"), mem_momentum=True).mem_momentum  # the default is fine
+    with pytest.raises(ValueError, match="mem_single_shrink needs mem_kind='matrix'"):
+        dataclasses.replace(base, mem_single_shrink=True)
+    with pytest.raises(ValueError, match=r"unknown config keys \['momentum'\]"):
+        config.from_dict({**base.to_dict(), "momentum": False})
+
+
+TINY_MODEL = """[model]
+d_model = 8
+n_heads = 2
+mem_hidden = 4
+mem_chunk = 4
+mem_chunk_other = 4
+cms_levels = [{hidden = 8, period = 4, eta = 0.01}, {hidden = 8, period = 8, eta = 0.01}, {hidden = 8}]
+"""
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("abl") / "corpus", n_docs=4, n_words=200)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("preset", sorted(ABLATION_PRESETS))
+def test_preset_trains_from_the_cli(preset, backend, corpus, tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text(TINY_MODEL)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", "--preset", preset, "--backend", backend, "--config", str(toml),
+                                      "--data", str(corpus), "--steps", "2", "--seq-len", "16", "--batch-size",
+                                      "2", "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    resolved = tomllib.loads((out / "config.toml").read_text())["model"]
+    for key, value in ABLATION_PRESETS[preset].items():
+        assert resolved[key] == value, (key, resolved)
+    for key, default in SELFMOD_SWITCHES.items():
+        assert resolved[key] == ABLATION_PRESETS[preset].get(key, default), key
+    rc = training.run_config_from_dict(json.loads((out / "config.json").read_text()))
+    assert rc.model.d_model == 8 and rc.model.name == preset
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and np.isfinite(summary["final_train_loss"]) and np.isfinite(summary["validation"]["loss"])
+
+
+def test_switch_from_a_toml_model_table(corpus, tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text(TINY_MODEL + "mem_kind = \"matrix\"\nmem_single_shrink = true\nmem_normalize_v = false\n")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", "--preset", "hope-small", "--backend", "cpu", "--config", str(toml),
+                                      "--data", str(corpus), "--steps", "1", "--seq-len", "16", "--batch-size",
+                                      "2", "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    resolved = tomllib.loads((out / "config.toml").read_text())["model"]
+    assert resolved["mem_single_shrink"] is True and resolved["mem_normalize_v"] is False
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TINY_MODEL + "mem_momentum = \"off\"\n")
+    result = CliRunner().invoke(cli, ["train", "--preset", "hope-small", "--config", str(bad), "--data",
+                                      str(corpus), "--out", str(tmp_path / "bad")], catch_exceptions=False)
+    assert result.exit_code in (1, 2) and "mem_momentum must be true or false" in result.output, result.output
+    assert "Traceback" not in result.output
