@@ -741,7 +741,10 @@ def _train_locked(rc: RunConfig, run_dir: Path, corpus, resume: bool, echo, tty:
         ck = ckpt.load_checkpoint(ck_path)
         if not isinstance(ck.config, dict):
             raise ckpt.CheckpointError(f"{ck_path}: the checkpoint carries no run config")
-        changes = rundir.config_changes(ck.config, json.loads(json.dumps(rc.to_dict())))
+        # the checkpoint's config as this version reads it: a field added since (e.g. the ablation
+        # switches of SPEC.md#hope) takes its default, which is the model the run was trained as
+        saved = json.loads(json.dumps(run_config_from_dict(ck.config).to_dict()))
+        changes = rundir.config_changes(saved, json.loads(json.dumps(rc.to_dict())))
         if changes:
             raise ckpt.CheckpointError(
                 f"{run_dir}/config.toml describes another model or other training settings than its checkpoint "

@@ -185,3 +185,27 @@ def test_switch_from_a_toml_model_table(corpus, tmp_path):
                                       str(corpus), "--out", str(tmp_path / "bad")], catch_exceptions=False)
     assert result.exit_code in (1, 2) and "mem_momentum must be true or false" in result.output, result.output
     assert "Traceback" not in result.output
+
+
+def test_run_from_before_the_switches_resumes(corpus, tmp_path):
+    """A checkpoint and config.toml written before the switches existed (no mem_<switch> keys) resume:
+    the missing fields read as their defaults, the same model (training.py's resume check)."""
+    from nested_learning import checkpoint as ckpt
+
+    toml = tmp_path / "run.toml"
+    toml.write_text(TINY_MODEL)
+    run = tmp_path / "run"
+    args = ["train", "--preset", "hope-small", "--backend", "reference", "--config", str(toml), "--data",
+            str(corpus), "--steps", "2", "--seq-len", "16", "--batch-size", "2", "--out", str(run)]
+    assert CliRunner().invoke(cli, args, catch_exceptions=False).exit_code == 0
+    ck = ckpt.load_checkpoint(run / "checkpoint.safetensors")
+    old = json.loads(json.dumps(ck.config))
+    for key in SELFMOD_SWITCHES:
+        del old["model"][key]
+    ckpt.save_checkpoint(run / "checkpoint.safetensors", params=ck.params, opt_state=ck.opt_state, config=old,
+                         step=ck.step, rng_state=ck.rng_state, data_position=ck.data_position, extra=ck.extra)
+    lines = (run / "config.toml").read_text().splitlines()
+    (run / "config.toml").write_text("\n".join(ln for ln in lines if ln.split(" = ")[0] not in SELFMOD_SWITCHES))
+    result = CliRunner().invoke(cli, ["train", "--resume", str(run), "--steps", "3"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
