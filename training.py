@@ -124,6 +124,14 @@ class TrainConfig:
             bad("backend", f"must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         if self.dtype not in (None, "float32", "float64"):
             bad("dtype", f"must be float32 or float64, got {self.dtype!r}")
+        for key in ("preset", "optimizer", "backend", "dtype", "data"):
+            v = getattr(self, key)
+            if not (isinstance(v, str) or (v is None and key in ("dtype", "data"))):
+                bad(key, f"must be a string, got {v!r}")
+        for key in ("lr", "min_lr_ratio", "grad_clip", "val_fraction"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                bad(key, f"must be a number, got {v!r}")
         if not (isinstance(self.lr, int | float) and self.lr > 0):
             bad("lr", f"must be a positive number, got {self.lr!r}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -205,9 +213,17 @@ def resolve_config(file: dict | None = None, flags: dict | None = None) -> RunCo
         base = model_config.preset(tc.preset).to_dict()
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
+    for key, value in model_overrides.items():  # the preset's value gives the type (TOML has no schema)
+        want = type(base.get(key))
+        ok = (key not in base or base[key] is None or isinstance(base[key], list | tuple | dict)
+              or (isinstance(value, want) and isinstance(value, bool) == isinstance(base[key], bool))
+              or (want is float and isinstance(value, int) and not isinstance(value, bool)))
+        if not ok:
+            raise TrainingError(f"bad [model] config: {key} must be {'a number' if want is float else want.__name__}, "
+                                f"got {value!r}")
+    if base["vocab_size"] < data_mod.VOCAB_SIZE:
+        base["vocab_size"] = data_mod.VOCAB_SIZE  # byte tokens (SPEC.md#training)
     merged = {**base, **model_overrides}
-    if merged["vocab_size"] < data_mod.VOCAB_SIZE:
-        merged["vocab_size"] = data_mod.VOCAB_SIZE  # byte tokens (SPEC.md#training)
     if tc.dtype is not None:
         merged["dtype"] = tc.dtype
     try:
