@@ -219,8 +219,8 @@ def resolve_config(file: dict | None = None, flags: dict | None = None) -> RunCo
               or (isinstance(value, want) and isinstance(value, bool) == isinstance(base[key], bool))
               or (want is float and isinstance(value, int) and not isinstance(value, bool)))
         if not ok:
-            raise TrainingError(f"bad [model] config: {key} must be {'a number' if want is float else want.__name__}, "
-                                f"got {value!r}")
+            kind = {float: "a number", bool: "true or false", int: "an integer", str: "a string"}.get(want, want.__name__)
+            raise TrainingError(f"bad [model] config: {key} must be {kind}, got {value!r}")
     if base["vocab_size"] < data_mod.VOCAB_SIZE:
         base["vocab_size"] = data_mod.VOCAB_SIZE  # byte tokens (SPEC.md#training)
     merged = {**base, **model_overrides}

@@ -362,12 +362,31 @@ def _copy(obj):
 
 
 def _check_state(state, cfg: ModelConfig, batch: int) -> dict:
+    """A copy of ``state`` after checking its structure: TypeError for a value of the wrong kind,
+    ValueError for a wrong batch, position or length, each naming the entry (SPEC.md#hope)."""
     if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
-        raise ValueError(f"state must be the dict returned by model.forward (keys {STATE_KEYS}), "
-                         f"got {type(state).__name__}")
+        raise TypeError(f"state must be the dict returned by model.forward (keys {STATE_KEYS}), "
+                        f"got {type(state).__name__}" + (f" with keys {sorted(map(str, state))}" if isinstance(state, dict) else ""))
+    for key in ("batch", "pos"):
+        v = state[key]
+        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 0:
+            raise TypeError(f"state[{key!r}] must be a non-negative int, got {v!r}")
     if state["batch"] != batch:
         raise ValueError(f"state is for a batch of {state['batch']} sequences; tokens must have shape "
                          f"({state['batch']}, T), got batch {batch}")
+    for key in ("past", "mem", "cms"):
+        if not isinstance(state[key], list) or len(state[key]) != cfg.n_layers:
+            raise TypeError(f"state[{key!r}] must be a list of {cfg.n_layers} entries (one per block), "
+                            f"got {type(state[key]).__name__}")
+    if any(not isinstance(f, dict) for f in state["cms"]):
+        raise TypeError("state['cms'] must hold one dict of in-context CMS weights per block")
+    w = state["window"]
+    if not hasattr(w, "shape") or len(w.shape) != 2 or w.shape[0] != batch or w.shape[1] > state["pos"]:
+        raise ValueError(f"state['window'] must be an int array of shape ({batch}, n) with n <= state['pos'] "
+                         f"= {state['pos']}, got {getattr(w, 'shape', type(w).__name__)}")
+    h = state["history"]
+    if not isinstance(h, list) or any(not isinstance(r, dict) or not {"start", "mem", "cms"} <= set(r) for r in h):
+        raise TypeError("state['history'] must be a list of records {'start', 'mem', 'cms'} from model.forward")
     return _copy(state)
 
 

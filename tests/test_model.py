@@ -497,3 +497,31 @@ def test_each_level_write_is_its_own_chunk_gradient(name):
                 assert abs(analytic - fd) <= tol("float64", "gradcheck") * max(abs(fd), 1e-3), (key, g, analytic, fd)
                 checked += 1
     assert checked == 2 * cfg.n_layers * sum(-(-T // lv.period) - 1 for lv in cfg.cms_levels[:4])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_malformed_state_is_a_clear_error(backend):
+    """A state that is not what forward returned: TypeError/ValueError naming the entry, never an
+    AttributeError or KeyError from deep inside (issue 14, item 5)."""
+    from nested_learning.fast.cpu import model as cpu
+
+    M = model if backend == "reference" else cpu
+    cfg = config.preset("hope-attention-tiny")
+    params = model.init_params(cfg, seed=0)
+    tokens = _tokens(cfg, 2, 5)
+    _, good = M.forward(params, tokens, cfg)
+    bad = {
+        "not a dict": ([1, 2], TypeError, "state must be the dict"),
+        "missing key": ({k: v for k, v in good.items() if k != "history"}, TypeError, "keys"),
+        "pos a string": (good | {"pos": "3"}, TypeError, r"state\['pos'\]"),
+        "batch negative": (good | {"batch": -1}, TypeError, r"state\['batch'\]"),
+        "cms not a list": (good | {"cms": None}, TypeError, r"state\['cms'\]"),
+        "mem too short": (good | {"mem": []}, TypeError, r"state\['mem'\]"),
+        "window garbage": (good | {"window": "abc"}, ValueError, r"state\['window'\]"),
+        "window too long": (good | {"window": np.zeros((2, 99), dtype=np.int64)}, ValueError, r"state\['window'\]"),
+        "history garbage": (good | {"history": [1]}, TypeError, r"state\['history'\]"),
+    }
+    for name, (state, exc, match) in bad.items():
+        with pytest.raises(exc, match=match):
+            M.forward(params, tokens, cfg, state)
+    M.forward(params, tokens, cfg, good)  # the good state still works
