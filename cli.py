@@ -15,7 +15,7 @@ import click
 # Reference modules whose GRADCHECKS ``nested-learning check`` runs (SPEC.md#gradient-checks).
 GRADCHECK_MODULES = (
     "primitives", "memory", "mlp_memory", "titans", "selfmod", "cms", "model", "optimizers", "toy",
-    "layer_rules", "optimizer_memories",
+    "layer_rules", "optimizer_memories", "linear_layers",
 )
 
 # Tolerance of the float64 central-difference checks (tests/tolerances.py, ("float64", "gradcheck")).
