@@ -27,7 +27,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-FAMILIES = ("hope", "hope-attention", "titans", "transformer")
+FAMILIES = ("hope", "hope-attention", "titans", "transformer", "linear-attention", "deltanet", "gated-deltanet")
+LINEAR_FAMILIES = ("linear-attention", "deltanet", "gated-deltanet")  # reference/linear_layers.py
 CMS_VARIANTS = ("sequential", "independent")
 ACTIVATIONS = ("gelu", "silu")
 DTYPES = ("float32", "float64")
@@ -64,7 +65,8 @@ class ModelConfig:
 
     Families (SPEC.md#hope): ``hope`` (self-modifying Titans then CMS), ``hope-attention``
     (causal softmax attention then CMS), ``titans`` (the Titans memory layer then a SwiGLU MLP),
-    ``transformer`` (Transformer++: RoPE attention then SwiGLU). Every block is pre-norm
+    ``transformer`` (Transformer++: RoPE attention then SwiGLU), ``linear-attention``, ``deltanet``,
+    ``gated-deltanet`` (reference/linear_layers.py then SwiGLU, SPEC.md#linear-families). Every block is pre-norm
     residual with RMSNorm.
     """
 
@@ -115,7 +117,8 @@ class ModelConfig:
             bad(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
         if (self.d_model // self.n_heads) % 2 and self.family in ("transformer", "hope-attention"):
             bad(f"the head width d_model / n_heads = {self.d_model // self.n_heads} must be even (RoPE pairs)")
-        if self.family in ("transformer", "titans") and (not isinstance(self.mlp_hidden, int) or self.mlp_hidden < 1):
+        if self.family in ("transformer", "titans", *LINEAR_FAMILIES) and (
+                not isinstance(self.mlp_hidden, int) or self.mlp_hidden < 1):
             bad(f"mlp_hidden must be a positive int for family {self.family!r}, got {self.mlp_hidden!r}")
         if self.cms_variant not in CMS_VARIANTS:
             bad(f"cms_variant must be one of {CMS_VARIANTS}, got {self.cms_variant!r}")
@@ -234,10 +237,16 @@ PRESETS: dict[str, ModelConfig] = {
     "hope-attention-tiny": _tiny("hope-attention", cms_levels=_TINY_CMS),
     "titans-tiny": _tiny("titans", n_heads=2),
     "hope-tiny": _tiny("hope", cms_levels=_TINY_CMS),
+    "linear-attention-tiny": _tiny("linear-attention"),
+    "deltanet-tiny": _tiny("deltanet"),
+    "gated-deltanet-tiny": _tiny("gated-deltanet"),
     "transformer-small": _small("transformer"),
     "hope-attention-small": _small("hope-attention", cms_levels=_SMALL_CMS),
     "titans-small": _small("titans", mlp_hidden=896),
     "hope-small": _small("hope", cms_levels=_SMALL_HOPE_CMS, mem_eta_max=0.01),
+    "linear-attention-small": _small("linear-attention"),  # the transformer-small's SwiGLU width
+    "deltanet-small": _small("deltanet"),
+    "gated-deltanet-small": _small("gated-deltanet"),
     "transformer-medium": _medium("transformer"),
     "hope-attention-medium": _medium("hope-attention", cms_levels=_MEDIUM_CMS),
     "titans-medium": _medium("titans", mlp_hidden=1792),
@@ -264,6 +273,6 @@ def preset(name: str) -> ModelConfig:
 
 
 __all__ = [
-    "ACTIVATIONS", "CMS_VARIANTS", "CMSLevel", "DTYPES", "FAMILIES", "ModelConfig", "PRESETS", "SELFMOD_SWITCHES",
+    "ACTIVATIONS", "CMS_VARIANTS", "CMSLevel", "DTYPES", "FAMILIES", "LINEAR_FAMILIES", "ModelConfig", "PRESETS", "SELFMOD_SWITCHES",
     "from_dict", "preset", "preset_names",
 ]

@@ -44,7 +44,7 @@ import numpy as np
 
 from . import cms
 from . import primitives as P
-from .config import SELFMOD_SWITCHES, ModelConfig
+from .config import LINEAR_FAMILIES, SELFMOD_SWITCHES, ModelConfig
 
 # ---------------------------------------------------------------------------------------------
 # Parameters
@@ -69,6 +69,12 @@ def _mem_layer(cfg: ModelConfig):
                                    memory=cfg.mem_kind, hidden=cfg.mem_hidden, eta_max=cfg.mem_eta_max,
                                    eps=cfg.norm_eps)
         return titans, tcfg, titans.titans_forward, titans.titans_backward
+    if cfg.family in LINEAR_FAMILIES:  # SPEC.md#linear-families
+        from . import linear_layers as LL
+
+        lcfg = LL.LinearLayerConfig(d_model=cfg.d_model, n_heads=cfg.n_heads, rule=LL.FAMILY_RULES[cfg.family],
+                                    chunk=cfg.mem_chunk, eps=cfg.norm_eps)
+        return LL, lcfg, LL.forward, LL.backward
     if cfg.family == "hope":
         from . import selfmod
 

@@ -1,18 +1,39 @@
 """The linear-attention, DeltaNet and Gated DeltaNet layers (reference/linear_layers.py) and families.
 
 SPEC.md#linear-families. The layer: float64 gradient checks of every parameter, the input and the
-incoming state; the chunk form equals the token-loop rules of reference/memory.py; streaming.
+incoming state; the chunk form equals the token-loop rules of reference/memory.py; streaming. The
+families: the whole-model float64 gradient check (as tests/test_model.py), streaming equals one
+call at random split points, the CPU port (the reference layer as a counted fallback) agrees with
+the reference, and ``nested-learning train`` runs each tiny preset.
 """
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tolerances import assert_close, tol
 
+from nested_learning import config
+from nested_learning.cli import cli
+from nested_learning.fast.cpu import model as F
+from nested_learning.fast.cpu import primitives as FP
 from nested_learning.reference import linear_layers as LL
 from nested_learning.reference import memory as MEM
-from nested_learning.reference.gradcheck import check_gradients
+from nested_learning.reference import model as R
+from nested_learning.reference.gradcheck import check_gradients, dot_product_test
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_cli_train import write_corpus  # noqa: E402
+from test_fast_cpu_model import _assert_grads_close, _assert_state_close  # noqa: E402
+from test_model import _plain_loss, _spot_check  # noqa: E402
+
+TINY = ["linear-attention-tiny", "deltanet-tiny", "gated-deltanet-tiny"]
 
 # ---------------------------------------------------------------------------------------------
 # The layer
@@ -89,3 +110,110 @@ def test_layer_bad_input():
         LL.forward(x, params, cfg, {"M": np.zeros((1, 2, 2))})
     with pytest.raises(ValueError, match="x: expected shape"):
         LL.forward(np.zeros((1, 3, 5)), params, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# The families
+# ---------------------------------------------------------------------------------------------
+
+
+def _tokens(cfg, B, T, seed=0):
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(B, T))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_whole_model_gradients(name):
+    """float64: directional finite differences along 3 random directions over every parameter and
+    central differences at one random entry of every key (tests/test_model.py's check)."""
+    cfg = config.preset(name)
+    rng = np.random.default_rng(7)
+    params = R.init_params(cfg, seed=3)
+    tokens = _tokens(cfg, 2, 7, seed=1)
+    loss, grads = R.loss_and_grads(params, tokens, cfg)
+    assert set(grads) == set(params)
+    assert any(k.endswith("mem.W_q") for k in grads)
+
+    def f(a):
+        return _plain_loss(a, tokens, cfg)
+
+    assert abs(loss - float(f(params))) <= 1e-12 * max(1.0, abs(loss))
+    t = tol("float64", "gradcheck")
+    for _ in range(3):
+        assert dot_product_test(f, params, grads, rng) <= t
+    error, worst = _spot_check(f, params, grads, rng)
+    assert error <= t, (worst, error)
+
+
+@pytest.mark.parametrize("name", TINY)
+@settings(max_examples=15, deadline=None)
+@given(cuts=st.lists(st.integers(1, 10), min_size=1, max_size=3, unique=True), seed=st.integers(0, 2**16))
+def test_streaming_equals_one_call(name, cuts, seed):
+    """forward over T tokens == chained calls carrying the state at any split points (the tiny
+    presets' chunk is 2 tokens: splits inside a chunk included): logits and the memory states."""
+    cfg = config.preset(name)
+    params = R.init_params(cfg, seed=seed % 7)
+    tokens = _tokens(cfg, 2, 11, seed)
+    logits, state = R.forward(params, tokens, cfg)
+    pieces, st_ = [], None
+    for a, b in zip([0] + sorted(cuts), sorted(cuts) + [11], strict=True):
+        lg, st_ = R.forward(params, tokens[:, a:b], cfg, st_)
+        pieces.append(lg)
+    assert_close(np.concatenate(pieces, axis=1), logits, "float64", "rewrite", f"{name} logits")
+    for i, mem in enumerate(state["mem"]):
+        assert_close(st_["mem"][i]["M"], mem["M"], "float64", "rewrite", f"{name} mem {i}")
+
+
+def test_presets_and_validation():
+    """The small presets have the transformer-small's parameter count within 10 %; the tiny ones
+    are float64; mlp_hidden is validated for the new families."""
+    base = sum(R.param_counts(config.preset("transformer-small")).values())
+    for name in TINY:
+        assert config.preset(name).dtype == "float64"
+        small = name.replace("-tiny", "-small")
+        n = sum(R.param_counts(config.preset(small)).values())
+        assert abs(n - base) <= 0.1 * base, (small, n, base)
+        with pytest.raises(ValueError, match="mlp_hidden must be a positive int"):
+            dataclasses.replace(config.preset(name), mlp_hidden=0)
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cpu_port_matches_reference(name, dtype):
+    """fast/cpu's model (the reference layer as an explicit fallback, counted in
+    primitives.FALLBACKS) agrees with the reference: loss, every gradient, logits, state, streaming."""
+    cfg = dataclasses.replace(config.preset(name), dtype=dtype)
+    assert F.PORTED_LAYERS[cfg.family] is None
+    params = R.init_params(cfg, seed=4)
+    tokens = _tokens(cfg, 3, 9, seed=5)
+    before = FP.FALLBACKS.get(f"model.{cfg.family}_layer", 0)
+    lf, gf = F.loss_and_grads(params, tokens, cfg)
+    lr, gr = R.loss_and_grads(params, tokens, cfg)
+    assert FP.FALLBACKS.get(f"model.{cfg.family}_layer", 0) > before  # the fallback is counted
+    assert_close(lf, lr, dtype, "port", "loss")
+    assert list(gf) == list(gr)
+    _assert_grads_close(gf, gr, dtype)
+    yf, sf = F.forward(params, tokens, cfg)
+    yr, sr = R.forward(params, tokens, cfg)
+    assert_close(yf, yr, dtype, "port", "logits")
+    _assert_state_close(sf, sr, dtype)
+    y1, s1 = F.forward(params, tokens[:, :4], cfg)
+    y2, _ = F.forward(params, tokens[:, 4:], cfg, s1)
+    assert_close(np.concatenate([y1, y2], axis=1), yr, dtype, "port", "streamed logits")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("lin") / "corpus", n_docs=4, n_words=200)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("preset", TINY)
+def test_preset_trains_from_the_cli(preset, backend, corpus, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", "--preset", preset, "--backend", backend, "--data", str(corpus),
+                                      "--steps", "2", "--seq-len", "8", "--batch-size", "2", "--out", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and np.isfinite(summary["final_train_loss"])
+    assert json.loads((out / "config.json").read_text())["model"]["family"] == config.preset(preset).family

@@ -97,14 +97,17 @@ def _blas_limited(fn):
     return wrapper
 
 
-PORTED_LAYERS: dict[str, str | None] = {"titans": "titans", "hope": "selfmod"}
+PORTED_LAYERS: dict[str, str | None] = {"titans": "titans", "hope": "selfmod",
+                                        # not yet ported: reference/linear_layers.py, a counted fallback
+                                        "linear-attention": None, "deltanet": None, "gated-deltanet": None}
 """family -> the fast.cpu module of its sequence-memory layer (None: the reference's layer, an
 explicit fallback). Set once the port has landed and its equivalence tests pass."""
 
 
 def _mem_layer(cfg: ModelConfig):
     """(module, layer config, forward, backward) of the titans / hope families' memory layer."""
-    name = {"titans": "titans", "hope": "selfmod"}.get(cfg.family)
+    name = {"titans": "titans", "hope": "selfmod", "linear-attention": "linear_layers", "deltanet": "linear_layers",
+            "gated-deltanet": "linear_layers"}.get(cfg.family)
     if name is None:
         raise ValueError(f"family {cfg.family!r} has no memory layer")
     if PORTED_LAYERS[cfg.family] is not None:
@@ -117,6 +120,10 @@ def _mem_layer(cfg: ModelConfig):
                                    memory=cfg.mem_kind, hidden=cfg.mem_hidden, eta_max=cfg.mem_eta_max,
                                    eps=cfg.norm_eps)
         return module, lcfg, module.titans_forward, module.titans_backward
+    if name == "linear_layers":  # SPEC.md#linear-families
+        lcfg = module.LinearLayerConfig(d_model=cfg.d_model, n_heads=cfg.n_heads, rule=module.FAMILY_RULES[cfg.family],
+                                        chunk=cfg.mem_chunk, eps=cfg.norm_eps)
+        return module, lcfg, module.forward, module.backward
     from ...reference.model import selfmod_switches  # the reference adapter's own mapping
 
     lcfg = module.SelfModConfig(d_model=cfg.d_model, n_heads=cfg.n_heads, chunk_memory=cfg.mem_chunk,
