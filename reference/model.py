@@ -490,18 +490,22 @@ def apply_writes(cfg: ModelConfig, state, due_grads, record):
     state["window"] = state["window"][:, start - (pos - state["window"].shape[1]):]
 
 
-def _complete_chunks(params, cfg, state, next_token, record):
+def complete_chunks(params, cfg: ModelConfig, state, next_token, record, chunk_gradient=None):
     """The CMS writes due at position pos (a multiple of the processing chunk), now that the target
     of position pos - 1 has arrived: each level whose period ends here re-runs its own chunk
     [pos - C^(l), pos) from the states before it and applies Eq. (71) with that chunk's summed
-    next-token-loss gradient (levels with the same period share one re-run)."""
+    next-token-loss gradient (levels with the same period share one re-run).
+
+    ``chunk_gradient(params, cfg, state, start, next_token) -> dcms`` computes a chunk's gradient
+    (default ``_level_chunk_gradient``; a port passes its own)."""
+    chunk_gradient = chunk_gradient or _level_chunk_gradient
     pos = state["pos"]
     due = cms.updates_at(cfg.cms_levels, pos, cfg.cms_in_context)
     due_grads, by_period = {}, {}
     for l in due:
         period = cfg.cms_levels[l].period
         if period not in by_period:
-            by_period[period] = _level_chunk_gradient(params, cfg, state, pos - period, next_token)
+            by_period[period] = chunk_gradient(params, cfg, state, pos - period, next_token)
         due_grads[l] = by_period[period]
     apply_writes(cfg, state, due_grads, record)
 
@@ -520,7 +524,7 @@ def _run(params, tokens, cfg, state, record=None):
     out, t = [], 0
     while t < T:
         if writes_due(cfg, state):
-            _complete_chunks(params, cfg, state, tokens[:, t], record)
+            complete_chunks(params, cfg, state, tokens[:, t], record)
         n = T - t if C is None else min(T - t, C - state["pos"] % C)
         out.append(_advance(params, cfg, state, tokens[:, t:t + n]))
         t += n

@@ -26,7 +26,7 @@ Decisions (SPEC.md#fast-cpu):
       ``primitives.FALLBACKS`` (``"model.<family>_layer"``);
     - the CMS writes' bookkeeping (which level chunks are open, the weights in force, Eq. 71 and
       forgetting what no open chunk needs) is the reference's own (``level_chunk_inputs``,
-      ``apply_writes``, ``writes_due``, imported); the port re-runs a level's chunk with its own stack;
+      ``complete_chunks``, ``writes_due``, imported); the port re-runs a level's chunk with its own stack;
     - one saving the reference does not make: when the processing chunk was forwarded in one piece
       by the same call, the write of the levels whose period is the processing chunk re-uses that
       forward's cache instead of re-running it (the inputs are identical: the same cache prefix,
@@ -71,7 +71,7 @@ from ...reference.model import (  # noqa: F401  (re-exported: the shared, non-nu
     _has_attention,
     _has_cms,
     _in_context_levels,
-    apply_writes,
+    complete_chunks,
     init_params,
     init_state,
     level_chunk_inputs,
@@ -303,19 +303,14 @@ def _level_chunk_gradient(params, cfg, state, start, next_token, fwd=None):
 
 
 def _complete_chunks(params, cfg, state, next_token, record, fwd=None):
-    """The CMS writes due now (reference/model.py::_complete_chunks). ``fwd``: (logits, stack cache)
-    of the last processing chunk when it ran in one piece in this call: the re-run of the levels whose
-    period is the processing chunk."""
-    pos = state["pos"]
-    due = cms.updates_at(cfg.cms_levels, pos, cfg.cms_in_context)
-    due_grads, by_period = {}, {}
-    for l in due:
-        period = cfg.cms_levels[l].period
-        if period not in by_period:
-            reuse = fwd if period == cfg.cms_chunk else None
-            by_period[period] = _level_chunk_gradient(params, cfg, state, pos - period, next_token, reuse)
-        due_grads[l] = by_period[period]
-    apply_writes(cfg, state, due_grads, record)
+    """The CMS writes due now (reference/model.py::complete_chunks) with this port's chunk gradient.
+    ``fwd``: (logits, stack cache) of the last processing chunk when it ran in one piece in this
+    call: the re-run of the levels whose period is the processing chunk."""
+    def gradient(params, cfg, state, start, next_token):
+        reuse = fwd if state["pos"] - start == cfg.cms_chunk else None
+        return _level_chunk_gradient(params, cfg, state, start, next_token, reuse)
+
+    complete_chunks(params, cfg, state, next_token, record, gradient)
 
 
 def _run(params, tokens, cfg, state, record=None, keep=None):
