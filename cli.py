@@ -291,6 +291,7 @@ def eval_(target, data, seq_len, batch_size, max_batches, continual, max_docs, d
         backend = backend or training.default_backend()
         training.check_backend(backend)
         params, rc, ck = training.load_model_checkpoint(target)
+        training.check_backend(backend, rc.model.family)
         tc, mc = rc.train, rc.model
         if data is None:
             split = data_mod.load_corpus(tc.data, tc.val_fraction).val
@@ -359,6 +360,7 @@ def generate(target, prompt, max_bytes, temperature, top_k, seed, backend) -> No
         backend = backend or training.default_backend()
         training.check_backend(backend)
         params, rc, _ = training.load_model_checkpoint(target)
+        training.check_backend(backend, rc.model.family)
         tokens = data_mod.encode(prompt)
         if tokens.shape[0] == 0:
             raise click.BadParameter("the prompt is empty; give at least one character", param_hint="--prompt")

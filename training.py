@@ -353,9 +353,16 @@ def _optimizers(backend: str = "reference"):
     return optimizers
 
 
-def check_backend(backend: str) -> None:
+def check_backend(backend: str, family: str | None = None) -> None:
+    """TrainingError unless ``backend`` can run here (and computes ``family``, when given)."""
     if backend not in BACKENDS:
         raise TrainingError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if family is not None and backend == "gpu":
+        from nested_learning.fast.gpu.model import FAMILIES as GPU_FAMILIES
+
+        if family not in GPU_FAMILIES:
+            raise TrainingError(f"backend 'gpu' does not compute the {family!r} family yet (it computes "
+                                f"{', '.join(GPU_FAMILIES)}); use --backend cpu or --backend reference")
     if backend == "cpu":
         try:  # reads the NL_CPU_* settings (SPEC.md#fast-cpu); a bad one is named with its choices
             from nested_learning.fast.cpu import model  # noqa: F401
@@ -598,6 +605,7 @@ def preflight(rc: RunConfig, corpus) -> None:
     split holds a window, the validation split holds a window, the optimizer accepts its
     hyper-parameters, one step fits in memory."""
     tc = rc.train
+    check_backend(tc.backend, rc.model.family)
     data_mod.BatchSampler(corpus.train.stream, tc.batch_size, tc.seq_len, seed=[tc.seed, 1])
     if corpus.val.n_bytes < tc.seq_len + 1:
         raise data_mod.DataError(

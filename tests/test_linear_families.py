@@ -217,3 +217,22 @@ def test_preset_trains_from_the_cli(preset, backend, corpus, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and np.isfinite(summary["final_train_loss"])
     assert json.loads((out / "config.json").read_text())["model"]["family"] == config.preset(preset).family
+
+
+def test_the_gpu_backend_names_the_backends_that_compute_a_new_family(tmp_path, monkeypatch):
+    """A family the GPU port does not compute yet: one clear error before anything is written (the
+    command line; the GPU port over NumPy, so the check is the family's, not CuPy's absence) and a
+    ValueError from the port's API, never a bare ImportError or a silent fallback."""
+    from nested_learning.fast.gpu import model as gpu
+
+    monkeypatch.setattr(gpu, "NAMESPACE", "numpy")
+    cfg = config.preset("deltanet-tiny")
+    with pytest.raises(ValueError, match="does not compute the 'deltanet' family"):
+        gpu.loss_and_grads(R.init_params(cfg, 0), np.zeros((1, 4), dtype=np.int64), cfg)
+    data = tmp_path / "d.txt"
+    data.write_text("some text for a tiny corpus\n" * 200)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", "--preset", "deltanet-tiny", "--backend", "gpu", "--data", str(data),
+                                      "--steps", "1", "--seq-len", "8", "--out", str(out)])
+    assert result.exit_code == 1 and "does not compute the 'deltanet' family" in result.output, result.output
+    assert not out.exists()

@@ -521,7 +521,7 @@ def test_a_malformed_state_is_a_clear_error(backend):
         "window too long": (good | {"window": np.zeros((2, 99), dtype=np.int64)}, ValueError, r"state\['window'\]"),
         "history garbage": (good | {"history": [1]}, TypeError, r"state\['history'\]"),
     }
-    for name, (state, exc, match) in bad.items():
+    for _name, (state, exc, match) in bad.items():
         with pytest.raises(exc, match=match):
             M.forward(params, tokens, cfg, state)
     M.forward(params, tokens, cfg, good)  # the good state still works

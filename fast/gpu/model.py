@@ -37,6 +37,15 @@ from ...reference.model import (  # noqa: F401  (re-exported: the shared, non-nu
 from . import namespace
 
 NAMESPACE = os.environ.get("NL_GPU_NAMESPACE", "cupy")
+FAMILIES = ("transformer", "hope-attention", "titans", "hope")
+"""The model families this port computes (the modules ``namespace.MODULES`` loads); another family
+is a ValueError naming the backends that compute it (SPEC.md#fast-gpu)."""
+
+
+def _check_family(cfg) -> None:
+    if getattr(cfg, "family", None) not in FAMILIES:
+        raise ValueError(f"the GPU port does not compute the {getattr(cfg, 'family', cfg)!r} family yet (it computes "
+                         f"{', '.join(FAMILIES)}); the reference and the CPU port do")
 
 
 def _ns():
@@ -82,11 +91,13 @@ def _out(tree, as_numpy: bool):
 
 def init_state(params, cfg, batch: int, as_numpy: bool = True) -> dict:
     """The reference's fresh state (the same layout on every backend)."""
+    _check_family(cfg)
     return _out(_ns().model.init_state(to_device(params), cfg, batch), as_numpy)
 
 
 def forward(params, tokens, cfg, state=None, as_numpy: bool = True):
     """Logits (B, T, V) and the state that continues the sequences (pass it back to continue)."""
+    _check_family(cfg)
     logits, new_state = _ns().model.forward(to_device(params), _tokens(tokens), cfg,
                                             None if state is None else to_device(state))
     return _out(logits, as_numpy), _out(new_state, as_numpy)
@@ -94,17 +105,20 @@ def forward(params, tokens, cfg, state=None, as_numpy: bool = True):
 
 def loss_and_grads(params, tokens, cfg, as_numpy: bool = True):
     """Mean next-token loss on tokens[:, 1:] (a float) and its gradient (the keys of ``params``)."""
+    _check_family(cfg)
     loss, grads = _ns().model.loss_and_grads(to_device(params), _tokens(tokens), cfg)
     return float(loss), _out(grads, as_numpy)
 
 
 def cms_increments(params, tokens, cfg, as_numpy: bool = True) -> dict:
     """The in-context CMS increments of a fresh pass (reference.model.cms_increments)."""
+    _check_family(cfg)
     return _out(_ns().model.cms_increments(to_device(params), _tokens(tokens), cfg), as_numpy)
 
 
 def loss_with_increments(params, tokens, cfg, increments) -> float:
     """The loss with the in-context CMS increments frozen (reference.model.loss_with_increments)."""
+    _check_family(cfg)
     return float(_ns().model.loss_with_increments(to_device(params), _tokens(tokens), cfg,
                                                   to_device(increments)))
 
