@@ -47,6 +47,7 @@ import numpy as np
 
 from . import memory as MEM
 from . import primitives as P
+from . import titans as T
 from .titans import _gate_backward, _gate_forward
 
 RULES = ("hebbian", "delta", "gated_delta")
@@ -116,21 +117,8 @@ def init_state(params: dict[str, np.ndarray], cfg: LinearLayerConfig, batch: int
 
 def _check_inputs(x, params, cfg, state):
     """ValueError naming the argument and the expected shape for bad input."""
-    if not isinstance(cfg, LinearLayerConfig):
-        raise ValueError(f"cfg: expected a LinearLayerConfig, got {type(cfg).__name__}")
-    x = np.asarray(x)
-    if x.ndim != 3 or x.shape[-1] != cfg.d_model or x.shape[1] < 1:
-        raise ValueError(f"x: expected shape (B, T, D) with D = {cfg.d_model} and T >= 1, got {x.shape}")
-    if x.dtype not in (np.float32, np.float64):
-        raise ValueError(f"x: expected dtype float32 or float64, got {x.dtype}")
-    for name, shape in param_shapes(cfg).items():
-        if name not in params:
-            raise ValueError(f"params[{name!r}]: missing; expected shape {shape}")
-        p = np.asarray(params[name])
-        if p.shape != shape:
-            raise ValueError(f"params[{name!r}]: expected shape {shape}, got {p.shape}")
-        if p.dtype != x.dtype:
-            raise ValueError(f"params[{name!r}]: expected dtype {x.dtype} (that of x), got {p.dtype}")
+    x = T.check_layer_inputs(x, params, cfg, LinearLayerConfig,
+                             param_shapes(cfg) if isinstance(cfg, LinearLayerConfig) else {})
     if state is not None:
         shape = (x.shape[0], cfg.n_heads, cfg.head_dim, cfg.head_dim)
         if not isinstance(state, dict) or "M" not in state or np.shape(state["M"]) != shape:

@@ -488,16 +488,18 @@ def memory_chunked_backward(do, cache, dmem=None):
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_inputs(x, params, cfg, state):
-    """ValueError naming the argument and the expected shape for bad input."""
-    if not isinstance(cfg, TitansConfig):
-        raise ValueError(f"cfg: expected a TitansConfig, got {type(cfg).__name__}")
+def check_layer_inputs(x, params, cfg, cfg_type, shapes):
+    """The checks every sequence layer's forward shares (ValueError naming the argument and the
+    expected shape): ``cfg`` a ``cfg_type``, x (B, T, D) float32/float64 with T >= 1, and every
+    parameter of ``shapes`` present with its shape and x's dtype. Returns x as an array."""
+    if not isinstance(cfg, cfg_type):
+        raise ValueError(f"cfg: expected a {cfg_type.__name__}, got {type(cfg).__name__}")
     x = np.asarray(x)
     if x.ndim != 3 or x.shape[-1] != cfg.d_model or x.shape[1] < 1:
         raise ValueError(f"x: expected shape (B, T, D) with D = {cfg.d_model} and T >= 1, got {x.shape}")
     if x.dtype not in (np.float32, np.float64):
         raise ValueError(f"x: expected dtype float32 or float64, got {x.dtype}")
-    for name, shape in param_shapes(cfg).items():
+    for name, shape in shapes.items():
         if name not in params:
             raise ValueError(f"params[{name!r}]: missing; expected shape {shape}")
         p = np.asarray(params[name])
@@ -505,6 +507,12 @@ def _check_inputs(x, params, cfg, state):
             raise ValueError(f"params[{name!r}]: expected shape {shape}, got {p.shape}")
         if p.dtype != x.dtype:
             raise ValueError(f"params[{name!r}]: expected dtype {x.dtype} (that of x), got {p.dtype}")
+    return x
+
+
+def _check_inputs(x, params, cfg, state):
+    """ValueError naming the argument and the expected shape for bad input."""
+    x = check_layer_inputs(x, params, cfg, TitansConfig, param_shapes(cfg) if isinstance(cfg, TitansConfig) else {})
     if state is not None:
         B = x.shape[0]
         wshape = {"M": (cfg.n_heads, cfg.head_dim, cfg.head_dim),
