@@ -87,6 +87,8 @@ def _model_info(name: str) -> None:
                f"{cfg.n_layers} layers, {cfg.n_heads} heads, dtype {cfg.dtype}")
     for lv in cfg.cms_levels:
         period = "frozen" if lv.period is None else f"period {lv.period} tokens, eta {lv.eta:g}"
+        if lv.period is not None and not cfg.cms_in_context:
+            period = f"frozen (cms_in_context = false; period {lv.period} unused)"
         click.echo(f"  CMS level: hidden {lv.hidden}, {period}")
     counts = model.param_counts(cfg)
     width = max(len(k) for k in counts)

@@ -209,3 +209,13 @@ def test_run_from_before_the_switches_resumes(corpus, tmp_path):
     result = CliRunner().invoke(cli, ["train", "--resume", str(run), "--steps", "3"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
+
+
+def test_info_says_no_cms_level_updates_in_context():
+    """``info --model hope-small-no-cms``: every level is shown frozen, not with a period it never uses."""
+    result = CliRunner().invoke(cli, ["info", "--model", "hope-small-no-cms"])
+    assert result.exit_code == 0, result.output
+    levels = [line for line in result.output.splitlines() if "CMS level" in line]
+    assert levels and all("frozen" in line for line in levels), result.output
+    on = CliRunner().invoke(cli, ["info", "--model", "hope-small"]).output
+    assert any("period 16 tokens" in line for line in on.splitlines() if "CMS level" in line)
