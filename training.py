@@ -116,7 +116,8 @@ class TrainConfig:
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 bad(key, f"must be an integer >= 0, got {v!r}")
-        if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
+        w = self.warmup_steps
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 0):
             bad("warmup_steps", f"must be an integer >= 0, got {self.warmup_steps!r}")
         if self.optimizer not in OPTIMIZERS:
             bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")

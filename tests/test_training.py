@@ -357,3 +357,12 @@ def test_gpu_backend_loop_over_the_numpy_namespace_is_the_reference(tmp_path, co
     more = training.resolve_config(training.read_toml(tmp_path / "gpu" / "config.toml"), {"steps": 6})
     training.train(more, tmp_path / "gpu", resume=True, echo=lambda s: None)  # a GPU checkpoint resumes
     assert len(losses(tmp_path / "gpu")) == 6
+
+
+@pytest.mark.parametrize("key", ["steps", "batch_size", "seq_len", "eval_batches", "log_every", "eval_every",
+                                 "checkpoint_every", "seed", "blas_threads", "warmup_steps"])
+def test_a_boolean_is_not_a_count(key):
+    """TOML ``warmup_steps = true`` is not 1 (bool is an int subclass in Python): a ValueError naming
+    the key (found by tests/test_fuzz_runs.py on a fresh machine)."""
+    with pytest.raises(ValueError, match=f"^{key}: must be"):
+        training.TrainConfig(**{key: True})
