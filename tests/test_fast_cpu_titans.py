@@ -21,7 +21,7 @@ from tolerances import assert_close, tol
 
 from nested_learning.fast.cpu import titans as FT
 from nested_learning.reference import titans as RT
-from nested_learning.reference.gradcheck import check_gradients
+from nested_learning.reference.gradcheck import check_gradients, rel_error
 
 
 def _assert_same_tree(fast, ref, dtype, name):
@@ -124,6 +124,35 @@ def test_chunk_coefficients_kernel_matches_reference(c, momentum, dtype, seed):
         _assert_same_tree(a, b, dtype, name)
 
 
+@pytest.mark.parametrize("momentum", [True, False])
+def test_chunk_coefficients_backward_is_finite_at_a_retention_gate_of_zero(momentum):
+    """A retention gate that underflowed to exactly 0 (seen in float32 training: sigmoid of a very
+    negative gate, hope-small on Python 3.11.2's standard library, step 92) has a finite dalpha: the
+    port's VJP does not divide by alpha. Checked against central differences of the coefficients
+    (the forward kernel's products, defined around 0) in float64, the zero gate's entry included."""
+    rng = np.random.default_rng(3)
+    c = 6
+    alpha, beta = (rng.uniform(0.3, 0.99, (2, 2, c)) for _ in range(2))
+    alpha[0, 1, 2] = alpha[1, 0, 5] = alpha[1, 1, 0] = 0.0
+    eta = rng.uniform(0, 1, (2, 2, c))
+    coefs, cache = FT.chunk_coefficients(alpha, beta, eta, momentum)
+    ups = [rng.standard_normal(np.shape(a)) for a in coefs]
+    dalpha = FT.chunk_coefficients_backward(*ups, cache)[0]
+    assert np.isfinite(dalpha).all()
+
+    def f(al):
+        return sum(float(np.sum(u * a)) for u, a in zip(ups, FT.chunk_coefficients(al, beta, eta, momentum)[0],
+                                                         strict=True))
+
+    num = np.zeros_like(alpha)
+    for idx in np.ndindex(alpha.shape):
+        up, dn = alpha.copy(), alpha.copy()
+        up[idx] += 1e-6
+        dn[idx] -= 1e-6
+        num[idx] = (f(up) - f(dn)) / 2e-6
+    assert rel_error(dalpha, num) <= tol("float64", "gradcheck")
+
+
 @pytest.mark.parametrize("kw", [dict(chunk=2, memory="mlp"), dict(chunk=3), dict(chunk=2, memory="mlp", momentum=False)])
 def test_fast_backward_passes_the_gradient_check(kw):
     """The port's own backward against central differences and the dot-product test (float64)."""
@@ -211,7 +240,7 @@ def test_bad_input_raises_like_the_reference():
 _NOJIT_SCRIPT = """
 import numpy as np
 from nested_learning.fast.cpu import titans as FT
-from nested_learning.reference.gradcheck import check_gradients
+from nested_learning.reference.gradcheck import check_gradients, rel_error
 from nested_learning.reference import titans as RT
 import numba
 assert numba.config.DISABLE_JIT

@@ -105,9 +105,11 @@ def _coef_kernel(alpha, beta, eta, momentum, a_out, P_out, K_out, A, s, w, Bc, e
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _coef_backward_kernel(dA, ds, dw, dBc, de, a, Pm, K, alpha, beta, eta, momentum, dalpha, dbeta, deta):
-    """VJP of ``_coef_kernel`` (the reference's log-derivative form: d log a_i / d log alpha_j =
-    [j > i], d log P[i, m] / d log beta_j = [m < j <= i]). ``error_model="numpy"``: a gate that
-    underflowed to 0 gives inf/nan as the reference's NumPy division does, not ZeroDivisionError."""
+    """VJP of ``_coef_kernel``. dalpha by a division-free recurrence (finite where a retention gate
+    underflowed to 0 in float32; the reference's log-derivative form divides by alpha); dbeta in the
+    reference's log-derivative form (d log P[i, m] / d log beta_j = [m < j <= i]), dividing by beta.
+    ``error_model="numpy"``: a momentum gate at 0 gives inf/nan as the reference's NumPy division
+    does, not ZeroDivisionError."""
     nb, nh, c = alpha.shape
     for bh in range(nb * nh):
         b, h = bh // nh, bh % nh
@@ -119,15 +121,20 @@ def _coef_backward_kernel(dA, ds, dw, dBc, de, a, Pm, K, alpha, beta, eta, momen
                 terms[i, m] = a[b, h, i] * Pm[b, h, i, m] * dw[b, h, m - 1] * eta[b, h, m - 1]
             if momentum:
                 terms[i, 0] = a[b, h, i] * Pm[b, h, i, 0] * ds[b, h]
-        # dalpha_j (1-based j) = (sum_{i<j} r_i + dA a_0) / alpha_j
-        run = 0.0
-        base = dA[b, h] * a[b, h, 0]
-        for j in range(1, c + 1):
-            ri = 0.0
-            for m in range(c + 1):
-                ri += terms[j - 1, m]
-            run += ri
-            dalpha[b, h, j - 1] = (run + base) / alpha[b, h, j - 1]
+        # dalpha_t (0-based t) = (sum_{i<=t} r_i + dA a_0) / alpha_t, r_i = a_i G_i, computed without the
+        # division (a gate that underflowed to 0 in float32 made it 0/0): with G_0 = dA and
+        # G_i = sum_m P[i, m] Q[i, m], a_i / alpha_t = prod_{i<=u<t} alpha_u * a_{t+1} for i <= t, so
+        # dalpha_t = a_{t+1} S_t with S_0 = G_0, S_t = S_{t-1} alpha_{t-1} + G_t.
+        run = dA[b, h]
+        for t in range(c):
+            if t > 0:
+                g = 0.0
+                for m in range(1, t + 1):
+                    g += Pm[b, h, t, m] * dw[b, h, m - 1] * eta[b, h, m - 1]
+                if momentum:
+                    g += Pm[b, h, t, 0] * ds[b, h]
+                run = run * alpha[b, h, t - 1] + g
+            dalpha[b, h, t] = a[b, h, t + 1] * run
         if momentum:
             pref = 0.0  # sum_{m<j} de_m e_m
             for j in range(1, c + 1):
