@@ -396,7 +396,7 @@ def _check_state(state, cfg: ModelConfig, batch: int) -> dict:
     return _copy(state)
 
 
-def _level_weights(params, cfg, i, l, fasts, batch):
+def _level_weights(params, i, l, fasts, batch):
     """(W1, W2) of block i's CMS level l as (B, G, ...), one group per entry of ``fasts`` (each a
     ``state["cms"]``-like list: the in-context weights in force during that group), or the outer
     parameter shared by the batch (one group) for a level frozen in context."""
@@ -413,7 +413,7 @@ def _cms_weights(params, cfg, state):
     processing chunk (every level's weights are constant there)."""
     if not _has_cms(cfg):
         return None
-    return [[_level_weights(params, cfg, i, l, [state["cms"]], state["batch"]) for l in range(len(cfg.cms_levels))]
+    return [[_level_weights(params, i, l, [state["cms"]], state["batch"]) for l in range(len(cfg.cms_levels))]
             for i in range(cfg.n_layers)]
 
 
@@ -455,10 +455,10 @@ def level_chunk_inputs(params, cfg: ModelConfig, state, start: int, next_token):
     past = [None if pk is None else (pk[0][:, :, :start], pk[1][:, :, :start]) for pk in state["past"]]
     by_start = {h["start"]: h for h in state["history"]}
     groups, cms_w = [], []
-    for lv in cfg.cms_levels:
-        groups.append(cms.groups_for(lv.period if cfg.cms_in_context else None, start, n))
+    for lv in cfg.cms_levels:  # (only called with levels in context: cms_chunk is not None)
+        groups.append(cms.groups_for(lv.period, start, n))
     for i in range(cfg.n_layers):
-        cms_w.append([_level_weights(params, cfg, i, l, [by_start[start + s]["cms"] for s, _ in groups[l]],
+        cms_w.append([_level_weights(params, i, l, [by_start[start + s]["cms"] for s, _ in groups[l]],
                                      state["batch"]) for l in range(len(cfg.cms_levels))])
     return X, targets, past, by_start[start]["mem"], cms_w, groups
 
