@@ -105,6 +105,41 @@ def _model_info(name: str) -> None:
     click.echo(line)
 
 
+@cli.command("levels")
+@click.option("--model", "model_preset", default="hope-small", show_default=True, metavar="PRESET",
+              help="The model preset whose levels to list.")
+@click.option("--batch-size", type=int, default=None, help="Sequences per outer step (default: train's, 4).")
+@click.option("--seq-len", type=int, default=None, help="Tokens per sequence (default: train's, 128).")
+@click.option("--optimizer", default=None, metavar="NAME",
+              help="The outer optimizer (default: train's, adamw; any of train --optimizer's).")
+@click.option("--json", "as_json", is_flag=True, help="Print the levels as JSON.")
+def levels_(model_preset: str, batch_size: int | None, seq_len: int | None, optimizer: str | None,
+            as_json: bool) -> None:
+    """List every level of a model, fastest first (paper §3, Definitions 2-3).
+
+    One row per attention layer (a cache, no write), sequence memory (written every token, read at
+    its chunk starts), CMS level (every C^(l) tokens, or frozen), frozen MLP, the outer optimizer's
+    memories and the outer parameters (every step of B x T tokens): its update frequency, context,
+    objective, parameter count and the state it writes per sequence.
+    """
+    from nested_learning import config
+    from nested_learning import levels as levels_mod
+
+    try:
+        cfg = config.preset(model_preset)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--model") from None
+    for name, value in (("--batch-size", batch_size), ("--seq-len", seq_len)):
+        if value is not None and value < 1:
+            raise click.BadParameter(f"must be >= 1, got {value}", param_hint=name)
+    render = levels_mod.to_json if as_json else levels_mod.table
+    try:
+        text = render(cfg, batch_size, seq_len, optimizer)
+    except ValueError as exc:  # an unknown optimizer: the message lists the valid names
+        raise click.BadParameter(str(exc), param_hint="--optimizer") from None
+    click.echo(text)
+
+
 def _gpu_status() -> str:
     try:
         import cupy
