@@ -28,6 +28,7 @@ from nested_learning.cli import cli
 from nested_learning.fast.cpu import model as F
 from nested_learning.fast.cpu import primitives as FP
 from nested_learning.reference import model as R
+from nested_learning.reference.blocks import layer_of
 from nested_learning.reference.config import SELFMOD_SWITCHES
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -71,10 +72,10 @@ def test_adapters_pass_the_switch_and_port_agrees(switch):
     base = config.preset("hope-tiny")
     cfg = dataclasses.replace(base, **FLIPS[switch])
     name = switch.removeprefix("mem_")
-    for mod in (R, F):
-        _, lcfg, _, _ = mod._mem_layer(cfg)
-        assert getattr(lcfg, name) == getattr(cfg, switch) != SELFMOD_SWITCHES[switch], (mod.__name__, switch)
-    module = F._mem_layer(cfg)[0]
+    for ops in (R.REFERENCE, F.CPU):
+        lcfg = layer_of(ops, cfg).cfg
+        assert getattr(lcfg, name) == getattr(cfg, switch) != SELFMOD_SWITCHES[switch], (ops.name, switch)
+    module = layer_of(F.CPU, cfg).module
     assert module.__name__ == "nested_learning.fast.cpu.selfmod"
     params = R.init_params(cfg, seed=0)
     tokens = _tokens(cfg)
@@ -99,7 +100,8 @@ def test_port_layer_runs_its_own_path_for_every_switch():
     step); with each switch its cache is the port's own ("fast")."""
     for switch, flip in FLIPS.items():
         cfg = dataclasses.replace(config.preset("hope-tiny"), **flip)
-        module, lcfg, fwd, _ = F._mem_layer(cfg)
+        layer = layer_of(F.CPU, cfg)
+        module, lcfg, fwd = layer.module, layer.cfg, layer.forward
         lp = module.init_params(lcfg, np.random.default_rng(0), dtype=np.float64)
         x = np.random.default_rng(1).standard_normal((1, 5, cfg.d_model))
         _, cache, _ = fwd(x, lp, lcfg)

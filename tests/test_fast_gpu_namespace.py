@@ -213,7 +213,9 @@ def test_loaded_modules_compute_on_the_namespace_and_leave_the_reference_alone(m
         mod = getattr(pkg, name)
         assert mod is not getattr(ref, name, None) and mod.__name__ == f"{pkg.__name__}.{name}"
         assert mod.np is pkg.xp is np
-    assert pkg.model.P is pkg.primitives and pkg.model.cms is pkg.cms  # siblings, not the reference's
+    ops = pkg.model.ops  # the one model driver runs with the loaded siblings, not the reference's modules
+    assert ops.primitives is pkg.primitives and ops.cms is pkg.cms and ops.np is pkg.xp
+    assert ops.layer("hope") is pkg.selfmod and ops.layer("titans") is pkg.titans
     assert pkg.config is config or pkg.config.__name__ == "nested_learning.reference.config"
 
     # A spy namespace (NumPy underneath, counting every attribute the function bodies take):

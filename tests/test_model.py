@@ -16,6 +16,7 @@ from tolerances import assert_close, tol
 from nested_learning import config
 from nested_learning.config import CMSLevel
 from nested_learning.reference import model
+from nested_learning.reference.contract import copy_tree
 from nested_learning.reference import primitives as P
 from nested_learning.reference.gradcheck import dot_product_test, rel_error
 
@@ -117,7 +118,7 @@ def test_chunk_major_equals_first_order_pass(name):
     tokens = _tokens(cfg, 3, 11, seed=2)
     logits, _ = model.forward(params, tokens, cfg)
     incs = model.cms_increments(params, tokens, cfg)
-    one_pass = model._first_order_forward(params, tokens, cfg, incs)[0]
+    one_pass = model.first_order_forward(model.REFERENCE, params, tokens, cfg, incs)[0]
     assert_close(one_pass, logits, "float64", "rewrite", name)
 
 
@@ -292,7 +293,7 @@ def test_dtype_and_no_mutation(name, dtype):
     saved = {k: v.copy() for k, v in params.items()}
     tok0 = tokens.copy()
     logits, state = model.forward(params, tokens[:, :3], cfg)
-    state0 = model._copy(state)
+    state0 = copy_tree(state)
     logits2, _ = model.forward(params, tokens[:, 3:], cfg, state)
     loss, grads = model.loss_and_grads(params, tokens, cfg)
     assert logits.dtype == np.dtype(dtype) and all(g.dtype == np.dtype(dtype) for g in grads.values())
@@ -458,7 +459,7 @@ def test_a_level_write_is_invariant_to_frozen_levels_periods(name):
 def _chunk_loss(params, tokens, cfg, incs, start, end):
     """Sum over the sequences and positions t in [start, end) of -log p(x_{t+1} | x_{<=t}), from the
     whole-sequence pass with the in-context weights theta_0 + incs (an independent log-softmax)."""
-    logits = model._first_order_forward(params, tokens, cfg, incs)[0][:, start:end]
+    logits = model.first_order_forward(model.REFERENCE, params, tokens, cfg, incs)[0][:, start:end]
     z = logits - logits.max(axis=-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
     tgt = tokens[:, start + 1:end + 1]

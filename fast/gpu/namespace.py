@@ -1,7 +1,7 @@
 """The GPU port's array namespaces: the reference's vectorised modules run over CuPy (or NumPy).
 
 SPEC: SPEC.md#fast-gpu. The GPU port is single-source: it is the reference's own code (the
-chunk-parallel forms of reference/titans.py, selfmod.py, cms.py, model.py, optimizers.py and the
+chunk-parallel forms of reference/titans.py, selfmod.py, cms.py, optimizers.py and the
 primitives under them), executed with its array module ``np`` bound to an array namespace
 instead of NumPy. ``load("cupy")`` gives a package of those modules whose function bodies call
 CuPy (cuBLAS for every matrix product and ``einsum``, CUDA kernels for the element-wise work);
@@ -49,7 +49,9 @@ import numpy
 from .einsum import PlannedEinsum
 
 # The reference modules the GPU port runs, in dependency order (each imports only earlier ones).
-MODULES = ("primitives", "mlp_memory", "titans", "selfmod", "cms", "model", "optimizers")
+# The model driver (reference/model.py, blocks.py) is not among them: it runs on the host with these
+# modules as its ops (``pkg.model``, reference/contract.py ``Ops``), as it does for the CPU port.
+MODULES = ("primitives", "mlp_memory", "titans", "selfmod", "cms", "optimizers")
 _REF = "nested_learning.reference"
 _LOADED: dict[tuple[str, str, str], types.ModuleType] = {}
 
@@ -191,6 +193,22 @@ def _load_module(package: str, module: str, xp, overrides) -> types.ModuleType:
     return mod
 
 
+def _model(pkg, label: str):
+    """The one model driver (reference/model.py) with the loaded modules as its ops: the model API
+    (``forward``, ``loss_and_grads``, ...) computing on the namespace ``pkg.xp``."""
+    from ...reference import model
+    from ...reference.contract import Ops
+
+    layers = {"titans": pkg.titans, "hope": pkg.selfmod}
+
+    def layer(family: str):
+        if family not in layers:
+            raise ValueError(f"the GPU port has no {family!r} memory layer (it computes titans and hope)")
+        return layers[family]
+
+    return model.bind(Ops(name=label, np=pkg.xp, primitives=pkg.primitives, cms=pkg.cms, layer=layer))
+
+
 def load(name: str = "cupy", einsum: str | None = None, kernels: str | None = None) -> types.ModuleType:
     """The package of the reference's modules over the namespace ``name`` ("cupy" or "numpy"),
     loaded once per process and combination of:
@@ -202,7 +220,8 @@ def load(name: str = "cupy", einsum: str | None = None, kernels: str | None = No
       ``fast/gpu/activations.py``), "loops" (the scans' host logic over whole-array loops, for CPU
       tests) or "off" (the reference's own code; the default for numpy).
 
-    Its attributes are the modules of ``MODULES`` plus ``xp`` and ``config``."""
+    Its attributes are the modules of ``MODULES`` plus ``xp``, ``config`` and ``model`` (the one
+    model driver with these modules as its ops: ``reference.model.bind``)."""
     if einsum is None:
         einsum = os.environ.get("NL_GPU_EINSUM", "planned") if name == "cupy" else "native"
     if kernels is None:
@@ -229,5 +248,6 @@ def load(name: str = "cupy", einsum: str | None = None, kernels: str | None = No
             del sys.modules[key]
         raise
     pkg.xp = xp
+    pkg.model = _model(pkg, f"gpu:{name}:{einsum}:{kernels}")
     _LOADED[(name, einsum, kernels)] = pkg
     return pkg

@@ -1,0 +1,178 @@
+"""The model's blocks over a segment of tokens: attention, the sequence-memory layers, CMS, the stack.
+
+Paper: §7-§8.3, Eqs. (63), (70)/(74), (94)-(97), arXiv 2512.24695v1 (Titans: Titans Eqs. 9-18).
+SPEC: SPEC.md#hope (block families), SPEC.md#backends (the ops every function takes).
+
+Part of the one model driver (with reference/model.py): every function takes the backend's
+``ops`` (reference/contract.py ``Ops``) and computes with ``ops.primitives``, ``ops.cms`` and the
+family's layer module, so the reference, the CPU port and the GPU port run this same code.
+
+Symbols (B batch, n tokens of the segment at absolute positions [p0, p0 + n), D width, H heads,
+dh = D / H, V vocabulary, G_l level l's weight groups in the segment):
+
+    embedding            params["embed.E"]      (V, D)
+    W_q, W_k, W_v, W_o   blocks.i.attn.Wq ...   (D, D)   (linear convention W (D_out, D_in))
+    RMSNorm gains        blocks.i.norm1.g ...   (D,)
+    theta^(f_l)          cms_w[i][l]            (B, G_l, D, Hm), (B, G_l, Hm, D)  weights in force
+    SwiGLU MLP           blocks.i.mlp.W_gate/W_up/W_down   (F, D), (F, D), (D, F)
+    memory layer         blocks.i.mem.*         its module's parameters (reference/titans.py, selfmod.py)
+    attention cache      past[i]                (K, V) of shape (B, H, p0, dh), constants
+    logits               logits                 (B, n, V)
+
+Decisions (SPEC.md#hope): every block is pre-norm residual with RMSNorm, h = x + mixer(norm1(x)),
+then y = h + SwiGLU(norm2(h)) (transformer, titans, linear families) or y = h + (CMS(u) - u) with
+u = norm2(h) (hope, hope-attention); a final RMSNorm and an untied head.
+"""
+
+from __future__ import annotations
+
+from .contract import has_attention, has_cms, memory_layer
+
+
+def layer_of(ops, cfg):
+    """The block's sequence-memory layer (contract.MemoryLayer) on this backend."""
+    return memory_layer(ops.layer(cfg.family), cfg)
+
+
+def attn_forward(ops, a, params, b, cfg, p0, past):
+    """Causal RoPE softmax attention (Eq. 63) of tokens at positions [p0, p0 + n) over the cache
+    ``past`` (constants) and themselves. Returns (y, cache, (K, V))."""
+    P, np = ops.primitives, ops.np
+    Bn, n, D = a.shape
+    H, dh = cfg.n_heads, cfg.d_head
+    pos = np.arange(p0, p0 + n)
+    heads, caches = {}, {}
+    for name in ("q", "k", "v"):
+        z, c_lin = P.linear_forward(a, params[b + "attn.W" + name])  # (B, n, D)
+        z = z.reshape(Bn, n, H, dh).transpose(0, 2, 1, 3)  # (B, H, n, dh)
+        c_rope = None
+        if name != "v":
+            z, c_rope = P.rope_forward(z, pos, cfg.rope_base)
+        heads[name], caches[name] = z, (c_lin, c_rope)
+    K, V = heads["k"], heads["v"]
+    if past is not None:
+        K = np.concatenate([past[0], K], axis=2)  # (B, H, p0 + n, dh)
+        V = np.concatenate([past[1], V], axis=2)
+    o, c_att = P.attention_forward(heads["q"], K, V, causal=True)  # (B, H, n, dh)
+    y, c_o = P.linear_forward(o.transpose(0, 2, 1, 3).reshape(Bn, n, D), params[b + "attn.Wo"])
+    return y, (caches, c_att, c_o, n), (K, V)
+
+
+def attn_backward(ops, dy, cache, b):
+    """(da, grads) of ``attn_forward``; the cache ``past`` is a constant."""
+    P = ops.primitives
+    caches, c_att, c_o, n = cache
+    grads = {}
+    do, grads[b + "attn.Wo"], _ = P.linear_backward(dy, c_o)
+    Bn, _, D = dy.shape
+    H = c_att[0].shape[1]
+    do = do.reshape(Bn, n, H, D // H).transpose(0, 2, 1, 3)  # (B, H, n, dh)
+    dq, dK, dV = P.attention_backward(do, c_att)
+    dheads = {"q": dq, "k": dK[:, :, -n:], "v": dV[:, :, -n:]}
+    da = 0
+    for name in ("q", "k", "v"):
+        c_lin, c_rope = caches[name]
+        dz = dheads[name] if c_rope is None else P.rope_backward(dheads[name], c_rope)
+        dz = dz.transpose(0, 2, 1, 3).reshape(Bn, n, D)
+        dx, grads[b + "attn.W" + name], _ = P.linear_backward(dz, c_lin)
+        da = da + dx
+    return da, grads
+
+
+def block_forward(ops, x, params, i, cfg, p0, past, mem_state, cms_w, cms_groups, mixer=None):
+    """One block over a segment. Returns (y, cache, new_past, new_mem_state).
+
+    ``mixer``: (o, cache) of this block's sequence-memory layer already computed on the same input
+    (``Ops.reuse_layer_caches``); the layer is not run again then."""
+    P = ops.primitives
+    b = f"blocks.{i}."
+    a, c_n1 = P.rmsnorm_forward(x, params[b + "norm1.g"], cfg.norm_eps)  # (B, n, D)
+    new_past = new_mem = None
+    if mixer is not None:
+        o, c_mix = mixer
+    elif has_attention(cfg):
+        o, c_mix, new_past = attn_forward(ops, a, params, b, cfg, p0, past)
+    else:
+        layer = layer_of(ops, cfg)
+        lp = {k[len(b) + 4:]: v for k, v in params.items() if k.startswith(b + "mem.")}
+        o, c_mix, new_mem = layer.forward(a, lp, layer.cfg, mem_state)
+    h = x + o  # (B, n, D)
+    u, c_n2 = P.rmsnorm_forward(h, params[b + "norm2.g"], cfg.norm_eps)
+    if has_cms(cfg):
+        c, c_sec = ops.cms.forward(u, cms_w, cms_groups, cfg.cms_variant, cfg.cms_activation,
+                                   params.get(b + "cms.agg"))  # Eqs. (70)/(74), (97)
+        y = h + (c - u)
+    else:
+        m, c_sec = P.swiglu_forward(u, params[b + "mlp.W_gate"], params[b + "mlp.W_up"], params[b + "mlp.W_down"])
+        y = h + m
+    return y, (c_n1, c_mix, c_n2, c_sec), new_past, new_mem
+
+
+def block_backward(ops, dy, cache, i, cfg, cms_only=False):
+    """Returns (dx, grads, dcms): dcms[l] = (dW1, dW2) per group and sequence (hope families).
+    ``cms_only``: return (None, {}, dcms) right after the CMS backward (``Ops.cms_grads_only``)."""
+    P = ops.primitives
+    b = f"blocks.{i}."
+    c_n1, c_mix, c_n2, c_sec = cache
+    grads, dcms = {}, None
+    if has_cms(cfg):
+        du, dcms, dagg = ops.cms.backward(dy, c_sec)
+        if cms_only:
+            return None, {}, dcms
+        du = du - dy
+        if dagg is not None:
+            grads[b + "cms.agg"] = dagg
+    else:
+        du, grads[b + "mlp.W_gate"], grads[b + "mlp.W_up"], grads[b + "mlp.W_down"] = P.swiglu_backward(dy, c_sec)
+    dh, grads[b + "norm2.g"] = P.rmsnorm_backward(du, c_n2)
+    dh = dh + dy
+    if has_attention(cfg):
+        da, g = attn_backward(ops, dh, c_mix, b)
+    else:
+        da, g, _ = layer_of(ops, cfg).backward(dh, c_mix)
+        g = {b + "mem." + k: v for k, v in g.items()}
+    grads.update(g)
+    dx, grads[b + "norm1.g"] = P.rmsnorm_backward(da, c_n1)
+    return dx + dh, grads, dcms
+
+
+def stack_forward(ops, params, cfg, tokens, p0, past, mem, cms_w, cms_groups, mixers=None):
+    """Embedding, blocks, final norm and head over tokens (B, n) at positions [p0, p0 + n).
+
+    past[i]: block i's attention cache (or None); mem[i]: its memory-layer state (None: fresh);
+    cms_w[i][l] = (W1, W2) of shapes (B, G_l, D, Hm), (B, G_l, Hm, D); cms_groups[l] tiles the
+    segment into level l's chunks; mixers[i]: see ``block_forward``.
+    Returns (logits (B, n, V), cache, new_past, new_mem).
+    """
+    P = ops.primitives
+    x, c_emb = P.embedding_forward(tokens, params["embed.E"])  # (B, n, D)
+    caches, new_past, new_mem = [], [], []
+    for i in range(cfg.n_layers):
+        x, c, np_i, nm_i = block_forward(ops, x, params, i, cfg, p0, past[i], mem[i],
+                                         cms_w[i] if cms_w else None, cms_groups, mixers[i] if mixers else None)
+        caches.append(c)
+        new_past.append(np_i)
+        new_mem.append(nm_i)
+    xf, c_fn = P.rmsnorm_forward(x, params["final_norm.g"], cfg.norm_eps)
+    logits, c_head = P.linear_forward(xf, params["head.W"])  # (B, n, V)
+    return logits, (c_emb, caches, c_fn, c_head), new_past, new_mem
+
+
+def stack_backward(ops, dlogits, cache, cfg, cms_only=False):
+    """Returns (grads without the CMS weights, dcms[i][l] = (dW1, dW2) per group and sequence).
+
+    ``cms_only`` (a CMS write's re-run, which uses only the CMS weights' gradients): block 0's
+    mixer, norm and the embedding are not differentiated, since no CMS weight lies below them;
+    the CMS gradients are the same numbers either way."""
+    P = ops.primitives
+    c_emb, caches, c_fn, c_head = cache
+    grads = {}
+    dxf, grads["head.W"], _ = P.linear_backward(dlogits, c_head)
+    dx, grads["final_norm.g"] = P.rmsnorm_backward(dxf, c_fn)
+    dcms = [None] * cfg.n_layers
+    for i in reversed(range(cfg.n_layers)):
+        dx, g, dcms[i] = block_backward(ops, dx, caches[i], i, cfg, cms_only=cms_only and i == 0)
+        grads.update(g)
+    if dx is not None:
+        grads["embed.E"] = P.embedding_backward(dx, c_emb)
+    return grads, dcms
