@@ -1,5 +1,6 @@
 """docs/tutorial.md runs as written: every ``python`` block, in order and in one namespace, prints
-the ``text`` block under it.
+the ``text`` block under it. docs/paper-map.md names only functions that exist and covers every
+equation of the paper.
 
 Numbers are compared within one unit of the expected number's last printed digit plus 1e-6
 relative (BLAS and platforms round differently); integers and all other text exactly.
@@ -18,6 +19,8 @@ import time
 from pathlib import Path
 
 TUTORIAL = Path(__file__).resolve().parent.parent / "docs" / "tutorial.md"
+PAPER_MAP = TUTORIAL.with_name("paper-map.md")
+N_EQUATIONS = 121  # arXiv 2512.24695v1: Eqs. 1-121 (Appendix C ends at 121)
 FENCE = re.compile(r"^```(\w*)[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 # a number not inside a name (W1, cms.1, 0.9**6 stays two numbers): sign, digits, decimals, exponent
 NUMBER = re.compile(r"(?<![A-Za-z_\d.])[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
@@ -129,6 +132,47 @@ def test_every_python_block_is_followed_by_its_output():
         assert "python block 1" in str(exc)
     else:
         raise AssertionError("a python block without a text block was accepted")
+
+
+def _resolve(dotted: str):
+    """The object named ``nested_learning.a.b.c``: the longest importable module prefix, then getattr."""
+    import importlib
+
+    parts = dotted.split(".")
+    for n in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:n]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[n:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ModuleNotFoundError(dotted)
+
+
+def test_paper_map_names_only_functions_that_exist():
+    text = PAPER_MAP.read_text()
+    names = sorted(set(re.findall(r"`(nested_learning(?:\.\w+)+)`", text)))
+    assert len(names) > 60, "the paper map lost its functions"
+    missing = []
+    for name in names:
+        try:
+            _resolve(name)
+        except (ImportError, AttributeError) as exc:
+            missing.append(f"{name} ({type(exc).__name__}: {exc})")
+    assert not missing, "docs/paper-map.md names functions that do not exist:\n" + "\n".join(missing)
+
+
+def test_paper_map_covers_every_equation():
+    covered = set()
+    for line in PAPER_MAP.read_text().splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) != 4 or cells[0] in ("eq.", "paper", "---"):
+            continue
+        for a, b in re.findall(r"\b(\d+)(?:-(\d+))?\b", cells[0]):
+            covered.update(range(int(a), int(b or a) + 1))
+    missing = sorted(set(range(1, N_EQUATIONS + 1)) - covered)
+    assert not missing, f"docs/paper-map.md has no row for Eqs. {missing}"
 
 
 def update() -> int:
