@@ -3,7 +3,9 @@
 SPEC: SPEC.md#fast-cpu (what is measured and how), SPEC.md#fast-gpu (the GPU rows). Every number
 of one run comes from the same machine and process, with the same BLAS thread limit for every
 backend (``NL_CPU_BLAS_THREADS``, default 1: the CPU port's setting, applied to the reference too
-so the ratio compares code, not thread settings).
+so the ratio compares code, not thread settings). The rows: the package's backends (``reference``,
+``cpu``, ``gpu``: backends.py, SPEC.md#backends, each timed through its ``Backend``) and the
+PyTorch peers ``torch`` and ``torch-cuda`` (torch_model.py; ``backends.PEERS``).
 
 - training step: ``loss_and_grads`` + one AdamW update (reference/optimizers.py) on a batch of
   random bytes; the first call is timed on its own (for the CPU port it includes Numba's
@@ -81,17 +83,29 @@ import traceback
 
 import numpy as np
 
+from . import backends as backends_mod
+
 DEFAULT_PRESETS = ("transformer-tiny", "hope-attention-tiny", "titans-tiny", "hope-tiny", "transformer-small",
                    "hope-attention-small", "titans-small", "hope-small")
-BACKENDS = ("reference", "cpu", "torch", "gpu", "torch-cuda")
-GPU_BACKENDS = ("gpu", "torch-cuda")
+CHOICES = backends_mod.NAMES + backends_mod.PEERS  # the package's backends (backends.py) and the PyTorch peers
 TORCH_CUDA_DEVICE = "cuda"  # the torch-cuda row's device (the tests run that code path on "cpu")
 GPU_MATMUL_N = 8192  # the card's matrix-product rate: an N^3 product (2 N^3 flops)
 ADAMW_LR = 1e-3
 
 
-class NoGPU(Exception):
+class NotAvailable(Exception):
+    """A backend cannot run here; the message says why."""
+
+
+class NoGPU(NotAvailable):
     """A GPU backend cannot run here; the message says why."""
+
+
+def _device(name: str) -> str:
+    """Where the rows of ``name`` compute: "cpu" or "gpu"."""
+    if name in backends_mod.PEERS:
+        return "gpu" if name == "torch-cuda" else "cpu"
+    return backends_mod.get(name).device
 
 
 def _blas_threads() -> int:
@@ -126,8 +140,29 @@ class _AdamWSteps:
         self.params, self.state = self.opt.update(self.params, grads, self.state)
 
 
-class _HostBackend:
-    """reference, cpu, torch: NumPy in and out, the reference's AdamW, nothing to wait for."""
+class _Timed:
+    """A backend of the package (backends.py ``Backend``) as the timing loops use it: parameters,
+    tokens, AdamW state and the streaming state on its device (the GPU port's stay there), its
+    AdamW (reference/optimizers.py over its arrays), its barrier."""
+
+    def __init__(self, be: backends_mod.Backend):
+        self.be, self.device = be, be.device
+
+    def params(self, cfg):
+        return self.be.to_device(self.be.model.init_params(cfg, 0))
+
+    def forward(self, params, tokens, cfg, state=None):
+        return self.be.forward(params, tokens, cfg, state)
+
+    def stepper(self, params, tokens, cfg):
+        return _AdamWSteps(self.be.loss_and_grads, self.be.optimizers(), params, self.be.to_device(tokens), cfg)
+
+    def synchronize(self):
+        self.be.synchronize()
+
+
+class _TorchBackend:
+    """torch_model on the CPU: NumPy in and out, the reference's AdamW, nothing to wait for."""
 
     device = "cpu"
 
@@ -147,39 +182,6 @@ class _HostBackend:
 
     def synchronize(self):
         pass
-
-
-class _GpuBackend:
-    """The GPU port: parameters, tokens, AdamW state and the streaming state on the device."""
-
-    device = "gpu"
-
-    def __init__(self):
-        from .fast.gpu import model as gpu
-        from .fast.gpu import namespace
-
-        if gpu.NAMESPACE != "numpy":
-            ok, why = namespace.cupy_available()
-            if not ok:
-                raise NoGPU(why)
-        self.gpu = gpu
-
-    def params(self, cfg):
-        from .reference import model as ref
-
-        return self.gpu.to_device(ref.init_params(cfg, 0))
-
-    def forward(self, params, tokens, cfg, state=None):
-        return self.gpu.forward(params, tokens, cfg, state, as_numpy=False)
-
-    def _loss_and_grads(self, params, tokens, cfg):
-        return self.gpu.loss_and_grads(params, tokens, cfg, as_numpy=False)
-
-    def stepper(self, params, tokens, cfg):
-        return _AdamWSteps(self._loss_and_grads, self.gpu.optimizers(), params, self.gpu.to_device(tokens), cfg)
-
-    def synchronize(self):
-        self.gpu.synchronize()
 
 
 class _TorchStep:
@@ -230,24 +232,24 @@ class _TorchDeviceBackend:
 
 
 def _backend(name: str, batch_size: int = 4):
-    """The backend ``name``; ImportError (a missing extra) or NoGPU (why a GPU row cannot run)."""
-    if name == "reference":
-        from .reference import model
-    elif name == "cpu":
-        from .fast.cpu import model
-    elif name == "torch":
+    """The backend ``name`` (one of ``CHOICES``); ImportError (a missing extra), NoGPU (why a GPU
+    row cannot run) or NotAvailable (why another cannot)."""
+    if name == "torch":
         from . import torch_model as model  # ImportError naming the oracle extra without torch
 
         # the CPU port's thread count (its batch groups run on that many threads; BLAS inside each
         # stays at the run's limit), so both use the same cores
         model.torch.set_num_threads(cpu_threads(batch_size)[1] * _blas_threads())
-    elif name == "gpu":
-        return _GpuBackend()
-    elif name == "torch-cuda":
+        return _TorchBackend(model)
+    if name == "torch-cuda":
         return _TorchDeviceBackend(TORCH_CUDA_DEVICE)
-    else:
-        raise ValueError(f"backend {name!r} is not implemented (choose one of {', '.join(BACKENDS)})")
-    return _HostBackend(model)
+    if name not in CHOICES:
+        raise ValueError(f"backend {name!r} is not implemented (choose one of {', '.join(CHOICES)})")
+    be = backends_mod.get(name)
+    ok, why = be.available()
+    if not ok:
+        raise (NoGPU if be.on_device else NotAvailable)(why)
+    return _Timed(be)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,8 +522,8 @@ def run(presets=(), backends=(), batch_size=4, seq_len=256, dtype="float32", rep
     if not backends:
         backends = ("reference", "cpu")
     for name in backends:
-        if name not in BACKENDS:
-            raise ValueError(f"backend {name!r} is not implemented (choose one of {', '.join(BACKENDS)})")
+        if name not in CHOICES:
+            raise ValueError(f"backend {name!r} is not implemented (choose one of {', '.join(CHOICES)})")
     decode_contexts = sorted(set(decode_contexts))
     if prefill_seconds is None:
         prefill_seconds = PREFILL_BUDGET * max_seconds
@@ -545,7 +547,7 @@ def run(presets=(), backends=(), batch_size=4, seq_len=256, dtype="float32", rep
          f"{cpu_model.WORKERS} worker(s) (NL_CPU_GROUPS, NL_CPU_THREADS, NL_CPU_WORKERS); torch: "
          f"{threads * _blas_threads()} intra-op thread(s); reference: one thread")
     gpu = None
-    if any(b in GPU_BACKENDS for b in backends):
+    if any(_device(b) == "gpu" for b in backends):
         try:
             gpu = gpu_info(dtype, backends)
         except Exception as exc:  # a broken card or driver: the GPU rows will say so too
@@ -578,7 +580,7 @@ def run(presets=(), backends=(), batch_size=4, seq_len=256, dtype="float32", rep
             tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(batch_size, seq_len))
             for backend in backends:
                 row = {"preset": cfg.name, "backend": backend, "dtype": dtype, "batch": batch_size, "seq_len": seq_len}
-                if backend in ("reference", "cpu", "torch"):
+                if _device(backend) == "cpu":
                     row["threads"] = 1 if backend == "reference" else threads * (_blas_threads() if backend == "torch" else 1)
                 why = out_of_time()
                 be = None
@@ -591,6 +593,8 @@ def run(presets=(), backends=(), batch_size=4, seq_len=256, dtype="float32", rep
                         row["status"] = f"not available: {exc}"
                     except NoGPU as exc:
                         row["status"] = f"no GPU: {exc}"
+                    except NotAvailable as exc:  # the CPU port without Numba or with a bad NL_CPU_* setting
+                        row["status"] = f"not available: {exc}"
                 if be is None:
                     echo(f"{cfg.name:<22} {backend:<10} {row['status']}")
                     emit(row)

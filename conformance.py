@@ -2,7 +2,8 @@
 
 SPEC: SPEC.md#conformance (the schema and how another implementation uses the vectors). The
 reference (the specification) writes them; ``verify`` runs a backend of this package (the
-reference itself, or the CPU port) on the stored inputs and compares every tensor.
+reference itself, the CPU port or the GPU port: backends.py, SPEC.md#backends) on the stored
+inputs and compares every tensor.
 
 One vector is one ``.npz`` file (NumPy's zip of ``.npy`` arrays, readable from any language with an
 npy reader) holding:
@@ -313,7 +314,14 @@ def compare(name: str, actual, expected, tolerance: float) -> dict:
 
 
 def verify(directory, backend: str = "reference", only: str | None = None) -> list[dict]:
-    """Check ``backend`` against every vector in ``directory``: one row per tensor."""
+    """Check ``backend`` against every vector in ``directory``: one row per tensor. A backend that
+    is not known or cannot run here is a ConformanceError saying why (``backends.Backend.check``)."""
+    from . import backends
+
+    try:
+        backends.get(backend).check()
+    except backends.BackendError as exc:
+        raise ConformanceError(str(exc)) from None
     d = Path(directory)
     manifest = d / "manifest.json"
     if manifest.exists():

@@ -51,20 +51,20 @@ from pathlib import Path
 
 import numpy as np
 
+from nested_learning import backends as backends_mod
 from nested_learning import checkpoint as ckpt
 from nested_learning import data as data_mod
 from nested_learning import rundir
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
-BACKENDS = ("reference", "cpu", "gpu")
 
 
 def default_backend() -> str:
     """The default backend: the Numba port ("cpu") where numba imports, else the reference. The GPU
-    port runs only when asked for (``--backend gpu``; README.md#benchmarks has its measured speed)."""
-    import importlib.util
+    port runs only when asked for (``--backend gpu``; README.md#benchmarks has its measured speed).
+    backends.py ``default``."""
+    return backends_mod.default()
 
-    return "cpu" if importlib.util.find_spec("numba") is not None else "reference"
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "adamw", "preconditioned_momentum",
               "delta_momentum", "deep_momentum", "muon", "m3")
 
@@ -121,8 +121,8 @@ class TrainConfig:
             bad("warmup_steps", f"must be an integer >= 0, got {self.warmup_steps!r}")
         if self.optimizer not in OPTIMIZERS:
             bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
-        if self.backend not in BACKENDS:
-            bad("backend", f"must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if self.backend not in backends_mod.NAMES:
+            bad("backend", f"must be one of {', '.join(backends_mod.NAMES)}; got {self.backend!r}")
         if self.dtype not in (None, "float32", "float64"):
             bad("dtype", f"must be float32 or float64, got {self.dtype!r}")
         for key in ("preset", "optimizer", "backend", "dtype", "data"):
@@ -332,56 +332,31 @@ def metrics_from_loss(loss: float) -> dict:
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bits_per_byte": loss / math.log(2.0)}
 
 
+def _backend(backend: str = "reference") -> backends_mod.Backend:
+    """The ``backends.Backend`` called ``backend``, checked to run here (TrainingError otherwise)."""
+    check_backend(backend)
+    return backends_mod.get(backend)
+
+
 def _model(backend: str = "reference"):
     """The model module of ``backend``: the reference, the Numba port or the CuPy port, with the
     same API (``init_params``, ``forward``, ``loss_and_grads``; SPEC.md#fast-cpu, SPEC.md#fast-gpu)."""
-    check_backend(backend)
-    if backend == "cpu":
-        from nested_learning.fast.cpu import model
-    elif backend == "gpu":
-        from nested_learning.fast.gpu import model
-    else:
-        from nested_learning.reference import model
-    return model
-
-
-def _optimizers(backend: str = "reference"):
-    """reference/optimizers.py; on the GPU the same module over CuPy (the state stays on the device)."""
-    if backend == "gpu":
-        return _model("gpu").optimizers()
-    from nested_learning.reference import optimizers
-
-    return optimizers
+    return _backend(backend).model
 
 
 def check_backend(backend: str, family: str | None = None) -> None:
-    """TrainingError unless ``backend`` can run here (and computes ``family``, when given)."""
-    if backend not in BACKENDS:
-        raise TrainingError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    if family is not None and backend == "gpu":
-        from nested_learning.fast.gpu.model import FAMILIES as GPU_FAMILIES
-
-        if family not in GPU_FAMILIES:
-            raise TrainingError(f"backend 'gpu' does not compute the {family!r} family yet (it computes "
-                                f"{', '.join(GPU_FAMILIES)}); use --backend cpu or --backend reference")
-    if backend == "cpu":
-        try:  # reads the NL_CPU_* settings (SPEC.md#fast-cpu); a bad one is named with its choices
-            from nested_learning.fast.cpu import model  # noqa: F401
-        except ValueError as exc:
-            raise TrainingError(f"backend 'cpu': {exc}") from None
-    if backend == "gpu":
-        from nested_learning.fast.gpu import model, namespace
-
-        if model.NAMESPACE == "cupy":
-            ok, why = namespace.cupy_available()
-            if not ok:
-                raise TrainingError(f"backend 'gpu' needs CuPy and a CUDA device: {why}; "
-                                    "use --backend cpu or --backend reference here")
+    """TrainingError unless ``backend`` can run here (and computes ``family``, when given):
+    ``backends.Backend.check``'s message (the choices, or why not and what to use instead)."""
+    try:
+        backends_mod.get(backend).check(family)
+    except backends_mod.BackendError as exc:
+        raise TrainingError(str(exc)) from None
 
 
 def make_optimizer(rc: RunConfig, lr: float):
+    optimizers = backends_mod.get(rc.train.backend).optimizers()
     try:
-        return _optimizers(rc.train.backend).make(rc.train.optimizer, lr=lr, **rc.optimizer_hparams)
+        return optimizers.make(rc.train.optimizer, lr=lr, **rc.optimizer_hparams)
     except (TypeError, ValueError) as exc:
         raise TrainingError(f"optimizer {rc.train.optimizer!r}: bad hyper-parameters "
                             f"{sorted(rc.optimizer_hparams)} ({exc})") from None
@@ -407,13 +382,11 @@ def evaluate(params, mc, stream: np.ndarray, batch_size: int, seq_len: int, max_
     return out
 
 
-def _stream_forward(model, backend: str, params, tokens, mc, state):
-    """``model.forward`` whose logits come back as NumPy; on the GPU the streaming state stays on
-    the device between calls (the callers upload the parameters once)."""
-    if backend != "gpu":
-        return model.forward(params, tokens, mc, state=state)
-    logits, state = model.forward(params, tokens, mc, state=state, as_numpy=False)
-    return model.to_host(logits), state
+def _stream_forward(be: backends_mod.Backend, params, tokens, mc, state):
+    """``forward`` whose logits come back as NumPy; on the GPU the streaming state stays on the
+    device between calls (the callers upload the parameters once)."""
+    logits, state = be.forward(params, tokens, mc, state)
+    return be.to_host(logits), state
 
 
 def stream_losses(params, mc, doc: np.ndarray, piece: int, state=None, backend: str = "reference"):
@@ -422,14 +395,13 @@ def stream_losses(params, mc, doc: np.ndarray, piece: int, state=None, backend: 
     Every byte is read once; position i's logits score byte i + 1 (the last byte's logits are
     not scored). Returns (losses (n - 1,), state after the whole document).
     """
-    model = _model(backend)
-    if backend == "gpu":
-        params = model.to_device(params)  # uploaded once
+    be = _backend(backend)
+    params = be.to_device(params)  # uploaded once (the GPU port)
     doc = np.asarray(doc, dtype=np.int64)
     losses = []
     for start in range(0, doc.shape[0], piece):
         part = doc[start : start + piece]
-        logits, state = _stream_forward(model, backend, params, part[None, :], mc, state)  # (1, t, V)
+        logits, state = _stream_forward(be, params, part[None, :], mc, state)  # (1, t, V)
         nxt = doc[start + 1 : start + 1 + part.shape[0]]
         losses.append(cross_entropy(logits[0, : nxt.shape[0]], nxt))
     return np.concatenate(losses) if losses else np.zeros(0), state
@@ -486,21 +458,20 @@ def generate(params, mc, prompt: np.ndarray, max_new: int, temperature: float = 
              backend: str = "reference") -> np.ndarray:
     """Sample ``max_new`` bytes after ``prompt``, carrying the streaming state: the prompt is
     read once, then each new byte is fed alone (the context is never re-read)."""
-    model = _model(backend)
+    be = _backend(backend)
     rng = np.random.default_rng(seed)
     prompt = np.asarray(prompt, dtype=np.int64)
     if prompt.ndim != 1 or prompt.shape[0] == 0:
         raise TrainingError("the prompt must hold at least one byte")
-    if backend == "gpu":
-        params = model.to_device(params)  # uploaded once
-    logits, state = _stream_forward(model, backend, params, prompt[None, :], mc, None)  # (1, n, V)
+    params = be.to_device(params)  # uploaded once (the GPU port)
+    logits, state = _stream_forward(be, params, prompt[None, :], mc, None)  # (1, n, V)
     out = []
     for _ in range(max_new):
         tok = sample_next(logits[0, -1], temperature, top_k, rng)
         out.append(tok)
         if on_token is not None:
             on_token(tok)
-        logits, state = _stream_forward(model, backend, params, np.array([[tok]], dtype=np.int64), mc, state)
+        logits, state = _stream_forward(be, params, np.array([[tok]], dtype=np.int64), mc, state)
     return np.array(out, dtype=np.int64)
 
 
@@ -723,9 +694,8 @@ def _kept(ck_path: Path, run_dir: Path) -> str:
 def _train_locked(rc: RunConfig, run_dir: Path, corpus, resume: bool, echo, tty: bool, overwrite: bool,
                   step_box: list) -> dict:
     tc, mc = rc.train, rc.model
-    model = _model(tc.backend)
-    on_device = tc.backend == "gpu"  # parameters, gradients and optimizer state stay on the device
-    device_kw = {"as_numpy": False} if on_device else {}
+    be = _backend(tc.backend)  # on the GPU, parameters, gradients and optimizer state stay on the device
+    model = be.model
     ck_path = run_dir / CHECKPOINT_NAME
     n_tmp, tmp_bytes = rundir.remove_orphaned_temp_files(run_dir)
     if n_tmp:
@@ -751,9 +721,7 @@ def _train_locked(rc: RunConfig, run_dir: Path, corpus, resume: bool, echo, tty:
         if restart:
             echo(f"{run_dir} holds no checkpoint (the run stopped before its first one): restarting it from step 0 "
                  "with its config")
-        params = model.init_params(mc, seed=tc.seed)
-        if on_device:
-            params = model.to_device(params)
+        params = be.to_device(model.init_params(mc, seed=tc.seed))
         opt_state = make_optimizer(rc, tc.lr).init(params)
         sampler = data_mod.BatchSampler(corpus.train.stream, tc.batch_size, tc.seq_len, seed=[tc.seed, 1])
         step = 0
@@ -802,8 +770,7 @@ def _train_locked(rc: RunConfig, run_dir: Path, corpus, resume: bool, echo, tty:
         ckpt.atomic_write_text(run_dir / "config.toml", to_toml(rc))  # the resumable keys may have changed
         ckpt.atomic_write_text(run_dir / "config.json", json.dumps(rc.to_dict(), indent=2) + "\n")
         echo(f"resuming {run_dir} at step {step}/{tc.steps}")
-    if on_device:
-        params, opt_state = model.to_device(params), model.to_device(opt_state)
+    params, opt_state = be.to_device(params), be.to_device(opt_state)
     if step == 0 and not resume:
         echo(f"training {mc.name} ({mc.family}, {_count(params):,} parameters, {mc.dtype}) on "
              f"{corpus.info['source']}: {corpus.train.n_bytes:,} train / {corpus.val.n_bytes:,} validation "
@@ -811,8 +778,7 @@ def _train_locked(rc: RunConfig, run_dir: Path, corpus, resume: bool, echo, tty:
         echo(f"run directory: {run_dir}")
 
     def save(at_step: int) -> None:
-        host = model.to_host if on_device else (lambda tree: tree)
-        ckpt.save_checkpoint(ck_path, params=host(params), opt_state=host(opt_state), config=rc.to_dict(), step=at_step,
+        ckpt.save_checkpoint(ck_path, params=be.to_host(params), opt_state=be.to_host(opt_state), config=rc.to_dict(), step=at_step,
                              rng_state=_jsonable(sampler._rng.bit_generator.state),
                              data_position=sampler.state(), extra={"data_sha256": corpus.info["sha256"]})
 
@@ -825,7 +791,7 @@ def _train_locked(rc: RunConfig, run_dir: Path, corpus, resume: bool, echo, tty:
             step_box[0] = step
             tokens = sampler.next_batch()  # (B, T + 1)
             t0 = time.perf_counter()
-            loss, grads = model.loss_and_grads(params, tokens, mc, **device_kw)
+            loss, grads = be.loss_and_grads(params, tokens, mc)
             loss = float(loss)
             gnorm = global_norm(grads)
             if not (math.isfinite(loss) and math.isfinite(gnorm)):

@@ -1,6 +1,6 @@
 """The fast model API: the reference model's ``loss_and_grads`` and ``forward`` on a compiled backend.
 
-SPEC: SPEC.md#fast-cpu, SPEC.md#fast-gpu, SPEC.md#public-api. ``device="cpu"`` runs
+SPEC: SPEC.md#fast-cpu, SPEC.md#fast-gpu, SPEC.md#public-api, SPEC.md#backends. ``device="cpu"`` runs
 ``fast/cpu/model.py`` (Numba + BLAS); ``device="gpu"`` runs ``fast/gpu/model.py`` (the reference's
 code over CuPy; NumPy in and out here). The functions compute the same values as
 ``reference/model.py`` (within the ("float32" | "float64", "port" | "gpu") rows of
@@ -14,17 +14,16 @@ only when a function of their device is first called, never by ``import nested_l
 
 from __future__ import annotations
 
-import importlib
+from .. import backends
 
-DEVICES = ("cpu", "gpu")
+DEVICES = backends.PORTS  # the compiled ports (backends.py names the backends once)
 
 
 def _backend(device: str):
-    if device == "cpu":
-        return importlib.import_module("nested_learning.fast.cpu.model")
-    if device == "gpu":
-        return importlib.import_module("nested_learning.fast.gpu.model")
-    raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    """The model module of the port ``device`` (imported now; a ValueError naming the choices)."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
+    return backends.get(device).model
 
 
 def init_params(cfg, seed: int = 0, device: str = "cpu"):

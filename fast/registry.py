@@ -1,6 +1,6 @@
 """The op table of the backends: op -> (reference, cpu, gpu) import strings.
 
-SPEC: SPEC.md#fast-cpu, SPEC.md#fast-gpu. A literal table, read by the equivalence tests, the conformance vectors and
+SPEC: SPEC.md#fast-cpu, SPEC.md#fast-gpu, SPEC.md#backends. A literal table, read by the equivalence tests, the conformance vectors and
 ``nested-learning bench``: every op the reference defines and where each backend implements it.
 An import string is ``"module:attribute"``; ``None`` means the backend has no port of that op
 (callers then use the reference explicitly). Nothing here imports numba or cupy: ``load`` imports
@@ -11,6 +11,8 @@ the module on demand. The GPU column names the reference's op run on the device 
 from __future__ import annotations
 
 import importlib
+
+from .. import backends
 
 _REF = "nested_learning.reference."
 _CPU = "nested_learning.fast.cpu."
@@ -49,7 +51,7 @@ REGISTRY: dict[str, tuple[str, str | None, str | None]] = {
     "model.loss_with_increments": (f"{_REF}model:loss_with_increments", f"{_CPU}model:loss_with_increments", f"{_GPU}model.loss_with_increments"),
 }
 
-BACKENDS = ("reference", "cpu", "gpu")
+BACKENDS = backends.NAMES  # the order of each row's columns (backends.py names the backends once)
 
 
 def ported(backend: str) -> list[str]:
@@ -59,9 +61,8 @@ def ported(backend: str) -> list[str]:
 
 
 def _index(backend: str) -> int:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return BACKENDS.index(backend)
+    """The column of ``backend``; a ValueError naming the choices (``backends.get``)."""
+    return BACKENDS.index(backends.get(backend).name)
 
 
 def load(op: str, backend: str = "reference"):
