@@ -717,7 +717,7 @@ def backward(dy, cache, dstate=None):
                     e, a_, kj = ep[:, :, j], alpha[:, :, j], k[:, :, j]
                     dSt = dPw + (dSw if beta is not None else 0)  # adjoint of S_j (P_j = ... + S_j)
                     dGw[:, :, j] = -e[..., None, None] * dSt
-                    dep[:, :, j] -= np.einsum("bhuv,bhuv->bh", dSt, G[w][:, :, j])
+                    dep_j = -np.einsum("bhuv,bhuv->bh", dSt, G[w][:, :, j])  # a write's eta' terms, summed
                     if beta is not None:
                         grads[f"{m}.b_beta"] += np.einsum("bhuv,bhuv->h", dSt, Sp) * beta * (1 - beta)
                     dalpha[:, :, j] += np.einsum("bhuv,bhuv->bh", dPw, Pp)
@@ -725,11 +725,12 @@ def backward(dy, cache, dstate=None):
                     if keyside:
                         Pk = np.einsum("bhak,bhk->bha", Pp, kj)  # (B, H, a)
                         dPk = np.einsum("bhak,bhk->bha", dPw, kj)  # (B, H, a)
-                        dep[:, :, j] -= np.einsum("bha,bha->bh", dPk, Pk)
+                        dep_j = dep_j - np.einsum("bha,bha->bh", dPk, Pk)
                         dk[:, :, j] -= e[..., None] * (
                             np.einsum("bhak,bha->bhk", Pp, dPk) + np.einsum("bhak,bha->bhk", dPw, Pk)
                         )
                         dP_prev = dP_prev - e[..., None, None] * np.einsum("bha,bhk->bhak", dPk, kj)
+                    dep[:, :, j] += dep_j  # (then added to dep, as the chunk form's write_chunk_backward)
                     dPw = dP_prev
                     dSw = beta[:, None, None] * dSt if beta is not None else dSw
                 dW[m][w], dS[m][w] = dPw, dSw

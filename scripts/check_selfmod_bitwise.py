@@ -85,7 +85,7 @@ def strong_params(mod, cfg, rng, dtype):
 
 class Report:
     def __init__(self):
-        self.compared, self.diffs = 0, []
+        self.compared, self.diffs, self.worst = 0, [], {}
 
     def same(self, where: str, a, b):
         self.compared += 1
@@ -108,8 +108,13 @@ class Report:
                 self.diffs.append(f"{where}: {a!r} != {b!r}")
             return
         if a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(a, b):
-            err = np.max(np.abs(a - b)) if a.shape == b.shape else "shape"
-            self.diffs.append(f"{where}: not bitwise equal (shape {a.shape} vs {b.shape}, max |diff| {err})")
+            if a.shape != b.shape or a.dtype != b.dtype:
+                self.diffs.append(f"{where}: shape/dtype {a.shape} {a.dtype} vs {b.shape} {b.dtype}")
+                return
+            err = float(np.max(np.abs(a - b)))
+            rel = err / max(float(np.max(np.abs(a))), np.finfo(a.dtype).tiny)
+            self.worst[a.dtype.name] = max(self.worst.get(a.dtype.name, 0.0), rel)
+            self.diffs.append(f"{where}: not bitwise equal (max |diff| {err:.3g}, relative to max |old| {rel:.3g})")
 
 
 def layer_case(rep: Report, old, i: int, kw: dict, run: dict, dtype, seed: int):
@@ -198,7 +203,7 @@ def main(argv=None) -> int:
     print(f"varied: {varied}")
     print(f"{args.cases} cases x 2 dtypes (float32, float64): {rep.compared} comparisons, {len(rep.diffs)} differences")
     if rep.diffs:
-        print("NOT bitwise identical")
+        print("NOT bitwise identical; worst relative difference per dtype:", rep.worst)
         return 1
     print(f"bitwise identical on {args.cases} cases (x 2 dtypes)")
     return 0
