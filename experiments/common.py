@@ -187,6 +187,8 @@ def paired_difference(a, b) -> dict:
     "within the seed noise" (|mean| <= 2 standard errors; with one seed nothing is called)."""
     d = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
     s = mean_sd(d)
+    if s["n"] == 0:
+        return {**s, "se": float("nan"), "call": "no finite seeds"}
     se = s["sd"] / math.sqrt(s["n"]) if s["n"] > 1 else float("inf")
     if s["n"] > 1 and abs(s["mean"]) > 2 * se:
         word = "higher" if s["mean"] > 0 else "lower"

@@ -213,20 +213,22 @@ def run(out, *, scale_name: str = "quick", n_seeds: int = 3, backend: str | None
     for spec in specs:
         rs = [r for r in runs if r["model"] == spec.label]
         mats = np.array([r["matrix"] for r in rs])  # (seeds, phases, domains)
+        fin = [r for r in rs if math.isfinite(r["test_time"]["carried"]) and math.isfinite(r["test_time"]["reset"])]
         summary[spec.label] = {
             "matrix_mean": mats.mean(axis=0).tolist(),
             "matrix_sd": (mats.std(axis=0, ddof=1) if len(rs) > 1 else np.zeros_like(mats[0])).tolist(),
             "bwt": common.mean_sd([r["bwt"] for r in rs]),
             "forgetting": common.mean_sd([r["forgetting"] for r in rs]),
             "final_average_loss": common.mean_sd([r["final_average_loss"] for r in rs]),
-            "test_time": {
-                "carried": common.mean_sd([r["test_time"]["carried"] for r in rs]),
-                "reset": common.mean_sd([r["test_time"]["reset"] for r in rs]),
-                "carried_minus_reset": common.paired_difference([r["test_time"]["carried"] for r in rs],
-                                                                [r["test_time"]["reset"] for r in rs]),
+            "test_time": {  # over the seeds whose streams stayed finite; the others are named
+                "non_finite_seeds": [r["seed"] for r in rs if r not in fin],
+                "carried": common.mean_sd([r["test_time"]["carried"] for r in fin]),
+                "reset": common.mean_sd([r["test_time"]["reset"] for r in fin]),
+                "carried_minus_reset": common.paired_difference([r["test_time"]["carried"] for r in fin],
+                                                                [r["test_time"]["reset"] for r in fin]),
                 "per_domain": {d.name: common.paired_difference(
-                    [r["test_time"]["per_domain"][d.name]["carried"] for r in rs],
-                    [r["test_time"]["per_domain"][d.name]["reset"] for r in rs]) for d in domain_list},
+                    [r["test_time"]["per_domain"][d.name]["carried"] for r in fin],
+                    [r["test_time"]["per_domain"][d.name]["reset"] for r in fin]) for d in domain_list},
             },
         }
     verdicts = _verdicts(specs, facts, runs, summary)
@@ -276,6 +278,10 @@ def _verdicts(specs, facts, runs, summary) -> list[dict]:
         d = summary[spec.label]["test_time"]["carried_minus_reset"]
         word = {"lower": "carrying the fast states helps", "higher": "carrying the fast states hurts"}.get(
             d["call"], "no difference beyond the seed noise")
+        bad = summary[spec.label]["test_time"]["non_finite_seeds"]
+        if bad:
+            word = (f"the loss became non-finite (the fast states diverged) in seed(s) {bad}; over the other "
+                    f"seeds: {word}")
         out.append({"claim": f"{spec.label}: fast states carried across the domain stream help (no outer updates)",
                     "measure": "loss carried - reset (nats/byte)", "carried_minus_reset": d, "verdict": word})
     return out
