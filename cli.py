@@ -635,6 +635,71 @@ def bench(presets, backends, batch_size, seq_len, dtype, repeats, decode_context
         raise click.ClickException(f"{len(failed)} row(s) failed: {', '.join(failed)}")
 
 
+# ------------------------------------------------------------------------------------------------
+# experiment: the paper's claims at a scale anyone can run (issue 17; experiments/)
+# ------------------------------------------------------------------------------------------------
+
+
+@cli.group("experiment")
+def experiment() -> None:
+    """Test the paper's claims at small scale: JSON, PNG figures and a markdown report in --out.
+
+    Each command has --quick (about two minutes on 2 cores); without it the full scale of
+    docs/experiments.md runs.
+    """
+
+
+def _experiment_options(fn):
+    for deco in reversed([
+        click.option("--quick", "scale", flag_value="quick", help="The quick scale (about two minutes on 2 cores)."),
+        click.option("--smoke", "scale", flag_value="smoke", hidden=True, help="The tests' scale (seconds)."),
+        click.option("--full", "scale", flag_value="full", default=True, help="The full scale (the default)."),
+        click.option("--out", type=click.Path(file_okay=False), required=True, help="Output directory."),
+        click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Seeds 0..N-1."),
+        click.option("--backend", type=click.Choice(_backends.NAMES), default=None,
+                     help="Default: cpu where numba imports, else reference."),
+        click.option("--model", "models", multiple=True, metavar="PRESET[:key=value,...]",
+                     help="A model (repeatable; [model] overrides as TOML values). Default: the scale's set."),
+    ]):
+        fn = deco(fn)
+    return fn
+
+
+def _run_experiment(module: str, **kwargs) -> None:
+    import importlib
+
+    from nested_learning import training
+    from nested_learning.experiments import common
+
+    try:
+        mod = importlib.import_module(f"nested_learning.experiments.{module}")
+        specs = [common.parse_model_spec(m) for m in kwargs.pop("models")] or None
+        mod.run(models=specs, echo=click.echo, **kwargs)
+    except (common.ExperimentError, training.TrainingError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@experiment.command("continual")
+@_experiment_options
+@click.option("--domain", "domains", multiple=True, metavar="NAME=PATH",
+              help="Add a domain: a directory or glob of text files (repeatable).")
+@click.option("--no-builtin-domains", is_flag=True, help="Use only the --domain domains.")
+def experiment_continual(scale, out, seeds, backend, models, domains, no_builtin_domains) -> None:
+    """Domains one after another: the forgetting matrix, BWT, forgetting, test-time-only streams."""
+    _run_experiment("continual", out=out, scale_name=scale, n_seeds=seeds, backend=backend, models=models,
+                    user_domains=domains, builtin=not no_builtin_domains)
+
+
+@experiment.command("recall")
+@_experiment_options
+@click.option("--task", "task_names", multiple=True, type=click.Choice(["passkey", "mqar"]),
+              help="Only these tasks (repeatable; default both).")
+def experiment_recall(scale, out, seeds, backend, models, task_names) -> None:
+    """Passkey retrieval and MQAR: exact-match accuracy vs context length."""
+    _run_experiment("recall", out=out, scale_name=scale, n_seeds=seeds, backend=backend, models=models,
+                    task_names=tuple(task_names) or ("passkey", "mqar"))
+
+
 def main() -> None:
     # the CPU port's batch groups run in worker processes from the command line (SPEC.md#fast-cpu:
     # measured faster than threads; the entry points have a __main__ guard). Set before anything
