@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import tomllib
-from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from corpus import write_corpus
 from tolerances import assert_close
 
 from nested_learning import config, training
@@ -30,9 +29,6 @@ from nested_learning.fast.cpu import primitives as FP
 from nested_learning.reference import model as R
 from nested_learning.reference.blocks import layer_of
 from nested_learning.reference.config import SELFMOD_SWITCHES
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_cli_train import write_corpus  # noqa: E402
 
 # each switch flipped from its default, with what it needs (single_shrink: a matrix memory)
 FLIPS = {

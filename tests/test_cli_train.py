@@ -10,24 +10,16 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from corpus import write_corpus
 
 from nested_learning.cli import cli
 from nested_learning.fast.gpu import namespace
 from nested_learning.reference import model
 
-WORDS = "the memory learns to compress its context into weights while the optimizer learns gradients".split()
 # The loop's logic runs on the reference (several tests patch reference.model.loss_and_grads);
 # test_hope_family_end_to_end_with_exact_resume runs the default backend, the CPU port.
 TINY = ["--preset", "transformer-tiny", "--backend", "reference", "--seq-len", "24", "--batch-size", "4",
         "--lr", "0.01"]
-
-
-def write_corpus(path, n_docs=8, n_words=300, seed=0):
-    rng = np.random.default_rng(seed)
-    path.mkdir(parents=True, exist_ok=True)
-    for i in range(n_docs):
-        (path / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS, size=n_words)))
-    return path
 
 
 def invoke(*args):

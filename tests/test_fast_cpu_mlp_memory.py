@@ -10,9 +10,10 @@ import sys
 
 import numpy as np
 import pytest
+from cases_fast import mlp_inputs as _inputs
 from hypothesis import given
-from hypothesis import strategies as st
 from port_helpers import note, readonly
+from strategies import mlp_memory_configs as configs
 from tolerances import assert_close, tol
 
 from nested_learning.fast.cpu import mlp_memory as F
@@ -29,31 +30,6 @@ def _compare(fast, ref, dtype, names):
         assert isinstance(a, np.ndarray) and a.dtype == np.dtype(dtype), f"{name}: dtype {getattr(a, 'dtype', a)}"
         note(f"{name}: max abs diff {float(np.max(np.abs(a.astype(np.float64) - b))):.3e}")
         assert_close(a, b, dtype, "port", name)
-
-
-configs = st.fixed_dictionaries(
-    {
-        "lead": st.sampled_from([(1,), (2,), (2, 3)]),
-        "N": st.integers(1, 6),
-        "D": st.integers(3, 6),
-        "Hm": st.integers(2, 7),
-        "act": st.sampled_from(["gelu", "silu", "sigmoid", "softplus"]),
-        "layernorm": st.booleans(),
-        "dtype": st.sampled_from(["float32", "float64"]),
-        "seed": st.integers(0, 2**16),
-    }
-)
-
-
-def _inputs(c):
-    rng = np.random.default_rng(c["seed"])
-    dt = c["dtype"]
-    lead, N, D, Hm = c["lead"], c["N"], c["D"], c["Hm"]
-    W1 = (0.6 * rng.standard_normal((*lead, D, Hm))).astype(dt)
-    W2 = (0.6 * rng.standard_normal((*lead, Hm, D))).astype(dt)
-    k = rng.standard_normal((*lead, N, D)).astype(dt)
-    v = rng.standard_normal((*lead, N, D)).astype(dt)
-    return rng, W1, W2, k, v
 
 
 @given(configs)

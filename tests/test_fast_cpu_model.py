@@ -17,7 +17,11 @@ import numpy as np
 import pytest
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
-from tolerances import assert_close, tol
+from port_helpers import assert_grads_close as _assert_grads_close
+from port_helpers import assert_state_close as _assert_state_close
+from strategies import FAMILIES
+from strategies import model_configs as configs
+from tolerances import assert_close
 
 from nested_learning import config
 from nested_learning.fast import model as fast_model
@@ -27,28 +31,6 @@ from nested_learning.fast.gpu import namespace
 from nested_learning.reference import model as R
 from nested_learning.reference import optimizers
 
-FAMILIES = ("transformer", "hope-attention", "titans", "hope")
-
-
-@st.composite
-def configs(draw, family):
-    dtype = draw(st.sampled_from(["float32", "float64"]))
-    H = draw(st.integers(1, 2))
-    dh = draw(st.sampled_from([2, 4]))
-    kw = dict(name="drawn", family=family, vocab_size=draw(st.integers(3, 12)), d_model=H * dh,
-              n_layers=draw(st.integers(1, 2)), n_heads=H, mlp_hidden=draw(st.integers(2, 6)), dtype=dtype,
-              init_std=0.3, mem_chunk=draw(st.integers(1, 3)), mem_chunk_other=draw(st.integers(1, 3)),
-              mem_kind=draw(st.sampled_from(["matrix", "mlp"])), mem_hidden=draw(st.integers(2, 4)))
-    if family in ("hope", "hope-attention"):
-        c = draw(st.integers(1, 3))
-        n_levels = draw(st.integers(1, 3))
-        levels = tuple(config.CMSLevel(hidden=draw(st.integers(2, 5)),
-                                       period=draw(st.sampled_from([None, c, 2 * c])),
-                                       eta=draw(st.sampled_from([0.0, 0.05, 0.2]))) for _ in range(n_levels))
-        kw.update(cms_levels=levels, cms_variant=draw(st.sampled_from(["sequential", "independent"])),
-                  cms_activation=draw(st.sampled_from(["gelu", "silu"])), cms_in_context=draw(st.booleans()))
-    return config.ModelConfig(**kw)
-
 
 def _ro_params(params):
     out = {}
@@ -57,37 +39,6 @@ def _ro_params(params):
         v.setflags(write=False)
         out[k] = v
     return out
-
-
-def _assert_state_close(a, b, dtype, name="state"):
-    if isinstance(a, np.ndarray):
-        assert_close(a, b, dtype, "port", name)
-    elif isinstance(a, dict):
-        assert set(a) == set(b), name
-        for k in a:
-            _assert_state_close(a[k], b[k], dtype, f"{name}.{k}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), name
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_state_close(x, y, dtype, f"{name}[{i}]")
-    else:
-        assert a == b, name
-
-
-def _assert_grads_close(gf, gr, dtype):
-    """Every gradient within the port tolerance: per key in float64; in float32 on the scale of the
-    whole gradient (a key whose exact gradient is 0, e.g. W_q when every query sees one key, is
-    rounding noise ~1e-9 in both backends while the largest gradient is ~1: measured over 2 x 160
-    configs drawn by ``configs``, worst per-key rel 0.9, worst on one scale 1.4e-5)."""
-    whole = max(float(np.max(np.abs(g))) for g in gr.values() if g.size)
-    for k in gr:
-        assert gf[k].dtype == gr[k].dtype == np.dtype(dtype), k
-        if dtype == "float64":
-            assert_close(gf[k], gr[k], dtype, "port", k)
-            continue
-        assert gf[k].shape == gr[k].shape, k
-        diff = float(np.max(np.abs(gf[k].astype(np.float64) - gr[k]))) if gr[k].size else 0.0
-        assert diff <= tol(dtype, "port") * whole, f"{k}: max abs {diff:.3e} > {tol(dtype, 'port')} x {whole:.3e}"
 
 
 def _compiled_fallbacks():

@@ -16,75 +16,19 @@ import textwrap
 
 import numpy as np
 import pytest
+from cases_fast import PRIM_OPS as OPS
+from cases_fast import as_tuple as _as_tuple
+from cases_fast import prim_case as _case
+from cases_fast import prim_run as _run
+from cases_fast import ro as _ro
 from hypothesis import given, note
 from hypothesis import strategies as st
+from strategies import DTYPES
 from tolerances import assert_close, tol
 
 from nested_learning.fast import registry
 from nested_learning.fast.cpu import primitives as F
 from nested_learning.reference import primitives as R
-
-DTYPES = st.sampled_from(["float32", "float64"])
-
-
-def _ro(a):
-    a = np.array(a, copy=True)
-    a.setflags(write=False)
-    return a
-
-
-def _normal(rng, shape, dtype, scale=1.0):
-    return _ro((scale * rng.standard_normal(shape)).astype(dtype))
-
-
-def _as_tuple(g):
-    return g if isinstance(g, tuple) else (g,)
-
-
-def _case(op, rng, dtype, n, t, d):
-    """(forward args, forward kwargs, upstream shape builder) for one op."""
-    x3 = _normal(rng, (n, t, d), dtype)
-    if op == "linear":
-        return (x3, _normal(rng, (d + 1, d), dtype), _normal(rng, (d + 1,), dtype)), {}
-    if op == "embedding":
-        return (_ro(rng.integers(0, 7, size=(n, t))), _normal(rng, (7, d), dtype)), {}
-    if op == "rmsnorm":
-        return (x3, _normal(rng, (d,), dtype)), {"eps": 1e-6}
-    if op == "l2norm":
-        return (x3,), {}
-    if op in ("silu", "gelu", "sigmoid"):
-        return (_normal(rng, (n, t, d), dtype, 3.0),), {}
-    if op == "swiglu":
-        f = d + 2
-        return (x3, _normal(rng, (f, d), dtype), _normal(rng, (f, d), dtype), _normal(rng, (d, f), dtype)), {}
-    if op == "conv1d":
-        return (x3, _normal(rng, (d, 4), dtype), _normal(rng, (d,), dtype), _normal(rng, (n, 3, d), dtype)), {}
-    if op == "rope":
-        return (_normal(rng, (n, 2, t, 2 * d), dtype), _ro(np.arange(5, 5 + t))), {}
-    if op == "attention":
-        tk = t + int(rng.integers(0, 3))
-        return (_normal(rng, (n, 2, t, d), dtype), _normal(rng, (n, 2, tk, d), dtype),
-                _normal(rng, (n, 2, tk, d + 1), dtype)), {"causal": bool(rng.integers(0, 2)) or tk == t}
-    if op == "cross_entropy":
-        return (_normal(rng, (n, t, 9), dtype, 2.0), _ro(rng.integers(0, 9, size=(n, t)))), {}
-    raise AssertionError(op)
-
-
-OPS = ("linear", "embedding", "rmsnorm", "l2norm", "silu", "gelu", "sigmoid", "swiglu", "conv1d", "rope",
-       "attention", "cross_entropy")
-
-
-def _run(module, op, args, kwargs, rng_up, dtype):
-    out = getattr(module, op + "_forward")(*args, **kwargs)
-    y, cache = out[0], out[1]
-    if op == "cross_entropy":
-        grads = module.cross_entropy_backward(np.asarray(1.7, dtype=dtype), cache)
-        return (y,), _as_tuple(grads)
-    up = np.random.default_rng(rng_up).standard_normal(np.shape(y)).astype(dtype)
-    if op == "conv1d":
-        ups = np.random.default_rng(rng_up + 1).standard_normal(out[2].shape).astype(dtype)
-        return (y, out[2]), module.conv1d_backward(up, cache, dnew_state=ups)
-    return (y,), _as_tuple(getattr(module, op + "_backward")(up, cache))
 
 
 @pytest.mark.parametrize("op", OPS)

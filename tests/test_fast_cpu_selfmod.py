@@ -18,11 +18,13 @@ import sys
 
 import numpy as np
 import pytest
+from cases_fast import selfmod_make as _make
 from hypothesis import given
 from hypothesis import strategies as st
 from port_helpers import copy_tree as _copy
 from port_helpers import note
 from port_helpers import readonly as _ro
+from strategies import selfmod_layer_configs as configs
 from tolerances import assert_close, tol
 
 from nested_learning.fast.cpu import selfmod as FS
@@ -59,51 +61,6 @@ def _assert_same_tree(fast, ref, dtype, name, ref64=None, kind="port"):
     bound = max(tol(dtype, "port"), tol(dtype, "port_vs_own_rounding") * own)
     assert fast.shape == ref.shape, f"{name}: shape {fast.shape} != {ref.shape}"
     assert err <= bound, f"{name}: rel {err:.3e} > {bound:.3e} (the float32 reference is {own:.3e} from float64)"
-
-
-def _make(c):
-    mlp = c["memory"] == "mlp"
-    cfg = RS.SelfModConfig(
-        d_model=c["H"] * c["dh"], n_heads=c["H"], memory=c["memory"], hidden=c["Hm"],
-        layernorm=c["layernorm"] and mlp and c["dh"] >= 3 and c["dtype"] == "float64", chunk_memory=c["cm"], chunk_other=c["co"],
-        momentum=c["momentum"], adaptive_q=c["adaptive_q"], single_shrink=c["single_shrink"] and not mlp,
-        eta_max=0.5, stop_grad_writes=c["sg"],
-    )  # fmt: skip
-    rng = np.random.default_rng(c["seed"])
-    dt = c["dtype"]
-    params = RS.example_params(cfg, rng, np.float64)
-    params = {k: v.astype(dt) for k, v in params.items()}
-    x = rng.standard_normal((c["B"], c["T"], cfg.d_model)).astype(dt)
-    state = None
-    if c["stream"]:
-        state = RS.forward(rng.standard_normal((c["B"], c["T0"], cfg.d_model)).astype(dt), params, cfg)[2]
-    return cfg, rng, x, params, state
-
-
-configs = st.fixed_dictionaries(
-    {
-        "B": st.integers(1, 2),
-        "T": st.integers(1, 9),
-        "T0": st.integers(1, 4),
-        "H": st.integers(1, 2),
-        "dh": st.integers(2, 3),
-        "Hm": st.integers(2, 4),
-        "memory": st.sampled_from(["mlp", "matrix"]),
-        "cm": st.integers(1, 5),
-        "co": st.integers(1, 5),
-        "layernorm": st.booleans(),
-        "momentum": st.booleans(),
-        "adaptive_q": st.booleans(),
-        "single_shrink": st.booleans(),
-        "sg": st.sampled_from([False, False, False, True]),
-        "stream": st.booleans(),
-        # dense: every state key; none: no dstate; partial: only some memories' cotangents (the
-        # port skips the write backward of a memory while its cotangents are zero)
-        "dstate": st.sampled_from(["dense", "dense", "none", "partial"]),
-        "dtype": st.sampled_from(["float32", "float64"]),
-        "seed": st.integers(0, 2**16),
-    }
-)
 
 
 @given(configs)

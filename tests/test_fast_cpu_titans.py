@@ -12,11 +12,13 @@ import sys
 
 import numpy as np
 import pytest
+from cases_fast import titans_make as _make
 from hypothesis import given
 from hypothesis import strategies as st
 from port_helpers import copy_tree as _copy
 from port_helpers import note
 from port_helpers import readonly as _ro
+from strategies import titans_layer_configs as configs
 from tolerances import assert_close, tol
 
 from nested_learning.fast.cpu import titans as FT
@@ -41,47 +43,6 @@ def _assert_same_tree(fast, ref, dtype, name):
     diff = float(np.max(np.abs(fast.astype(np.float64) - ref))) if ref.size else 0.0
     note(f"{name}: max abs diff {diff:.3e}")
     assert_close(fast, ref, dtype, "port", name)
-
-
-def _make(c):
-    kw = dict(d_model=c["H"] * c["dh"], n_heads=c["H"], chunk=c["chunk"], memory=c["memory"], hidden=c["Hm"],
-              momentum=c["momentum"], retention=c["retention"], eta_max=0.5,
-              layernorm=c["layernorm"] and c["memory"] == "mlp", stop_grad_writes=c["sg"])  # fmt: skip
-    cfg = RT.TitansConfig(**kw)
-    rng = np.random.default_rng(c["seed"])
-    dt = c["dtype"]
-    params = RT.init_params(cfg, rng, np.float64)
-    for key in params:  # off the special initial values, gates where they are sensitive
-        params[key] = params[key] + 0.3 * rng.standard_normal(params[key].shape)
-        if key.startswith("b_"):
-            params[key] = 0.5 * rng.standard_normal(params[key].shape) + (1.5 if key == "b_alpha" else 0.0)
-    params = {k: v.astype(dt) for k, v in params.items()}
-    x = rng.standard_normal((c["B"], c["T"], cfg.d_model)).astype(dt)
-    state = None
-    if c["stream"]:
-        state = RT.titans_forward(rng.standard_normal((c["B"], c["T0"], cfg.d_model)).astype(dt), params, cfg)[2]
-    return cfg, rng, x, params, state
-
-
-configs = st.fixed_dictionaries(
-    {
-        "B": st.integers(1, 2),
-        "T": st.integers(1, 9),
-        "T0": st.integers(1, 5),
-        "H": st.integers(1, 2),
-        "dh": st.integers(3, 4),
-        "Hm": st.integers(2, 5),
-        "chunk": st.integers(1, 5),
-        "memory": st.sampled_from(["matrix", "mlp"]),
-        "layernorm": st.booleans(),
-        "momentum": st.booleans(),
-        "retention": st.booleans(),
-        "sg": st.sampled_from([False, False, False, True]),
-        "stream": st.booleans(),
-        "dtype": st.sampled_from(["float32", "float64"]),
-        "seed": st.integers(0, 2**16),
-    }
-)
 
 
 @given(configs)

@@ -25,7 +25,7 @@ import pytest
 from gpu_helpers import assert_bitwise_tree, layer_config, record_error, worst_errors
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
-from test_fast_cpu_model import configs as model_configs
+from strategies import FAMILIES, model_configs
 from tolerances import assert_close
 
 from nested_learning import config
@@ -37,8 +37,6 @@ from nested_learning.reference import model as R
 from nested_learning.reference import optimizers as RO
 from nested_learning.reference import primitives as RP
 from nested_learning.reference import titans as RT
-
-FAMILIES = ("transformer", "hope-attention", "titans", "hope")
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from cases_fast import scan_case
 from hypothesis import given
 from hypothesis import strategies as st
 from tolerances import assert_close
@@ -23,23 +24,6 @@ from nested_learning.reference import selfmod as RS
 def _fallback():
     return {n: getattr(RS, n) for n in ("suffix_products", "suffix_products_backward", "scalar_suffix_products",
                                         "scalar_suffix_products_backward")}
-
-
-def scan_case(seed: int, B: int, H: int, n: int, d: int, dtype, transposed: bool):
-    """Random key-side A = alpha I - ep k k^T and adjoints; ``transposed`` hands dR in as a
-    non-contiguous view (as the planned einsum may return it)."""
-    rng = np.random.default_rng(seed)
-    k = rng.standard_normal((B, H, n, d))
-    k /= np.linalg.norm(k, axis=-1, keepdims=True)
-    alpha = rng.uniform(0.5, 1.0, (B, H, n))
-    ep = rng.uniform(0.0, 0.5, (B, H, n))
-    A = (alpha[..., None, None] * np.eye(d) - ep[..., None, None] * np.einsum("bhnk,bhnl->bhnkl", k, k)).astype(dtype)
-    dR = rng.standard_normal((B, H, n, d, d)).astype(dtype)
-    if transposed:
-        dR = np.ascontiguousarray(np.swapaxes(dR, -1, -2)).swapaxes(-1, -2)
-    dfull = rng.standard_normal((B, H, d, d)).astype(dtype)
-    return A, dR, dfull, alpha.astype(dtype), rng.standard_normal((B, H, n)).astype(dtype), \
-        rng.standard_normal((B, H)).astype(dtype)
 
 
 @given(seed=st.integers(0, 2**16), B=st.integers(1, 3), H=st.integers(1, 3), n=st.integers(1, 7),

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from gpu_helpers import ON_NUMPY, assert_bitwise_tree, record_error, require_gpu
 from tolerances import tol
 
 from nested_learning import conformance as conf
 
+pytestmark = pytest.mark.gpu
 DEVICE = require_gpu()
 COMMITTED = Path(__file__).parent / "conformance"
 

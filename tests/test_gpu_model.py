@@ -1,9 +1,10 @@
 """The whole model on the GPU (fast/gpu/model.py) vs the reference, every family (SPEC.md#fast-gpu).
 
-The CPU port's model property test (tests/test_fast_cpu_model.py: its config strategy is imported)
-run against backend "gpu", float32 and float64: the loss, every gradient, the logits and state of
-a one-call forward, a two-call stream (= the one call), a GPU state continued on the reference,
-the in-context CMS increments and the loss with them frozen. A 10-step AdamW trajectory keeps
+The CPU port's model property test (tests/test_fast_cpu_model.py: its config strategy,
+tests/strategies.py's model_configs, is shared) run against backend "gpu", float32 and float64:
+the loss, every gradient, the logits and state of a one-call forward, a two-call stream (= the one
+call), a GPU state continued on the reference, the in-context CMS increments and the loss with
+them frozen. A 10-step AdamW trajectory keeps
 parameters and optimizer state on the device (``optimizers()`` over the device namespace, gradients
 with ``as_numpy=False``) and agrees with the reference's. Results are NumPy by default and device
 arrays with ``as_numpy=False``; ``fast.model`` dispatches ``device="gpu"`` here. Tolerances: the
@@ -22,8 +23,7 @@ import pytest
 from gpu_helpers import check_close, check_tree, require_gpu
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
-from test_fast_cpu_model import FAMILIES
-from test_fast_cpu_model import configs as model_configs
+from strategies import FAMILIES, model_configs
 from tolerances import tol
 
 from nested_learning import config
@@ -32,6 +32,7 @@ from nested_learning.fast.gpu import model as G
 from nested_learning.reference import model as R
 from nested_learning.reference import optimizers as RO
 
+pytestmark = pytest.mark.gpu
 DEVICE = require_gpu()
 
 

@@ -1,13 +1,14 @@
 """The GPU port's ops (fast/gpu/ops.py host views) vs the reference, float32 and float64 (SPEC.md#fast-gpu).
 
-The CPU port's property tests (tests/test_fast_cpu_*.py: their strategies and input builders are
-imported, not copied) run against backend "gpu": every primitive op of the registry (forward and
-backward; layernorm, softplus and softmax too), the MLP / matrix memory ops, Titans (matrix / MLP
-memory, chunk sizes that do not divide T, momentum, a state continued from inside a chunk, the
-upstream gradient reaching y and the state), the self-modifying layer and the CMS chain. Each
-comparison is within the ("float32" | "float64", "gpu") rows of tests/tolerances.py (the selfmod
-layer reuses the CPU port's LayerNorm and own-rounding rows, as its CPU test does) and records its
-relative error in $NL_GPU_ERRORS (tests/gpu_helpers.py).
+The CPU port's property tests (tests/test_fast_cpu_*.py: their strategies, tests/strategies.py, and
+input builders, tests/cases_fast.py, are shared, not copied) run against backend "gpu": every
+primitive op of the registry (forward and backward; layernorm, softplus and softmax too), the MLP
+/ matrix memory ops, Titans (matrix / MLP memory, chunk sizes that do not divide T, momentum, a
+state continued from inside a chunk, the upstream gradient reaching y and the state), the
+self-modifying layer and the CMS chain. Each comparison is within the ("float32" | "float64",
+"gpu") rows of tests/tolerances.py (the selfmod layer reuses the CPU port's LayerNorm and
+own-rounding rows, as its CPU test does) and records its relative error in $NL_GPU_ERRORS
+(tests/gpu_helpers.py).
 
 Skipped without CuPy and a CUDA device (NL_REQUIRE_GPU=1: an error instead);
 NL_GPU_TESTS_ON_NUMPY=1 runs it on NumPy to check the tests themselves.
@@ -17,18 +18,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cases_fast import PRIM_OPS as COMPILED_OPS
+from cases_fast import mlp_inputs, selfmod_make, titans_make
+from cases_fast import normal as _normal
+from cases_fast import prim_case as _case
+from cases_fast import prim_run as _run
 from gpu_helpers import check_close, check_tree, layer_config, rel_error, require_gpu
 from hypothesis import given, note
 from hypothesis import strategies as st
 from port_helpers import readonly
-from test_fast_cpu_mlp_memory import _inputs as mlp_inputs
-from test_fast_cpu_mlp_memory import configs as mlp_configs
-from test_fast_cpu_primitives import OPS as COMPILED_OPS
-from test_fast_cpu_primitives import _case, _normal, _run
-from test_fast_cpu_selfmod import _make as selfmod_make
-from test_fast_cpu_selfmod import configs as selfmod_configs
-from test_fast_cpu_titans import _make as titans_make
-from test_fast_cpu_titans import configs as titans_configs
+from strategies import DTYPES
+from strategies import mlp_memory_configs as mlp_configs
+from strategies import selfmod_layer_configs as selfmod_configs
+from strategies import titans_layer_configs as titans_configs
 from tolerances import tol
 
 from nested_learning.fast import registry
@@ -39,8 +41,8 @@ from nested_learning.reference import primitives as RP
 from nested_learning.reference import selfmod as RS
 from nested_learning.reference import titans as RT
 
+pytestmark = pytest.mark.gpu
 DEVICE = require_gpu()
-DTYPES = st.sampled_from(["float32", "float64"])
 REFERENCE_ONLY_OPS = ("layernorm", "softplus", "softmax")  # no CPU port, but a GPU one
 ALL_OPS = COMPILED_OPS + REFERENCE_ONLY_OPS
 

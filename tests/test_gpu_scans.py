@@ -7,15 +7,17 @@ under NL_GPU_TESTS_ON_NUMPY=1 the kernels are ``LoopKernels`` over NumPy (checks
 from __future__ import annotations
 
 import numpy as np
+import pytest
+from cases_fast import scan_case
 from gpu_helpers import ON_NUMPY, check_close, require_gpu
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_fast_gpu_scans import scan_case
 
 from nested_learning.fast.gpu import model as G
 from nested_learning.fast.gpu import scans
 from nested_learning.reference import selfmod as RS
 
+pytestmark = pytest.mark.gpu
 DEVICE = require_gpu()
 
 

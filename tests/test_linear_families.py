@@ -9,14 +9,17 @@ the reference, and ``nested-learning train`` runs each tiny preset.
 
 import dataclasses
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from corpus import write_corpus
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from model_checks import plain_loss as _plain_loss
+from model_checks import spot_check as _spot_check
+from port_helpers import assert_grads_close as _assert_grads_close
+from port_helpers import assert_state_close as _assert_state_close
 from tolerances import assert_close, tol
 
 from nested_learning import config
@@ -27,11 +30,6 @@ from nested_learning.reference import linear_layers as LL
 from nested_learning.reference import memory as MEM
 from nested_learning.reference import model as R
 from nested_learning.reference.gradcheck import check_gradients, dot_product_test
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_cli_train import write_corpus  # noqa: E402
-from test_fast_cpu_model import _assert_grads_close, _assert_state_close  # noqa: E402
-from test_model import _plain_loss, _spot_check  # noqa: E402
 
 TINY = ["linear-attention-tiny", "deltanet-tiny", "gated-deltanet-tiny"]
 

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from model_checks import plain_loss as _plain_loss
+from model_checks import spot_check as _spot_check
 from tolerances import assert_close, tol
 
 from nested_learning import config
@@ -26,32 +28,6 @@ CMS_TINY = ["hope-attention-tiny", "hope-tiny"]
 
 def _tokens(cfg, B, T, seed=0):
     return np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(B, T))
-
-
-def _plain_loss(params, tokens, cfg):
-    """The loss of the forward function itself (in-context increments recomputed from params)."""
-    logits, _ = model.forward(params, tokens, cfg)
-    return P.cross_entropy_forward(logits[:, :-1], tokens[:, 1:])[0]
-
-
-def _spot_check(f, params, grads, rng, n_spots=1, eps=1e-6):
-    """Central differences at ``n_spots`` random entries of every key. Returns (rel error over
-    all the sampled entries, as check_gradients measures a vector, and the worst key). Per-key
-    scales are not used: some keys' gradients are ~1e-8, below central differences' rounding
-    floor (~3e-10 absolute at loss ~3 and e = 1e-6)."""
-    num, ana, names = [], [], []
-    for key, p in params.items():
-        for i in rng.choice(p.size, size=min(n_spots, p.size), replace=False):
-            vals = []
-            for sign in (1, -1):
-                q = p.copy()
-                q.flat[i] += sign * eps
-                vals.append(float(f(params | {key: q})))
-            num.append((vals[0] - vals[1]) / (2 * eps))
-            ana.append(float(grads[key].flat[i]))
-            names.append(key)
-    num, ana = np.array(num), np.array(ana)
-    return rel_error(ana, num), names[int(np.argmax(np.abs(num - ana)))]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,112 @@
+"""The hypothesis strategies several test files share (not a test file: nothing here is collected).
+
+Each is written once here and imported where it is drawn: the dtypes and seeds most property tests
+draw, and the configurations of the port tests, which the CPU port's tests (tests/test_fast_cpu_*.py)
+and the GPU port's (tests/test_gpu_*.py, tests/test_fast_gpu_namespace.py) both draw. A test keeps
+the same draws wherever it imports them from: hypothesis derives a derandomized test's examples from
+the test function (its source and name), not from where its strategies are defined.
+"""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+from nested_learning import config
+
+DTYPES = st.sampled_from(["float32", "float64"])
+"""The two float dtypes every port is checked in (as strings, the configs' and ``np.dtype``'s form)."""
+
+SEEDS = st.integers(0, 2**16)
+"""A seed for ``np.random.default_rng``: the inputs of one example."""
+
+FAMILIES = ("transformer", "hope-attention", "titans", "hope")
+"""The model families the ports cover, the order of the model tests' parametrisations."""
+
+# fast.cpu.mlp_memory / fast.gpu's MLP memory vs reference.mlp_memory: leading dims, token count,
+# widths, the activation, LayerNorm on the memory's branch; inputs from cases_fast.mlp_inputs.
+mlp_memory_configs = st.fixed_dictionaries(
+    {
+        "lead": st.sampled_from([(1,), (2,), (2, 3)]),
+        "N": st.integers(1, 6),
+        "D": st.integers(3, 6),
+        "Hm": st.integers(2, 7),
+        "act": st.sampled_from(["gelu", "silu", "sigmoid", "softplus"]),
+        "layernorm": st.booleans(),
+        "dtype": DTYPES,
+        "seed": SEEDS,
+    }
+)
+
+# One Titans layer (cases_fast.titans_make): matrix / MLP memory, LayerNorm, momentum and retention
+# on/off, chunk sizes that do not divide T, stop_grad_writes (1 in 4), a stream continued from inside
+# a chunk (T0 tokens before).
+titans_layer_configs = st.fixed_dictionaries(
+    {
+        "B": st.integers(1, 2),
+        "T": st.integers(1, 9),
+        "T0": st.integers(1, 5),
+        "H": st.integers(1, 2),
+        "dh": st.integers(3, 4),
+        "Hm": st.integers(2, 5),
+        "chunk": st.integers(1, 5),
+        "memory": st.sampled_from(["matrix", "mlp"]),
+        "layernorm": st.booleans(),
+        "momentum": st.booleans(),
+        "retention": st.booleans(),
+        "sg": st.sampled_from([False, False, False, True]),
+        "stream": st.booleans(),
+        "dtype": DTYPES,
+        "seed": SEEDS,
+    }
+)
+
+# One self-modifying Titans layer (cases_fast.selfmod_make): MLP / matrix memories, the two chunk
+# sizes, LayerNorm (float64 draws only), momentum, adaptive q, single shrink, stop_grad_writes, a
+# continued stream, and which state cotangents the backward gets.
+selfmod_layer_configs = st.fixed_dictionaries(
+    {
+        "B": st.integers(1, 2),
+        "T": st.integers(1, 9),
+        "T0": st.integers(1, 4),
+        "H": st.integers(1, 2),
+        "dh": st.integers(2, 3),
+        "Hm": st.integers(2, 4),
+        "memory": st.sampled_from(["mlp", "matrix"]),
+        "cm": st.integers(1, 5),
+        "co": st.integers(1, 5),
+        "layernorm": st.booleans(),
+        "momentum": st.booleans(),
+        "adaptive_q": st.booleans(),
+        "single_shrink": st.booleans(),
+        "sg": st.sampled_from([False, False, False, True]),
+        "stream": st.booleans(),
+        # dense: every state key; none: no dstate; partial: only some memories' cotangents (the
+        # port skips the write backward of a memory while its cotangents are zero)
+        "dstate": st.sampled_from(["dense", "dense", "none", "partial"]),
+        "dtype": DTYPES,
+        "seed": SEEDS,
+    }
+)
+
+
+@st.composite
+def model_configs(draw, family):
+    """A small ModelConfig of ``family``: dtype, heads and widths, layers, memory kind and chunk
+    sizes; for the CMS families the levels (periods None / c / 2c), variant, activation and
+    in-context or static CMS."""
+    dtype = draw(DTYPES)
+    H = draw(st.integers(1, 2))
+    dh = draw(st.sampled_from([2, 4]))
+    kw = dict(name="drawn", family=family, vocab_size=draw(st.integers(3, 12)), d_model=H * dh,
+              n_layers=draw(st.integers(1, 2)), n_heads=H, mlp_hidden=draw(st.integers(2, 6)), dtype=dtype,
+              init_std=0.3, mem_chunk=draw(st.integers(1, 3)), mem_chunk_other=draw(st.integers(1, 3)),
+              mem_kind=draw(st.sampled_from(["matrix", "mlp"])), mem_hidden=draw(st.integers(2, 4)))
+    if family in ("hope", "hope-attention"):
+        c = draw(st.integers(1, 3))
+        n_levels = draw(st.integers(1, 3))
+        levels = tuple(config.CMSLevel(hidden=draw(st.integers(2, 5)),
+                                       period=draw(st.sampled_from([None, c, 2 * c])),
+                                       eta=draw(st.sampled_from([0.0, 0.05, 0.2]))) for _ in range(n_levels))
+        kw.update(cms_levels=levels, cms_variant=draw(st.sampled_from(["sequential", "independent"])),
+                  cms_activation=draw(st.sampled_from(["gelu", "silu"])), cms_in_context=draw(st.booleans()))
+    return config.ModelConfig(**kw)
