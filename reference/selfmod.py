@@ -712,6 +712,7 @@ def backward(dy, cache, dstate=None):
                     Pw, Sw = write(Pw, Sw, G[w][:, :, j], k[:, :, j], ep[:, :, j], alpha[:, :, j], beta, keyside)
                 dGw = np.zeros_like(G[w])
                 dPw, dSw = dW[m][w], dS[m][w]
+                dbeta_w = np.zeros_like(beta) if beta is not None else None  # summed over the segment
                 for j in range(n - 1, -1, -1):
                     Pp, Sp = hist[j]
                     e, a_, kj = ep[:, :, j], alpha[:, :, j], k[:, :, j]
@@ -719,7 +720,7 @@ def backward(dy, cache, dstate=None):
                     dGw[:, :, j] = -e[..., None, None] * dSt
                     dep_j = -np.einsum("bhuv,bhuv->bh", dSt, G[w][:, :, j])  # a write's eta' terms, summed
                     if beta is not None:
-                        grads[f"{m}.b_beta"] += np.einsum("bhuv,bhuv->h", dSt, Sp) * beta * (1 - beta)
+                        dbeta_w += np.einsum("bhuv,bhuv->h", dSt, Sp)
                     dalpha[:, :, j] += np.einsum("bhuv,bhuv->bh", dPw, Pp)
                     dP_prev = a_[..., None, None] * dPw
                     if keyside:
@@ -733,6 +734,8 @@ def backward(dy, cache, dstate=None):
                     dep[:, :, j] += dep_j  # (then added to dep, as the chunk form's write_chunk_backward)
                     dPw = dP_prev
                     dSw = beta[:, None, None] * dSt if beta is not None else dSw
+                if beta is not None:  # (then scaled and added once, as the chunk form's)
+                    grads[f"{m}.b_beta"] += dbeta_w * beta * (1 - beta)
                 dW[m][w], dS[m][w] = dPw, dSw
                 dG[w] = dGw
             dst, dk_g, dvh = inner_grad_backward(cfg, dG, c_grad)
