@@ -110,3 +110,24 @@ def model_configs(draw, family):
         kw.update(cms_levels=levels, cms_variant=draw(st.sampled_from(["sequential", "independent"])),
                   cms_activation=draw(st.sampled_from(["gelu", "silu"])), cms_in_context=draw(st.booleans()))
     return config.ModelConfig(**kw)
+
+
+MLP_ACTS = ["gelu", "silu", "sigmoid", "softplus"]
+
+
+@st.composite
+def mlp_memory_reference_configs(draw, acts=MLP_ACTS):
+    """Small random configurations of the reference MLP memory's own tests (tests/test_mlp_memory.py;
+    inputs from cases_reference.mlp_reference_inputs). With LayerNorm, D >= 3 and Hm >= 2: for D <= 2
+    the normalised branch is the constant +-1 and for Hm = 1 it is invariant to s(W2 z), so its
+    derivatives are O(eps) cancellations (SPEC.md#mlp-memory), not a useful test of the code."""
+    layernorm = draw(st.booleans())
+    return {
+        "lead": tuple(draw(st.lists(st.integers(1, 2), max_size=2))),
+        "N": draw(st.integers(1, 3)),
+        "D": draw(st.integers(3, 4) if layernorm else st.integers(1, 3)),
+        "Hm": draw(st.integers(2 if layernorm else 1, 4)),
+        "act": draw(st.sampled_from(acts)),
+        "layernorm": layernorm,
+        "seed": draw(st.integers(0, 2**32 - 1)),
+    }

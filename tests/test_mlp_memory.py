@@ -7,48 +7,18 @@ the LayerNorm option.
 
 import numpy as np
 import pytest
+from cases_reference import mlp_all_outputs as _all_outputs
+from cases_reference import mlp_opts as opts
+from cases_reference import mlp_reference_inputs as make_inputs
 from hypothesis import currently_in_test_context, given, note
 from hypothesis import strategies as st
+from strategies import mlp_memory_reference_configs as configs
 from tolerances import assert_close, tol
 
 from nested_learning.reference import mlp_memory as mm
 from nested_learning.reference.gradcheck import check_gradients, numerical_gradient
 
-ACTS = ["gelu", "silu", "sigmoid", "softplus"]
 GTOL = tol("float64", "gradcheck")
-
-
-@st.composite
-def configs(draw, acts=ACTS):
-    """Small random configurations. With LayerNorm, D >= 3 and Hm >= 2: for D <= 2 the normalised
-    branch is the constant +-1 and for Hm = 1 it is invariant to s(W2 z), so its derivatives are
-    O(eps) cancellations (SPEC.md#mlp-memory), not a useful test of the code."""
-    layernorm = draw(st.booleans())
-    return {
-        "lead": tuple(draw(st.lists(st.integers(1, 2), max_size=2))),
-        "N": draw(st.integers(1, 3)),
-        "D": draw(st.integers(3, 4) if layernorm else st.integers(1, 3)),
-        "Hm": draw(st.integers(2 if layernorm else 1, 4)),
-        "act": draw(st.sampled_from(acts)),
-        "layernorm": layernorm,
-        "seed": draw(st.integers(0, 2**32 - 1)),
-    }
-
-
-def make_inputs(cfg, dtype=np.float64):
-    rng = np.random.default_rng(cfg["seed"])
-    lead, N, D, Hm = cfg["lead"], cfg["N"], cfg["D"], cfg["Hm"]
-    x = {
-        "W1": 0.7 * rng.standard_normal((*lead, D, Hm)),
-        "W2": 0.7 * rng.standard_normal((*lead, Hm, D)),
-        "k": rng.standard_normal((*lead, N, D)),
-        "v_hat": rng.standard_normal((*lead, N, D)),
-    }
-    return {key: v.astype(dtype) for key, v in x.items()}, rng
-
-
-def opts(cfg):
-    return {"act": cfg["act"], "layernorm": cfg["layernorm"]}
 
 
 def assert_errors(errors, t=GTOL, dot_t=GTOL):
@@ -314,26 +284,6 @@ def test_layernorm_branch_is_normalised(cfg):
     c = y - x["k"]
     np.testing.assert_allclose(c.mean(axis=-1), 0.0, atol=1e-12)
     np.testing.assert_allclose((c * c).mean(axis=-1), var / (var + eps), rtol=1e-10, atol=1e-14)
-
-
-def _all_outputs(x, cfg, seed=0):
-    """Every function's outputs, with random upstream gradients (all-ones is in LN's null space)."""
-    rng = np.random.default_rng(seed)
-    dt = x["k"].dtype
-
-    def up(t):
-        return rng.standard_normal(t.shape).astype(dt)
-
-    y, cache = mm.mlp_memory_forward(x["W1"], x["W2"], x["k"], **opts(cfg))
-    out = {"y": y}
-    out.update(zip(("dW1", "dW2", "dz"), mm.mlp_memory_backward(up(y), cache), strict=True))
-    out["l"] = mm.inner_loss(**x, **opts(cfg))
-    u1, a, u2, cache = mm.inner_grad(**x, **opts(cfg))
-    out.update(u1=u1, a=a, u2=u2)
-    bw = mm.inner_grad_backward(up(u1), up(a), up(u2), cache)
-    out.update(zip(("bW1", "bW2", "bk", "bv"), bw, strict=True))
-    out.update(zip(("G1", "G2"), mm.inner_grad_dense(**x, **opts(cfg)), strict=True))
-    return out
 
 
 @given(configs())

@@ -12,6 +12,8 @@ import re
 
 import numpy as np
 import pytest
+from cases_reference import primitive_calls as _calls
+from cases_reference import primitive_run as _run
 from hypothesis import given, note
 from hypothesis import strategies as st
 from tolerances import assert_close, tol
@@ -567,53 +569,6 @@ def test_bad_input_raises_value_error_naming_argument_and_shape(case):
 # ---------------------------------------------------------------------------------------------
 # dtype preservation, no mutation, no aliasing: every forward and backward.
 # ---------------------------------------------------------------------------------------------
-
-
-def _calls(rng, dtype):
-    """name -> (inputs, forward(inputs) -> outputs list, backward(outputs, cache) -> grads list)."""
-    r = lambda *s: rng.standard_normal(s).astype(dtype)  # noqa: E731
-    tok = rng.integers(0, 5, size=(2, 3))
-    act = {n: (getattr(P, f"{n}_forward"), getattr(P, f"{n}_backward")) for n in P.ACTIVATIONS}
-    cases = {
-        "linear": ({"x": r(2, 3, 4), "W": r(5, 4), "b": r(5)}, P.linear_forward, P.linear_backward),
-        "embedding": ({"tokens": tok, "E": r(5, 4)}, P.embedding_forward, P.embedding_backward),
-        "rmsnorm": ({"x": r(2, 3, 4), "g": r(4)}, P.rmsnorm_forward, P.rmsnorm_backward),
-        "layernorm": ({"x": r(2, 3, 4), "g": r(4), "b": r(4)}, P.layernorm_forward, P.layernorm_backward),
-        "layernorm_plain": ({"x": r(2, 3, 4)}, P.layernorm_forward, P.layernorm_backward),
-        "l2norm": ({"x": r(2, 3, 4)}, P.l2norm_forward, P.l2norm_backward),
-        "swiglu": (
-            {"x": r(2, 3, 4), "W_gate": r(6, 4), "W_up": r(6, 4), "W_down": r(4, 6)},
-            P.swiglu_forward,
-            P.swiglu_backward,
-        ),
-        "conv1d": (
-            {"x": r(2, 3, 4), "w": r(4, 4), "b": r(4), "state": r(2, 3, 4)},
-            P.conv1d_forward,
-            P.conv1d_backward,
-        ),
-        "rope": ({"x": r(2, 3, 4), "positions": np.arange(3)}, P.rope_forward, P.rope_backward),
-        "softmax": ({"x": r(2, 3, 4)}, P.softmax_forward, P.softmax_backward),
-        "attention": (
-            {"q": r(1, 2, 3, 4), "k": r(1, 2, 5, 4), "v": r(1, 2, 5, 3)},
-            P.attention_forward,
-            P.attention_backward,
-        ),
-        "cross_entropy": ({"logits": r(2, 3, 5), "targets": tok}, P.cross_entropy_forward, None),
-    } | {n: ({"x": r(2, 3)}, f, b) for n, (f, b) in act.items()}
-    return cases
-
-
-def _run(name, inputs, forward, backward, rng):
-    out = forward(**inputs)
-    y, cache = out[0], out[1]
-    outputs = [y] + list(out[2:])
-    if name == "cross_entropy":
-        grads = [P.cross_entropy_backward(1.0, cache)]
-    else:
-        dy = rng.standard_normal(np.shape(y)).astype(np.asarray(y).dtype)
-        grads = backward(dy, cache)
-        grads = list(grads) if isinstance(grads, tuple) else [grads]
-    return outputs, [g for g in grads if g is not None]
 
 
 @pytest.mark.parametrize("name", sorted(_calls(np.random.default_rng(0), np.float32)))

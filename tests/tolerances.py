@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# scripts/calibrate_tolerances.py reproduces the measurement behind each row (the comments below say
+# what each was measured on) and prints the measured worst, the bound and the headroom; it exits 1 if
+# a measurement exceeds its row (`--quick` for a few draws per row, `--rows dtype:kind,...` for some).
+
 TOLERANCES: dict[tuple[str, str], tuple[float, str]] = {
     # Central differences with e = 1e-6 in float64: truncation O(e^2 f''') + rounding O(1e-16 / e);
     # the observed worst relative error over the primitives' and memories' property tests is ~1e-8.
