@@ -416,15 +416,16 @@ def delta_chunked_backward(dy, dM_T, cache):
 
 
 def prox_step_size(eta, k):
-    """eta'_t = eta_t / (1 + eta_t ||k_t||^2): the Sherman-Morrison step of Eqs. (56)-(57). (B, T)."""
-    return eta / (1 + eta * np.einsum("btk,btk->bt", k, k))  # Eq. (57), any key norm
+    """eta'_t = eta_t / (1 + eta_t ||k_t||^2): the Sherman-Morrison step of Eqs. (56)-(57). (B, T) (any
+    leading axes: the self-modifying layer's are (B, H, T))."""
+    return eta / (1 + eta * np.einsum("...k,...k->...", k, k))  # Eq. (57), any key norm
 
 
 def _prox_step_size_backward(deta_prox, eta, k):
     """(deta, dk) from the gradient w.r.t. eta' (d eta'/d eta = (eta'/eta)^2, d eta'/dk = -2 eta'^2 k)."""
-    denom = 1 + eta * np.einsum("btk,btk->bt", k, k)
+    denom = 1 + eta * np.einsum("...k,...k->...", k, k)
     eta_prox = eta / denom
-    return deta_prox / denom**2, -2 * (deta_prox * eta_prox**2)[:, :, None] * k
+    return deta_prox / denom**2, -2 * (deta_prox * eta_prox**2)[..., None] * k
 
 
 def dgd_forward(q, k, v, eta, alpha, M0):

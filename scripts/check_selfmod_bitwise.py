@@ -8,7 +8,7 @@ so its relative imports (primitives, mlp_memory) resolve to this checkout's sibl
 comparison isolates the self-modifying layer itself. For N random cases (default 40), each in
 float32 and float64, it runs both versions' ``forward`` or ``forward_loop`` (drawn) and
 ``backward`` with an upstream gradient and a state adjoint (none, partial or dense; drawn) and
-compares with ``np.array_equal``: the output, every key of the returned state, the cache entries
+compares with ``np.array_equal`` (NaN equal to NaN: a drawn case may overflow): the output, every key of the returned state, the cache entries
 the tests read (k, q, v, o, eta, alpha, ep, vhat), dx, every parameter gradient and every key of
 dstate0; and the pieces ``write``, ``write_chunk`` and ``write_chunk_backward`` directly. The
 configurations vary every switch of SelfModConfig (memory kind, momentum, adaptive_q,
@@ -107,7 +107,7 @@ class Report:
             if not (a is None and b is None) and a != b:
                 self.diffs.append(f"{where}: {a!r} != {b!r}")
             return
-        if a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(a, b):
+        if a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(a, b, equal_nan=True):
             if a.shape != b.shape or a.dtype != b.dtype:
                 self.diffs.append(f"{where}: shape/dtype {a.shape} {a.dtype} vs {b.shape} {b.dtype}")
                 return

@@ -12,6 +12,7 @@ import numpy as np
 
 from nested_learning.reference import selfmod as RS
 from nested_learning.reference import titans as RT
+from nested_learning.reference.cases.selfmod import example_params
 
 # ------------------------------------------------------------------------------------------------
 # Primitives (tests/test_fast_cpu_primitives.py, tests/test_gpu_ops.py)
@@ -140,7 +141,7 @@ def selfmod_make(c):
     )  # fmt: skip
     rng = np.random.default_rng(c["seed"])
     dt = c["dtype"]
-    params = RS.example_params(cfg, rng, np.float64)
+    params = example_params(cfg, rng, np.float64)
     params = {k: v.astype(dt) for k, v in params.items()}
     x = rng.standard_normal((c["B"], c["T"], cfg.d_model)).astype(dt)
     state = None

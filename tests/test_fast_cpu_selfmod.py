@@ -29,6 +29,7 @@ from tolerances import assert_close, tol
 
 from nested_learning.fast.cpu import selfmod as FS
 from nested_learning.reference import selfmod as RS
+from nested_learning.reference.cases.selfmod import example_params
 from nested_learning.reference.gradcheck import check_gradients
 
 
@@ -120,14 +121,15 @@ def test_key_write_kernel_matches_the_reference_token_writes(n, a, b, momentum, 
     G = L[..., :, None] * K[..., None, :]  # (B, H, n, a, b)
     Pr, Sr = P0, S0
     for j in range(n):
-        Pr, Sr = RS.write(Pr, Sr, G[:, :, j], K[:, :, j], ep[:, :, j], alpha[:, :, j], beta, True)
+        Pr, Sr, _ = RS.write(Pr, Sr, G[:, :, j], K[:, :, j], ep[:, :, j], alpha[:, :, j], beta, True)
     _assert_same_tree(Pf, Pr, dtype, "P")
     if momentum:
         _assert_same_tree(Sf, Sr, dtype, "S")
     dP, dS = rng.standard_normal(P0.shape).astype(dtype), rng.standard_normal(P0.shape).astype(dtype)
     dS = dS if momentum else np.zeros_like(dS)
     dP0, dS0, dL, dK, dep, dal, dbeta = FS.key_write_backward(dP, dS, P0, S0, L, K, ep, alpha, beta)
-    rP0, rS0, rG, rk, rep, ral, rbeta = RS.write_chunk_backward(dP, dS, P0, S0, G, K, ep, alpha, beta, True)
+    c_write = RS.write_chunk(P0, S0, G, K, ep, alpha, beta, True)[2]
+    rP0, rS0, rG, rk, rep, ral, rbeta = RS.write_chunk_backward(dP, dS, c_write)
     _assert_same_tree(dP0, rP0, dtype, "dP0")
     _assert_same_tree(dL, np.einsum("zhnac,zhnc->zhna", rG, K), dtype, "dL")
     _assert_same_tree(dK, rk + np.einsum("zhnac,zhna->zhnc", rG, L), dtype, "dK")
@@ -145,7 +147,7 @@ def test_fast_backward_passes_the_gradient_check(kw):
     the keys the reference's GRADCHECKS resolve (>= 1e-2 of the largest gradient)."""
     rng = np.random.default_rng(5)
     cfg = RS.SelfModConfig(d_model=2, n_heads=1, hidden=2, eta_max=1.0, **kw)
-    params = RS.example_params(cfg, rng)
+    params = example_params(cfg, rng)
     x = rng.standard_normal((1, 5, 2))
     u = rng.standard_normal(x.shape)
     _, cache, _ = FS.forward(x, params, cfg)
@@ -187,7 +189,7 @@ def test_fallbacks_are_explicit():
     """forward_loop and complex inputs (the complex-step path) run the reference, bit for bit."""
     cfg = RS.SelfModConfig(d_model=2, n_heads=1, hidden=2, chunk_memory=2, chunk_other=2)
     rng = np.random.default_rng(0)
-    params = RS.example_params(cfg, rng)
+    params = example_params(cfg, rng)
     x = rng.standard_normal((1, 3, 2))
     yf, cf, _ = FS.forward_loop(x, params, cfg)
     yr, cr, _ = RS.forward_loop(x, params, cfg)
@@ -205,7 +207,7 @@ def test_backward_accepts_a_reference_cache():
     fallback: the port's own cache keeps rank-1 factors per segment, a different layout)."""
     cfg = RS.SelfModConfig(d_model=4, n_heads=2, hidden=3, chunk_memory=2, chunk_other=3)
     rng = np.random.default_rng(1)
-    params = RS.example_params(cfg, rng)
+    params = example_params(cfg, rng)
     x = rng.standard_normal((1, 5, 4))
     y, cr, _ = RS.forward(x, params, cfg)
     u = rng.standard_normal(y.shape)
@@ -261,12 +263,13 @@ import numpy as np
 from nested_learning.fast.cpu import selfmod as FS
 from nested_learning.reference.gradcheck import check_gradients
 from nested_learning.reference import selfmod as RS
+from nested_learning.reference.cases.selfmod import example_params
 import numba
 assert numba.config.DISABLE_JIT
 rng = np.random.default_rng(0)
 for kw in ({"memory": "mlp"}, {"memory": "matrix", "momentum": False}, {"memory": "mlp", "layernorm": True}):
     cfg = RS.SelfModConfig(d_model=6, n_heads=2, hidden=3, chunk_memory=2, chunk_other=3, eta_max=0.5, **kw)
-    p = RS.example_params(cfg, rng)
+    p = example_params(cfg, rng)
     x = rng.standard_normal((1, 5, 6))
     yf, cf, _ = FS.forward(x, p, cfg)
     yr, cr, _ = RS.forward(x, p, cfg)
@@ -292,7 +295,7 @@ def test_returned_states_never_alias_the_inputs():
     the input's) and zero cotangents (the write backward is skipped) return copies."""
     cfg = RS.SelfModConfig(d_model=4, n_heads=2, hidden=3, chunk_memory=8, chunk_other=8)
     rng = np.random.default_rng(3)
-    params = RS.example_params(cfg, rng)
+    params = example_params(cfg, rng)
     state = FS.forward(rng.standard_normal((1, 2, 4)), params, cfg)[2]
     y, cache, new = FS.forward(rng.standard_normal((1, 3, 4)), params, cfg, state)  # no chunk starts
     dstate = {k: (np.zeros_like(v) if k.startswith("k.") else rng.standard_normal(v.shape))

@@ -16,6 +16,7 @@ from tolerances import assert_close, tol
 
 from nested_learning.reference import memory as MEM
 from nested_learning.reference import selfmod as SM
+from nested_learning.reference.cases.selfmod import GRADCHECKS, example_params
 from nested_learning.reference.gradcheck import (
     check_gradients,
     dot_product_test,
@@ -34,7 +35,7 @@ def _cfg(**kw):
 
 def _setup(cfg, T=7, B=2, seed=0, dtype=np.float64):
     rng = np.random.default_rng(seed)
-    params = SM.example_params(cfg, rng, dtype)
+    params = example_params(cfg, rng, dtype)
     x = rng.standard_normal((B, T, cfg.d_model)).astype(dtype)
     return rng, params, x
 
@@ -104,12 +105,12 @@ def _check_layer_gradients(cfg, T, seed, with_state=False, sampled=True, loop=Fa
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(SM.GRADCHECKS))
+@pytest.mark.parametrize("name", sorted(GRADCHECKS))
 def test_gradchecks_registered_cases(name):
     # what `nested-learning check` runs: the complex step on every key (the case asks for it), and
     # the central-difference dot-product test over all inputs at once
     rng = np.random.default_rng(7)
-    make = SM.GRADCHECKS[name]
+    make = GRADCHECKS[name]
     assert make.method == "complex"
     loss, inputs, grads = make(rng)
     assert set(grads) == set(inputs)  # every parameter, the input (and no key left out)
@@ -278,14 +279,14 @@ def test_zero_learning_rate_and_retention_one_leave_every_memory_at_its_initial_
         _, cache, state = SM.forward(x, params, cfg)
         assert np.all(cache["eta"] == 0) and np.all(cache["alpha"] == 1)
         for m in cfg.memories:
-            for w in SM._weights(cfg):
-                init = np.broadcast_to(params[SM._init_key(m, w)], state[f"{m}.{w}"].shape)
+            for w in SM.weights(cfg):
+                init = np.broadcast_to(params[SM.init_key(m, w)], state[f"{m}.{w}"].shape)
                 np.testing.assert_array_equal(state[f"{m}.{w}"], init)
                 np.testing.assert_array_equal(state[f"{m}.S_{w}"], 0)
         # and a nonzero learning rate does move them
         params["b_eta"] = np.zeros_like(params["b_eta"])
         state = SM.forward(x, params, cfg)[2]
-        assert np.max(np.abs(state["k." + SM._weights(cfg)[0]] - params[SM._init_key("k", SM._weights(cfg)[0])])) > 1e-3
+        assert np.max(np.abs(state["k." + SM.weights(cfg)[0]] - params[SM.init_key("k", SM.weights(cfg)[0])])) > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +299,7 @@ WRITE_ONLY = ("w_eta", "b_eta", "w_alpha", "b_alpha", "conv_k", "conv_v")
 def _write_only_keys(cfg):
     keys = list(WRITE_ONLY)
     for m in ("k", "v", "eta", "alpha"):
-        keys += [SM._init_key(m, w) for w in SM._weights(cfg)]
+        keys += [SM.init_key(m, w) for w in SM.weights(cfg)]
     keys += [f"{m}.b_beta" for m in cfg.memories]
     return keys
 
@@ -315,12 +316,12 @@ def test_stop_grad_writes_zero_for_write_only_parameters(memory):
         assert np.max(np.abs(g_exact[key])) > 1e-9, f"default: {key} should get a gradient"
         assert np.all(g_first[key] == 0), f"stop_grad_writes: {key} should get none"
     # parameters on the read path still get a gradient
-    for key in ("W_q", "conv_q", "W_o", SM._init_key("memory", SM._weights(exact)[0])):
+    for key in ("W_q", "conv_q", "W_o", SM.init_key("memory", SM.weights(exact)[0])):
         assert np.max(np.abs(g_first[key])) > 1e-6
     # q never enters a write, so W_q's gradient is the same; the main memory's initial state reaches
     # later chunks through the writes, so its first-order gradient differs from the exact one
     assert_close(g_first["W_q"], g_exact["W_q"], "float64", "rewrite", "W_q")
-    key = SM._init_key("memory", SM._weights(exact)[0])
+    key = SM.init_key("memory", SM.weights(exact)[0])
     assert np.max(np.abs(g_first[key] - g_exact[key])) > 1e-6
 
 

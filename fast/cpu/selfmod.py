@@ -336,7 +336,7 @@ def key_write_backward(dP_end, dS_end, P0, S0, L, K, ep, alpha, beta):
 # One memory: read and inner-gradient factors (BLAS)
 # ---------------------------------------------------------------------------------------------
 
-_heads, _merge = RS._heads, RS._merge
+_heads, _merge = RS.heads, RS.merge
 _T = FM._T
 
 
@@ -390,7 +390,7 @@ def _linear(x, W):
 
 
 def _output_forward(o, x, params, cfg):
-    """y = W_o (RMSNorm_head(o) * silu(W_g x)), as reference.selfmod._output_forward (matmul products)."""
+    """y = W_o (RMSNorm_head(o) * silu(W_g x)): the reference's output step, with matmul products."""
     on, c_norm = P.rmsnorm_forward(o, params["g_o"], cfg.eps)  # (B, H, T, dh)
     gl = _linear(x, params["W_g"])  # (B, T, D)
     g, c_silu = P.silu_forward(gl)
@@ -446,8 +446,8 @@ def _state_shapes(params, cfg, B):
     building the state (the reference's check allocates one: ~5 ms per call at hope-small sizes)."""
     shapes = {}
     for m in cfg.memories:
-        for w in RS._weights(cfg):
-            shape = (B,) + params[RS._init_key(m, w)].shape
+        for w in RS.weights(cfg):
+            shape = (B,) + params[RS.init_key(m, w)].shape
             shapes[f"{m}.{w}"] = shapes[f"{m}.{w}_b"] = shape
             if cfg.momentum:
                 shapes[f"{m}.S_{w}"] = shape
@@ -457,8 +457,8 @@ def _state_shapes(params, cfg, B):
 
 
 def _check_inputs(x, params, cfg, state):
-    """reference.selfmod._check_inputs with the same errors, the state checked against shapes."""
-    RS._check_inputs(x, params, cfg, None)
+    """reference.selfmod.check_inputs with the same errors, the state checked against shapes."""
+    RS.check_inputs(x, params, cfg, None)
     if state is None:
         return
     shapes = _state_shapes(params, cfg, x.shape[0])
@@ -479,7 +479,7 @@ def _forward(x, params, cfg, state):
     _check_inputs(x, params, cfg, state)
     B, T, D = x.shape
     H, dh = cfg.n_heads, cfg.head_dim
-    wn = RS._weights(cfg)
+    wn = RS.weights(cfg)
     had_state = state is not None
     st = init_state(params, cfg, B) if state is None else state
     W = {m: {w: st[f"{m}.{w}"] for w in wn} for m in cfg.memories}
@@ -487,12 +487,12 @@ def _forward(x, params, cfg, state):
     S = {m: {w: st.get(f"{m}.S_{w}") for w in wn} for m in cfg.memories}
     conv = {c: st[f"conv_{c}"] for c in ("q", "k", "v")}
     pos0 = (int(st["pos_other"]), int(st["pos_memory"]))
-    betas = {m: RS._betas(params, cfg, m) for m in cfg.memories}
+    betas = {m: RS.betas(params, cfg, m) for m in cfg.memories}
     xh = np.ascontiguousarray(_heads(x, H))  # (B, H, T, dh)
     qlin = None if cfg.adaptive_q else _linear(x, params["W_q"])  # (B, T, D)
     o = np.zeros((B, H, T, dh), dtype=x.dtype)
     segs = []
-    for t0, t1, starts in RS._segments(cfg, T, *pos0):
+    for t0, t1, starts in RS.segments(cfg, T, *pos0):
         for m in starts:
             Bst[m] = dict(W[m])  # a chunk starts: its reads and gradients use this state
         seg = {"t0": t0, "t1": t1, "starts": starts, "B": {m: dict(Bst[m]) for m in cfg.memories},
@@ -512,7 +512,7 @@ def _forward(x, params, cfg, state):
         if cfg.normalize_v:
             v, c_l2["v"] = P.l2norm_forward(v, cfg.eps)
         k, q, v = (np.ascontiguousarray(a) for a in (k, q, v))
-        _, _, eta, alpha, ep = RS._gates(params, cfg, pre["eta"], pre["alpha"], k)
+        _, _, eta, alpha, ep = RS.gates(params, cfg, pre["eta"], pre["alpha"], k)
         o[:, :, t0:t1], c_o = read_forward(cfg, Bst["memory"], q)  # Eq. (83)   o = M_memory(q)
         mem = {}
         for m in cfg.memories:
@@ -521,7 +521,7 @@ def _forward(x, params, cfg, state):
             coef = None
             for w in wn:
                 L, R = fac[w]
-                if RS._keyside(w):
+                if RS.keyside(w):
                     W[m][w], S_new = key_write(W[m][w], S[m][w], L, R, ep, alpha, betas[m])  # Eq. (88)
                 else:  # retention + momentum only: the Titans chunk fold (Titans Eqs. 16-18)
                     beta_t = (np.broadcast_to(betas[m][None, :, None], alpha.shape) if cfg.momentum
@@ -601,14 +601,14 @@ def _backward(dy, cache, dstate):
     if not isinstance(dy, np.ndarray) or dy.shape != x.shape:
         raise ValueError(f"dy: expected an array of shape (B, T, D) = {x.shape}, got {getattr(dy, 'shape', None)}")
     sg = cfg.stop_grad_writes
-    wn = RS._weights(cfg)
+    wn = RS.weights(cfg)
     dt = x.dtype
     grads = {name: np.zeros(shape, dtype=dt) for name, shape in param_shapes(cfg).items()}
     do, dx, g_out = _output_backward(np.asarray(dy, dtype=dt), cache["out"], x, params, H)
     for key, val in g_out.items():
         grads[key] += val
     dxh = np.zeros((B, H, T, cfg.head_dim), dtype=dt)
-    betas = {m: RS._betas(params, cfg, m) for m in cfg.memories}
+    betas = {m: RS.betas(params, cfg, m) for m in cfg.memories}
     ds = dstate or {}
     ref = _state_shapes(params, cfg, B)
 
@@ -655,7 +655,7 @@ def _backward(dy, cache, dstate):
             dfac = {}
             for w in wn:
                 L, R = fac[w]
-                if RS._keyside(w):
+                if RS.keyside(w):
                     dP0, dS0, dL, dR, dep_w, dal_w, dbeta_bh = key_write_backward(
                         dW[m][w], dS[m][w], seg["W"][m][w], seg["S"][m][w], L, R, ep, alpha, beta)  # fmt: skip
                     dep += dep_w
@@ -760,7 +760,7 @@ def _backward(dy, cache, dstate):
                 if cfg.momentum:
                     dstate0[f"{m}.S_{w}"] = own(dS[m][w])
             else:  # W_0 = B_0 = the broadcast meta-learned state
-                grads[RS._init_key(m, w)] += (dW[m][w] + dBw).sum(axis=0)
+                grads[RS.init_key(m, w)] += (dW[m][w] + dBw).sum(axis=0)
     for c in "qkv":
         dstate0[f"conv_{c}"] = own(dconv[c])
     return dx, grads, dstate0

@@ -51,7 +51,7 @@ from .einsum import PlannedEinsum
 # The reference modules the GPU port runs, in dependency order (each imports only earlier ones).
 # The model driver (reference/model.py, blocks.py) is not among them: it runs on the host with these
 # modules as its ops (``pkg.model``, reference/contract.py ``Ops``), as it does for the CPU port.
-MODULES = ("primitives", "mlp_memory", "titans", "selfmod", "cms", "optimizers")
+MODULES = ("primitives", "mlp_memory", "memory", "titans", "selfmod_memory", "selfmod", "cms", "optimizers")
 _REF = "nested_learning.reference"
 _LOADED: dict[tuple[str, str, str], types.ModuleType] = {}
 
@@ -146,7 +146,7 @@ def _overrides(name: str, xp, kernels: str) -> dict:
     if name == "cupy":
         out["primitives"] = lambda mod: {"_erf": xp.erf, **(_activations(mod) if kernels == "cuda" else {})}
     if kernels != "off":
-        out["selfmod"] = lambda mod: _scans(mod, xp, kernels)
+        out["selfmod_memory"] = lambda mod: _scans(mod, xp, kernels)  # the scans live there (selfmod re-exports)
     return out
 
 
