@@ -306,3 +306,15 @@ def test_returned_states_never_alias_the_inputs():
             for u in inp.values():
                 if isinstance(v, np.ndarray) and isinstance(u, np.ndarray):
                     assert not np.shares_memory(v, u), k
+
+
+def test_port_uses_only_public_names_of_the_reference():
+    """fast/cpu/selfmod.py takes from reference/selfmod.py only its public contract (weights, keyside,
+    init_key, betas, segments, heads, merge, gates, check_inputs, ...), never an underscore name."""
+    import pathlib
+    import re
+
+    src = pathlib.Path(FS.__file__).read_text(encoding="utf-8")
+    assert not re.findall(r"\bRS\._\w+", src)
+    used = set(re.findall(r"\bRS\.(\w+)", src))
+    assert used and all(hasattr(RS, name) for name in used), sorted(used - set(dir(RS)))

@@ -154,6 +154,91 @@ def test_gradcheck_property(cfg, T, seed, with_state, loop):
 
 
 # ---------------------------------------------------------------------------------------------
+# One memory's writes: the closed form == the token loop, each backward exact
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_inputs(rng, n, keyside, momentum, dtype=np.float64):
+    B, H, a, b = 2, 2, 3, 2  # a weight (a, b); the key (b,)
+    P0, S0 = (rng.standard_normal((B, H, a, b)).astype(dtype) for _ in range(2))
+    G = rng.standard_normal((B, H, n, a, b)).astype(dtype)
+    k = rng.standard_normal((B, H, n, b)).astype(dtype)
+    ep, alpha = rng.uniform(0, 0.5, (B, H, n)).astype(dtype), rng.uniform(0.5, 1, (B, H, n)).astype(dtype)
+    beta = rng.uniform(0.2, 0.9, H).astype(dtype) if momentum else None
+    return {"Pw": P0, "S": S0 if momentum else np.zeros_like(S0), "G": G, "k": k, "ep": ep, "alpha": alpha,
+            "beta": beta}  # fmt: skip
+
+
+@given(n=st.integers(1, 6), keyside=st.booleans(), momentum=st.booleans(), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from(["float64", "float32"]))  # fmt: skip
+def test_write_chunk_equals_write_tokens(n, keyside, momentum, seed, dtype):
+    # the closed form (Titans Eqs. 16-18 generalised to DGD) == write applied token by token, and
+    # write_chunk_backward == write_tokens_backward (write_backward from the last token to the first)
+    rng = np.random.default_rng(seed)
+    a = _write_inputs(rng, n, keyside, momentum, np.dtype(dtype))
+    args = (a["Pw"], a["S"], a["G"], a["k"], a["ep"], a["alpha"], a["beta"], keyside)
+    P1, S1, c1 = SM.write_chunk(*args)
+    P2, S2, c2 = SM.write_tokens(*args)
+    assert_close(P1, P2, dtype, "rewrite", "P")
+    assert_close(S1, S2, dtype, "rewrite", "S")
+    dP = rng.standard_normal(P1.shape).astype(dtype)
+    dS = rng.standard_normal(S1.shape).astype(dtype) if momentum else None
+    g1 = SM.write_chunk_backward(dP, dS, c1)
+    g2 = SM.write_tokens_backward(dP, None if dS is None else dS.copy(), c2)
+    for name, u, v in zip(("dPw", "dS", "dG", "dk", "dep", "dalpha", "dbeta"), g1, g2, strict=True):
+        if u is None or v is None:
+            assert u is None and v is None and not momentum, name
+            continue
+        assert_close(u, v, dtype, "rewrite", name)
+
+
+@pytest.mark.parametrize("form", ["write", "write_tokens", "write_chunk"])
+@pytest.mark.parametrize("keyside", [True, False])
+@pytest.mark.parametrize("momentum", [True, False])
+def test_write_backwards_pass_the_complex_step(form, keyside, momentum):
+    # each write's hand-written VJP against the complex step on every entry (the writes are analytic)
+    rng = np.random.default_rng(3)
+    n = 1 if form == "write" else 4
+    inputs = _write_inputs(rng, n, keyside, momentum)
+    if form == "write":  # one token: drop the token axis
+        inputs = {k: v if v is None or k in ("Pw", "S", "beta") else v[:, :, 0] for k, v in inputs.items()}
+    fwd, bwd = getattr(SM, form), getattr(SM, form + "_backward")
+    beta = inputs.pop("beta")
+    P1, S1, c = fwd(*inputs.values(), beta, keyside)
+    dP, dS = rng.standard_normal(P1.shape), rng.standard_normal(S1.shape)
+    dPw, dS0, dG, dk, dep, dalpha, dbeta = bwd(dP, dS if momentum else None, c)
+    grads = {"Pw": dPw, "G": dG, "ep": dep, "alpha": dalpha}
+    if keyside:
+        grads["k"] = dk
+    else:
+        assert np.all(dk == 0)
+    if momentum:
+        grads.update(S=dS0, beta=dbeta)
+        inputs["beta"] = beta
+    else:
+        assert dS0 is None and dbeta is None
+    fixed = {k: v for k, v in inputs.items() if k not in grads}
+
+    def loss(x):
+        x = {**fixed, **x}
+        P, S, _ = fwd(x["Pw"], x["S"], x["G"], x["k"], x["ep"], x["alpha"], x.get("beta"), keyside)
+        return np.sum(P * dP) + (np.sum(S * dS) if momentum else 0.0)
+
+    num = numerical_gradient(loss, {k: inputs[k] for k in grads}, method="complex")
+    errors = {k: rel_error(grads[k], num[k]) for k in grads}
+    assert max(errors.values()) <= tol("float64", "complex_step"), errors
+
+
+def test_the_dgd_step_is_memory_py_s():
+    # Hope's eta' is reference.memory's DGD prox step (Eq. 57), not a copy of it
+    cfg = _cfg(chunk_memory=2, chunk_other=3)
+    _, params, x = _setup(cfg, T=5)
+    for fwd in (SM.forward, SM.forward_loop):
+        cache = fwd(x, params, cfg)[1]
+        np.testing.assert_array_equal(cache["ep"], MEM.prox_step_size(cache["eta"], cache["k"]))
+
+
+# ---------------------------------------------------------------------------------------------
 # Chunk-parallel form == token loop; one call == chained calls
 # ---------------------------------------------------------------------------------------------
 
