@@ -42,6 +42,9 @@ decay beta = sigmoid(b_beta); every read and inner gradient at its memory's chun
 titans.py; the outer gradient through every write, ``stop_grad_writes`` its first-order variant
 (SPEC.md#outer-gradient).
 
+CuPy-safe (SPEC.md#backends): the GPU port executes this source with ``np`` rebound to CuPy, so NumPy
+is imported once, as ``np``, and every array function is called through it.
+
 Two implementations of one function, built from the same named steps: ``forward_loop`` (the token
 loop that applies the definition: the oracle) and ``forward`` (per segment: reads and inner
 gradients batched, the writes in closed form by ``write_chunk``). ``backward`` reverses either,

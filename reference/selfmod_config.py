@@ -4,6 +4,9 @@ Paper: §8.1-8.2, Eqs. (83)-(93), arXiv 2512.24695v1. SPEC: SPEC.md#selfmod (the
 layout, the initialisation and the state). The layer that computes with them is reference/selfmod.py
 (which re-exports every name here).
 
+CuPy-safe (SPEC.md#backends): the GPU port executes this source with ``np`` rebound to CuPy, so NumPy
+is imported once, as ``np``, and every array function is called through it.
+
 Parameters (per memory ``m`` in ``cfg.memories``; H heads, dh = D / H, Hm the MLP hidden width, K the
 conv width): ``m.M0`` (H, dh, dh) or ``m.W1_0`` (H, dh, Hm), ``m.W2_0`` (H, Hm, dh) the meta-learned
 initial state; ``m.b_beta`` (H,) the momentum decay's logit; ``W_q`` (D, D) unless ``adaptive_q``;

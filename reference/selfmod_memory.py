@@ -29,6 +29,9 @@ Decisions (SPEC.md#selfmod): the key-side weight (the matrix M, or W2 of the MLP
 multiplies the key) gets Eq. (88)'s ``k k^T`` shrink, W1 plain retention; ``single_shrink`` (matrix
 only) writes along the delta rule's direction ``G = -v_hat k^T``; the inner loss has the factor 2.
 
+CuPy-safe (SPEC.md#backends): the GPU port executes this source with ``np`` rebound to CuPy, so NumPy
+is imported once, as ``np``, and every array function is called through it.
+
 Contract: ``weights``, ``keyside``, ``init_key``, the reads, inner gradients and writes are used by
 the ports (fast/cpu/selfmod.py); the four scans are overridden by name in the GPU port
 (fast/gpu/scans.py through fast/gpu/namespace.py), so they keep their names and signatures.
