@@ -13,12 +13,11 @@ import sys
 import click
 
 from nested_learning import backends as _backends  # the backend names (imports no numpy, numba or cupy)
+from nested_learning.reference import cases as _cases  # the case modules' names (imports no numpy)
 
-# Reference modules whose GRADCHECKS ``nested-learning check`` runs (SPEC.md#gradient-checks).
-GRADCHECK_MODULES = (
-    "primitives", "memory", "mlp_memory", "titans", "selfmod", "cms", "model", "optimizers", "toy",
-    "layer_rules", "optimizer_memories", "linear_layers",
-)
+# Reference modules whose gradient-check cases (reference/cases/<module>.py) ``nested-learning
+# check`` runs, in order (SPEC.md#gradient-checks).
+GRADCHECK_MODULES = _cases.MODULES
 
 # Tolerance of the float64 central-difference checks (tests/tolerances.py, ("float64", "gradcheck")).
 CHECK_TOLERANCE = 1e-6
@@ -164,23 +163,17 @@ def _gpu_status() -> str:
 def check(only: str | None, seed: int) -> None:
     """Run the reference's float64 gradient checks; exit 1 if any fails.
 
-    For every registered op (GRADCHECKS of each reference module) this draws a small random
+    For every registered op (GRADCHECKS of reference/cases/<module>.py) this draws a small random
     configuration, compares the hand-written gradient with central differences (or the complex
     step, where a case asks for it) entry by entry and runs the dot-product test, and prints one
     row per op.
     """
-    import importlib
-
     import numpy as np
 
+    from nested_learning.reference.cases import all_cases
     from nested_learning.reference.gradcheck import check_gradients
 
-    cases = []
-    for module_name in GRADCHECK_MODULES:
-        module = importlib.import_module(f"nested_learning.reference.{module_name}")
-        for name, make in module.GRADCHECKS.items():
-            if only is None or only in name:
-                cases.append((name, make))
+    cases = [(name, make) for name, make in all_cases().items() if only is None or only in name]
     if not cases:
         raise click.BadParameter(f"no gradient check matches {only!r}", param_hint="--only")
 

@@ -40,8 +40,6 @@ Decisions where the paper is open (all in SPEC.md#layer-rules):
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 from . import memory, optimizers
@@ -260,42 +258,3 @@ def orthogonal_tasks_demo(n_tasks=3, dim=2, steps_per_task=20, lr=0.1, momentum=
             losses.append(loss)
             memories.append(mem)
     return {"loss": np.array(losses), "memory": np.array(memories)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Gradient checks of the inner objectives (SPEC.md#gradient-checks).
-# ---------------------------------------------------------------------------------------------
-
-
-def _gc_ggd(objective):
-    def make(rng):
-        X, U = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
-        inputs = {"W": rng.standard_normal((2, 3))}
-        grads = {"W": ggd_inner_grad(inputs["W"], X, U, objective)}
-        return (lambda x: ggd_inner_loss(x["W"], X, U, objective)), inputs, grads
-
-    return make
-
-
-def _gc_momentum(objective):
-    def make(rng):
-        X, U = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
-        inputs = {"M": rng.standard_normal((2, 3)), "W1": rng.standard_normal((2, 5)),
-                  "W2": rng.standard_normal((5, 3)) * 0.5}
-        dM, dW1, dW2 = momentum_inner_grad(inputs["M"], inputs["W1"], inputs["W2"], X, U, objective)
-
-        def loss(x):
-            return momentum_inner_loss(x["M"], x["W1"], x["W2"], X, U, objective)
-
-        return loss, inputs, {"M": dM, "W1": dW1, "W2": dW2}
-
-    return make
-
-
-GRADCHECKS: dict[str, Callable] = {
-    "layer_rules.ggd_inner_grad[dot]": _gc_ggd("dot"),
-    "layer_rules.ggd_inner_grad[l2]": _gc_ggd("l2"),
-    "layer_rules.momentum_inner_grad[dot]": _gc_momentum("dot"),
-    "layer_rules.momentum_inner_grad[l2]": _gc_momentum("l2"),
-}
-"""Small float64 cases for ``nested-learning check``: the inner gradients each rule steps along."""

@@ -41,7 +41,6 @@ Decisions where the paper is open (all in SPEC.md#optimizer-memories):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 
 import numpy as np
@@ -313,45 +312,3 @@ def make(name: str, **hparams) -> O_.Optimizer:
             raise ValueError(f"{name}: hyperparameter {key}={value!r} is invalid")
     init, update = _FUNCTIONS[name]
     return O_.Optimizer(name, dict(hp), partial(init, hp), partial(update, hp))
-
-
-# ---------------------------------------------------------------------------------------------
-# Gradient checks (SPEC.md#gradient-checks).
-# ---------------------------------------------------------------------------------------------
-
-
-def _gc_precond(rng):
-    S, Y = rng.standard_normal((4, 2)), rng.standard_normal((4, 2))
-    inputs = {"P": rng.standard_normal((4, 4))}
-    return (lambda x: precond_inner_loss(x["P"], S, Y)), inputs, {"P": precond_inner_grad(inputs["P"], S, Y)}
-
-
-def _gc_ns(rng):
-    g = rng.standard_normal((4, 3)) * 0.5
-    inputs = {"O": rng.standard_normal((4, 3)) * 0.5}
-    return (lambda x: ns_inner_loss(x["O"], g, 0.7)), inputs, {"O": ns_inner_grad(inputs["O"], g, 0.7)}
-
-
-def _gc_feature(rng):
-    coefficients = (1.0, -0.4, 0.3)
-    up = rng.standard_normal((3, 4))
-    inputs = {"G": rng.standard_normal((3, 4))}
-    grads = {"G": feature_map_backward(up, inputs["G"], coefficients)}
-    return (lambda x: np.sum(feature_map(x["G"], coefficients) * up)), inputs, grads
-
-
-def _gc_outer(rng):
-    A = rng.standard_normal((4, 6))
-    B = rng.standard_normal((4, 4))
-    H, PM, lam = A @ A.T, rng.standard_normal(4), 0.1 * B @ B.T  # a matrix lam (the eps H^{1/2} case)
-    inputs = {"m": rng.standard_normal(4)}
-    return (lambda x: outer_inner_loss(x["m"], H, PM, lam)), inputs, {"m": outer_inner_grad(inputs["m"], H, PM, lam)}
-
-
-GRADCHECKS: dict[str, Callable] = {
-    "optimizer_memories.precond_inner_grad": _gc_precond,
-    "optimizer_memories.ns_inner_grad": _gc_ns,
-    "optimizer_memories.feature_map": _gc_feature,
-    "optimizer_memories.outer_inner_grad": _gc_outer,
-}
-"""Small float64 cases for ``nested-learning check``: the inner gradients and the feature map's VJP."""

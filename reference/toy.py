@@ -24,8 +24,6 @@ un-normalised form), converged when ``psi < 1e-8`` for the first time, at most 2
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 from . import optimizers
@@ -136,12 +134,3 @@ def plot(rows: list[dict], path_png, k=TOY_DEFAULTS["k"], alpha=TOY_DEFAULTS["al
     fig.tight_layout()
     fig.savefig(path_png, dpi=120)
     plt.close(fig)
-
-
-def _gc_psi(rng):
-    x = rng.standard_normal(2)
-    return (lambda d: psi(d["x"])), {"x": x}, {"x": psi_grad(x)}
-
-
-GRADCHECKS: dict[str, Callable] = {"toy.psi": _gc_psi}
-"""Float64 check of the hand-written gradient of Eq. (53) (SPEC.md#gradient-checks)."""

@@ -93,14 +93,14 @@ def draws(strategy, n: int) -> list:
 
 def m_gradcheck(n):
     """Central differences (e = 1e-6) vs every hand-written gradient the reference registers
-    (GRADCHECKS of the modules ``nested-learning check`` runs), ``n`` seeds each."""
+    (GRADCHECKS of reference/cases/<module>.py, the cases ``nested-learning check`` runs), ``n`` seeds each."""
     from nested_learning.cli import GRADCHECK_MODULES
     from nested_learning.reference.gradcheck import check_gradients
 
     worst, count = 0.0, 0
     for module_name in GRADCHECK_MODULES:
-        module = importlib.import_module(f"nested_learning.reference.{module_name}")
-        for i, make in enumerate(getattr(module, "GRADCHECKS", {}).values()):
+        module = importlib.import_module(f"nested_learning.reference.cases.{module_name}")
+        for i, make in enumerate(module.GRADCHECKS.values()):
             if getattr(make, "method", "central") != "central":
                 continue
             for seed in range(n):
@@ -154,6 +154,7 @@ def m_rewrite(dtype):
         1, 2, 3, 16; outputs, final state, every gradient; float32 gradients on one scale, as
         tests/test_memory.py::test_chunk_form_equals_token_loop)."""
         from nested_learning.reference import memory as RM
+        from nested_learning.reference.cases import memory as RM_cases
 
         strategy = st.tuples(st.sampled_from(["hebbian", "delta", "dgd"]), st.sampled_from([1, 2, 3, 16]),
                              st.integers(1, 2), st.integers(1, 17), st.integers(1, 4), st.integers(1, 4),
@@ -161,7 +162,7 @@ def m_rewrite(dtype):
         worst, cases = 0.0, draws(strategy, n)
         for token, C, B, T, dk, dv, seed, with_alpha in cases:
             rng = np.random.default_rng(seed)
-            x = RM.example_inputs(rng, B, T, dk, dv)
+            x = RM_cases.example_inputs(rng, B, T, dk, dv)
             x["M0"] = 0.5 * rng.standard_normal((B, dv, dk))
             x = {k: v.astype(dtype) for k, v in x.items()}
             args = (x["q"], x["k"], x["v"], x["eta"], x["alpha"] if with_alpha else None, x["M0"])
@@ -241,13 +242,14 @@ def _port_titans(n, dtype):
 def _port_memory_rules(n, dtype):
     from nested_learning.fast.cpu import memory as FMEM
     from nested_learning.reference import memory as RM
+    from nested_learning.reference.cases import memory as RM_cases
 
     strategy = st.tuples(st.sampled_from(("hebbian", "delta", "dgd", "oja")), st.integers(1, 2), st.integers(1, 7),
                          st.integers(1, 4), st.integers(1, 4), st.booleans(), st.booleans(), st.integers(0, 2**16))
     worst, cases = 0.0, draws(strategy, n)
     for rule, B, T, dk, dv, with_alpha, with_dM, seed in cases:
         rng = np.random.default_rng(seed)
-        inputs = RM.example_inputs(rng, B, T, dk, dv)
+        inputs = RM_cases.example_inputs(rng, B, T, dk, dv)
         inputs["M0"] = 0.5 * rng.standard_normal((B, dv, dk))
         inputs = {key: val.astype(dtype) for key, val in inputs.items()}
         args = (inputs["q"], inputs["k"], inputs["v"], inputs["eta"], inputs["alpha"] if with_alpha else None,

@@ -79,7 +79,7 @@ def test_check_passes_on_the_reference():
 
 
 def test_check_fails_with_exit_1_on_a_wrong_gradient(monkeypatch):
-    module = __import__("nested_learning.reference.primitives", fromlist=["GRADCHECKS"])
+    module = __import__("nested_learning.reference.cases.primitives", fromlist=["GRADCHECKS"])
 
     def wrong_case(rng):
         x = rng.standard_normal(5)
@@ -103,5 +103,18 @@ def test_check_unknown_name_is_a_usage_error():
 
 @pytest.mark.parametrize("module_name", cli_module.GRADCHECK_MODULES)
 def test_every_check_module_registers_cases(module_name):
-    module = __import__(f"nested_learning.reference.{module_name}", fromlist=["GRADCHECKS"])
+    """reference/cases/<module>.py registers cases named after its module, and the reference module
+    itself carries none (the test material lives in reference/cases/)."""
+    module = __import__(f"nested_learning.reference.cases.{module_name}", fromlist=["GRADCHECKS"])
     assert len(module.GRADCHECKS) > 0
+    assert all(name.startswith(module_name + ".") for name in module.GRADCHECKS)
+    reference = __import__(f"nested_learning.reference.{module_name}", fromlist=["__name__"])
+    assert not hasattr(reference, "GRADCHECKS")
+
+
+def test_check_runs_every_case_of_reference_cases():
+    from nested_learning.reference import cases
+
+    names = list(cases.all_cases())
+    assert len(names) == len(set(names)) == sum(len(m.GRADCHECKS) for m in cases.modules().values())
+    assert list(cases.modules()) == list(cli_module.GRADCHECK_MODULES)

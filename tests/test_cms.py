@@ -13,6 +13,7 @@ from tolerances import assert_close, tol
 from nested_learning.config import CMSLevel
 from nested_learning.reference import cms
 from nested_learning.reference import primitives as P
+from nested_learning.reference.cases import cms as cms_cases
 from nested_learning.reference.gradcheck import check_gradients
 
 
@@ -35,9 +36,9 @@ def _mlp(z, W1, W2):
     return z + np.einsum("dh,bth->btd", W1, P.gelu(np.einsum("hd,btd->bth", W2, z)))
 
 
-@pytest.mark.parametrize("name", sorted(cms.GRADCHECKS))
+@pytest.mark.parametrize("name", sorted(cms_cases.GRADCHECKS))
 def test_registered_gradchecks(name, rng):
-    loss, inputs, grads = cms.GRADCHECKS[name](rng)
+    loss, inputs, grads = cms_cases.GRADCHECKS[name](rng)
     errors = check_gradients(loss, inputs, grads, rng)
     assert max(errors.values()) <= tol("float64", "gradcheck"), errors
 

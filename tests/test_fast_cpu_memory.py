@@ -17,6 +17,7 @@ from tolerances import assert_close
 
 from nested_learning.fast.cpu import memory as FMEM
 from nested_learning.reference import memory as RM
+from nested_learning.reference.cases import memory as RM_cases
 
 PORTED = ("hebbian", "delta", "dgd", "oja")
 
@@ -25,7 +26,7 @@ PORTED = ("hebbian", "delta", "dgd", "oja")
        st.booleans(), st.booleans(), st.sampled_from(["float32", "float64"]), st.integers(0, 2**16))  # fmt: skip
 def test_rule_matches_reference(rule, B, T, dk, dv, with_alpha, with_dM, dtype, seed):
     rng = np.random.default_rng(seed)
-    inputs = RM.example_inputs(rng, B, T, dk, dv)
+    inputs = RM_cases.example_inputs(rng, B, T, dk, dv)
     inputs["M0"] = 0.5 * rng.standard_normal((B, dv, dk))
     inputs = _ro({key: val.astype(dtype) for key, val in inputs.items()})
     saved = {key: val.copy() for key, val in inputs.items()}
@@ -55,7 +56,7 @@ def test_rule_matches_reference(rule, B, T, dk, dv, with_alpha, with_dM, dtype, 
 
 def test_a_wrong_port_would_be_caught():
     rng = np.random.default_rng(0)
-    x = RM.example_inputs(rng, 1, 5, 3, 2)
+    x = RM_cases.example_inputs(rng, 1, 5, 3, 2)
     x["M0"] = rng.standard_normal((1, 2, 3))
     yf, _, cf = FMEM.delta_forward(**x)
     yr, _, cr = RM.delta_forward(**x)
@@ -74,7 +75,7 @@ def test_fallbacks_are_the_reference_functions():
 
 def test_bad_input_raises_like_the_reference():
     rng = np.random.default_rng(0)
-    x = RM.example_inputs(rng, 1, 4, 3, 2)
+    x = RM_cases.example_inputs(rng, 1, 4, 3, 2)
     x["M0"] = np.zeros((1, 2, 3))
     with pytest.raises(ValueError, match="M0"):
         FMEM.hebbian_forward(**{**x, "M0": np.zeros((1, 3, 3))})
@@ -91,7 +92,7 @@ def test_bad_input_raises_like_the_reference():
 
 def test_complex_input_falls_back_to_the_reference():
     rng = np.random.default_rng(0)
-    x = {key: val.astype(complex) for key, val in RM.example_inputs(rng, 1, 3, 2, 2).items()}
+    x = {key: val.astype(complex) for key, val in RM_cases.example_inputs(rng, 1, 3, 2, 2).items()}
     x["M0"] = np.zeros((1, 2, 2), dtype=complex)
     yf, _, cf = FMEM.oja_forward(**x)
     yr, _, cr = RM.oja_forward(**x)
@@ -105,11 +106,12 @@ _NOJIT_SCRIPT = """
 import numpy as np
 from nested_learning.fast.cpu import memory as FMEM
 from nested_learning.reference import memory as RM
+from nested_learning.reference.cases import memory as RM_cases
 import numba
 assert numba.config.DISABLE_JIT
 rng = np.random.default_rng(0)
 for rule in ("hebbian", "delta", "dgd", "oja"):
-    x = RM.example_inputs(rng, 2, 4, 3, 2)
+    x = RM_cases.example_inputs(rng, 2, 4, 3, 2)
     x["M0"] = rng.standard_normal((2, 2, 3))
     yf, Mf, cf = FMEM.RULES[rule][0](**x)
     yr, Mr, cr = RM.RULES[rule][0](**x)

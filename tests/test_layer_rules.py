@@ -17,6 +17,7 @@ from tolerances import assert_close, tol
 
 from nested_learning.reference import layer_rules as LR
 from nested_learning.reference import optimizers
+from nested_learning.reference.cases import layer_rules as LR_cases
 from nested_learning.reference.gradcheck import check_gradients, numerical_gradient
 
 shapes = st.tuples(st.integers(0, 2**16), st.integers(1, 4), st.integers(1, 4), st.integers(1, 5))
@@ -43,11 +44,11 @@ def layer_problem(seed, d_out, d_in, N):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", sorted(LR.GRADCHECKS))
+@pytest.mark.parametrize("case", sorted(LR_cases.GRADCHECKS))
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_gradchecks(case, seed):
     rng = np.random.default_rng(seed)
-    loss, inputs, grads = LR.GRADCHECKS[case](rng)
+    loss, inputs, grads = LR_cases.GRADCHECKS[case](rng)
     errors = check_gradients(loss, inputs, grads, rng)
     assert max(errors.values()) < tol("float64", "gradcheck"), errors
 

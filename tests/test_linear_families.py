@@ -29,6 +29,7 @@ from nested_learning.fast.cpu import primitives as FP
 from nested_learning.reference import linear_layers as LL
 from nested_learning.reference import memory as MEM
 from nested_learning.reference import model as R
+from nested_learning.reference.cases import linear_layers as LL_cases
 from nested_learning.reference.gradcheck import check_gradients, dot_product_test
 
 TINY = ["linear-attention-tiny", "deltanet-tiny", "gated-deltanet-tiny"]
@@ -38,9 +39,9 @@ TINY = ["linear-attention-tiny", "deltanet-tiny", "gated-deltanet-tiny"]
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(LL.GRADCHECKS))
+@pytest.mark.parametrize("name", sorted(LL_cases.GRADCHECKS))
 def test_registered_gradchecks(name, rng):
-    loss, inputs, grads = LL.GRADCHECKS[name](rng)
+    loss, inputs, grads = LL_cases.GRADCHECKS[name](rng)
     errors = check_gradients(loss, inputs, grads, rng)
     assert max(errors.values()) <= tol("float64", "gradcheck"), errors
 

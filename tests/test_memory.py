@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from tolerances import assert_close, tol
 
 from nested_learning.reference import memory
+from nested_learning.reference.cases import memory as memory_cases
 from nested_learning.reference.gradcheck import check_gradients, numerical_gradient, rel_error
 
 TOKEN_RULES = ["hebbian", "delta", "dgd", "oja", "omega"]
@@ -27,7 +28,7 @@ CHUNK_PAIRS = [("hebbian", "hebbian_chunked"), ("delta", "delta_chunked"), ("dgd
 
 def _inputs(seed, rule, B, T, d_k, d_v, dtype=np.float64, with_alpha=True):
     rng = np.random.default_rng(seed)
-    x = memory.example_inputs(rng, B, T, d_k, d_v, dtype=dtype, gamma=rule.startswith("omega"))
+    x = memory_cases.example_inputs(rng, B, T, d_k, d_v, dtype=dtype, gamma=rule.startswith("omega"))
     if not with_alpha:
         x["alpha"] = None
     return x
@@ -51,7 +52,7 @@ def _assert_gradcheck(rule, x, seed, **static):
     if "alpha" not in x:
         static = {"alpha": None, **static}
     rng = np.random.default_rng(seed + 1)
-    loss, inputs, grads = memory.gradcheck_case(rule, x, rng, **static)
+    loss, inputs, grads = memory_cases.gradcheck_case(rule, x, rng, **static)
     errors = check_gradients(loss, inputs, grads, rng, method="complex")
     assert set(errors) == set(inputs) | {"<dot>"}
     dot = errors.pop("<dot>")
@@ -104,8 +105,8 @@ def test_gradchecks_registry():
     """Every GRADCHECKS case passes (what ``nested-learning check`` runs)."""
     assert {"memory.hebbian", "memory.hebbian_chunked", "memory.delta", "memory.delta_chunked",
             "memory.dgd", "memory.dgd_chunked", "memory.oja", "memory.omega",
-            "memory.omega_chunked"} <= set(memory.GRADCHECKS)
-    for i, (name, make) in enumerate(memory.GRADCHECKS.items()):
+            "memory.omega_chunked"} <= set(memory_cases.GRADCHECKS)
+    for i, (name, make) in enumerate(memory_cases.GRADCHECKS.items()):
         rng = np.random.default_rng(i)
         loss, inputs, grads = make(rng)
         errors = check_gradients(loss, inputs, grads, rng)
@@ -115,7 +116,7 @@ def test_gradchecks_registry():
 def test_gradchecks_complex_step():
     """The forwards are analytic (no abs, max or branches; ||k||^2 = k . k), so the complex step
     checks every GRADCHECKS case to rounding."""
-    for i, (name, make) in enumerate(memory.GRADCHECKS.items()):
+    for i, (name, make) in enumerate(memory_cases.GRADCHECKS.items()):
         rng = np.random.default_rng(100 + i)
         loss, inputs, grads = make(rng)
         errors = check_gradients(loss, inputs, grads, rng, method="complex")
@@ -127,7 +128,7 @@ def test_gradchecks_complex_step():
 def test_gradcheck_detects_a_wrong_gradient():
     """The check can fail: a perturbed hand-written gradient is caught."""
     rng = np.random.default_rng(0)
-    loss, inputs, grads = memory.GRADCHECKS["memory.delta_chunked"](rng)
+    loss, inputs, grads = memory_cases.GRADCHECKS["memory.delta_chunked"](rng)
     grads = dict(grads)
     grads["alpha"] = grads["alpha"] * (1 + 1e-4)
     errors = check_gradients(loss, inputs, grads, rng)

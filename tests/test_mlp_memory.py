@@ -16,6 +16,7 @@ from strategies import mlp_memory_reference_configs as configs
 from tolerances import assert_close, tol
 
 from nested_learning.reference import mlp_memory as mm
+from nested_learning.reference.cases import mlp_memory as mm_cases
 from nested_learning.reference.gradcheck import check_gradients, numerical_gradient
 
 GTOL = tol("float64", "gradcheck")
@@ -376,11 +377,11 @@ REQUIRED_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(mm.GRADCHECKS))
+@pytest.mark.parametrize("name", sorted(mm_cases.GRADCHECKS))
 def test_registered_gradchecks_pass_fast(name):
-    assert REQUIRED_CASES <= set(mm.GRADCHECKS)
+    assert REQUIRED_CASES <= set(mm_cases.GRADCHECKS)
     rng = np.random.default_rng([0, 7])
-    loss, inputs, grads = mm.GRADCHECKS[name](rng)
+    loss, inputs, grads = mm_cases.GRADCHECKS[name](rng)
     calls = []
     errors = check_gradients(lambda x: calls.append(1) or loss(x), inputs, grads, rng)
     # "fast" as work, not wall-clock time (which depends on the machine's load): `nested-learning

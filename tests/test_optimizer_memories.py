@@ -15,6 +15,7 @@ from tolerances import assert_close, tol
 
 from nested_learning.reference import optimizer_memories as OM
 from nested_learning.reference import optimizers
+from nested_learning.reference.cases import optimizer_memories as OM_cases
 from nested_learning.reference.gradcheck import check_gradients, numerical_gradient
 
 seeds = st.integers(0, 2**16)
@@ -25,11 +26,11 @@ def spd(rng, n):
     return A @ A.T + n * np.eye(n)
 
 
-@pytest.mark.parametrize("case", sorted(OM.GRADCHECKS))
+@pytest.mark.parametrize("case", sorted(OM_cases.GRADCHECKS))
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_gradchecks(case, seed):
     rng = np.random.default_rng(seed)
-    loss, inputs, grads = OM.GRADCHECKS[case](rng)
+    loss, inputs, grads = OM_cases.GRADCHECKS[case](rng)
     errors = check_gradients(loss, inputs, grads, rng)
     assert max(errors.values()) < tol("float64", "gradcheck"), errors
 

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from tolerances import assert_close, tol
 
 from nested_learning.reference import optimizers, toy
+from nested_learning.reference.cases import optimizers as optimizers_cases
+from nested_learning.reference.cases import toy as toy_cases
 from nested_learning.reference.gradcheck import check_gradients
 
 # ---------------------------------------------------------------------------------------------
@@ -495,7 +497,7 @@ def test_m3_slow_memory_refreshes_every_f_steps(problem, f, ema):
 # Gradient checks of the inner objectives and of the toy.
 # ---------------------------------------------------------------------------------------------
 
-ALL_CASES = {**optimizers.GRADCHECKS, **toy.GRADCHECKS}
+ALL_CASES = {**optimizers_cases.GRADCHECKS, **toy_cases.GRADCHECKS}
 
 
 @pytest.mark.parametrize("case", sorted(ALL_CASES))

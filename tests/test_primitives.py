@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from tolerances import assert_close, tol
 
 from nested_learning.reference import primitives as P
+from nested_learning.reference.cases import primitives as P_cases
 from nested_learning.reference.gradcheck import check_gradients, numerical_gradient, rel_error
 
 SEEDS = st.integers(0, 2**32 - 1)
@@ -81,7 +82,7 @@ SIZES = {
 
 
 def test_every_op_has_a_gradcheck_and_a_size_strategy():
-    assert set(SIZES) == set(P.GRADCHECKS)
+    assert set(SIZES) == set(P_cases.GRADCHECKS)
     for name in [
         "linear",
         "embedding",
@@ -99,15 +100,15 @@ def test_every_op_has_a_gradcheck_and_a_size_strategy():
         "attention",
         "cross_entropy",
     ]:
-        assert f"primitives.{name}" in P.GRADCHECKS
+        assert f"primitives.{name}" in P_cases.GRADCHECKS
 
 
-@pytest.mark.parametrize("name", sorted(P.GRADCHECKS))
+@pytest.mark.parametrize("name", sorted(P_cases.GRADCHECKS))
 @given(data=st.data())
 def test_backward_matches_finite_differences_and_dot_product(name, data):
     sizes = data.draw(SIZES[name], label="sizes")
     seed = data.draw(SEEDS, label="seed")
-    loss, inputs, grads = P.GRADCHECKS[name](np.random.default_rng(seed), **sizes)
+    loss, inputs, grads = P_cases.GRADCHECKS[name](np.random.default_rng(seed), **sizes)
     errors = check_gradients(loss, inputs, grads, np.random.default_rng(seed + 1))
     note(f"central/dot errors: {errors}")
     assert max(errors.values()) <= tol("float64", "gradcheck"), errors
@@ -119,7 +120,7 @@ def test_backward_matches_finite_differences_and_dot_product(name, data):
 
 
 def test_default_gradchecks_pass_and_are_fast(rng):
-    for name, make in P.GRADCHECKS.items():
+    for name, make in P_cases.GRADCHECKS.items():
         loss, inputs, grads = make(rng)
         calls = []
         errors = check_gradients(lambda x, loss=loss, calls=calls: calls.append(1) or loss(x), inputs, grads, rng)
@@ -130,7 +131,7 @@ def test_default_gradchecks_pass_and_are_fast(rng):
 
 
 def test_a_wrong_backward_is_caught(rng):
-    loss, inputs, grads = P.GRADCHECKS["primitives.attention"](rng)
+    loss, inputs, grads = P_cases.GRADCHECKS["primitives.attention"](rng)
     grads = dict(grads, k=grads["k"] * 1.001)
     errors = check_gradients(loss, inputs, grads, rng)
     assert errors["k"] > 1e-4 and errors["<dot>"] > 1e-5

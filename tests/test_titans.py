@@ -17,6 +17,7 @@ from tolerances import assert_close, tol
 
 from nested_learning.reference import memory as mem_rules
 from nested_learning.reference import titans as Ti
+from nested_learning.reference.cases import titans as Ti_cases
 from nested_learning.reference.gradcheck import check_gradients, dot_product_test
 
 GRAD_TOL = tol("float64", "gradcheck")
@@ -67,10 +68,10 @@ configs = st.fixed_dictionaries(
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(Ti.GRADCHECKS))
+@pytest.mark.parametrize("name", sorted(Ti_cases.GRADCHECKS))
 def test_registered_gradchecks(name):
     rng = np.random.default_rng(7)
-    loss, inputs, grads = Ti.GRADCHECKS[name](rng)
+    loss, inputs, grads = Ti_cases.GRADCHECKS[name](rng)
     errors = check_gradients(loss, inputs, grads, rng)
     assert max(errors.values()) < GRAD_TOL, errors
 
@@ -141,7 +142,7 @@ def test_gradcheck_catches_a_wrong_write_gradient(monkeypatch):
         return {n: 0 * g for n, g in dWb.items()}, dk, dv
 
     monkeypatch.setattr(Ti, "inner_grad_backward", wrong)
-    loss, inputs, grads = Ti.gradcheck_case(np.random.default_rng(0), cfg, T=5)
+    loss, inputs, grads = Ti_cases.gradcheck_case(np.random.default_rng(0), cfg, T=5)
     errors = check_gradients(loss, inputs, grads, np.random.default_rng(1), keys=["W1_0", "W2_0"])
     assert max(errors.values()) > 1e-3
 
