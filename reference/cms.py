@@ -99,7 +99,9 @@ def _act(name: str) -> tuple[Callable, Callable]:
     return f, df
 
 
-def _check_level(z, W1, W2, groups):
+def check_level(z, W1, W2, groups):
+    """Validate one level's z (B, T, D), W1, W2 (B, G, ...) over ``groups``; return z as an array.
+    Public: the CPU port uses it (fast/cpu/cms.py)."""
     z = np.asarray(z)
     if z.ndim != 3 or z.dtype.kind not in "fc":
         raise ValueError(f"z must be a float array of shape (B, T, D), got {z.dtype} {z.shape}")
@@ -121,7 +123,7 @@ def level_forward(z, W1, W2, groups, act="gelu"):
     z (B, T, D); W1 (B, G, D, Hm); W2 (B, G, Hm, D) (use np.broadcast_to for shared weights).
     Returns (y, cache).
     """
-    z = _check_level(z, W1, W2, groups)
+    z = check_level(z, W1, W2, groups)
     f, _ = _act(act)
     pre = np.empty(z.shape[:2] + (W1.shape[3],), dtype=np.result_type(z, W1))  # (B, T, Hm)
     y = np.empty(z.shape, dtype=pre.dtype)  # (B, T, D)

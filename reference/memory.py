@@ -48,12 +48,13 @@ import numpy as np
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_inputs(q, k, v, eta, alpha, M0, gamma=None, need_gamma=False):
+def check_inputs(q, k, v, eta, alpha, M0, gamma=None, need_gamma=False):
     """Validate shapes and dtypes; return (q, k, v, eta, alpha, M0, gamma) as arrays.
 
     ``alpha=None`` becomes ones (no retention decay). All arrays share one float dtype (float32 or
     float64; complex128 is accepted so that the complex-step gradient check can run the forward).
     Raises ValueError naming the argument and the expected shape.
+    Public: the CPU port's rules check their inputs with it (fast/cpu/memory.py).
     """
     arrays = {"q": q, "k": k, "v": v, "eta": eta, "M0": M0}
     if alpha is not None:
@@ -98,8 +99,10 @@ def _chunks(T, chunk_size):
     return [(s, min(s + chunk_size, T)) for s in range(0, T, chunk_size)]
 
 
-def _state_grad(dM_T, cache):
-    """The upstream gradient w.r.t. M_T, zeros when None."""
+def state_grad(dM_T, cache):
+    """The upstream gradient w.r.t. M_T, zeros when None.
+    Public: the CPU port uses it (fast/cpu/memory.py).
+    """
     if dM_T is None:
         return np.zeros_like(cache["M0"])
     dM_T = np.asarray(dM_T)
@@ -108,15 +111,18 @@ def _state_grad(dM_T, cache):
     return dM_T
 
 
-def _check_dy(dy, cache):
+def check_dy(dy, cache):
+    """dy as an array of forward's output shape (B, T, d_v), else ValueError. Public: the CPU port uses it."""
     dy = np.asarray(dy)
     if dy.shape != cache["v"].shape:
         raise ValueError(f"dy: expected shape (B, T, d_v) = {cache['v'].shape}, got {dy.shape}")
     return dy
 
 
-def _grads(cache, **grads):
-    """The gradient dict, keyed like forward's inputs; no alpha gradient when alpha was None."""
+def input_grads(cache, **grads):
+    """The gradient dict, keyed like forward's inputs; no alpha gradient when alpha was None.
+    Public: the CPU port uses it (fast/cpu/memory.py).
+    """
     if not cache["has_alpha"]:
         grads.pop("alpha")
     return grads
@@ -133,7 +139,7 @@ def hebbian_forward(q, k, v, eta, alpha, M0):
     Returns (y (B, T, d_v), M_T (B, d_v, d_k), cache).
     """
     has_alpha = alpha is not None
-    q, k, v, eta, alpha, M0, _ = _check_inputs(q, k, v, eta, alpha, M0)
+    q, k, v, eta, alpha, M0, _ = check_inputs(q, k, v, eta, alpha, M0)
     B, T, _ = k.shape
     states = np.empty((B, T + 1) + M0.shape[1:], dtype=M0.dtype)  # (B, T+1, d_v, d_k)
     states[:, 0] = M0
@@ -149,12 +155,12 @@ def hebbian_forward(q, k, v, eta, alpha, M0):
 
 def hebbian_backward(dy, dM_T, cache):
     """Gradients of hebbian_forward w.r.t. q, k, v, eta, alpha (if given) and M0."""
-    dy = _check_dy(dy, cache)
+    dy = check_dy(dy, cache)
     q, k, v, eta, alpha, states = (cache[n] for n in ("q", "k", "v", "eta", "alpha", "states"))
     T = k.shape[1]
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     deta, dalpha = np.zeros_like(eta), np.zeros_like(alpha)
-    dM = np.array(_state_grad(dM_T, cache), dtype=k.dtype)  # gradient w.r.t. M_t
+    dM = np.array(state_grad(dM_T, cache), dtype=k.dtype)  # gradient w.r.t. M_t
     for t in reversed(range(T)):
         dM = dM + np.einsum("bv,bk->bvk", dy[:, t], q[:, t])
         dq[:, t] = np.einsum("bvk,bv->bk", states[:, t + 1], dy[:, t])
@@ -163,7 +169,7 @@ def hebbian_backward(dy, dM_T, cache):
         dv[:, t] = eta[:, t, None] * np.einsum("bvk,bk->bv", dM, k[:, t])
         dk[:, t] = eta[:, t, None] * np.einsum("bvk,bv->bk", dM, v[:, t])
         dM = alpha[:, t, None, None] * dM
-    return _grads(cache, q=dq, k=dk, v=dv, eta=deta, alpha=dalpha, M0=dM)
+    return input_grads(cache, q=dq, k=dk, v=dv, eta=deta, alpha=dalpha, M0=dM)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +234,7 @@ def hebbian_chunked_forward(q, k, v, eta, alpha, M0, chunk_size):
     Inside a chunk: M_t = D[t, 0] Mb + sum_{s<=t} D[t, s] eta_s v_s k_s^T (cumulative decays).
     """
     has_alpha = alpha is not None
-    q, k, v, eta, alpha, M0, _ = _check_inputs(q, k, v, eta, alpha, M0)
+    q, k, v, eta, alpha, M0, _ = check_inputs(q, k, v, eta, alpha, M0)
     chunk_size = _check_positive_int("chunk_size", chunk_size)
     y = np.empty_like(v)  # (B, T, d_v)
     M = M0
@@ -245,11 +251,11 @@ def hebbian_chunked_forward(q, k, v, eta, alpha, M0, chunk_size):
 
 def hebbian_chunked_backward(dy, dM_T, cache):
     """Gradients of hebbian_chunked_forward (its own chunk-wise backward)."""
-    dy = _check_dy(dy, cache)
+    dy = check_dy(dy, cache)
     q, k, v, eta, alpha = (cache[n] for n in ("q", "k", "v", "eta", "alpha"))
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     deta, dalpha = np.zeros_like(eta), np.zeros_like(alpha)
-    dM = np.array(_state_grad(dM_T, cache), dtype=k.dtype)
+    dM = np.array(state_grad(dM_T, cache), dtype=k.dtype)
     chunks = _chunks(k.shape[1], cache["chunk_size"])
     for (s0, e0), Mb in zip(reversed(chunks), reversed(cache["starts"]), strict=True):
         D = _decay_matrix(alpha[:, s0:e0])
@@ -261,7 +267,7 @@ def hebbian_chunked_backward(dy, dM_T, cache):
         dD[:, 1:, 1:] = dP * eta[:, None, s0:e0]
         dD[:, 1:, 0] = dd0
         dalpha[:, s0:e0] = _decay_matrix_backward(dD, D)
-    return _grads(cache, q=dq, k=dk, v=dv, eta=deta, alpha=dalpha, M0=dM)
+    return input_grads(cache, q=dq, k=dk, v=dv, eta=deta, alpha=dalpha, M0=dM)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +279,7 @@ def delta_forward(q, k, v, eta, alpha, M0):
     """Delta rule (Eq. 65, decay on the key side; alpha = None means 1): one GD step with rate
     eta on 1/2 ||M k - v||^2 plus retention. Returns (y, M_T, cache)."""
     has_alpha = alpha is not None
-    q, k, v, eta, alpha, M0, _ = _check_inputs(q, k, v, eta, alpha, M0)
+    q, k, v, eta, alpha, M0, _ = check_inputs(q, k, v, eta, alpha, M0)
     B, T, _ = k.shape
     states = np.empty((B, T + 1) + M0.shape[1:], dtype=M0.dtype)  # (B, T+1, d_v, d_k)
     states[:, 0] = M0
@@ -291,12 +297,12 @@ def delta_forward(q, k, v, eta, alpha, M0):
 
 def delta_backward(dy, dM_T, cache):
     """Gradients of delta_forward w.r.t. q, k, v, eta, alpha (if given) and M0."""
-    dy = _check_dy(dy, cache)
+    dy = check_dy(dy, cache)
     q, k, v, eta, alpha, states = (cache[n] for n in ("q", "k", "v", "eta", "alpha", "states"))
     T = k.shape[1]
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     deta, dalpha = np.zeros_like(eta), np.zeros_like(alpha)
-    dM = np.array(_state_grad(dM_T, cache), dtype=k.dtype)
+    dM = np.array(state_grad(dM_T, cache), dtype=k.dtype)
     for t in reversed(range(T)):
         M = states[:, t]
         dM = dM + np.einsum("bv,bk->bvk", dy[:, t], q[:, t])
@@ -309,7 +315,7 @@ def delta_backward(dy, dM_T, cache):
         dv[:, t] = dres
         dk[:, t] = eta[:, t, None] * np.einsum("bvk,bv->bk", dM, residual) - np.einsum("bvk,bv->bk", M, dres)
         dM = alpha[:, t, None, None] * dM - np.einsum("bv,bk->bvk", dres, k[:, t])
-    return _grads(cache, q=dq, k=dk, v=dv, eta=deta, alpha=dalpha, M0=dM)
+    return input_grads(cache, q=dq, k=dk, v=dv, eta=deta, alpha=dalpha, M0=dM)
 
 
 def _solve_unit_lower(L, R):
@@ -349,7 +355,7 @@ def delta_chunked_forward(q, k, v, eta, alpha, M0, chunk_size):
     and write with matmuls as for Hebbian with values W and weights D[t, s].
     """
     has_alpha = alpha is not None
-    q, k, v, eta, alpha, M0, _ = _check_inputs(q, k, v, eta, alpha, M0)
+    q, k, v, eta, alpha, M0, _ = check_inputs(q, k, v, eta, alpha, M0)
     chunk_size = _check_positive_int("chunk_size", chunk_size)
     y = np.empty_like(v)
     M = M0
@@ -366,11 +372,11 @@ def delta_chunked_forward(q, k, v, eta, alpha, M0, chunk_size):
 
 def delta_chunked_backward(dy, dM_T, cache):
     """Gradients of delta_chunked_forward (its own chunk-wise backward, through the UT solve)."""
-    dy = _check_dy(dy, cache)
+    dy = check_dy(dy, cache)
     q, k, v, eta, alpha = (cache[n] for n in ("q", "k", "v", "eta", "alpha"))
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     deta, dalpha = np.zeros_like(eta), np.zeros_like(alpha)
-    dM = np.array(_state_grad(dM_T, cache), dtype=k.dtype)
+    dM = np.array(state_grad(dM_T, cache), dtype=k.dtype)
     chunks = _chunks(k.shape[1], cache["chunk_size"])
     for (s0, e0), Mb in zip(reversed(chunks), reversed(cache["starts"]), strict=True):
         qc, kc, vc, beta = q[:, s0:e0], k[:, s0:e0], v[:, s0:e0], eta[:, s0:e0]
@@ -407,7 +413,7 @@ def delta_chunked_backward(dy, dM_T, cache):
         dalpha[:, s0:e0] = _decay_matrix_backward(dD, D)
         dq[:, s0:e0], dk[:, s0:e0], deta[:, s0:e0] = dqc, dkc, dbeta
         dM = dMb
-    return _grads(cache, q=dq, k=dk, v=dv, eta=deta, alpha=dalpha, M0=dM)
+    return input_grads(cache, q=dq, k=dk, v=dv, eta=deta, alpha=dalpha, M0=dM)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,11 +427,16 @@ def prox_step_size(eta, k):
     return eta / (1 + eta * np.einsum("...k,...k->...", k, k))  # Eq. (57), any key norm
 
 
-def _prox_step_size_backward(deta_prox, eta, k):
-    """(deta, dk) from the gradient w.r.t. eta' (d eta'/d eta = (eta'/eta)^2, d eta'/dk = -2 eta'^2 k)."""
+def prox_step_size_backward(deta_prox, eta, k):
+    """(deta, dk) from the gradient w.r.t. eta' (d eta'/d eta = (eta'/eta)^2, d eta'/dk = -2 eta'^2 k).
+    Public: the CPU port's DGD and reference/selfmod.py use it.
+    """
     denom = 1 + eta * np.einsum("...k,...k->...", k, k)
     eta_prox = eta / denom
     return deta_prox / denom**2, -2 * (deta_prox * eta_prox**2)[..., None] * k
+
+
+_prox_step_size_backward = prox_step_size_backward  # alias for reference/selfmod.py until its refactor lands
 
 
 def dgd_forward(q, k, v, eta, alpha, M0):
@@ -433,7 +444,7 @@ def dgd_forward(q, k, v, eta, alpha, M0):
 
     With alpha = 1, M_t is the exact minimiser of 1/2 ||M k_t - v_t||^2 + 1/(2 eta_t) ||M - M_{t-1}||^2.
     """
-    q, k, v, eta, _, M0, _ = _check_inputs(q, k, v, eta, alpha, M0)
+    q, k, v, eta, _, M0, _ = check_inputs(q, k, v, eta, alpha, M0)
     y, M_T, cache = delta_forward(q, k, v, prox_step_size(eta, k), alpha, M0)
     cache["eta_raw"] = eta
     return y, M_T, cache
@@ -442,14 +453,14 @@ def dgd_forward(q, k, v, eta, alpha, M0):
 def dgd_backward(dy, dM_T, cache):
     """Gradients of dgd_forward: delta_backward, then through eta' = eta / (1 + eta ||k||^2)."""
     grads = delta_backward(dy, dM_T, cache)
-    deta, dk_prox = _prox_step_size_backward(grads["eta"], cache["eta_raw"], cache["k"])
+    deta, dk_prox = prox_step_size_backward(grads["eta"], cache["eta_raw"], cache["k"])
     grads["eta"], grads["k"] = deta, grads["k"] + dk_prox
     return grads
 
 
 def dgd_chunked_forward(q, k, v, eta, alpha, M0, chunk_size):
     """dgd_forward in the UT-transform chunk form (exact, any chunk_size)."""
-    q, k, v, eta, _, M0, _ = _check_inputs(q, k, v, eta, alpha, M0)
+    q, k, v, eta, _, M0, _ = check_inputs(q, k, v, eta, alpha, M0)
     y, M_T, cache = delta_chunked_forward(q, k, v, prox_step_size(eta, k), alpha, M0, chunk_size)
     cache["eta_raw"] = eta
     return y, M_T, cache
@@ -458,7 +469,7 @@ def dgd_chunked_forward(q, k, v, eta, alpha, M0, chunk_size):
 def dgd_chunked_backward(dy, dM_T, cache):
     """Gradients of dgd_chunked_forward: delta_chunked_backward, then through eta'."""
     grads = delta_chunked_backward(dy, dM_T, cache)
-    deta, dk_prox = _prox_step_size_backward(grads["eta"], cache["eta_raw"], cache["k"])
+    deta, dk_prox = prox_step_size_backward(grads["eta"], cache["eta_raw"], cache["k"])
     grads["eta"], grads["k"] = deta, grads["k"] + dk_prox
     return grads
 
@@ -471,7 +482,7 @@ def dgd_chunked_backward(dy, dM_T, cache):
 def oja_forward(q, k, v, eta, alpha, M0):
     """Oja's rule (Eqs. 66-67) read as M_t = alpha M + eta v (k - M^T v)^T. Returns (y, M_T, cache)."""
     has_alpha = alpha is not None
-    q, k, v, eta, alpha, M0, _ = _check_inputs(q, k, v, eta, alpha, M0)
+    q, k, v, eta, alpha, M0, _ = check_inputs(q, k, v, eta, alpha, M0)
     B, T, _ = k.shape
     states = np.empty((B, T + 1) + M0.shape[1:], dtype=M0.dtype)
     states[:, 0] = M0
@@ -489,12 +500,12 @@ def oja_forward(q, k, v, eta, alpha, M0):
 
 def oja_backward(dy, dM_T, cache):
     """Gradients of oja_forward w.r.t. q, k, v, eta, alpha (if given) and M0."""
-    dy = _check_dy(dy, cache)
+    dy = check_dy(dy, cache)
     q, k, v, eta, alpha, states = (cache[n] for n in ("q", "k", "v", "eta", "alpha", "states"))
     T = k.shape[1]
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     deta, dalpha = np.zeros_like(eta), np.zeros_like(alpha)
-    dM = np.array(_state_grad(dM_T, cache), dtype=k.dtype)
+    dM = np.array(state_grad(dM_T, cache), dtype=k.dtype)
     for t in reversed(range(T)):
         M, vt, et = states[:, t], v[:, t], eta[:, t]
         dM = dM + np.einsum("bv,bk->bvk", dy[:, t], q[:, t])
@@ -507,7 +518,7 @@ def oja_backward(dy, dM_T, cache):
         dback = -et[:, None] * dMv  # gradient w.r.t. M^T v
         dv[:, t] = et[:, None] * np.einsum("bvk,bk->bv", dM, diff) + np.einsum("bvk,bk->bv", M, dback)
         dM = alpha[:, t, None, None] * dM + np.einsum("bv,bk->bvk", vt, dback)
-    return _grads(cache, q=dq, k=dk, v=dv, eta=deta, alpha=dalpha, M0=dM)
+    return input_grads(cache, q=dq, k=dk, v=dv, eta=deta, alpha=dalpha, M0=dM)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,7 +545,7 @@ def omega_forward(q, k, v, eta, alpha, gamma, M0, window, chunk_size=1):
     C = 1 is the fully recurrent rule. Returns (y, M_T, cache).
     """
     has_alpha = alpha is not None
-    q, k, v, eta, alpha, M0, gamma = _check_inputs(q, k, v, eta, alpha, M0, gamma, need_gamma=True)
+    q, k, v, eta, alpha, M0, gamma = check_inputs(q, k, v, eta, alpha, M0, gamma, need_gamma=True)
     window = _check_positive_int("window", window)
     chunk_size = _check_positive_int("chunk_size", chunk_size)
     B, T, _ = k.shape
@@ -555,12 +566,12 @@ def omega_forward(q, k, v, eta, alpha, gamma, M0, window, chunk_size=1):
 
 def omega_backward(dy, dM_T, cache):
     """Gradients of omega_forward w.r.t. q, k, v, eta, alpha (if given), gamma and M0."""
-    dy = _check_dy(dy, cache)
+    dy = check_dy(dy, cache)
     q, k, v, eta, alpha, gamma, states = (cache[n] for n in ("q", "k", "v", "eta", "alpha", "gamma", "states"))
     window = cache["window"]
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     deta, dalpha, dgamma = np.zeros_like(eta), np.zeros_like(alpha), np.zeros_like(gamma)
-    dM = np.array(_state_grad(dM_T, cache), dtype=k.dtype)
+    dM = np.array(state_grad(dM_T, cache), dtype=k.dtype)
     for s0, e0 in reversed(_chunks(k.shape[1], cache["chunk_size"])):
         Mb = states[:, s0]
         dMb = np.zeros_like(dM)
@@ -582,7 +593,7 @@ def omega_backward(dy, dM_T, cache):
             dMb += np.einsum("biv,bik->bvk", dres, kw)
             dM = alpha[:, t, None, None] * dM
         dM = dM + dMb
-    return _grads(cache, q=dq, k=dk, v=dv, eta=deta, alpha=dalpha, gamma=dgamma, M0=dM)
+    return input_grads(cache, q=dq, k=dk, v=dv, eta=deta, alpha=dalpha, gamma=dgamma, M0=dM)
 
 
 def _omega_chunk_weights(D, eta, n, lo, s0, window):
@@ -606,7 +617,7 @@ def omega_chunked_forward(q, k, v, eta, alpha, gamma, M0, window, chunk_size):
     u_i = -gamma_i (Mb k_i - v_i): M_t = D[t, 0] Mb + sum_i P[t, i] u_i k_i^T.
     """
     has_alpha = alpha is not None
-    q, k, v, eta, alpha, M0, gamma = _check_inputs(q, k, v, eta, alpha, M0, gamma, need_gamma=True)
+    q, k, v, eta, alpha, M0, gamma = check_inputs(q, k, v, eta, alpha, M0, gamma, need_gamma=True)
     window = _check_positive_int("window", window)
     chunk_size = _check_positive_int("chunk_size", chunk_size)
     y = np.empty_like(v)
@@ -627,12 +638,12 @@ def omega_chunked_forward(q, k, v, eta, alpha, gamma, M0, window, chunk_size):
 
 def omega_chunked_backward(dy, dM_T, cache):
     """Gradients of omega_chunked_forward (its own chunk-wise backward)."""
-    dy = _check_dy(dy, cache)
+    dy = check_dy(dy, cache)
     q, k, v, eta, alpha, gamma = (cache[n] for n in ("q", "k", "v", "eta", "alpha", "gamma"))
     window = cache["window"]
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     deta, dalpha, dgamma = np.zeros_like(eta), np.zeros_like(alpha), np.zeros_like(gamma)
-    dM = np.array(_state_grad(dM_T, cache), dtype=k.dtype)
+    dM = np.array(state_grad(dM_T, cache), dtype=k.dtype)
     chunks = _chunks(k.shape[1], cache["chunk_size"])
     for (s0, e0), Mb in zip(reversed(chunks), reversed(cache["starts"]), strict=True):
         lo = max(0, s0 - window + 1)
@@ -657,7 +668,7 @@ def omega_chunked_backward(dy, dM_T, cache):
         dk[:, lo:e0] += dkw + np.einsum("biv,bvk->bik", dres, Mb)
         dv[:, lo:e0] -= dres
         dM = dMb + np.einsum("biv,bik->bvk", dres, kw)
-    return _grads(cache, q=dq, k=dk, v=dv, eta=deta, alpha=dalpha, gamma=dgamma, M0=dM)
+    return input_grads(cache, q=dq, k=dk, v=dv, eta=deta, alpha=dalpha, gamma=dgamma, M0=dM)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,7 +58,8 @@ from .primitives import ACTIVATIONS
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_array(name: str, x, expected: str) -> np.ndarray:
+def check_array(name: str, x, expected: str) -> np.ndarray:
+    """``x`` if it is a float (or complex) ndarray, else ValueError. Public: the CPU port uses it."""
     if not isinstance(x, np.ndarray):
         raise ValueError(f"{name}: expected a NumPy array of shape {expected}, got {type(x).__name__}")
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.complexfloating)):
@@ -66,16 +67,19 @@ def _check_array(name: str, x, expected: str) -> np.ndarray:
     return x
 
 
-def _check_activation(act: str):
+def check_activation(act: str):
+    """(s, s', s'') of a known activation name, else ValueError. Public: the CPU port uses it."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act: expected one of {sorted(ACTIVATIONS)}, got {act!r}")
     return ACTIVATIONS[act]
 
 
-def _check_mlp(W1, W2, **tokens) -> tuple[int, int]:
-    """Validate W1 (..., D, Hm), W2 (..., Hm, D) and token arrays (..., N, D); return (D, Hm)."""
-    _check_array("W1", W1, "(..., D, Hm)")
-    _check_array("W2", W2, "(..., Hm, D)")
+def check_mlp(W1, W2, **tokens) -> tuple[int, int]:
+    """Validate W1 (..., D, Hm), W2 (..., Hm, D) and token arrays (..., N, D); return (D, Hm).
+    Public: the CPU port uses it (fast/cpu/mlp_memory.py).
+    """
+    check_array("W1", W1, "(..., D, Hm)")
+    check_array("W2", W2, "(..., Hm, D)")
     if W1.ndim < 2:
         raise ValueError(f"W1: expected shape (..., D, Hm), got {W1.shape}")
     D, Hm = W1.shape[-2:]
@@ -86,15 +90,17 @@ def _check_mlp(W1, W2, **tokens) -> tuple[int, int]:
         )
     if W2.dtype != W1.dtype:
         raise ValueError(f"W2: expected dtype {W1.dtype} (that of W1), got {W2.dtype}")
-    _check_tokens(lead, D, W1.dtype, "W1", **tokens)
+    check_tokens(lead, D, W1.dtype, "W1", **tokens)
     return D, Hm
 
 
-def _check_tokens(lead, D, dtype, ref: str, **tokens) -> None:
+def check_tokens(lead, D, dtype, ref: str, **tokens) -> None:
+    """Token arrays (..., N, D) with W's leading dims, one N and ``ref``'s dtype, else ValueError.
+    Public: the CPU port uses it (fast/cpu/mlp_memory.py)."""
     N = None
     first = None
     for name, x in tokens.items():
-        _check_array(name, x, f"(..., N, {D})")
+        check_array(name, x, f"(..., N, {D})")
         if x.ndim != len(lead) + 2 or x.shape[:-2] != tuple(lead) or x.shape[-1] != D:
             raise ValueError(
                 f"{name}: expected shape (..., N, D) = {(*lead, 'N', D)} (leading dims and D from {ref}), got {x.shape}"
@@ -109,7 +115,7 @@ def _check_tokens(lead, D, dtype, ref: str, **tokens) -> None:
 
 def _act(act: str, h: np.ndarray):
     """(s(h), s'(h), s''(h)) in h's dtype (the primitives may promote float32 through constants)."""
-    f, df, d2f = _check_activation(act)
+    f, df, d2f = check_activation(act)
     return (
         np.asarray(f(h)).astype(h.dtype, copy=False),
         np.asarray(df(h)).astype(h.dtype, copy=False),
@@ -159,7 +165,7 @@ def mlp_memory_forward(W1, W2, z, act="gelu", layernorm=False, eps=1e-5):
 
     W1 (..., D, Hm), W2 (..., Hm, D), z (..., N, D) with the same leading dims -> y (..., N, D).
     """
-    _check_mlp(W1, W2, z=z)
+    check_mlp(W1, W2, z=z)
     y, h, a, sp, _, c, rstd = _read(W1, W2, z, act, layernorm, eps)
     cache = {"W1": W1, "W2": W2, "z": z, "a": a, "sp": sp, "c": c, "rstd": rstd, "layernorm": layernorm}
     return y, cache
@@ -168,7 +174,7 @@ def mlp_memory_forward(W1, W2, z, act="gelu", layernorm=False, eps=1e-5):
 def mlp_memory_backward(dy, cache):
     """VJP of the read: ``dy`` (..., N, D) -> (dW1, dW2, dz), shaped like (W1, W2, z)."""
     W1, W2, z, a, sp = cache["W1"], cache["W2"], cache["z"], cache["a"], cache["sp"]
-    _check_tokens(W1.shape[:-2], W1.shape[-2], W1.dtype, "the cached W1", dy=dy)
+    check_tokens(W1.shape[:-2], W1.shape[-2], W1.dtype, "the cached W1", dy=dy)
     if dy.shape != z.shape:
         raise ValueError(f"dy: expected shape {z.shape} (that of z), got {dy.shape}")
     db = _layernorm_jvp(dy, cache["c"], cache["rstd"]) if cache["layernorm"] else dy  # (..., N, D)
@@ -186,7 +192,7 @@ def mlp_memory_backward(dy, cache):
 
 def inner_loss(W1, W2, k, v_hat, act="gelu", layernorm=False, eps=1e-5):
     """Per-token inner loss ``l_n = ||M(k_n) - v_hat_n||^2`` (Eq. 86), shape (..., N)."""
-    _check_mlp(W1, W2, k=k, v_hat=v_hat)
+    check_mlp(W1, W2, k=k, v_hat=v_hat)
     y = _read(W1, W2, k, act, layernorm, eps)[0]  # (..., N, D)
     r = y - v_hat  # (..., N, D)
     return np.einsum("...nd,...nd->...n", r, r)  # Eq. (86)   ||M(k) - v_hat||^2
@@ -198,7 +204,7 @@ def inner_grad(W1, W2, k, v_hat, act="gelu", layernorm=False, eps=1e-5):
     Returns ``(u1, a, u2, cache)`` with ``dl_n/dW1 = u1_n a_n^T`` and ``dl_n/dW2 = u2_n k_n^T``;
     u1 (..., N, D), a (..., N, Hm), u2 (..., N, Hm). ``v_hat`` is a constant inside this formula.
     """
-    _check_mlp(W1, W2, k=k, v_hat=v_hat)
+    check_mlp(W1, W2, k=k, v_hat=v_hat)
     y, h, a, sp, spp, c, rstd = _read(W1, W2, k, act, layernorm, eps)
     g = 2 * (y - v_hat)  # (..., N, D)    dl/dM(k) = 2 r
     u1 = _layernorm_jvp(g, c, rstd) if layernorm else g  # (..., N, D)    J_LN^T 2 r
@@ -235,7 +241,7 @@ def inner_grad_backward(du1, da, du2, cache):
         ("da", da, (*lead, N, Hm)),
         ("du2", du2, (*lead, N, Hm)),
     ):
-        _check_array(name, x, str(shape))
+        check_array(name, x, str(shape))
         if x.shape != shape:
             raise ValueError(f"{name}: expected shape {shape}, got {x.shape}")
     # u2 = s'(h) * w,  w = W1^T u1
@@ -273,16 +279,18 @@ def inner_grad_backward(du1, da, du2, cache):
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_matrix(M, k, **values) -> None:
-    _check_array("M", M, "(..., Dv, Dk)")
+def check_matrix(M, k, **values) -> None:
+    """Validate a matrix memory M (..., Dv, Dk), keys k (..., N, Dk) and value arrays (..., N, Dv).
+    Public: the CPU port uses it (fast/cpu/mlp_memory.py)."""
+    check_array("M", M, "(..., Dv, Dk)")
     if M.ndim < 2:
         raise ValueError(f"M: expected shape (..., Dv, Dk), got {M.shape}")
     lead, Dv, Dk = M.shape[:-2], M.shape[-2], M.shape[-1]
-    _check_tokens(lead, Dk, M.dtype, "M", k=k)
+    check_tokens(lead, Dk, M.dtype, "M", k=k)
     if values:
         N = k.shape[-2]
         for name, x in values.items():
-            _check_array(name, x, f"(..., N, {Dv})")
+            check_array(name, x, f"(..., N, {Dv})")
             if x.shape != (*lead, N, Dv):
                 raise ValueError(f"{name}: expected shape (..., N, Dv) = {(*lead, N, Dv)}, got {x.shape}")
             if x.dtype != M.dtype:
@@ -291,7 +299,7 @@ def _check_matrix(M, k, **values) -> None:
 
 def matrix_memory_forward(M, k):
     """The read ``y = M k`` for every token: M (..., Dv, Dk), k (..., N, Dk) -> y (..., N, Dv)."""
-    _check_matrix(M, k)
+    check_matrix(M, k)
     y = np.einsum("...vk,...nk->...nv", M, k)  # Eq. (15)   y = M k
     return y, {"M": M, "k": k}
 
@@ -299,7 +307,7 @@ def matrix_memory_forward(M, k):
 def matrix_memory_backward(dy, cache):
     """VJP of the matrix read: dy (..., N, Dv) -> (dM, dk)."""
     M, k = cache["M"], cache["k"]
-    _check_matrix(M, k, dy=dy)
+    check_matrix(M, k, dy=dy)
     dM = np.einsum("...nv,...nk->...vk", dy, k)  # (..., Dv, Dk)
     dk = np.einsum("...vk,...nv->...nk", M, dy)  # (..., N, Dk)
     return dM, dk
@@ -307,14 +315,14 @@ def matrix_memory_backward(dy, cache):
 
 def matrix_inner_loss(M, k, v_hat):
     """Per-token ``l_n = ||M k_n - v_hat_n||^2``, shape (..., N)."""
-    _check_matrix(M, k, v_hat=v_hat)
+    check_matrix(M, k, v_hat=v_hat)
     r = np.einsum("...vk,...nk->...nv", M, k) - v_hat  # (..., N, Dv)
     return np.einsum("...nv,...nv->...n", r, r)  # Eq. (86)
 
 
 def matrix_inner_grad(M, k, v_hat):
     """``dl_n/dM = u_n k_n^T`` with ``u = 2 (M k - v_hat)`` (..., N, Dv); returns (u, cache)."""
-    _check_matrix(M, k, v_hat=v_hat)
+    check_matrix(M, k, v_hat=v_hat)
     u = 2 * (np.einsum("...vk,...nk->...nv", M, k) - v_hat)  # Eq. (93)   2 (M k - v_hat)
     return u, {"M": M, "k": k}
 
@@ -328,7 +336,7 @@ def matrix_inner_grad_dense(M, k, v_hat):
 def matrix_inner_grad_backward(du, cache):
     """VJP of (M, k, v_hat) -> u = 2 (M k - v_hat): du (..., N, Dv) -> (dM, dk, dv_hat)."""
     M, k = cache["M"], cache["k"]
-    _check_matrix(M, k, du=du)
+    check_matrix(M, k, du=du)
     dM = 2 * np.einsum("...nv,...nk->...vk", du, k)  # (..., Dv, Dk)
     dk = 2 * np.einsum("...vk,...nv->...nk", M, du)  # (..., N, Dk)
     dv_hat = -2 * du  # (..., N, Dv)

@@ -53,12 +53,13 @@ def _real_dtype(dtype) -> np.dtype:
     return np.finfo(dtype).dtype
 
 
-def _float_array(name: str, a, expected: str, ndim: int | None = None, min_ndim: int = 0, like=None):
+def float_array(name: str, a, expected: str, ndim: int | None = None, min_ndim: int = 0, like=None):
     """Return ``a`` as an ndarray (no copy) after checking its dtype and rank.
 
     ``expected`` is the shape written for the error message, e.g. ``"(B, T, D)"``. ``like``: an
     array whose precision ``a`` must share (float32 with float32/complex64, float64 with
     float64/complex128).
+    Public: the CPU port's ops check their arguments with it (fast/cpu/primitives.py).
     """
     a = np.asarray(a)
     if a.dtype.type not in _FLOAT_DTYPES:
@@ -75,8 +76,10 @@ def _float_array(name: str, a, expected: str, ndim: int | None = None, min_ndim:
     return a
 
 
-def _int_array(name: str, a, expected: str, upper: int | None = None):
-    """An integer array; with ``upper``, every entry must lie in [0, upper)."""
+def int_array(name: str, a, expected: str, upper: int | None = None):
+    """An integer array; with ``upper``, every entry must lie in [0, upper).
+    Public: the CPU port's ops check their arguments with it (fast/cpu/primitives.py).
+    """
     a = np.asarray(a)
     if a.dtype.kind not in "iu":
         raise ValueError(f"{name} must be an integer array of shape {expected}, got dtype {a.dtype}")
@@ -87,7 +90,8 @@ def _int_array(name: str, a, expected: str, upper: int | None = None):
     return a
 
 
-def _check_shape(name: str, a: np.ndarray, shape: tuple, expected: str) -> None:
+def check_shape(name: str, a: np.ndarray, shape: tuple, expected: str) -> None:
+    """ValueError unless ``a.shape == shape``. Public: the CPU port uses it (fast/cpu/primitives.py)."""
     if a.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {expected} = {tuple(shape)}, got shape {a.shape}")
 
@@ -192,14 +196,14 @@ ACTIVATIONS = {
 
 def _activation_forward(name: str, x):
     f, df, _ = ACTIVATIONS[name]
-    x = _float_array("x", x, "(...)")
+    x = float_array("x", x, "(...)")
     return f(x), (name, x)
 
 
 def _activation_backward(dy, cache):
     name, x = cache
-    dy = _float_array("dy", dy, "(...) like x", like=x)
-    _check_shape("dy", dy, x.shape, "x.shape")
+    dy = float_array("dy", dy, "(...) like x", like=x)
+    check_shape("dy", dy, x.shape, "x.shape")
     return dy * ACTIVATIONS[name][1](x)  # (...)
 
 
@@ -250,14 +254,14 @@ def softplus_backward(dy, cache):
 
 def linear_forward(x, W, b=None):
     """y = x W^T + b over the last axis: x (..., D_in), W (D_out, D_in), b (D_out,) or None."""
-    x = _float_array("x", x, "(..., D_in)", min_ndim=1)
-    W = _float_array("W", W, "(D_out, D_in)", ndim=2, like=x)
+    x = float_array("x", x, "(..., D_in)", min_ndim=1)
+    W = float_array("W", W, "(D_out, D_in)", ndim=2, like=x)
     if W.shape[1] != x.shape[-1]:
         raise ValueError(f"W must have shape (D_out, D_in) with D_in = {x.shape[-1]}, got shape {W.shape}")
     y = np.einsum("...i,oi->...o", x, W, optimize=True)  # (..., D_out)
     if b is not None:
-        b = _float_array("b", b, "(D_out,)", ndim=1, like=x)
-        _check_shape("b", b, (W.shape[0],), "(D_out,)")
+        b = float_array("b", b, "(D_out,)", ndim=1, like=x)
+        check_shape("b", b, (W.shape[0],), "(D_out,)")
         y = y + b
     return y, (x, W, b is not None)
 
@@ -265,8 +269,8 @@ def linear_forward(x, W, b=None):
 def linear_backward(dy, cache):
     """Returns (dx, dW, db); db is None when the forward had no bias."""
     x, W, has_b = cache
-    dy = _float_array("dy", dy, "(..., D_out)", like=x)
-    _check_shape("dy", dy, x.shape[:-1] + (W.shape[0],), "(..., D_out)")
+    dy = float_array("dy", dy, "(..., D_out)", like=x)
+    check_shape("dy", dy, x.shape[:-1] + (W.shape[0],), "(..., D_out)")
     dx = np.einsum("...o,oi->...i", dy, W, optimize=True)  # (..., D_in)
     dW = np.einsum("...o,...i->oi", dy, x, optimize=True)  # (D_out, D_in)
     db = _lead_sum(dy, 1) if has_b else None  # (D_out,)
@@ -275,8 +279,8 @@ def linear_backward(dy, cache):
 
 def embedding_forward(tokens, E):
     """y = E[tokens]: tokens int (...) in [0, V), E (V, D) -> y (..., D)."""
-    E = _float_array("E", E, "(V, D)", ndim=2)
-    tokens = _int_array("tokens", tokens, "(...)", upper=E.shape[0])
+    E = float_array("E", E, "(V, D)", ndim=2)
+    tokens = int_array("tokens", tokens, "(...)", upper=E.shape[0])
     y = E[tokens]  # (..., D), a copy (fancy indexing)
     return y, (tokens, E.shape, E.dtype)
 
@@ -299,9 +303,9 @@ def embedding_backward(dy, cache):
 
 def rmsnorm_forward(x, g, eps=1e-6):
     """y = x / sqrt(mean(x^2) + eps) * g over the last axis; x (..., D), g (D,)."""
-    x = _float_array("x", x, "(..., D)", min_ndim=1)
-    g = _float_array("g", g, "(D,)", ndim=1, like=x)
-    _check_shape("g", g, x.shape[-1:], "(D,)")
+    x = float_array("x", x, "(..., D)", min_ndim=1)
+    g = float_array("g", g, "(D,)", ndim=1, like=x)
+    check_shape("g", g, x.shape[-1:], "(D,)")
     r = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + float(eps))  # (..., 1)
     xhat = x * r  # (..., D)
     return xhat * g, (xhat, r, g)
@@ -310,8 +314,8 @@ def rmsnorm_forward(x, g, eps=1e-6):
 def rmsnorm_backward(dy, cache):
     """dx = r (dxhat - xhat mean(dxhat xhat)), dxhat = dy g; dg = sum dy xhat. Returns (dx, dg)."""
     xhat, r, g = cache
-    dy = _float_array("dy", dy, "(..., D)", like=xhat)
-    _check_shape("dy", dy, xhat.shape, "(..., D)")
+    dy = float_array("dy", dy, "(..., D)", like=xhat)
+    check_shape("dy", dy, xhat.shape, "(..., D)")
     dxhat = dy * g  # (..., D)
     dx = r * (dxhat - xhat * np.mean(dxhat * xhat, axis=-1, keepdims=True))  # (..., D)
     dg = _lead_sum(dy * xhat, 1)  # (D,)
@@ -320,13 +324,13 @@ def rmsnorm_backward(dy, cache):
 
 def layernorm_forward(x, g=None, b=None, eps=1e-5):
     """y = (x - mean) / sqrt(var + eps) * g + b over the last axis (biased variance)."""
-    x = _float_array("x", x, "(..., D)", min_ndim=1)
+    x = float_array("x", x, "(..., D)", min_ndim=1)
     if g is not None:
-        g = _float_array("g", g, "(D,)", ndim=1, like=x)
-        _check_shape("g", g, x.shape[-1:], "(D,)")
+        g = float_array("g", g, "(D,)", ndim=1, like=x)
+        check_shape("g", g, x.shape[-1:], "(D,)")
     if b is not None:
-        b = _float_array("b", b, "(D,)", ndim=1, like=x)
-        _check_shape("b", b, x.shape[-1:], "(D,)")
+        b = float_array("b", b, "(D,)", ndim=1, like=x)
+        check_shape("b", b, x.shape[-1:], "(D,)")
     xc = x - np.mean(x, axis=-1, keepdims=True)  # (..., D)
     r = 1.0 / np.sqrt(np.mean(xc * xc, axis=-1, keepdims=True) + float(eps))  # (..., 1)
     xhat = xc * r  # (..., D)
@@ -343,8 +347,8 @@ def layernorm_forward(x, g=None, b=None, eps=1e-5):
 def layernorm_backward(dy, cache):
     """dx = r (dxhat - mean(dxhat) - xhat mean(dxhat xhat)). Returns (dx, dg, db)."""
     xhat, r, g, has_b = cache
-    dy = _float_array("dy", dy, "(..., D)", like=xhat)
-    _check_shape("dy", dy, xhat.shape, "(..., D)")
+    dy = float_array("dy", dy, "(..., D)", like=xhat)
+    check_shape("dy", dy, xhat.shape, "(..., D)")
     dxhat = dy * g if g is not None else dy  # (..., D)
     dx = r * (
         dxhat - np.mean(dxhat, axis=-1, keepdims=True) - xhat * np.mean(dxhat * xhat, axis=-1, keepdims=True)
@@ -356,7 +360,7 @@ def layernorm_backward(dy, cache):
 
 def l2norm_forward(x, eps=1e-6):
     """y = x / sqrt(sum(x^2) + eps) over the last axis (the l2-normalised q and k of NL §8.3)."""
-    x = _float_array("x", x, "(..., D)", min_ndim=1)
+    x = float_array("x", x, "(..., D)", min_ndim=1)
     n = np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + float(eps))  # (..., 1)
     y = x / n  # (..., D)
     return y, (y, n)
@@ -365,8 +369,8 @@ def l2norm_forward(x, eps=1e-6):
 def l2norm_backward(dy, cache):
     """dx = (dy - y <dy, y>) / n."""
     y, n = cache
-    dy = _float_array("dy", dy, "(..., D)", like=y)
-    _check_shape("dy", dy, y.shape, "(..., D)")
+    dy = float_array("dy", dy, "(..., D)", like=y)
+    check_shape("dy", dy, y.shape, "(..., D)")
     return (dy - y * np.sum(dy * y, axis=-1, keepdims=True)) / n  # (..., D)
 
 
@@ -377,16 +381,16 @@ def l2norm_backward(dy, cache):
 
 def swiglu_forward(x, W_gate, W_up, W_down):
     """y = (silu(x W_gate^T) * (x W_up^T)) W_down^T; W_gate, W_up (F, D), W_down (D, F)."""
-    x = _float_array("x", x, "(..., D)", min_ndim=1)
+    x = float_array("x", x, "(..., D)", min_ndim=1)
     D = x.shape[-1]
-    W_gate = _float_array("W_gate", W_gate, "(F, D)", ndim=2, like=x)
+    W_gate = float_array("W_gate", W_gate, "(F, D)", ndim=2, like=x)
     if W_gate.shape[1] != D:
         raise ValueError(f"W_gate must have shape (F, D) with D = {D}, got shape {W_gate.shape}")
     F = W_gate.shape[0]
-    W_up = _float_array("W_up", W_up, "(F, D)", ndim=2, like=x)
-    _check_shape("W_up", W_up, (F, D), "(F, D)")
-    W_down = _float_array("W_down", W_down, "(D, F)", ndim=2, like=x)
-    _check_shape("W_down", W_down, (D, F), "(D, F)")
+    W_up = float_array("W_up", W_up, "(F, D)", ndim=2, like=x)
+    check_shape("W_up", W_up, (F, D), "(F, D)")
+    W_down = float_array("W_down", W_down, "(D, F)", ndim=2, like=x)
+    check_shape("W_down", W_down, (D, F), "(D, F)")
     a = np.einsum("...d,fd->...f", x, W_gate, optimize=True)  # (..., F)
     u = np.einsum("...d,fd->...f", x, W_up, optimize=True)  # (..., F)
     h = silu(a) * u  # (..., F)
@@ -397,8 +401,8 @@ def swiglu_forward(x, W_gate, W_up, W_down):
 def swiglu_backward(dy, cache):
     """Returns (dx, dW_gate, dW_up, dW_down)."""
     x, W_gate, W_up, W_down, a, u, h = cache
-    dy = _float_array("dy", dy, "(..., D)", like=x)
-    _check_shape("dy", dy, x.shape, "(..., D)")
+    dy = float_array("dy", dy, "(..., D)", like=x)
+    check_shape("dy", dy, x.shape, "(..., D)")
     dW_down = np.einsum("...d,...f->df", dy, h, optimize=True)  # (D, F)
     dh = np.einsum("...d,df->...f", dy, W_down, optimize=True)  # (..., F)
     da = dh * u * dsilu(a)  # (..., F)
@@ -424,19 +428,19 @@ def conv1d_forward(x, w, b=None, state=None):
     previous call (zeros when None); new_state = the last K-1 rows of xp, so one call over T
     tokens equals chained calls that carry the state.
     """
-    x = _float_array("x", x, "(B, T, D)", ndim=3)
+    x = float_array("x", x, "(B, T, D)", ndim=3)
     Bn, T, D = x.shape
-    w = _float_array("w", w, "(D, K)", ndim=2, like=x)
+    w = float_array("w", w, "(D, K)", ndim=2, like=x)
     if w.shape[0] != D or w.shape[1] < 1:
         raise ValueError(f"w must have shape (D, K) with D = {D} and K >= 1, got shape {w.shape}")
     K = w.shape[1]
     if b is not None:
-        b = _float_array("b", b, "(D,)", ndim=1, like=x)
-        _check_shape("b", b, (D,), "(D,)")
+        b = float_array("b", b, "(D,)", ndim=1, like=x)
+        check_shape("b", b, (D,), "(D,)")
     had_state = state is not None
     if had_state:
-        state = _float_array("state", state, "(B, K-1, D)", ndim=3, like=x)
-        _check_shape("state", state, (Bn, K - 1, D), "(B, K-1, D)")
+        state = float_array("state", state, "(B, K-1, D)", ndim=3, like=x)
+        check_shape("state", state, (Bn, K - 1, D), "(B, K-1, D)")
     else:
         state = np.zeros((Bn, K - 1, D), dtype=x.dtype)
     xp = np.concatenate([state, x], axis=1)  # (B, K-1+T, D)
@@ -459,16 +463,16 @@ def conv1d_backward(dy, cache, dnew_state=None):
     Bn, TK, D = xp.shape
     K = w.shape[1]
     T = TK - (K - 1)
-    dy = _float_array("dy", dy, "(B, T, D)", ndim=3, like=xp)
-    _check_shape("dy", dy, (Bn, T, D), "(B, T, D)")
+    dy = float_array("dy", dy, "(B, T, D)", ndim=3, like=xp)
+    check_shape("dy", dy, (Bn, T, D), "(B, T, D)")
     dxp = np.zeros(xp.shape, dtype=np.result_type(xp, dy))  # (B, K-1+T, D)
     dw = np.zeros(w.shape, dtype=dxp.dtype)  # (D, K)
     for j in range(K):
         dxp[:, j : j + T] += dy * w[:, j]
         dw[:, j] = np.einsum("btd,btd->d", dy, xp[:, j : j + T])
     if dnew_state is not None:
-        dnew_state = _float_array("dnew_state", dnew_state, "(B, K-1, D)", ndim=3, like=xp)
-        _check_shape("dnew_state", dnew_state, (Bn, K - 1, D), "(B, K-1, D)")
+        dnew_state = float_array("dnew_state", dnew_state, "(B, K-1, D)", ndim=3, like=xp)
+        check_shape("dnew_state", dnew_state, (Bn, K - 1, D), "(B, K-1, D)")
         dxp[:, T:] += dnew_state
     db = np.einsum("btd->d", dy) if has_b else None  # (D,)
     return dxp[:, K - 1 :].copy(), dw, db, dxp[:, : K - 1].copy()
@@ -479,7 +483,9 @@ def conv1d_backward(dy, cache, dnew_state=None):
 # ---------------------------------------------------------------------------------------------
 
 
-def _rope_cos_sin(positions, dh, base, dtype):
+def rope_cos_sin(positions, dh, base, dtype):
+    """cos and sin (T, dh/2) of the angles positions[t] base^(-2i/dh), in float64, cast to dtype's real type.
+    Public: the CPU port's RoPE uses it (fast/cpu/primitives.py)."""
     i = np.arange(dh // 2, dtype=np.float64)  # (dh/2,)
     theta = base ** (-2.0 * i / dh)  # (dh/2,)
     angle = np.einsum("t,i->ti", positions.astype(np.float64), theta)  # (T, dh/2)
@@ -502,20 +508,20 @@ def rope_forward(x, positions, base=10000.0):
 
     Pair i = (x[2i], x[2i+1]) is rotated by angle positions[t] * base^(-2i/dh).
     """
-    x = _float_array("x", x, "(..., T, dh) with dh even", min_ndim=2)
+    x = float_array("x", x, "(..., T, dh) with dh even", min_ndim=2)
     T, dh = x.shape[-2:]
     if dh % 2:
         raise ValueError(f"x must have shape (..., T, dh) with dh even, got shape {x.shape}")
-    positions = _int_array("positions", positions, "(T,)")
-    _check_shape("positions", positions, (T,), "(T,)")
-    cos, sin = _rope_cos_sin(positions, dh, float(base), x.dtype)  # (T, dh/2)
+    positions = int_array("positions", positions, "(T,)")
+    check_shape("positions", positions, (T,), "(T,)")
+    cos, sin = rope_cos_sin(positions, dh, float(base), x.dtype)  # (T, dh/2)
     return _rotate(x, cos, sin), (cos, sin)
 
 
 def rope_backward(dy, cache):
     """The transpose of a rotation is the rotation by the opposite angle."""
     cos, sin = cache
-    dy = _float_array("dy", dy, "(..., T, dh)", min_ndim=2)
+    dy = float_array("dy", dy, "(..., T, dh)", min_ndim=2)
     if dy.shape[-2:] != (cos.shape[0], 2 * cos.shape[1]):
         raise ValueError(
             f"dy must have shape (..., T, dh) = (..., {cos.shape[0]}, {2 * cos.shape[1]}), got {dy.shape}"
@@ -541,7 +547,7 @@ def _softmax(x, axis, mask=None):
 
 def softmax_forward(x, axis=-1):
     """y = exp(x) / sum(exp(x)) along ``axis``."""
-    x = _float_array("x", x, "(...)", min_ndim=1)
+    x = float_array("x", x, "(...)", min_ndim=1)
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"axis {axis} is out of range for x of shape {x.shape}")
     y = _softmax(x, axis)
@@ -551,8 +557,8 @@ def softmax_forward(x, axis=-1):
 def softmax_backward(dy, cache):
     """dx = y (dy - <dy, y>) along the axis."""
     y, axis = cache
-    dy = _float_array("dy", dy, "(...) like y", like=y)
-    _check_shape("dy", dy, y.shape, "y.shape")
+    dy = float_array("dy", dy, "(...) like y", like=y)
+    check_shape("dy", dy, y.shape, "y.shape")
     return y * (dy - np.sum(dy * y, axis=axis, keepdims=True))
 
 
@@ -563,9 +569,9 @@ def attention_forward(q, k, v, causal=True, scale=None):
     1/sqrt(dh) by default. Causal: query t sits at absolute position T_k - T_q + t (the last query
     aligns with the last key, as when streaming over a KV cache) and sees keys up to there.
     """
-    q = _float_array("q", q, "(B, H, T_q, dh)", ndim=4)
-    k = _float_array("k", k, "(B, H, T_k, dh)", ndim=4, like=q)
-    v = _float_array("v", v, "(B, H, T_k, dv)", ndim=4, like=q)
+    q = float_array("q", q, "(B, H, T_q, dh)", ndim=4)
+    k = float_array("k", k, "(B, H, T_k, dh)", ndim=4, like=q)
+    v = float_array("v", v, "(B, H, T_k, dv)", ndim=4, like=q)
     Bn, H, Tq, dh = q.shape
     if k.shape[:2] != (Bn, H) or k.shape[3] != dh:
         raise ValueError(f"k must have shape (B, H, T_k, dh) with B, H, dh = {Bn}, {H}, {dh}, got {k.shape}")
@@ -590,8 +596,8 @@ def attention_forward(q, k, v, causal=True, scale=None):
 def attention_backward(dy, cache):
     """Returns (dq, dk, dv)."""
     q, k, v, p, scale = cache
-    dy = _float_array("dy", dy, "(B, H, T_q, dv)", ndim=4, like=q)
-    _check_shape("dy", dy, q.shape[:3] + v.shape[3:], "(B, H, T_q, dv)")
+    dy = float_array("dy", dy, "(B, H, T_q, dv)", ndim=4, like=q)
+    check_shape("dy", dy, q.shape[:3] + v.shape[3:], "(B, H, T_q, dv)")
     dv = np.einsum("bhqk,bhqv->bhkv", p, dy, optimize=True)  # (B, H, T_k, dv)
     dp = np.einsum("bhqv,bhkv->bhqk", dy, v, optimize=True)  # (B, H, T_q, T_k)
     ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))  # (B, H, T_q, T_k); 0 where masked
@@ -611,10 +617,10 @@ def cross_entropy_forward(logits, targets):
     logits (..., V), targets int (...) in [0, V). Returns (loss, cache), loss a 0-d scalar of the
     logits' dtype.
     """
-    logits = _float_array("logits", logits, "(..., V)", min_ndim=1)
+    logits = float_array("logits", logits, "(..., V)", min_ndim=1)
     V = logits.shape[-1]
-    targets = _int_array("targets", targets, "(...) = logits.shape[:-1]", upper=V)
-    _check_shape("targets", targets, logits.shape[:-1], "logits.shape[:-1]")
+    targets = int_array("targets", targets, "(...) = logits.shape[:-1]", upper=V)
+    check_shape("targets", targets, logits.shape[:-1], "logits.shape[:-1]")
     flat = logits.reshape(-1, V)  # (N, V)
     t = targets.reshape(-1)  # (N,)
     m = np.max(flat.real, axis=-1, keepdims=True)  # (N, 1), a constant shift

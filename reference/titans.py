@@ -94,13 +94,17 @@ class TitansConfig:
         return self.hidden if self.hidden > 0 else 4 * self.head_dim
 
 
-def _weight_names(cfg: TitansConfig) -> tuple[str, ...]:
-    """Names of the fast memory weights: the matrix M, or the MLP's W1 and W2."""
+def weight_names(cfg: TitansConfig) -> tuple[str, ...]:
+    """Names of the fast memory weights: the matrix M, or the MLP's W1 and W2.
+    Public: the CPU port uses it (fast/cpu/titans.py).
+    """
     return ("M",) if cfg.memory == "matrix" else ("W1", "W2")
 
 
-def _init_name(n: str) -> str:
-    """The outer parameter holding the meta-learned initial value of fast weight ``n``."""
+def init_name(n: str) -> str:
+    """The outer parameter holding the meta-learned initial value of fast weight ``n``.
+    Public: the CPU port uses it (fast/cpu/titans.py).
+    """
     return "M0" if n == "M" else n + "_0"
 
 
@@ -155,8 +159,8 @@ def init_state(params: dict[str, np.ndarray], cfg: TitansConfig, batch: int) -> 
     position in the current chunk; ``"conv_q"``, ``"conv_k"``, ``"conv_v"`` (B, K-1, D)."""
     dtype = params["W_q"].dtype
     state: dict = {}
-    for n in _weight_names(cfg):
-        p0 = params[_init_name(n)]  # (H, ., .)
+    for n in weight_names(cfg):
+        p0 = params[init_name(n)]  # (H, ., .)
         w0 = np.broadcast_to(p0, (batch,) + p0.shape).astype(dtype)  # (B, H, ., .)
         state[n] = w0.copy()
         state[n + "_b"] = w0.copy()
@@ -168,9 +172,11 @@ def init_state(params: dict[str, np.ndarray], cfg: TitansConfig, batch: int) -> 
     return state
 
 
-def _mem_keys(cfg: TitansConfig) -> list[str]:
+def mem_keys(cfg: TitansConfig) -> list[str]:
+    """The memory-state keys: per fast weight n, n, n_b (the chunk-start copy) and, with momentum, S_n.
+    Public: the CPU port uses it (fast/cpu/titans.py)."""
     keys = []
-    for n in _weight_names(cfg):
+    for n in weight_names(cfg):
         keys += [n, n + "_b"] + (["S_" + n] if cfg.momentum else [])
     return keys
 
@@ -237,8 +243,8 @@ def memory_loop_forward(q, k, v, alpha, beta, eta, mem, cfg):
     """Token loop over the surprise recurrence with chunk-start reads and gradients.
 
     q, k, v (B, H, T, dh); alpha, beta, eta (B, H, T) (beta ignored when momentum is off);
-    mem: the memory part of the state (``_mem_keys`` plus ``pos``). Returns (o, cache, mem_out)."""
-    C, names = cfg.chunk, _weight_names(cfg)
+    mem: the memory part of the state (``mem_keys`` plus ``pos``). Returns (o, cache, mem_out)."""
+    C, names = cfg.chunk, weight_names(cfg)
     T = q.shape[2]
     W = {n: mem[n] for n in names}  # running state M_{t-1}
     Wb = {n: mem[n + "_b"] for n in names}  # chunk-start state M_b
@@ -274,14 +280,14 @@ def memory_loop_forward(q, k, v, alpha, beta, eta, mem, cfg):
 def memory_loop_backward(do, cache, dmem=None):
     """Reverse of ``memory_loop_forward``: (dq, dk, dv, dalpha, dbeta, deta, dmem0)."""
     tape, alpha, beta, eta, cfg = cache
-    names = _weight_names(cfg)
+    names = weight_names(cfg)
     B, H, T, dh = do.shape
     dq, dk, dv = (np.zeros_like(do) for _ in range(3))
     dalpha, dbeta, deta = (np.zeros_like(alpha) for _ in range(3))
     W_last = tape[-1][4]
-    dW = {n: _dmem_get(dmem, n, W_last[n]) for n in names}
-    dWb = {n: _dmem_get(dmem, n + "_b", W_last[n]) for n in names}
-    dS = {n: _dmem_get(dmem, "S_" + n, W_last[n]) for n in names} if cfg.momentum else None
+    dW = {n: dmem_get(dmem, n, W_last[n]) for n in names}
+    dWb = {n: dmem_get(dmem, n + "_b", W_last[n]) for n in names}
+    dS = {n: dmem_get(dmem, "S_" + n, W_last[n]) for n in names} if cfg.momentum else None
     for t in range(T - 1, -1, -1):
         rcache, fac, fcache, G, W_prev, S_prev, boundary = tape[t]
         sl = slice(t, t + 1)
@@ -313,7 +319,8 @@ def memory_loop_backward(do, cache, dmem=None):
     return dq, dk, dv, dalpha, dbeta, deta, dmem0
 
 
-def _dmem_get(dmem, key, like):
+def dmem_get(dmem, key, like):
+    """dmem[key] in ``like``'s dtype, zeros when absent or None. Public: the CPU port uses it."""
     if dmem is None or dmem.get(key) is None:
         return np.zeros_like(like)
     return np.asarray(dmem[key], dtype=like.dtype)
@@ -385,8 +392,10 @@ def chunk_coefficients_backward(dA, ds, dw, dBc, de, cache):
     return dalpha, dbeta, deta
 
 
-def _segments(T, pos, C):
-    """Token ranges [t0, t1) of the chunks: the first completes a partial chunk at ``pos``."""
+def segments(T, pos, C):
+    """Token ranges [t0, t1) of the chunks: the first completes a partial chunk at ``pos``.
+    Public: the CPU port uses it (fast/cpu/titans.py).
+    """
     out, t0 = [], 0
     while t0 < T:
         t1 = min(T, t0 + C - pos)
@@ -397,11 +406,11 @@ def _segments(T, pos, C):
 
 def memory_chunked_forward(q, k, v, alpha, beta, eta, mem, cfg):
     """Chunk-parallel form of ``memory_loop_forward`` (same function, same arguments)."""
-    names = _weight_names(cfg)
+    names = weight_names(cfg)
     W = {n: mem[n] for n in names}  # running state, (B, H, ., .) per weight
     Wb = {n: mem[n + "_b"] for n in names}  # chunk-start state
     S = {n: mem["S_" + n] for n in names} if cfg.momentum else None  # momentum
-    segs = _segments(q.shape[2], mem["pos"], cfg.chunk)  # the first may complete a partial chunk
+    segs = segments(q.shape[2], mem["pos"], cfg.chunk)  # the first may complete a partial chunk
     o = np.empty_like(q)
     tape = []
     for t0, t1, boundary in segs:
@@ -431,13 +440,13 @@ def memory_chunked_forward(q, k, v, alpha, beta, eta, mem, cfg):
 def memory_chunked_backward(do, cache, dmem=None):
     """Reverse of ``memory_chunked_forward``: (dq, dk, dv, dalpha, dbeta, deta, dmem0)."""
     tape, alpha, beta, eta, cfg = cache
-    names = _weight_names(cfg)
+    names = weight_names(cfg)
     dq, dk, dv = (np.zeros_like(do) for _ in range(3))
     dalpha, dbeta, deta = (np.zeros_like(alpha) for _ in range(3))
     W_like = tape[-1][6]
-    dW = {n: _dmem_get(dmem, n, W_like[n]) for n in names}
-    dWb = {n: _dmem_get(dmem, n + "_b", W_like[n]) for n in names}
-    dS = {n: _dmem_get(dmem, "S_" + n, W_like[n]) for n in names} if cfg.momentum else None
+    dW = {n: dmem_get(dmem, n, W_like[n]) for n in names}
+    dWb = {n: dmem_get(dmem, n + "_b", W_like[n]) for n in names}
+    dS = {n: dmem_get(dmem, "S_" + n, W_like[n]) for n in names} if cfg.momentum else None
     for sl, rcache, fac, fcache, coef, ccache, W_start, S_start, boundary in reversed(tape):
         if boundary:
             dW = {n: dW[n] + dWb[n] for n in names}
@@ -509,15 +518,17 @@ def check_layer_inputs(x, params, cfg, cfg_type, shapes):
     return x
 
 
-def _check_inputs(x, params, cfg, state):
-    """ValueError naming the argument and the expected shape for bad input."""
+def check_inputs(x, params, cfg, state):
+    """ValueError naming the argument and the expected shape for bad input.
+    Public: the CPU port uses it (fast/cpu/titans.py).
+    """
     x = check_layer_inputs(x, params, cfg, TitansConfig, param_shapes(cfg) if isinstance(cfg, TitansConfig) else {})
     if state is not None:
         B = x.shape[0]
         wshape = {"M": (cfg.n_heads, cfg.head_dim, cfg.head_dim),
                   "W1": (cfg.n_heads, cfg.head_dim, cfg.mlp_hidden),
                   "W2": (cfg.n_heads, cfg.mlp_hidden, cfg.head_dim)}
-        expected = {key: (B,) + wshape[key.removeprefix("S_").removesuffix("_b")] for key in _mem_keys(cfg)}
+        expected = {key: (B,) + wshape[key.removeprefix("S_").removesuffix("_b")] for key in mem_keys(cfg)}
         expected.update({c: (B, cfg.conv_width - 1, cfg.d_model) for c in ("conv_q", "conv_k", "conv_v")})
         for key, shape in expected.items():
             if key not in state or np.shape(state[key]) != shape:
@@ -544,7 +555,7 @@ def titans_forward(x, params, cfg: TitansConfig, state=None):
     """The Titans layer over x (B, T, D). Returns (y, cache, state): y (B, T, D); the returned state
     continues the sequence in a later call (``state=None``: a fresh sequence from the
     meta-learned initial memory). Inputs are not mutated."""
-    x = _check_inputs(x, params, cfg, state)
+    x = check_inputs(x, params, cfg, state)
     B, T, D = x.shape
     H, dh = cfg.n_heads, cfg.head_dim
     fresh = state is None
@@ -567,7 +578,7 @@ def titans_forward(x, params, cfg: TitansConfig, state=None):
                       else (np.ones((B, H, T), x.dtype), None))  # retention (1 - Titans' alpha)
     beta, c_beta = (_gate_forward(x, params["w_beta"], params["b_beta"]) if cfg.momentum
                     else (np.zeros((B, H, T), x.dtype), None))  # momentum decay (Titans' eta)
-    mem = {key: state[key] for key in _mem_keys(cfg)}
+    mem = {key: state[key] for key in mem_keys(cfg)}
     mem["pos"] = int(state["pos"])
     scan = memory_chunked_forward if cfg.impl == "chunked" else memory_loop_forward
     o, c_mem, mem_out = scan(heads["q"], heads["k"], heads["v"], alpha, beta, eta, mem, cfg)
@@ -603,7 +614,7 @@ def titans_backward(dy, cache, dstate=None):
     dx, grads["W_g"], _ = P.linear_backward(P.silu_backward(dg, cache["c_gs"]), cache["c_g"])
     do, grads["g_o"] = P.rmsnorm_backward(do_n, cache["c_rms"])
     scan_backward = memory_chunked_backward if cfg.impl == "chunked" else memory_loop_backward
-    dmem = {key: dstate.get(key) for key in _mem_keys(cfg)}
+    dmem = {key: dstate.get(key) for key in mem_keys(cfg)}
     dq, dk, dv, dalpha, dbeta, deta, dmem0 = scan_backward(do.transpose(0, 2, 1, 3), cache["c_mem"], dmem)
     c_eta, c_alpha, c_beta = cache["gates"]
     for name, dgate, c in (("eta", deta * cfg.eta_max, c_eta), ("alpha", dalpha, c_alpha), ("beta", dbeta, c_beta)):
@@ -623,11 +634,11 @@ def titans_backward(dy, cache, dstate=None):
         dx = dx + dx_p
         if dstate0 is not None:
             dstate0["conv_" + n] = dconv_state
-    for n in _weight_names(cfg):
+    for n in weight_names(cfg):
         if cache["fresh"]:  # M_b and M both start at the broadcast meta-learned initial state
-            grads[_init_name(n)] = (dmem0[n] + dmem0[n + "_b"]).sum(axis=0)
+            grads[init_name(n)] = (dmem0[n] + dmem0[n + "_b"]).sum(axis=0)
         else:  # the initial memory was not used: the incoming state replaced it
-            grads[_init_name(n)] = np.zeros_like(params[_init_name(n)])
-            dstate0.update({key: dmem0[key] for key in _mem_keys(cfg) if key.removeprefix("S_").removesuffix("_b") == n})
+            grads[init_name(n)] = np.zeros_like(params[init_name(n)])
+            dstate0.update({key: dmem0[key] for key in mem_keys(cfg) if key.removeprefix("S_").removesuffix("_b") == n})
     grads = {key: grads[key] for key in param_shapes(cfg)}  # same keys and order as params
     return dx, grads, dstate0

@@ -82,7 +82,7 @@ def _level_forward(z, zT, W1, W2, groups, act):
 
 def _level(z, zT, W1, W2, groups, act):
     """(y, yT or None, cache) of one level: the compiled path, or the counted reference fallback."""
-    z = R._check_level(z, np.asarray(W1), np.asarray(W2), groups)
+    z = R.check_level(z, np.asarray(W1), np.asarray(W2), groups)
     W1, W2 = np.asarray(W1), np.asarray(W2)
     if not _compiled(act, z, W1, W2) or len({z.dtype, W1.dtype, W2.dtype}) > 1:
         P.FALLBACKS["cms.level_forward"] = P.FALLBACKS.get("cms.level_forward", 0) + 1

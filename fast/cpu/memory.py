@@ -176,7 +176,7 @@ def _rule_backward(rule, q, k, v, eta, alpha, states, dy, dM, dq, dk_, dv_, deta
 
 def _forward(rule, q, k, v, eta, alpha, M0):
     has_alpha = alpha is not None
-    q, k, v, eta, alpha, M0, _ = RM._check_inputs(q, k, v, eta, alpha, M0)
+    q, k, v, eta, alpha, M0, _ = RM.check_inputs(q, k, v, eta, alpha, M0)
     if np.iscomplexobj(k):  # the complex-step path: the reference's
         return None
     B, T, _ = k.shape
@@ -191,14 +191,14 @@ def _forward(rule, q, k, v, eta, alpha, M0):
 
 
 def _backward(rule, dy, dM_T, cache):
-    dy = RM._check_dy(dy, cache)
+    dy = RM.check_dy(dy, cache)
     q, k, v, eta, alpha, states = (cache[n] for n in ("q", "k", "v", "eta", "alpha", "states"))
-    dM = np.array(RM._state_grad(dM_T, cache), dtype=k.dtype)
+    dM = np.array(RM.state_grad(dM_T, cache), dtype=k.dtype)
     dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
     deta, dalpha = np.empty_like(eta), np.empty_like(alpha)
     c = [np.ascontiguousarray(a) for a in (q, k, v, eta, alpha, states)]
     _rule_backward(_RULE[rule], *c, np.ascontiguousarray(dy, dtype=k.dtype), dM, dq, dk, dv, deta, dalpha)
-    return RM._grads(cache, q=dq, k=dk, v=dv, eta=deta, alpha=dalpha, M0=dM)
+    return RM.input_grads(cache, q=dq, k=dk, v=dv, eta=deta, alpha=dalpha, M0=dM)
 
 
 def hebbian_forward(q, k, v, eta, alpha, M0):
@@ -229,7 +229,7 @@ def delta_backward(dy, dM_T, cache):
 
 def dgd_forward(q, k, v, eta, alpha, M0):
     """Same as ``reference.memory.dgd_forward`` (Eqs. 56-57): the delta rule at eta'."""
-    q, k, v, eta, _, M0, _ = RM._check_inputs(q, k, v, eta, alpha, M0)
+    q, k, v, eta, _, M0, _ = RM.check_inputs(q, k, v, eta, alpha, M0)
     y, M_T, cache = delta_forward(q, k, v, RM.prox_step_size(eta, k), alpha, M0)  # Eq. (57)
     cache["eta_raw"] = eta
     return y, M_T, cache
@@ -238,7 +238,7 @@ def dgd_forward(q, k, v, eta, alpha, M0):
 def dgd_backward(dy, dM_T, cache):
     """Same as ``reference.memory.dgd_backward``."""
     grads = delta_backward(dy, dM_T, cache)
-    deta, dk_prox = RM._prox_step_size_backward(grads["eta"], cache["eta_raw"], cache["k"])
+    deta, dk_prox = RM.prox_step_size_backward(grads["eta"], cache["eta_raw"], cache["k"])
     grads["eta"], grads["k"] = deta, grads["k"] + dk_prox
     return grads
 

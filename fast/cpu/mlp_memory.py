@@ -96,7 +96,7 @@ def _act_kernel(h, code, second, f, df, d2f):
 def _act(act: str, h: np.ndarray, second: bool = True):
     """(s(h), s'(h), s''(h) or None) in h's dtype, one compiled pass (float32 sigmoid / silu / gelu:
     ``vmath.activation``, the codes are the same)."""
-    R._check_activation(act)
+    R.check_activation(act)
     flat = np.ascontiguousarray(h).reshape(-1)
     if flat.dtype == np.float32 and act != "softplus":
         f, df, d2f = vmath.activation(_ACT_CODES[act], vmath.F_DF_D2F if second else vmath.F_DF, flat)
@@ -162,7 +162,7 @@ def mlp_memory_forward(W1, W2, z, act="gelu", layernorm=False, eps=1e-5):
     """Same as ``reference.mlp_memory.mlp_memory_forward``: y = M(z), (y, cache)."""
     if _fallback(W1, W2, z):
         return R.mlp_memory_forward(W1, W2, z, act=act, layernorm=layernorm, eps=eps)
-    R._check_mlp(W1, W2, z=z)
+    R.check_mlp(W1, W2, z=z)
     y, h, a, sp, _, c, rstd = _read(W1, W2, z, act, layernorm, eps, second=False)
     cache = {"W1": W1, "W2": W2, "z": z, "a": a, "sp": sp, "c": c, "rstd": rstd, "layernorm": layernorm,
              "fast": True}  # fmt: skip
@@ -174,7 +174,7 @@ def mlp_memory_backward(dy, cache):
     if not cache.get("fast"):
         return R.mlp_memory_backward(dy, cache)
     W1, W2, z, a, sp = cache["W1"], cache["W2"], cache["z"], cache["a"], cache["sp"]
-    R._check_tokens(W1.shape[:-2], W1.shape[-2], W1.dtype, "the cached W1", dy=dy)
+    R.check_tokens(W1.shape[:-2], W1.shape[-2], W1.dtype, "the cached W1", dy=dy)
     if dy.shape != z.shape:
         raise ValueError(f"dy: expected shape {z.shape} (that of z), got {dy.shape}")
     db = _layernorm_jvp(dy, cache["c"], cache["rstd"]) if cache["layernorm"] else dy  # (..., N, D)
@@ -194,7 +194,7 @@ def inner_loss(W1, W2, k, v_hat, act="gelu", layernorm=False, eps=1e-5):
     """Same as the reference: l_n = ||M(k_n) - v_hat_n||^2, (..., N)."""
     if _fallback(W1, W2, k, v_hat):
         return R.inner_loss(W1, W2, k, v_hat, act=act, layernorm=layernorm, eps=eps)
-    R._check_mlp(W1, W2, k=k, v_hat=v_hat)
+    R.check_mlp(W1, W2, k=k, v_hat=v_hat)
     r = _read(W1, W2, k, act, layernorm, eps, second=False)[0] - v_hat  # (..., N, D)
     return np.sum(r * r, axis=-1)  # Eq. (86)
 
@@ -203,7 +203,7 @@ def inner_grad(W1, W2, k, v_hat, act="gelu", layernorm=False, eps=1e-5):
     """Same as the reference: (u1, a, u2, cache) with dl_n/dW1 = u1_n a_n^T, dl_n/dW2 = u2_n k_n^T."""
     if _fallback(W1, W2, k, v_hat):
         return R.inner_grad(W1, W2, k, v_hat, act=act, layernorm=layernorm, eps=eps)
-    R._check_mlp(W1, W2, k=k, v_hat=v_hat)
+    R.check_mlp(W1, W2, k=k, v_hat=v_hat)
     y, h, a, sp, spp, c, rstd = _read(W1, W2, k, act, layernorm, eps, second=True)
     g = 2 * (y - v_hat)  # (..., N, D)   Eq. (93)
     u1 = _layernorm_jvp(g, c, rstd) if layernorm else g  # (..., N, D)
@@ -229,7 +229,7 @@ def inner_grad_backward(du1, da, du2, cache):
     g, u1, w = cache["g"], cache["u1"], cache["w"]
     lead, D, Hm, N = W1.shape[:-2], W1.shape[-2], W1.shape[-1], k.shape[-2]
     for name, x, shape in (("du1", du1, (*lead, N, D)), ("da", da, (*lead, N, Hm)), ("du2", du2, (*lead, N, Hm))):
-        R._check_array(name, x, str(shape))
+        R.check_array(name, x, str(shape))
         if x.shape != shape:
             raise ValueError(f"{name}: expected shape {shape}, got {x.shape}")
     dw = du2 * sp  # (..., N, Hm)
@@ -265,7 +265,7 @@ def matrix_memory_forward(M, k):
     """Same as the reference: y = M k, (y, cache)."""
     if _fallback(M, k):
         return R.matrix_memory_forward(M, k)
-    R._check_matrix(M, k)
+    R.check_matrix(M, k)
     return k @ _T(M), {"M": M, "k": k, "fast": True}  # Eq. (15)
 
 
@@ -274,7 +274,7 @@ def matrix_memory_backward(dy, cache):
     if not cache.get("fast"):
         return R.matrix_memory_backward(dy, cache)
     M, k = cache["M"], cache["k"]
-    R._check_matrix(M, k, dy=dy)
+    R.check_matrix(M, k, dy=dy)
     return _T(dy) @ k, dy @ M
 
 
@@ -282,7 +282,7 @@ def matrix_inner_loss(M, k, v_hat):
     """Same as the reference: l_n = ||M k_n - v_hat_n||^2."""
     if _fallback(M, k, v_hat):
         return R.matrix_inner_loss(M, k, v_hat)
-    R._check_matrix(M, k, v_hat=v_hat)
+    R.check_matrix(M, k, v_hat=v_hat)
     r = k @ _T(M) - v_hat
     return np.sum(r * r, axis=-1)  # Eq. (86)
 
@@ -291,7 +291,7 @@ def matrix_inner_grad(M, k, v_hat):
     """Same as the reference: u = 2 (M k - v_hat), (u, cache)."""
     if _fallback(M, k, v_hat):
         return R.matrix_inner_grad(M, k, v_hat)
-    R._check_matrix(M, k, v_hat=v_hat)
+    R.check_matrix(M, k, v_hat=v_hat)
     return 2 * (k @ _T(M) - v_hat), {"M": M, "k": k, "fast": True}  # Eq. (93)
 
 
@@ -306,5 +306,5 @@ def matrix_inner_grad_backward(du, cache):
     if not cache.get("fast"):
         return R.matrix_inner_grad_backward(du, cache)
     M, k = cache["M"], cache["k"]
-    R._check_matrix(M, k, du=du)
+    R.check_matrix(M, k, du=du)
     return 2 * (_T(du) @ k), 2 * (du @ M), -2 * du

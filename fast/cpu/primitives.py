@@ -47,15 +47,15 @@ from numba import njit
 from ...reference import primitives as R
 from ...reference.primitives import (  # element-wise triples and the argument checks are shared
     ACTIVATIONS,
-    _check_shape,
-    _float_array,
-    _int_array,
+    check_shape,
     d2gelu,
     d2sigmoid,
     d2silu,
     d2softplus,
     dsigmoid,
     dsoftplus,
+    float_array,
+    int_array,
     sigmoid,
     softplus,
 )
@@ -192,20 +192,20 @@ FAST_ACTIVATIONS = {"silu": (silu, dsilu, d2silu), "gelu": (gelu, dgelu, d2gelu)
 
 def silu_forward(x):
     """y = x sigmoid(x) element-wise. Returns (y, cache)."""
-    x = _float_array("x", x, "(...)")
+    x = float_array("x", x, "(...)")
     return silu(x), ("silu", x)
 
 
 def silu_backward(dy, cache):
     name, x = cache
-    dy = _float_array("dy", dy, "(...) like x", like=x)
-    _check_shape("dy", dy, x.shape, "x.shape")
+    dy = float_array("dy", dy, "(...) like x", like=x)
+    check_shape("dy", dy, x.shape, "x.shape")
     return dy * _act(name, 1, x)
 
 
 def gelu_forward(x):
     """y = x Phi(x) element-wise. Returns (y, cache)."""
-    x = _float_array("x", x, "(...)")
+    x = float_array("x", x, "(...)")
     return gelu(x), ("gelu", x)
 
 
@@ -213,7 +213,7 @@ gelu_backward = silu_backward  # the cache names the activation
 
 
 def sigmoid_forward(x):
-    x = _float_array("x", x, "(...)")
+    x = float_array("x", x, "(...)")
     return _act("sigmoid", 0, x), ("sigmoid", x)
 
 
@@ -235,13 +235,13 @@ def softplus_backward(dy, cache):
 
 def linear_forward(x, W, b=None):
     """y = x W^T + b over the last axis: x (..., D_in), W (D_out, D_in), b (D_out,) or None."""
-    x = _float_array("x", x, "(..., D_in)", min_ndim=1)
-    W = _float_array("W", W, "(D_out, D_in)", ndim=2, like=x)
+    x = float_array("x", x, "(..., D_in)", min_ndim=1)
+    W = float_array("W", W, "(D_out, D_in)", ndim=2, like=x)
     if W.shape[1] != x.shape[-1]:
         raise ValueError(f"W must have shape (D_out, D_in) with D_in = {x.shape[-1]}, got shape {W.shape}")
     if b is not None:
-        b = _float_array("b", b, "(D_out,)", ndim=1, like=x)
-        _check_shape("b", b, (W.shape[0],), "(D_out,)")
+        b = float_array("b", b, "(D_out,)", ndim=1, like=x)
+        check_shape("b", b, (W.shape[0],), "(D_out,)")
     y = (_rows(x) @ W.T).reshape(x.shape[:-1] + (W.shape[0],))  # (..., D_out)
     if b is not None:
         y = y + b
@@ -251,8 +251,8 @@ def linear_forward(x, W, b=None):
 def linear_backward(dy, cache):
     """Returns (dx, dW, db); db is None when the forward had no bias."""
     x, W, has_b = cache
-    dy = _float_array("dy", dy, "(..., D_out)", like=x)
-    _check_shape("dy", dy, x.shape[:-1] + (W.shape[0],), "(..., D_out)")
+    dy = float_array("dy", dy, "(..., D_out)", like=x)
+    check_shape("dy", dy, x.shape[:-1] + (W.shape[0],), "(..., D_out)")
     dy2 = _rows(dy)  # (N, D_out)
     dx = (dy2 @ W).reshape(x.shape)  # (..., D_in)
     dW = dy2.T @ _rows(x)  # (D_out, D_in)
@@ -269,8 +269,8 @@ def _scatter_rows(dE, tokens, dy):
 
 def embedding_forward(tokens, E):
     """y = E[tokens]: tokens int (...) in [0, V), E (V, D) -> y (..., D)."""
-    E = _float_array("E", E, "(V, D)", ndim=2)
-    tokens = _int_array("tokens", tokens, "(...)", upper=E.shape[0])
+    E = float_array("E", E, "(V, D)", ndim=2)
+    tokens = int_array("tokens", tokens, "(...)", upper=E.shape[0])
     return E[tokens], (tokens, E.shape, E.dtype)
 
 
@@ -328,9 +328,9 @@ def _rmsnorm_bwd_kernel(dy, xhat, r, g):
 
 def rmsnorm_forward(x, g, eps=1e-6):
     """y = x / sqrt(mean(x^2) + eps) * g over the last axis; x (..., D), g (D,)."""
-    x = _float_array("x", x, "(..., D)", min_ndim=1)
-    g = _float_array("g", g, "(D,)", ndim=1, like=x)
-    _check_shape("g", g, x.shape[-1:], "(D,)")
+    x = float_array("x", x, "(..., D)", min_ndim=1)
+    g = float_array("g", g, "(D,)", ndim=1, like=x)
+    check_shape("g", g, x.shape[-1:], "(D,)")
     if _is_complex(x, g) or x.dtype != g.dtype:
         return _reference_fallback("rmsnorm_forward")(x, g, eps)
     y, xhat, r = _rmsnorm_fwd_kernel(_rows(x), np.ascontiguousarray(g), x.dtype.type(eps))
@@ -340,8 +340,8 @@ def rmsnorm_forward(x, g, eps=1e-6):
 def rmsnorm_backward(dy, cache):
     """dx = r (dxhat - xhat mean(dxhat xhat)), dxhat = dy g; dg = sum dy xhat. Returns (dx, dg)."""
     xhat, r, g = cache
-    dy = _float_array("dy", dy, "(..., D)", like=xhat)
-    _check_shape("dy", dy, xhat.shape, "(..., D)")
+    dy = float_array("dy", dy, "(..., D)", like=xhat)
+    check_shape("dy", dy, xhat.shape, "(..., D)")
     if _is_complex(dy, xhat, g) or dy.dtype != xhat.dtype:
         return _reference_fallback("rmsnorm_backward")(dy, cache)
     dx, dg = _rmsnorm_bwd_kernel(_rows(dy), _rows(xhat), _rows(r), np.ascontiguousarray(g))
@@ -378,7 +378,7 @@ def _l2norm_bwd_kernel(dy, y, nrm):
 
 def l2norm_forward(x, eps=1e-6):
     """y = x / sqrt(sum(x^2) + eps) over the last axis."""
-    x = _float_array("x", x, "(..., D)", min_ndim=1)
+    x = float_array("x", x, "(..., D)", min_ndim=1)
     if _is_complex(x):
         return _reference_fallback("l2norm_forward")(x, eps)
     y, nrm = _l2norm_fwd_kernel(_rows(x), x.dtype.type(eps))
@@ -388,8 +388,8 @@ def l2norm_forward(x, eps=1e-6):
 def l2norm_backward(dy, cache):
     """dx = (dy - y <dy, y>) / n."""
     y, nrm = cache
-    dy = _float_array("dy", dy, "(..., D)", like=y)
-    _check_shape("dy", dy, y.shape, "(..., D)")
+    dy = float_array("dy", dy, "(..., D)", like=y)
+    check_shape("dy", dy, y.shape, "(..., D)")
     if _is_complex(dy, y):
         return _reference_fallback("l2norm_backward")(dy, cache)
     return _l2norm_bwd_kernel(_rows(dy), _rows(y), _rows(nrm)).reshape(dy.shape)
@@ -450,16 +450,16 @@ def _swiglu_gate_bwd(dh, a, u):
 
 def swiglu_forward(x, W_gate, W_up, W_down):
     """y = (silu(x W_gate^T) * (x W_up^T)) W_down^T; W_gate, W_up (F, D), W_down (D, F)."""
-    x = _float_array("x", x, "(..., D)", min_ndim=1)
+    x = float_array("x", x, "(..., D)", min_ndim=1)
     D = x.shape[-1]
-    W_gate = _float_array("W_gate", W_gate, "(F, D)", ndim=2, like=x)
+    W_gate = float_array("W_gate", W_gate, "(F, D)", ndim=2, like=x)
     if W_gate.shape[1] != D:
         raise ValueError(f"W_gate must have shape (F, D) with D = {D}, got shape {W_gate.shape}")
     F = W_gate.shape[0]
-    W_up = _float_array("W_up", W_up, "(F, D)", ndim=2, like=x)
-    _check_shape("W_up", W_up, (F, D), "(F, D)")
-    W_down = _float_array("W_down", W_down, "(D, F)", ndim=2, like=x)
-    _check_shape("W_down", W_down, (D, F), "(D, F)")
+    W_up = float_array("W_up", W_up, "(F, D)", ndim=2, like=x)
+    check_shape("W_up", W_up, (F, D), "(F, D)")
+    W_down = float_array("W_down", W_down, "(D, F)", ndim=2, like=x)
+    check_shape("W_down", W_down, (D, F), "(D, F)")
     if _is_complex(x, W_gate, W_up, W_down) or len({x.dtype, W_gate.dtype, W_up.dtype, W_down.dtype}) > 1:
         return _reference_fallback("swiglu_forward")(x, W_gate, W_up, W_down)
     x2 = _rows(x)  # (N, D)
@@ -475,8 +475,8 @@ def swiglu_forward(x, W_gate, W_up, W_down):
 def swiglu_backward(dy, cache):
     """Returns (dx, dW_gate, dW_up, dW_down)."""
     x, W_gate, W_up, W_down, a, u, h = cache
-    dy = _float_array("dy", dy, "(..., D)", like=x)
-    _check_shape("dy", dy, x.shape, "(..., D)")
+    dy = float_array("dy", dy, "(..., D)", like=x)
+    check_shape("dy", dy, x.shape, "(..., D)")
     if _is_complex(dy, x, W_gate) or dy.dtype != x.dtype:
         return _reference_fallback("swiglu_backward")(dy, cache)
     dy2, x2, a2, u2, h2 = _rows(dy), _rows(x), _rows(a), _rows(u), _rows(h)
@@ -523,18 +523,18 @@ def _conv_bwd_kernel(dy, xp, w):
 
 def conv1d_forward(x, w, b=None, state=None):
     """Causal depthwise convolution of width K over time. Returns (y, cache, new_state)."""
-    x = _float_array("x", x, "(B, T, D)", ndim=3)
+    x = float_array("x", x, "(B, T, D)", ndim=3)
     Bn, T, D = x.shape
-    w = _float_array("w", w, "(D, K)", ndim=2, like=x)
+    w = float_array("w", w, "(D, K)", ndim=2, like=x)
     if w.shape[0] != D or w.shape[1] < 1:
         raise ValueError(f"w must have shape (D, K) with D = {D} and K >= 1, got shape {w.shape}")
     K = w.shape[1]
     if b is not None:
-        b = _float_array("b", b, "(D,)", ndim=1, like=x)
-        _check_shape("b", b, (D,), "(D,)")
+        b = float_array("b", b, "(D,)", ndim=1, like=x)
+        check_shape("b", b, (D,), "(D,)")
     if state is not None:
-        state = _float_array("state", state, "(B, K-1, D)", ndim=3, like=x)
-        _check_shape("state", state, (Bn, K - 1, D), "(B, K-1, D)")
+        state = float_array("state", state, "(B, K-1, D)", ndim=3, like=x)
+        check_shape("state", state, (Bn, K - 1, D), "(B, K-1, D)")
     if _is_complex(x, w, b, state) or w.dtype != x.dtype or (state is not None and state.dtype != x.dtype):
         return _reference_fallback("conv1d_forward")(x, w, b, state)
     if state is None:
@@ -552,11 +552,11 @@ def conv1d_backward(dy, cache, dnew_state=None):
     Bn, TK, D = xp.shape
     K = w.shape[1]
     T = TK - (K - 1)
-    dy = _float_array("dy", dy, "(B, T, D)", ndim=3, like=xp)
-    _check_shape("dy", dy, (Bn, T, D), "(B, T, D)")
+    dy = float_array("dy", dy, "(B, T, D)", ndim=3, like=xp)
+    check_shape("dy", dy, (Bn, T, D), "(B, T, D)")
     if dnew_state is not None:
-        dnew_state = _float_array("dnew_state", dnew_state, "(B, K-1, D)", ndim=3, like=xp)
-        _check_shape("dnew_state", dnew_state, (Bn, K - 1, D), "(B, K-1, D)")
+        dnew_state = float_array("dnew_state", dnew_state, "(B, K-1, D)", ndim=3, like=xp)
+        check_shape("dnew_state", dnew_state, (Bn, K - 1, D), "(B, K-1, D)")
     if _is_complex(dy, xp, dnew_state) or dy.dtype != xp.dtype:
         return _reference_fallback("conv1d_backward")(dy, cache, dnew_state)
     dxp, dw = _conv_bwd_kernel(np.ascontiguousarray(dy), xp, np.ascontiguousarray(w))
@@ -590,15 +590,15 @@ def _rotate_kernel(x, cos, sin, sign):
 
 def rope_forward(x, positions, base=10000.0):
     """Rotary embedding: x (..., T, dh), dh even; positions int (T,)."""
-    x = _float_array("x", x, "(..., T, dh) with dh even", min_ndim=2)
+    x = float_array("x", x, "(..., T, dh) with dh even", min_ndim=2)
     T, dh = x.shape[-2:]
     if dh % 2:
         raise ValueError(f"x must have shape (..., T, dh) with dh even, got shape {x.shape}")
-    positions = _int_array("positions", positions, "(T,)")
-    _check_shape("positions", positions, (T,), "(T,)")
+    positions = int_array("positions", positions, "(T,)")
+    check_shape("positions", positions, (T,), "(T,)")
     if _is_complex(x):
         return _reference_fallback("rope_forward")(x, positions, base)
-    cos, sin = R._rope_cos_sin(positions, dh, float(base), x.dtype)  # (T, dh/2), angles in float64
+    cos, sin = R.rope_cos_sin(positions, dh, float(base), x.dtype)  # (T, dh/2), angles in float64
     y = _rotate_kernel(np.ascontiguousarray(x).reshape(-1, T, dh), cos, sin, x.dtype.type(1.0))
     return y.reshape(x.shape), (cos, sin)
 
@@ -606,7 +606,7 @@ def rope_forward(x, positions, base=10000.0):
 def rope_backward(dy, cache):
     """The transpose of a rotation is the rotation by the opposite angle."""
     cos, sin = cache
-    dy = _float_array("dy", dy, "(..., T, dh)", min_ndim=2)
+    dy = float_array("dy", dy, "(..., T, dh)", min_ndim=2)
     if dy.shape[-2:] != (cos.shape[0], 2 * cos.shape[1]):
         raise ValueError(
             f"dy must have shape (..., T, dh) = (..., {cos.shape[0]}, {2 * cos.shape[1]}), got {dy.shape}"
@@ -660,9 +660,9 @@ def _softmax_bwd_kernel(p, dp):
 
 def attention_forward(q, k, v, causal=True, scale=None):
     """Softmax attention, NL Eqs. (62)-(63); same contract as the reference."""
-    q = _float_array("q", q, "(B, H, T_q, dh)", ndim=4)
-    k = _float_array("k", k, "(B, H, T_k, dh)", ndim=4, like=q)
-    v = _float_array("v", v, "(B, H, T_k, dv)", ndim=4, like=q)
+    q = float_array("q", q, "(B, H, T_q, dh)", ndim=4)
+    k = float_array("k", k, "(B, H, T_k, dh)", ndim=4, like=q)
+    v = float_array("v", v, "(B, H, T_k, dv)", ndim=4, like=q)
     Bn, H, Tq, dh = q.shape
     if k.shape[:2] != (Bn, H) or k.shape[3] != dh:
         raise ValueError(f"k must have shape (B, H, T_k, dh) with B, H, dh = {Bn}, {H}, {dh}, got {k.shape}")
@@ -684,8 +684,8 @@ def attention_forward(q, k, v, causal=True, scale=None):
 def attention_backward(dy, cache):
     """Returns (dq, dk, dv)."""
     q, k, v, p, scale = cache
-    dy = _float_array("dy", dy, "(B, H, T_q, dv)", ndim=4, like=q)
-    _check_shape("dy", dy, q.shape[:3] + v.shape[3:], "(B, H, T_q, dv)")
+    dy = float_array("dy", dy, "(B, H, T_q, dv)", ndim=4, like=q)
+    check_shape("dy", dy, q.shape[:3] + v.shape[3:], "(B, H, T_q, dv)")
     if _is_complex(dy, q) or dy.dtype != q.dtype:
         return _reference_fallback("attention_backward")(dy, cache)
     dv = np.matmul(p.swapaxes(-1, -2), dy)  # (B, H, T_k, dv)
@@ -744,10 +744,10 @@ def _ce_bwd_kernel(flat, t, lse, scale):
 
 def cross_entropy_forward(logits, targets):
     """loss = mean over all positions of logsumexp(logits) - logits[target]. Returns (loss, cache)."""
-    logits = _float_array("logits", logits, "(..., V)", min_ndim=1)
+    logits = float_array("logits", logits, "(..., V)", min_ndim=1)
     V = logits.shape[-1]
-    targets = _int_array("targets", targets, "(...) = logits.shape[:-1]", upper=V)
-    _check_shape("targets", targets, logits.shape[:-1], "logits.shape[:-1]")
+    targets = int_array("targets", targets, "(...) = logits.shape[:-1]", upper=V)
+    check_shape("targets", targets, logits.shape[:-1], "logits.shape[:-1]")
     if _is_complex(logits):
         return _reference_fallback("cross_entropy_forward")(logits, targets)
     flat = _rows(logits)  # (N, V)

@@ -405,11 +405,11 @@ def _read_and_inner_grad(cfg, Wb, q, k, v):
 
 def memory_chunked_forward(q, k, v, alpha, beta, eta, mem, cfg):
     """Same as ``reference.titans.memory_chunked_forward``: (o, cache, mem_out)."""
-    names = RT._weight_names(cfg)
+    names = RT.weight_names(cfg)
     W = {n: mem[n] for n in names}
     Wb = {n: mem[n + "_b"] for n in names}
     S = {n: mem["S_" + n] for n in names} if cfg.momentum else None
-    segs = RT._segments(q.shape[2], mem["pos"], cfg.chunk)
+    segs = RT.segments(q.shape[2], mem["pos"], cfg.chunk)
     o = np.empty_like(q)
     tape = []
     mom = bool(cfg.momentum)
@@ -446,7 +446,7 @@ def memory_chunked_backward(do, cache, dmem=None):
     products of the folds' VJP are two stacked products (L D2, R D2^T) and the element-wise rest is
     compiled (``_state_inners``, ``_factor_cotangents``, ``_cotangent_step``), updated in place."""
     tape, alpha, beta, eta, cfg = cache
-    names = RT._weight_names(cfg)
+    names = RT.weight_names(cfg)
     mom = bool(cfg.momentum)
     dq, dk, dv = (np.zeros_like(do) for _ in range(3))
     dalpha, dbeta, deta = (np.zeros_like(alpha) for _ in range(3))
@@ -455,10 +455,10 @@ def memory_chunked_backward(do, cache, dmem=None):
     for n in names:
         like = W_like[n]
         D2[n] = np.empty((*like.shape[:2], 1 + mom, *like.shape[2:]), like.dtype)
-        D2[n][:, :, 0] = RT._dmem_get(dmem, n, like)
+        D2[n][:, :, 0] = RT.dmem_get(dmem, n, like)
         if mom:
-            D2[n][:, :, 1] = RT._dmem_get(dmem, "S_" + n, like)
-        dWb[n] = np.array(RT._dmem_get(dmem, n + "_b", like), copy=True)
+            D2[n][:, :, 1] = RT.dmem_get(dmem, "S_" + n, like)
+        dWb[n] = np.array(RT.dmem_get(dmem, n + "_b", like), copy=True)
     for sl, rcache, fac, fcache, coef, ccache, W_start, S_start, boundary in reversed(tape):
         if boundary:
             for n in names:
@@ -519,7 +519,7 @@ def _titans_forward(x, params, cfg, state):
     if isinstance(cfg, TitansConfig) and cfg.impl == "loop":  # the token-loop oracle: the reference's
         y, cache, new_state = RT.titans_forward(x, params, cfg, state)
         return y, {"reference": cache}, new_state
-    x = RT._check_inputs(x, params, cfg, state)
+    x = RT.check_inputs(x, params, cfg, state)
     B, T, D = x.shape
     H, dh = cfg.n_heads, cfg.head_dim
     fresh = state is None
@@ -542,7 +542,7 @@ def _titans_forward(x, params, cfg, state):
                       else (np.ones((B, H, T), x.dtype), None))  # fmt: skip
     beta, c_beta = (_gate_forward(x, params["w_beta"], params["b_beta"]) if cfg.momentum
                     else (np.zeros((B, H, T), x.dtype), None))  # fmt: skip
-    mem = {key: state[key] for key in RT._mem_keys(cfg)}
+    mem = {key: state[key] for key in RT.mem_keys(cfg)}
     mem["pos"] = int(state["pos"])
     o, c_mem, mem_out = memory_chunked_forward(heads["q"], heads["k"], heads["v"], alpha, beta, eta, mem, cfg)
     for key, val in mem_out.items():
@@ -573,7 +573,7 @@ def _titans_backward(dy, cache, dstate):
     do_n = (dh_ * cache["g"]).reshape(B, T, H, dh)
     dx, grads["W_g"] = _linear_backward(P.silu_backward(dg, cache["c_gs"]), cache["c_g"])
     do, grads["g_o"] = P.rmsnorm_backward(do_n, cache["c_rms"])
-    dmem = {key: dstate.get(key) for key in RT._mem_keys(cfg)}
+    dmem = {key: dstate.get(key) for key in RT.mem_keys(cfg)}
     dq, dk, dv, dalpha, dbeta, deta, dmem0 = memory_chunked_backward(
         np.ascontiguousarray(do.transpose(0, 2, 1, 3)), cache["c_mem"], dmem)  # fmt: skip
     c_eta, c_alpha, c_beta = cache["gates"]
@@ -594,13 +594,13 @@ def _titans_backward(dy, cache, dstate):
         dx = dx + dx_p
         if dstate0 is not None:
             dstate0["conv_" + n] = dconv_state
-    for n in RT._weight_names(cfg):
-        init = RT._init_name(n)
+    for n in RT.weight_names(cfg):
+        init = RT.init_name(n)
         if cache["fresh"]:
             grads[init] = (dmem0[n] + dmem0[n + "_b"]).sum(axis=0)
         else:
             grads[init] = np.zeros_like(params[init])
-            dstate0.update({key: dmem0[key] for key in RT._mem_keys(cfg)
+            dstate0.update({key: dmem0[key] for key in RT.mem_keys(cfg)
                             if key.removeprefix("S_").removesuffix("_b") == n})  # fmt: skip
     grads = {key: grads[key] for key in param_shapes(cfg)}
     return dx, grads, dstate0
