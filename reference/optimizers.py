@@ -180,7 +180,7 @@ def newton_schulz(G: np.ndarray, steps: int = 5, coefficients=NS_COEFFICIENTS, e
 
 # ---------------------------------------------------------------------------------------------
 # Inner objectives of the momentum memories and their gradients (the pieces of a forward that
-# are themselves gradient steps; each is gradient-checked in GRADCHECKS).
+# are themselves gradient steps; each is gradient-checked in reference/cases/optimizers.py).
 # ---------------------------------------------------------------------------------------------
 
 
