@@ -3,7 +3,12 @@
 One hypothesis draw makes a layer config (matrix/MLP memory, LayerNorm, momentum and retention on/off,
 chunk sizes that do not divide T, stop_grad_writes), a dtype, a seed and whether the call continues a
 stream from inside a chunk; inputs are read-only and checked unchanged; the upstream gradient reaches
-both y and the returned state. Tolerances: ("float64"|"float32", "port").
+both y and the returned state. Tolerances: ("float64"|"float32", "port"); in float32 a tensor may
+differ from the float32 reference by ("float32", "port_vs_own_rounding") times the reference's own
+float32 rounding error where that exceeds the fixed row (as tests/test_fast_cpu_selfmod.py): measured
+by scripts/calibrate_tolerances.py, a float32 MLP memory with LayerNorm puts the port 5.8e-3 from
+the float32 reference on conv_v's gradient while that reference is itself 4.3e-3 from float64
+(and the port 1.4e-3), rounding that the fixed 5e-4 row cannot bound.
 """
 
 import os
@@ -26,23 +31,43 @@ from nested_learning.reference import titans as RT
 from nested_learning.reference.gradcheck import check_gradients, rel_error
 
 
-def _assert_same_tree(fast, ref, dtype, name):
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.size == 0:
+        return 0.0
+    return float(np.max(np.abs(a - b))) / max(float(np.max(np.abs(a))), float(np.max(np.abs(b))), 1e-12)
+
+
+def _assert_same_tree(fast, ref, dtype, name, ref64=None):
+    """Same structure, dtypes and values; with ``ref64`` (float32 draws: the reference in float64)
+    the bound is max(port row, own-rounding factor x the float32 reference's error from float64)."""
     if ref is None:
         assert fast is None, name
         return
-    if isinstance(ref, dict):
-        assert set(fast) == set(ref), f"{name}: keys {sorted(fast)} != {sorted(ref)}"
-        assert list(fast) == list(ref), f"{name}: key order differs"
-        for k in ref:
-            _assert_same_tree(fast[k], ref[k], dtype, f"{name}[{k}]")
+    if isinstance(ref, dict | tuple | list) and not isinstance(ref, np.ndarray):
+        if isinstance(ref, dict):
+            assert set(fast) == set(ref), f"{name}: keys {sorted(fast)} != {sorted(ref)}"
+            assert list(fast) == list(ref), f"{name}: key order differs"
+            keys = list(ref)
+        else:
+            assert len(fast) == len(ref), name
+            keys = range(len(ref))
+        for k in keys:
+            _assert_same_tree(fast[k], ref[k], dtype, f"{name}[{k}]", None if ref64 is None else ref64[k])
         return
     if not isinstance(ref, np.ndarray):
         assert fast == ref, f"{name}: {fast!r} != {ref!r}"
         return
     assert isinstance(fast, np.ndarray) and fast.dtype == ref.dtype, f"{name}: dtype {getattr(fast, 'dtype', None)}"
-    diff = float(np.max(np.abs(fast.astype(np.float64) - ref))) if ref.size else 0.0
-    note(f"{name}: max abs diff {diff:.3e}")
-    assert_close(fast, ref, dtype, "port", name)
+    err = _rel(fast, ref)
+    note(f"{name}: rel diff {err:.3e}")
+    if ref64 is None:
+        assert_close(fast, ref, dtype, "port", name)
+        return
+    own = _rel(ref, ref64)
+    bound = max(tol(dtype, "port"), tol(dtype, "port_vs_own_rounding") * own)
+    assert fast.shape == ref.shape, f"{name}: shape {fast.shape} != {ref.shape}"
+    assert err <= bound, f"{name}: rel {err:.3e} > {bound:.3e} (the float32 reference is {own:.3e} from float64)"
 
 
 @given(configs)
@@ -60,8 +85,13 @@ def test_fast_titans_matches_reference(c):
     dstate = _ro({k: rng.standard_normal(v.shape).astype(c["dtype"]) for k, v in sr.items() if k != "pos"})
     gf = FT.titans_backward(dy, cf, dstate)
     gr = RT.titans_backward(dy, cr, dstate)
-    for name, a, b in zip(("dx", "dparams", "dstate0"), gf, gr, strict=True):
-        _assert_same_tree(a, b, c["dtype"], name)
+    g64 = (None,) * 3
+    if c["dtype"] == "float32":  # the reference in float64 on the same draws: its own rounding
+        _, _, x6, p6, s6 = _make({**c, "dtype": "float64"})
+        g64 = RT.titans_backward(dy.astype(np.float64), RT.titans_forward(x6, p6, cfg, s6)[1],
+                                 {k: v.astype(np.float64) for k, v in dstate.items()})
+    for name, a, b, b64 in zip(("dx", "dparams", "dstate0"), gf, gr, g64, strict=True):
+        _assert_same_tree(a, b, c["dtype"], name, b64)
     np.testing.assert_array_equal(x, saved[0])
     for k, v in params.items():
         np.testing.assert_array_equal(v, saved[1][k])
