@@ -18,8 +18,8 @@ from tolerances import assert_close, tol
 from nested_learning import config
 from nested_learning.config import CMSLevel
 from nested_learning.reference import model
-from nested_learning.reference.contract import copy_tree
 from nested_learning.reference import primitives as P
+from nested_learning.reference.contract import copy_tree
 from nested_learning.reference.gradcheck import dot_product_test, rel_error
 
 TINY = ["transformer-tiny", "hope-attention-tiny", "titans-tiny", "hope-tiny"]
