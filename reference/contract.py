@@ -10,9 +10,9 @@ compiled modules (``fast/cpu/model.py``); the GPU port passes the reference's mo
 CuPy (``fast/gpu/model.py``). Everything else a port needs from the reference is a public name
 here: the family predicates, the translation of a ``ModelConfig`` into a layer's config, the
 parameter shapes, the argument checks, the state's layout. No file under ``fast/`` imports an
-underscore name from ``reference/`` (tests/test_contract.py greps for it).
+underscore name from ``reference/`` (tests/reference/test_contract.py greps for it).
 
-CuPy-safety (the rule every reference module keeps, checked by tests/test_contract.py): a module
+CuPy-safety (the rule every reference module keeps, checked by tests/reference/test_contract.py): a module
 whose source the GPU port executes over CuPy (``fast/gpu/namespace.py`` ``MODULES``) imports NumPy
 as ``np`` and calls array functions only through that name, so rebinding it moves every function
 body onto the device. This module and the driver take the namespace as an argument instead

@@ -112,7 +112,7 @@ def m_gradcheck(n):
 
 
 def m_primitive_vs_float64(n):
-    """tests/test_primitives.py::test_float32_agrees_with_float64 over ``n`` seeds."""
+    """tests/reference/test_primitives.py::test_float32_agrees_with_float64 over ``n`` seeds."""
     from cases_reference import primitive_calls, primitive_run
 
     worst, names = 0.0, sorted(primitive_calls(np.random.default_rng(0), np.float32))
@@ -128,7 +128,7 @@ def m_primitive_vs_float64(n):
 
 def m_complex_step(n):
     """The complex step (h = 1e-30) vs the momentum inner gradient of reference/layer_rules.py, the
-    draws of tests/test_layer_rules.py::test_momentum_inner_grad_property (not the dot test)."""
+    draws of tests/reference/test_layer_rules.py::test_momentum_inner_grad_property (not the dot test)."""
     from nested_learning.reference import layer_rules as LR
     from nested_learning.reference.gradcheck import check_gradients
 
@@ -152,7 +152,7 @@ def m_rewrite(dtype):
     def measure(n):
         """reference/memory.py's chunk forms vs their token loops (Hebbian, delta, DGD; chunk sizes
         1, 2, 3, 16; outputs, final state, every gradient; float32 gradients on one scale, as
-        tests/test_memory.py::test_chunk_form_equals_token_loop)."""
+        tests/reference/test_memory.py::test_chunk_form_equals_token_loop)."""
         from nested_learning.reference import memory as RM
         from nested_learning.reference.cases import memory as RM_cases
 
@@ -184,7 +184,7 @@ def m_rewrite(dtype):
 
 
 def m_mlp_memory_vs_float64(n):
-    """tests/test_mlp_memory.py::test_float32_in_float32_out_and_close_to_float64 over ``n`` draws."""
+    """tests/reference/test_mlp_memory.py::test_float32_in_float32_out_and_close_to_float64 over ``n`` draws."""
     from cases_reference import mlp_all_outputs, mlp_reference_inputs
     from strategies import mlp_memory_reference_configs
 
@@ -244,7 +244,7 @@ def _port_titans(n, dtype):
 
 def _titans_errors(c):
     """(name, port's rel error, the float32 reference's own rel error from float64) per gradient
-    tensor of one float32 Titans draw (tests/test_fast_cpu_titans.py's rule)."""
+    tensor of one float32 Titans draw (tests/cpu/test_cpu_titans.py's rule)."""
     from cases_fast import titans_make
 
     from nested_learning.fast.cpu import titans as FT
@@ -378,7 +378,7 @@ def m_port_vs_own_rounding(n):
 def m_torch_model_oracle(n):
     """torch_model.py's autograd vs the reference's hand-written backward, float64, loss and every
     gradient (per key, the scale floored at 1e-6 of the largest gradient entry, as
-    tests/test_torch_oracle.py), ``n`` draws per family of strategies.model_configs in float64."""
+    tests/oracle/test_torch_oracle.py), ``n`` draws per family of strategies.model_configs in float64."""
     try:
         from nested_learning import torch_model as TM
     except ImportError as e:
@@ -417,7 +417,7 @@ def m_activation_vs_float64(n):
 
 def m_gpu(dtype):
     def measure(n):
-        """The GPU port vs the reference: tests/test_gpu_*.py under NL_REQUIRE_GPU=1 with every
+        """The GPU port vs the reference: tests/gpu/test_gpu_device_*.py under NL_REQUIRE_GPU=1 with every
         comparison recorded (NL_GPU_ERRORS), the worst of the ("gpu") kind per dtype."""
         from gpu_helpers import worst_errors
 
@@ -427,7 +427,7 @@ def m_gpu(dtype):
         if not ok:
             raise NotHere(f"no GPU: {why}")
         path = Path(tempfile.mkdtemp()) / "gpu_errors.jsonl"
-        files = ["tests/test_gpu_ops.py"] + ([] if n < 8 else ["tests/test_gpu_model.py", "tests/test_gpu_scans.py"])
+        files = ["tests/gpu/test_gpu_device_ops.py"] + ([] if n < 8 else ["tests/gpu/test_gpu_device_model.py", "tests/gpu/test_gpu_device_scans.py"])
         env = dict(os.environ, NL_REQUIRE_GPU="1", NL_GPU_ERRORS=str(path))
         env.pop("NL_GPU_TESTS_ON_NUMPY", None)
         out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
@@ -455,8 +455,8 @@ MEASURES = {
     ("float64", "rewrite"): (m_rewrite("float64"), 300, 30),
     ("float32", "rewrite"): (m_rewrite("float32"), 300, 30),
     ("float32", "mlp_memory_vs_float64"): (m_mlp_memory_vs_float64, 1500, 100),
-    ("float64", "torch_oracle"): (not_reproduced("tests/test_optimizers_torch.py"), 0, 0),
-    ("float64", "torch_muon_bfloat16"): (not_reproduced("tests/test_optimizers_torch.py"), 0, 0),
+    ("float64", "torch_oracle"): (not_reproduced("tests/oracle/test_optimizers_torch.py"), 0, 0),
+    ("float64", "torch_muon_bfloat16"): (not_reproduced("tests/oracle/test_optimizers_torch.py"), 0, 0),
     ("float64", "port"): (m_port("float64"), 100, 8),
     ("float32", "port"): (m_port("float32"), 100, 8),
     ("float64", "gpu"): (m_gpu("float64"), 8, 1),

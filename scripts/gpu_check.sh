@@ -10,7 +10,7 @@
 #   warmup      (in the background, during the tests) a tiny bench of the cpu and gpu backends on
 #               the hope, titans and transformer families: fills Numba's cache and CuPy's kernel
 #               cache, so the benchmark's first calls are not mostly compilation (informational)
-#   tests       NL_REQUIRE_GPU=1 pytest tests/test_gpu_*.py -x (GPU errors to $OUT/gpu_errors.jsonl)
+#   tests       NL_REQUIRE_GPU=1 pytest tests/gpu/test_gpu_device_*.py -x (GPU errors to $OUT/gpu_errors.jsonl)
 #   conformance nested_learning conformance verify tests/conformance --backend gpu
 #   bench_<p>   nested_learning bench --backend gpu --backend cpu --backend torch-cuda for preset p
 #               (hope-small and hope-medium, then titans-small and transformer-small if time is left),
@@ -30,7 +30,7 @@
 #   NL_CHECK_PRESETS ("hope-small hope-medium")  NL_CHECK_EXTRA_PRESETS ("titans-small transformer-small"; "" for none)
 #   NL_CHECK_BACKENDS ("gpu cpu torch-cuda")  NL_CHECK_BATCH (4)  NL_CHECK_SEQ_LEN (256)
 #   NL_CHECK_REPEATS (2)  NL_CHECK_CONTEXTS ("1024 65536")  NL_CHECK_DECODE_TOKENS (16)
-#   NL_CHECK_MAX_SECONDS (8)  NL_CHECK_PREFILL_SECONDS (15)  NL_CHECK_TESTS ("tests/test_gpu_*.py")
+#   NL_CHECK_MAX_SECONDS (8)  NL_CHECK_PREFILL_SECONDS (15)  NL_CHECK_TESTS ("tests/gpu/test_gpu_device_*.py")
 #   NL_CHECK_WARMUP (1: run the warm-up)  NL_CHECK_PYTEST_ARGS ("-x"; e.g. "--maxfail=20" to see every failure)
 
 set -uo pipefail
@@ -154,7 +154,7 @@ rm -f "$OUT/gpu_errors.jsonl"
 # shellcheck disable=SC2086  # the test glob is meant to expand
 run_step tests "${NL_CHECK_TESTS_S:-110}" 1 \
     env NL_REQUIRE_GPU=1 NL_GPU_ERRORS="$OUT/gpu_errors.jsonl" \
-    "$PY" -m pytest ${NL_CHECK_TESTS:-tests/test_gpu_*.py} -q ${NL_CHECK_PYTEST_ARGS:--x} -p no:cacheprovider
+    "$PY" -m pytest ${NL_CHECK_TESTS:-tests/gpu/test_gpu_device_*.py} -q ${NL_CHECK_PYTEST_ARGS:--x} -p no:cacheprovider
 
 # ---- (b) conformance vectors on the GPU ---------------------------------------------------------
 run_step conformance "${NL_CHECK_CONF_S:-40}" 1 \

@@ -1,7 +1,7 @@
 """Input builders of the port tests (not a test file): from a drawn configuration (tests/strategies.py)
 to the arrays, parameters and layer configs both ports are called on.
 
-Shared by the CPU port's tests (tests/test_fast_cpu_*.py) and the GPU port's (tests/test_gpu_*.py),
+Shared by the CPU port's tests (tests/cpu/test_cpu_*.py) and the GPU port's (tests/gpu/test_gpu_device_*.py),
 so both call the same cases; also by scripts/calibrate_tolerances.py, which measures the errors the
 ("float32" | "float64", "port") rows of tests/tolerances.py bound on these same cases.
 """
@@ -15,7 +15,7 @@ from nested_learning.reference import titans as RT
 from nested_learning.reference.cases.selfmod import example_params
 
 # ------------------------------------------------------------------------------------------------
-# Primitives (tests/test_fast_cpu_primitives.py, tests/test_gpu_ops.py)
+# Primitives (tests/cpu/test_cpu_primitives.py, tests/gpu/test_gpu_device_ops.py)
 # ------------------------------------------------------------------------------------------------
 
 PRIM_OPS = ("linear", "embedding", "rmsnorm", "l2norm", "silu", "gelu", "sigmoid", "swiglu", "conv1d", "rope",
@@ -151,7 +151,7 @@ def selfmod_make(c):
 
 
 # ------------------------------------------------------------------------------------------------
-# The self-modifying layer's scans (tests/test_fast_gpu_scans.py, tests/test_gpu_scans.py)
+# The self-modifying layer's scans (tests/gpu/test_gpu_over_numpy_scans.py, tests/gpu/test_gpu_device_scans.py)
 # ------------------------------------------------------------------------------------------------
 
 

@@ -1,8 +1,8 @@
 """Input builders of the reference's own property tests (not a test file), shared by those tests and
 scripts/calibrate_tolerances.py, which measures on these same cases the errors the rows of
-tests/tolerances.py bound: every primitive's calls (tests/test_primitives.py, the
+tests/tolerances.py bound: every primitive's calls (tests/reference/test_primitives.py, the
 ("float32", "primitive_vs_float64") row) and the MLP memory's inputs and outputs
-(tests/test_mlp_memory.py, the ("float32", "mlp_memory_vs_float64") row).
+(tests/reference/test_mlp_memory.py, the ("float32", "mlp_memory_vs_float64") row).
 """
 
 import numpy as np
@@ -11,7 +11,7 @@ from nested_learning.reference import mlp_memory as mm
 from nested_learning.reference import primitives as P
 
 # ------------------------------------------------------------------------------------------------
-# Primitives (tests/test_primitives.py)
+# Primitives (tests/reference/test_primitives.py)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -64,7 +64,7 @@ def primitive_run(name, inputs, forward, backward, rng):
 
 
 # ------------------------------------------------------------------------------------------------
-# The MLP memory (tests/test_mlp_memory.py; configs: strategies.mlp_memory_reference_configs)
+# The MLP memory (tests/reference/test_mlp_memory.py; configs: strategies.mlp_memory_reference_configs)
 # ------------------------------------------------------------------------------------------------
 
 

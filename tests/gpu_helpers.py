@@ -1,6 +1,6 @@
-"""Shared helpers of the GPU port's tests (tests/test_gpu_*.py; SPEC.md#fast-gpu).
+"""Shared helpers of the GPU port's tests (tests/gpu/test_gpu_device_*.py; SPEC.md#fast-gpu).
 
-``require_gpu()`` is called at the top of every tests/test_gpu_*.py module. Where CuPy or a CUDA
+``require_gpu()`` is called at the top of every tests/gpu/test_gpu_device_*.py module. Where CuPy or a CUDA
 device is missing it skips the module with the reason; with ``NL_REQUIRE_GPU=1`` it fails the
 collection instead (pytest then exits non-zero), so a run on the GPU machine cannot pass by
 skipping. Where a device is found it sets ``nested_learning.fast.gpu.model.NAMESPACE = "cupy"``.

@@ -1,5 +1,5 @@
-"""Whole-model gradient-check helpers (not a test file), shared by tests/test_model.py and
-tests/test_linear_families.py: the loss of the forward function itself and central differences at
+"""Whole-model gradient-check helpers (not a test file), shared by tests/reference/test_model.py and
+tests/reference/test_linear_families.py: the loss of the forward function itself and central differences at
 a few random entries of every parameter."""
 
 import numpy as np

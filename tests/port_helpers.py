@@ -1,5 +1,5 @@
-"""Small helpers shared by the fast-port equivalence tests (tests/test_fast_cpu_*.py and the tests
-that compare a whole model's port with the reference, e.g. tests/test_linear_families.py)."""
+"""Small helpers shared by the fast-port equivalence tests (tests/cpu/test_cpu_*.py and the tests
+that compare a whole model's port with the reference, e.g. tests/reference/test_linear_families.py)."""
 
 import numpy as np
 from hypothesis import note as _note

@@ -2,7 +2,7 @@
 
 Each section of SPEC.md ends with its own table ``| paper | reference symbol | tests |``. The
 global table under ``<a id="trace">`` is those rows, in document order, with a section column.
-``python tests/spec_trace.py`` rewrites the global table; tests/test_spec.py checks it is current,
+``python tests/spec_trace.py`` rewrites the global table; tests/project/test_spec.py checks it is current,
 that every test it names exists, and that every SPEC.md anchor (``SPEC.md#<id>``) cited in the
 code exists.
 """

@@ -1,8 +1,8 @@
 """The hypothesis strategies several test files share (not a test file: nothing here is collected).
 
 Each is written once here and imported where it is drawn: the dtypes and seeds most property tests
-draw, and the configurations of the port tests, which the CPU port's tests (tests/test_fast_cpu_*.py)
-and the GPU port's (tests/test_gpu_*.py, tests/test_fast_gpu_namespace.py) both draw. A test keeps
+draw, and the configurations of the port tests, which the CPU port's tests (tests/cpu/test_cpu_*.py)
+and the GPU port's (tests/gpu/test_gpu_device_*.py, tests/gpu/test_gpu_over_numpy_namespace.py) both draw. A test keeps
 the same draws wherever it imports them from: hypothesis derives a derandomized test's examples from
 the test function (its source and name), not from where its strategies are defined.
 """
@@ -117,7 +117,7 @@ MLP_ACTS = ["gelu", "silu", "sigmoid", "softplus"]
 
 @st.composite
 def mlp_memory_reference_configs(draw, acts=MLP_ACTS):
-    """Small random configurations of the reference MLP memory's own tests (tests/test_mlp_memory.py;
+    """Small random configurations of the reference MLP memory's own tests (tests/reference/test_mlp_memory.py;
     inputs from cases_reference.mlp_reference_inputs). With LayerNorm, D >= 3 and Hm >= 2: for D <= 2
     the normalised branch is the constant +-1 and for Hm = 1 it is invariant to s(W2 z), so its
     derivatives are O(eps) cancellations (SPEC.md#mlp-memory), not a useful test of the code."""

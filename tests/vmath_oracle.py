@@ -1,5 +1,5 @@
 """The float64 oracle of fast/cpu/vmath.py's float32 activations (not a test file): the inputs, the
-truth from SciPy and the error measure of tests/test_fast_cpu_vmath.py, also run by that file's
+truth from SciPy and the error measure of tests/cpu/test_cpu_vmath.py, also run by that file's
 NUMBA_DISABLE_JIT=1 subprocess and by scripts/calibrate_tolerances.py (the ("float32",
 "activation_vs_float64") row of tests/tolerances.py).
 

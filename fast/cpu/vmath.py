@@ -47,7 +47,7 @@ Decisions (SPEC.md#fast-cpu):
     - the loops are unswitched by hand on which outputs are wanted (``mode``), so each loop body is
       straight-line code after inlining (the ``kind`` test is loop-invariant: LLVM hoists it).
 
-Accuracy (tests/test_fast_cpu_vmath.py, against scipy.special in float64 on a dense grid of
+Accuracy (tests/cpu/test_cpu_vmath.py, against scipy.special in float64 on a dense grid of
 844,003 float32 inputs covering both tails up to underflow and out to 3e38): worst relative error
 4.9e-7 (sigmoid''), 4.7e-7 (GELU), i.e. ~4 float32 ulps; f' and f'' relative to the magnitudes of
 the terms summed (f' of GELU and SiLU crosses zero), floored near the float32 underflow.

@@ -2,7 +2,7 @@
 
 Every tensor of every vector (the ops, the CMS chains, the four model families; float32 and
 float64) must be within the vector's own tolerance and the ("gpu") row of tests/tolerances.py, as
-the reference and the CPU port are in tests/test_conformance.py; each row's relative error is
+the reference and the CPU port are in tests/project/test_conformance.py; each row's relative error is
 recorded in $NL_GPU_ERRORS. Committed files are compared within a tolerance, never bit for bit:
 they hold the rounding of the machine that wrote them (another machine's BLAS and libm reproduce
 them to ~1e-6 in float32, not exactly). Over the NumPy namespace the GPU port must moreover be the
@@ -24,7 +24,7 @@ from nested_learning import conformance as conf
 
 pytestmark = pytest.mark.gpu
 DEVICE = require_gpu()
-COMMITTED = Path(__file__).parent / "conformance"
+COMMITTED = Path(__file__).resolve().parents[1] / "conformance"
 
 
 def test_committed_vectors_verify_on_the_gpu():

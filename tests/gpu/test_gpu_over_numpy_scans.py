@@ -2,7 +2,7 @@
 CPU: ``Scans`` with ``LoopKernels`` (the kernels' recurrences as whole-array loops) must give the
 reference's values (another summation order for the batched parts: the "rewrite" rows), and the
 whole model over the NumPy namespace with those scans equals the reference. The CUDA kernels
-themselves are checked by tests/test_gpu_scans.py on a GPU. SPEC: SPEC.md#fast-gpu."""
+themselves are checked by tests/gpu/test_gpu_device_scans.py on a GPU. SPEC: SPEC.md#fast-gpu."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The whole model on the GPU (fast/gpu/model.py) vs the reference, every family (SPEC.md#fast-gpu).
 
-The CPU port's model property test (tests/test_fast_cpu_model.py: its config strategy,
+The CPU port's model property test (tests/cpu/test_cpu_model.py: its config strategy,
 tests/strategies.py's model_configs, is shared) run against backend "gpu", float32 and float64:
 the loss, every gradient, the logits and state of a one-call forward, a two-call stream (= the one
 call), a GPU state continued on the reference, the in-context CMS increments and the loss with
@@ -38,7 +38,7 @@ DEVICE = require_gpu()
 
 def _check_grads(gg, gr, dtype):
     """Every gradient: per key in float64; in float32 on the scale of the whole gradient (as
-    test_fast_cpu_model._assert_grads_close: a key whose exact gradient is 0 is rounding noise)."""
+    test_cpu_model._assert_grads_close: a key whose exact gradient is 0 is rounding noise)."""
     assert list(gg) == list(gr)
     whole = max(float(np.max(np.abs(g))) for g in gr.values() if g.size)
     for k in gr:

@@ -1,7 +1,7 @@
 """The Continuum Memory System (reference/cms.py): gradients, level semantics, bad input.
 
 SPEC.md#cms. The model-level CMS semantics (in-context updates inside the language model) are in
-tests/test_model.py.
+tests/reference/test_model.py.
 """
 
 import numpy as np

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]
 ROOT = TESTS.parent
 # "from test_x import ..." / "import test_x" at the start of a line (code or a script in a string)
 _IMPORTS_A_TEST = re.compile(r"^\s*(from\s+test_\w*\s+import|import\s+test_\w*)", re.MULTILINE)
@@ -48,13 +48,13 @@ def test_no_file_under_tests_imports_a_test_module():
 
 def test_the_import_check_would_catch_one():
     assert _IMPORTS_A_TEST.search("x = 1\nfrom test_model import _plain_loss\n")
-    assert _IMPORTS_A_TEST.search('SCRIPT = """\n    import test_fast_cpu_vmath as T\n"""')
+    assert _IMPORTS_A_TEST.search('SCRIPT = """\n    import test_cpu_vmath as T\n"""')
     assert not _IMPORTS_A_TEST.search("from tests_helpers import x\nfrom strategies import test_x\n")
 
 
 def _calls_require_gpu(path: Path) -> bool:
     """A call of require_gpu anywhere in the module's code (not in a string: a probe script that
-    forces the no-device path, as in tests/test_fast_gpu_namespace.py, is not a device test)."""
+    forces the no-device path, as in tests/gpu/test_gpu_over_numpy_namespace.py, is not a device test)."""
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Call):
             f = node.func
@@ -74,8 +74,8 @@ def _collect(*args) -> list[str]:
 
 
 def test_every_device_test_carries_the_gpu_marker_and_no_other():
-    device_files = sorted(p.name for p in TESTS.glob("test_*.py") if _calls_require_gpu(p))
-    assert "test_gpu_ops.py" in device_files and len(device_files) >= 4, device_files
+    device_files = sorted(p.name for p in TESTS.rglob("test_*.py") if _calls_require_gpu(p))
+    assert "test_gpu_device_ops.py" in device_files and len(device_files) >= 4, device_files
     selected = set(_collect("-m", "gpu", "tests"))
     rest = set(_collect("-m", "not gpu", "tests"))
     assert selected and len(rest) > 500 and not selected & rest, (len(selected), len(rest))

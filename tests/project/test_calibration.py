@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tolerances import TOLERANCES
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "calibrate_tolerances.py"
 SUBSET = ["float64:gradcheck", "float32:primitive_vs_float64", "float64:complex_step", "float64:rewrite",
           "float32:rewrite", "float32:mlp_memory_vs_float64", "float32:activation_vs_float64"]

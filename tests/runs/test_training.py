@@ -334,7 +334,7 @@ def test_gpu_backend_loop_over_the_numpy_namespace_is_the_reference(tmp_path, co
     """--backend gpu's own logic (parameters, gradients and AdamW state kept as device arrays across
     steps, host copies in checkpoints, device-resident streaming state in eval --continual and
     generate) run over the NumPy namespace (SPEC.md#fast-gpu): bitwise the reference's run, and
-    the checkpoint resumes. The CuPy path itself is checked on a GPU (tests/test_gpu_model.py)."""
+    the checkpoint resumes. The CuPy path itself is checked on a GPU (tests/gpu/test_gpu_device_model.py)."""
     from nested_learning.fast.gpu import model as gpu_model
 
     monkeypatch.setattr(gpu_model, "NAMESPACE", "numpy")
@@ -363,6 +363,6 @@ def test_gpu_backend_loop_over_the_numpy_namespace_is_the_reference(tmp_path, co
                                  "checkpoint_every", "seed", "blas_threads", "warmup_steps"])
 def test_a_boolean_is_not_a_count(key):
     """TOML ``warmup_steps = true`` is not 1 (bool is an int subclass in Python): a ValueError naming
-    the key (found by tests/test_fuzz_runs.py on a fresh machine)."""
+    the key (found by tests/runs/test_fuzz_runs.py on a fresh machine)."""
     with pytest.raises(ValueError, match=f"^{key}: must be"):
         training.TrainConfig(**{key: True})

@@ -22,7 +22,7 @@ from nested_learning.reference import blocks, contract
 from nested_learning.reference import model as driver
 from nested_learning.reference.config import preset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FAST = sorted((ROOT / "fast").rglob("*.py"))
 REFERENCE_PKG = "nested_learning.reference"
 

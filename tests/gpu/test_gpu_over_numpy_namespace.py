@@ -278,7 +278,7 @@ def test_never_runs():
 @pytest.mark.parametrize("require", ["1", "0"])
 def test_require_gpu_skips_or_fails_the_collection(tmp_path, require):
     (tmp_path / "test_probe.py").write_text(textwrap.dedent(_REQUIRE))
-    tests = str(Path(__file__).parent)
+    tests = str(Path(__file__).resolve().parents[1])
     env = {k: v for k, v in os.environ.items() if k not in ("NL_GPU_TESTS_ON_NUMPY", "NL_REQUIRE_GPU")}
     env.update(NL_REQUIRE_GPU=require, PYTHONPATH=os.pathsep.join([tests, env.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "test_probe.py"],
@@ -310,11 +310,11 @@ def test_error_records_are_json_lines_and_reduce_to_the_worst(tmp_path, monkeypa
 
 
 def test_the_gpu_tests_themselves_pass_over_numpy():
-    """tests/test_gpu_*.py only run on a GPU; here, in every CI run, they run over the NumPy
+    """tests/gpu/test_gpu_device_*.py only run on a GPU; here, in every CI run, they run over the NumPy
     namespace (NL_GPU_TESTS_ON_NUMPY=1: every same-call comparison must be exact), so the GPU
     tests cannot rot between the sessions that have a GPU. Says nothing about a GPU itself."""
-    tests = Path(__file__).parent
-    files = sorted(str(p) for p in tests.glob("test_gpu_*.py"))
+    tests = Path(__file__).resolve().parents[1]
+    files = sorted(str(p) for p in (tests / "gpu").glob("test_gpu_device_*.py"))
     assert len(files) >= 4, files
     env = {k: v for k, v in os.environ.items() if k not in ("NL_REQUIRE_GPU", "NL_GPU_ERRORS")}
     env.update(NL_GPU_TESTS_ON_NUMPY="1", PYTHONPATH=os.pathsep.join([str(tests), env.get("PYTHONPATH", "")]))

@@ -289,7 +289,7 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-@pytest.mark.skipif(_has_gpu(), reason="a GPU is present: the GPU rows run (tests/test_gpu_*.py, scripts/gpu_check.sh)")
+@pytest.mark.skipif(_has_gpu(), reason="a GPU is present: the GPU rows run (tests/gpu/test_gpu_device_*.py, scripts/gpu_check.sh)")
 def test_gpu_rows_without_a_gpu_say_why_and_the_run_goes_on(tmp_path, monkeypatch):
     from nested_learning.fast.gpu import namespace
 
@@ -465,7 +465,7 @@ def test_gpu_check_script_parses():
     import shutil
     import subprocess
 
-    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    script = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.sh"
     if shutil.which("bash") is None:
         pytest.skip("no bash")
     res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)

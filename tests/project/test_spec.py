@@ -7,7 +7,7 @@ from spec_trace import ROOT, SPEC, cited_test_names, render, section_rows
 
 def _defined_tests() -> set[str]:
     names = set()
-    for path in (ROOT / "tests").glob("test_*.py"):
+    for path in (ROOT / "tests").rglob("test_*.py"):
         names |= set(re.findall(r"^\s*def (test_\w+)", path.read_text(encoding="utf-8"), re.M))
     return names
 
@@ -41,7 +41,7 @@ def test_every_cited_spec_anchor_exists():
     anchors = _anchors(SPEC)
     cited = {}
     files = _package_python_files()
-    assert ROOT / "tests" / "test_spec.py" in files and ROOT / "reference" / "model.py" in files
+    assert ROOT / "tests" / "project" / "test_spec.py" in files and ROOT / "reference" / "model.py" in files
     for path in files + [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md")):
         for anchor in re.findall(r"SPEC\.md#([A-Za-z0-9_-]+)", path.read_text(encoding="utf-8")):
             cited.setdefault(anchor, str(path.relative_to(ROOT)))

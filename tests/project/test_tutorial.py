@@ -5,7 +5,7 @@ equation of the paper.
 Numbers are compared within one unit of the expected number's last printed digit plus 1e-6
 relative (BLAS and platforms round differently); integers and all other text exactly.
 
-``python tests/test_tutorial.py --update`` runs the snippets and rewrites the ``text`` blocks
+``python tests/project/test_tutorial.py --update`` runs the snippets and rewrites the ``text`` blocks
 with what they print (then read the diff before committing it).
 """
 
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-TUTORIAL = Path(__file__).resolve().parent.parent / "docs" / "tutorial.md"
+TUTORIAL = Path(__file__).resolve().parents[2] / "docs" / "tutorial.md"
 PAPER_MAP = TUTORIAL.with_name("paper-map.md")
 N_EQUATIONS = 121  # arXiv 2512.24695v1: Eqs. 1-121 (Appendix C ends at 121)
 FENCE = re.compile(r"^```(\w*)[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
@@ -110,7 +110,7 @@ def test_tutorial_snippets_print_what_the_tutorial_shows():
             failures.append(f"python block {n}: {diff}")
         if secs > MAX_SECONDS:
             failures.append(f"python block {n} took {secs:.1f} s (> {MAX_SECONDS} s)")
-    assert not failures, "docs/tutorial.md is stale (python tests/test_tutorial.py --update):\n" + "\n".join(failures)
+    assert not failures, "docs/tutorial.md is stale (python tests/project/test_tutorial.py --update):\n" + "\n".join(failures)
 
 
 def test_compare_uses_the_printed_precision_and_is_exact_elsewhere():
@@ -192,6 +192,6 @@ def update() -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--update"]:
-        print("usage: python tests/test_tutorial.py --update   (pytest runs the check)")
+        print("usage: python tests/project/test_tutorial.py --update   (pytest runs the check)")
         sys.exit(2)
     sys.exit(update())

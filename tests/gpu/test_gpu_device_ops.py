@@ -1,6 +1,6 @@
 """The GPU port's ops (fast/gpu/ops.py host views) vs the reference, float32 and float64 (SPEC.md#fast-gpu).
 
-The CPU port's property tests (tests/test_fast_cpu_*.py: their strategies, tests/strategies.py, and
+The CPU port's property tests (tests/cpu/test_cpu_*.py: their strategies, tests/strategies.py, and
 input builders, tests/cases_fast.py, are shared, not copied) run against backend "gpu": every
 primitive op of the registry (forward and backward; layernorm, softplus and softmax too), the MLP
 / matrix memory ops, Titans (matrix / MLP memory, chunk sizes that do not divide T, momentum, a
@@ -84,7 +84,7 @@ def test_primitive_matches_reference(op, dtype, seed, n, t, d):
         except AssertionError:
             if dtype != "float32":
                 raise
-            # As in test_fast_cpu_primitives: a cancelling float32 result (l2norm's backward) is
+            # As in test_cpu_primitives: a cancelling float32 result (l2norm's backward) is
             # judged against the reference in float64: the GPU as accurate as the reference.
             if truth is None:
                 args64 = tuple(x.astype(np.float64) if x.dtype.kind == "f" else x for x in args)
@@ -168,7 +168,7 @@ def test_titans_chunk_coefficients_match_reference(c, momentum, dtype, seed):
 
 
 def _check_selfmod(got, want, dtype, name, want64=None, kind="gpu"):
-    """As test_fast_cpu_selfmod._assert_same_tree: with ``want64`` (float32 draws) a tensor may
+    """As test_cpu_selfmod._assert_same_tree: with ``want64`` (float32 draws) a tensor may
     differ by ("float32", "port_vs_own_rounding") x the reference's own float32 rounding error where
     that exceeds the ("float32", "gpu") row."""
     if isinstance(want, dict):

@@ -2,7 +2,7 @@
 
 SPEC.md#linear-families. The layer: float64 gradient checks of every parameter, the input and the
 incoming state; the chunk form equals the token-loop rules of reference/memory.py; streaming. The
-families: the whole-model float64 gradient check (as tests/test_model.py), streaming equals one
+families: the whole-model float64 gradient check (as tests/reference/test_model.py), streaming equals one
 call at random split points, the CPU port (the reference layer as a counted fallback) agrees with
 the reference, and ``nested-learning train`` runs each tiny preset.
 """
@@ -123,7 +123,7 @@ def _tokens(cfg, B, T, seed=0):
 @pytest.mark.parametrize("name", TINY)
 def test_whole_model_gradients(name):
     """float64: directional finite differences along 3 random directions over every parameter and
-    central differences at one random entry of every key (tests/test_model.py's check)."""
+    central differences at one random entry of every key (tests/reference/test_model.py's check)."""
     cfg = config.preset(name)
     rng = np.random.default_rng(7)
     params = R.init_params(cfg, seed=3)

@@ -76,6 +76,6 @@ print("no-jit ok")
 def test_kernels_logic_without_jit():
     """NUMBA_DISABLE_JIT=1: the same loops as plain Python meet the same bound (coverage mode)."""
     env = dict(os.environ, NUMBA_DISABLE_JIT="1")
-    env["PYTHONPATH"] = os.path.dirname(__file__) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-c", _NO_JIT], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and "no-jit ok" in out.stdout, out.stdout + out.stderr

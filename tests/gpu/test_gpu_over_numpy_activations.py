@@ -3,7 +3,7 @@
 The CUDA bodies are plain C++ over a type T; here they are compiled for the host with g++ (the
 same source text, <cmath>'s exp/erf/fabs in place of CUDA's) and evaluated on NumPy arrays through
 ctypes, against reference/primitives.py's (f, f', f'') in float64 and float32. On a GPU,
-tests/test_gpu_ops.py checks the kernels themselves. Skipped where no C++ compiler is found.
+tests/gpu/test_gpu_device_ops.py checks the kernels themselves. Skipped where no C++ compiler is found.
 SPEC: SPEC.md#fast-gpu."""
 
 from __future__ import annotations

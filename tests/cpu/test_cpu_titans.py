@@ -5,7 +5,7 @@ chunk sizes that do not divide T, stop_grad_writes), a dtype, a seed and whether
 stream from inside a chunk; inputs are read-only and checked unchanged; the upstream gradient reaches
 both y and the returned state. Tolerances: ("float64"|"float32", "port"); in float32 a tensor may
 differ from the float32 reference by ("float32", "port_vs_own_rounding") times the reference's own
-float32 rounding error where that exceeds the fixed row (as tests/test_fast_cpu_selfmod.py): measured
+float32 rounding error where that exceeds the fixed row (as tests/cpu/test_cpu_selfmod.py): measured
 by scripts/calibrate_tolerances.py, a float32 MLP memory with LayerNorm puts the port 5.8e-3 from
 the float32 reference on conv_v's gradient while that reference is itself 4.3e-3 from float64
 (and the port 1.4e-3), rounding that the fixed 5e-4 row cannot bound.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "scripts"
 needs_git_and_bash = pytest.mark.skipif(shutil.which("git") is None or shutil.which("bash") is None,
                                         reason="needs git and bash")

@@ -17,7 +17,7 @@ from nested_learning import conformance as conf
 from nested_learning.cli import cli
 from nested_learning.fast.gpu import namespace
 
-COMMITTED = Path(__file__).parent / "conformance"
+COMMITTED = Path(__file__).resolve().parents[1] / "conformance"
 
 
 def _dtype(row) -> str:
