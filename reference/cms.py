@@ -28,6 +28,9 @@ Decisions where the paper is open (each in SPEC.md#cms):
       constants (first order, SPEC.md#cms): ``backward`` returns per-group weight gradients and
       the caller sums them onto the initial weights.
     - the nested variant (Eq. 72) is not implemented (SPEC.md#cms).
+
+CuPy-safe (SPEC.md#backends): NumPy only through the name ``np``; the GPU port runs this module's
+source with ``np`` rebound to CuPy (fast/gpu/namespace.py).
 """
 
 from __future__ import annotations

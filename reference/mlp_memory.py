@@ -45,6 +45,9 @@ Decisions where the paper is open (each recorded in SPEC.md#mlp-memory):
 - One dtype per call (float32 or float64; complex128 for the complex-step check); results in it.
 - ``inner_grad_backward`` differentiates only the returned factors; the direct dependence of
   ``u2 k^T`` on ``k`` is the caller's (SPEC.md#mlp-memory).
+
+CuPy-safe (SPEC.md#backends): NumPy only through the name ``np``; the GPU port runs this module's
+source with ``np`` rebound to CuPy (fast/gpu/namespace.py).
 """
 
 from __future__ import annotations
