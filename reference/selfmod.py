@@ -76,8 +76,10 @@ from .selfmod_memory import (  # noqa: F401  (one memory's pieces: part of this 
     write_backward,
     write_chunk,
     write_chunk_backward,
+    write_chunk_cache,
     write_tokens,
     write_tokens_backward,
+    write_tokens_cache,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -282,8 +284,12 @@ def forward_loop(x, params, cfg, state=None):
 # backward: the output, then per segment (last first) the steps below
 # ---------------------------------------------------------------------------------------------
 
-# Each form's segment writes and their backward (the segment recomputed from its start, then reversed)
-_WRITES = {"chunk": (write_chunk, write_chunk_backward), "loop": (write_tokens, write_tokens_backward)}
+# Each form's segment writes reversed: their cache recomputed from the segment's start (not the new
+# state: the backward never needs it), then their backward
+_WRITES = {
+    "chunk": (write_chunk_cache, write_chunk_backward),
+    "loop": (write_tokens_cache, write_tokens_backward),
+}
 
 
 def backward(dy, cache, dstate=None):
@@ -304,17 +310,18 @@ def backward(dy, cache, dstate=None):
     dqin = np.zeros((B, T, D), dtype=x.dtype)
     conv_in = {c: merge(cache["pre"][c]) for c in ("k", "v")}  # the convs' inputs (B, T, D)
     conv_in["q"] = merge(cache["pre"]["q"]) if cfg.adaptive_q else cache["qlin"]
+    beta = {m: betas(params, cfg, m) for m in cfg.memories}
     for seg in reversed(cache["segs"]):
         t0, t1 = seg["t0"], seg["t1"]
         d = {c: np.zeros_like(cache[c][:, :, t0:t1]) for c in ("k", "v", "alpha", "ep")}
         for m in cfg.memories:
             if not cfg.stop_grad_writes:  # W_t = W_{t-1} + sg(increment): the adjoint skips the writes
-                _memory_backward(cache, seg, m, d, adj, grads)
+                _memory_backward(cache, seg, m, beta[m], d, adj, grads)
         _, c_o = read_forward(cfg, seg["B"]["memory"], cache["q"][:, :, t0:t1])  # o = M_memory(q)
         dst_o, dq = read_backward(cfg, do[:, :, t0:t1], c_o)
         for w in weights(cfg):
             adj["B"]["memory"][w] += dst_o[w]
-        deta, dk_prox = DGD._prox_step_size_backward(d["ep"], cache["eta"][:, :, t0:t1], cache["k"][:, :, t0:t1])
+        deta, dk_prox = DGD.prox_step_size_backward(d["ep"], cache["eta"][:, :, t0:t1], cache["k"][:, :, t0:t1])
         d["k"] += dk_prox  # Eq. (57)   eta' = eta / (1 + eta ||k||^2)
         dpre_seg = _norms_convs_backward(cache, conv_in, t0, t1, d["k"], dq, d["v"], adj, grads)  # (B, n, D)
         dpre = {c: heads(dpre_seg[c], cfg.n_heads) for c in ("k", "v") + (("q",) if cfg.adaptive_q else ())}
@@ -350,19 +357,20 @@ def _state_adjoints(cache, dstate):
             "conv": {c: adjoint(f"conv_{c}", f"conv_{c}") for c in "qkv"}}  # fmt: skip
 
 
-def _memory_backward(cache, seg, m, d, adj, grads):
-    """Memory m over one segment, reversed: its writes (Eqs. 88, momentum; the form's own backward),
-    inner gradients (Eq. 93, second order) and targets (Eq. 84). The write adjoints go to adj["W"],
-    adj["S"], the chunk-start ones to adj["B"]; dk, dv, dalpha, deta' accumulate into ``d``."""
+def _memory_backward(cache, seg, m, beta, d, adj, grads):
+    """Memory m (momentum decay ``beta``: ``betas``) over one segment, reversed: its writes (Eqs. 88,
+    momentum; the form's cache, then its backward), inner gradients (Eq. 93, second order) and
+    targets (Eq. 84). The write adjoints go to adj["W"], adj["S"], the chunk-start ones to adj["B"];
+    dk, dv, dalpha, deta' accumulate into ``d``."""
     cfg, t0, t1 = cache["cfg"], seg["t0"], seg["t1"]
     k, v, ep, alpha = (cache[c][:, :, t0:t1] for c in ("k", "v", "ep", "alpha"))  # (B, H, n, .)
-    Bm, beta = seg["B"][m], betas(cache["params"], cfg, m)
+    Bm = seg["B"][m]
     vh, c_read = read_forward(cfg, Bm, v)  # Eq. (84) at the chunk-start state, recomputed
     G, c_grad = inner_grad(cfg, Bm, k, vh)  # Eq. (93)
-    write_segment, write_segment_backward = _WRITES[cache["writes"]]
+    write_segment_cache, write_segment_backward = _WRITES[cache["writes"]]
     dG = {}
     for w in weights(cfg):
-        c_write = write_segment(seg["W"][m][w], seg["S"][m][w], G[w], k, ep, alpha, beta, keyside(w))[2]
+        c_write = write_segment_cache(seg["W"][m][w], seg["S"][m][w], G[w], k, ep, alpha, beta, keyside(w))
         dP, dS, dG[w], dk, dep, dalpha, dbeta = write_segment_backward(adj["W"][m][w], adj["S"][m][w], c_write)
         d["k"] += dk
         d["ep"] += dep
@@ -382,22 +390,19 @@ def _memory_backward(cache, seg, m, d, adj, grads):
 
 
 def _norms_convs_backward(cache, conv_in, t0, t1, dk, dq, dv, adj, grads):
-    """Through the l2 norms and the causal convs of k, q, v (their history adjoint carried backwards
-    across segments in adj["conv"]): -> {c: the adjoint of the conv's input (B, n, D)}."""
+    """Through the l2 norms and the causal convs of k, q, v (Eq. 83; their history adjoint carried
+    backwards across segments in adj["conv"]): -> {c: the adjoint of the conv's input (B, n, D)}."""
     cfg, params, H, K = cache["cfg"], cache["params"], cache["cfg"].n_heads, cache["cfg"].conv_width
-    dc = {}
-    for c, dpost in (("k", dk), ("q", dq), ("v", dv)):
-        if c == "v" and not cfg.normalize_v:
-            dc["v"] = merge(dv)
-            continue
-        _, c_l2 = P.l2norm_forward(heads(_conv_replay(cache, conv_in, c, params, t0, t1, K)[0], H), cfg.eps)
-        dc[c] = merge(P.l2norm_backward(dpost, c_l2))
     dpre = {}
-    for c in ("k", "v", "q"):
-        _, c_conv = _conv_replay(cache, conv_in, c, params, t0, t1, K)
-        dpre_c, dwc, _, adj["conv"][c] = P.conv1d_backward(dc[c], c_conv, dnew_state=adj["conv"][c])
+    for c, dpost in (("k", dk), ("q", dq), ("v", dv)):
+        y, c_conv = _conv_replay(cache, conv_in, c, params, t0, t1, K)  # (B, n, D)
+        if c == "v" and not cfg.normalize_v:
+            dc = merge(dv)
+        else:
+            _, c_l2 = P.l2norm_forward(heads(y, H), cfg.eps)
+            dc = merge(P.l2norm_backward(dpost, c_l2))
+        dpre[c], dwc, _, adj["conv"][c] = P.conv1d_backward(dc, c_conv, dnew_state=adj["conv"][c])
         grads[f"conv_{c}"] += dwc
-        dpre[c] = dpre_c
     return dpre
 
 

@@ -173,6 +173,12 @@ def write_tokens(Pw, S, G, k, ep, alpha, beta, keyside):
     return Pw, S, caches
 
 
+def write_tokens_cache(Pw, S, G, k, ep, alpha, beta, keyside):
+    """The cache of ``write_tokens`` (what ``write_tokens_backward`` takes). Each token's write reads
+    the state the previous one wrote, so the recursion itself is the cache: ``write_tokens``'s."""
+    return write_tokens(Pw, S, G, k, ep, alpha, beta, keyside)[2]
+
+
 def write_tokens_backward(dP_new, dS_new, cache):
     """VJP of ``write_tokens``: ``write_backward`` from the last token to the first. -> (dPw, dS, dG,
     dk, dep, dalpha, dbeta) as ``write_chunk_backward`` (dbeta summed over the tokens)."""
@@ -233,25 +239,39 @@ def _momenta_backward(dS_all, dS_new, S, beta, c):
     return dstep, dS, dbeta.astype(step.dtype)
 
 
-def write_chunk(Pw, S, G, k, ep, alpha, beta, keyside):
-    """n token writes in closed form (the chunk-parallel form of ``write``). -> (P_new, S_new, cache).
+def write_chunk_cache(Pw, S, G, k, ep, alpha, beta, keyside):
+    """What ``write_chunk`` and ``write_chunk_backward`` share, without the new state: the cache.
 
     G (B, H, n, a, b), k (B, H, n, dh), ep, alpha (B, H, n). The momenta from ``_momenta`` (Titans
-    Eq. 18); the state W_n = W_0 A_1..A_n + sum_j S_j A_{j+1}..A_n with A_j = alpha_j I - eta'_j k_j k_j^T
-    on the key side (a suffix-product scan) or the scalar alpha_j elsewhere (Titans Eqs. 16-17)."""
+    Eq. 18); A_j = alpha_j I - eta'_j k_j k_j^T on the key side (Eq. 88), else the scalar alpha_j;
+    the suffix products R_j = A_{j+1}..A_n (a scan) and full = A_1..A_n (Titans Eqs. 16-17). The
+    layer's backward recomputes a segment's writes with this alone (it never needs W_n)."""
     S_all, c_mom = _momenta(S, G, ep, beta)
     if keyside:
         eye = np.eye(k.shape[-1], dtype=G.dtype)
         A = alpha[..., None, None] * eye - ep[..., None, None] * np.einsum("bhnk,bhnl->bhnkl", k, k)
         R = suffix_products(A)  # (B, H, n, dh, dh)   R_j = A_{j+1} ... A_{n-1}
         full = A[:, :, 0] @ R[:, :, 0]  # (B, H, dh, dh)
-        P_new = Pw @ full + np.einsum("bhjak,bhjkl->bhal", S_all, R)  # Eq. (88) over the segment
     else:
         A = None
         R = scalar_suffix_products(alpha)  # (B, H, n)   prod_{i>j} alpha_i
         full = alpha[..., 0] * R[..., 0]  # (B, H)   prod_i alpha_i
+    return (Pw, S, G, k, ep, alpha, beta, keyside, S_all, c_mom, A, R, full)
+
+
+def write_chunk(Pw, S, G, k, ep, alpha, beta, keyside):
+    """n token writes in closed form (the chunk-parallel form of ``write``). -> (P_new, S_new, cache).
+
+    Arguments as ``write_chunk_cache``, whose cache this returns. The state (Titans Eqs. 16-17,
+    Eq. 88 over the segment): W_n = W_0 A_1..A_n + sum_j S_j A_{j+1}..A_n on the key side,
+    W_n = (prod_j alpha_j) W_0 + sum_j (prod_{i>j} alpha_i) S_j elsewhere."""
+    cache = write_chunk_cache(Pw, S, G, k, ep, alpha, beta, keyside)
+    S_all, _, _, R, full = cache[8:]  # the momenta, the suffix products, full
+    if keyside:
+        P_new = Pw @ full + np.einsum("bhjak,bhjkl->bhal", S_all, R)  # Eq. (88) over the segment
+    else:
         P_new = full[..., None, None] * Pw + np.einsum("bhj,bhjuv->bhuv", R, S_all)  # Eq. (88)
-    return P_new, S_all[:, :, -1], (Pw, S, G, k, ep, alpha, beta, keyside, S_all, c_mom, A, R, full)
+    return P_new, S_all[:, :, -1], cache
 
 
 def write_chunk_backward(dP_new, dS_new, cache):
@@ -308,12 +328,13 @@ def suffix_products_backward(A, R, dR, dfull):
     R_j's whole adjoint), dfull (B, H, d, d) the adjoint of full. The scan reversed: a prefix scan
     of adjoints, dR_{j+1} += A_{j+1}^T dR_j, and dA_{j+1} = dR_j R_{j+1}^T."""
     n = A.shape[2]
+    At, Rt = np.swapaxes(A, -1, -2), np.swapaxes(R, -1, -2)  # (B, H, n, d, d)   views: A_j^T, R_j^T
     dA = np.zeros_like(A)
-    dA[:, :, 0] = dfull @ np.swapaxes(R[:, :, 0], -1, -2)
-    dR[:, :, 0] += np.swapaxes(A[:, :, 0], -1, -2) @ dfull
+    dA[:, :, 0] = dfull @ Rt[:, :, 0]
+    dR[:, :, 0] += At[:, :, 0] @ dfull
     for j in range(n - 1):  # R_j = A_{j+1} R_{j+1}, reversed
-        dA[:, :, j + 1] += dR[:, :, j] @ np.swapaxes(R[:, :, j + 1], -1, -2)
-        dR[:, :, j + 1] += np.swapaxes(A[:, :, j + 1], -1, -2) @ dR[:, :, j]
+        dA[:, :, j + 1] += dR[:, :, j] @ Rt[:, :, j + 1]
+        dR[:, :, j + 1] += At[:, :, j + 1] @ dR[:, :, j]
     return dA
 
 
