@@ -35,6 +35,9 @@ Decisions where the paper is open (all in SPEC.md#memory):
   window is truncated at the sequence start, and the gradient inside a chunk is taken at the
   previous chunk's final state (SPEC.md#memory, SPEC.md#chunks).
 - Read after write, ``y_t = M_t q_t`` (SPEC.md#chunks).
+
+CuPy-safe (SPEC.md#backends): NumPy only through the name ``np``; the GPU port runs this module's
+source with ``np`` rebound to CuPy (fast/gpu/namespace.py).
 """
 
 from __future__ import annotations
@@ -436,7 +439,6 @@ def prox_step_size_backward(deta_prox, eta, k):
     return deta_prox / denom**2, -2 * (deta_prox * eta_prox**2)[..., None] * k
 
 
-_prox_step_size_backward = prox_step_size_backward  # alias for reference/selfmod.py until its refactor lands
 
 
 def dgd_forward(q, k, v, eta, alpha, M0):

@@ -48,6 +48,9 @@ Decisions where the paper is open (all in SPEC.md#optimizers):
 - M3: Algorithm 1's signs and ``f`` (not Eq. 75's), sums as printed (EMAs an option), the slow
   momentum takes exactly the f gradients of the chunk that just ended, ``sqrt(V) + eps``.
 - Non-finite gradients raise ValueError naming the parameter (no silent skip).
+
+CuPy-safe (SPEC.md#backends): NumPy only through the name ``np``; the GPU port runs this module's
+source with ``np`` rebound to CuPy (fast/gpu/namespace.py).
 """
 
 from __future__ import annotations

@@ -36,6 +36,9 @@ inner-gradient backward. Every function computes in its input's dtype and accept
 where the function is analytic (so the complex-step gradient check applies): stabilising shifts
 (the max in softmax) use the real part as a constant, and masks never touch the complex path.
 Inputs are never mutated; outputs never alias inputs.
+
+CuPy-safe (SPEC.md#backends): NumPy only through the name ``np``; the GPU port runs this module's
+source with ``np`` rebound to CuPy (fast/gpu/namespace.py).
 """
 
 from __future__ import annotations

@@ -36,6 +36,9 @@ definition: the oracle) and ``memory_chunked_forward`` (per chunk, the inner gra
 rank-1 factors and the momentum/retention recurrences folded into scalar weights computed from
 cumulative products, Titans Eqs. (16)-(18)). Each has its own hand-written backward; the
 derivation is docs/titans-backward.md.
+
+CuPy-safe (SPEC.md#backends): NumPy only through the name ``np``; the GPU port runs this module's
+source with ``np`` rebound to CuPy (fast/gpu/namespace.py).
 """
 
 from __future__ import annotations
