@@ -37,6 +37,11 @@ where the function is analytic (so the complex-step gradient check applies): sta
 (the max in softmax) use the real part as a constant, and masks never touch the complex path.
 Inputs are never mutated; outputs never alias inputs.
 
+Where things live: this module has the element-wise activations, linear, embedding, the norms
+and SwiGLU; the token-mixing ops (conv1d, RoPE, softmax, attention, cross-entropy) are in
+reference/sequence_ops.py and the argument checks in reference/array_checks.py. Every name stays
+importable from here (re-exported below).
+
 CuPy-safe (SPEC.md#backends): NumPy only through the name ``np``; the GPU port runs this module's
 source with ``np`` rebound to CuPy (fast/gpu/namespace.py).
 """
@@ -45,58 +50,29 @@ from __future__ import annotations
 
 import numpy as np
 
+# The argument checks live in reference/array_checks.py; re-exported.
+from .array_checks import _FLOAT_DTYPES, _real_dtype, check_shape, float_array, int_array  # noqa: F401
+
+# The token-mixing ops live in reference/sequence_ops.py; re-exported.
+from .sequence_ops import (  # noqa: F401
+    _rotate,
+    _softmax,
+    attention_backward,
+    attention_forward,
+    conv1d_backward,
+    conv1d_forward,
+    cross_entropy_backward,
+    cross_entropy_forward,
+    rope_backward,
+    rope_cos_sin,
+    rope_forward,
+    softmax_backward,
+    softmax_forward,
+)
+
 # ---------------------------------------------------------------------------------------------
-# Input checking: every bad input is a ValueError naming the argument and the expected shape.
+# The gradient of a broadcast parameter (the argument checks are in reference/array_checks.py).
 # ---------------------------------------------------------------------------------------------
-
-_FLOAT_DTYPES = (np.float32, np.float64, np.complex64, np.complex128)
-
-
-def _real_dtype(dtype) -> np.dtype:
-    return np.finfo(dtype).dtype
-
-
-def float_array(name: str, a, expected: str, ndim: int | None = None, min_ndim: int = 0, like=None):
-    """Return ``a`` as an ndarray (no copy) after checking its dtype and rank.
-
-    ``expected`` is the shape written for the error message, e.g. ``"(B, T, D)"``. ``like``: an
-    array whose precision ``a`` must share (float32 with float32/complex64, float64 with
-    float64/complex128).
-    Public: the CPU port's ops check their arguments with it (fast/cpu/primitives.py).
-    """
-    a = np.asarray(a)
-    if a.dtype.type not in _FLOAT_DTYPES:
-        raise ValueError(
-            f"{name} must be a float32 or float64 array of shape {expected}, got dtype {a.dtype}"
-        )
-    if (ndim is not None and a.ndim != ndim) or a.ndim < min_ndim:
-        raise ValueError(f"{name} must have shape {expected}, got shape {a.shape}")
-    if like is not None and _real_dtype(a.dtype) != _real_dtype(like.dtype):
-        raise ValueError(
-            f"{name} must have the same precision as the input ({like.dtype}) and shape {expected}, "
-            f"got dtype {a.dtype}"
-        )
-    return a
-
-
-def int_array(name: str, a, expected: str, upper: int | None = None):
-    """An integer array; with ``upper``, every entry must lie in [0, upper).
-    Public: the CPU port's ops check their arguments with it (fast/cpu/primitives.py).
-    """
-    a = np.asarray(a)
-    if a.dtype.kind not in "iu":
-        raise ValueError(f"{name} must be an integer array of shape {expected}, got dtype {a.dtype}")
-    if upper is not None and a.size and (a.min() < 0 or a.max() >= upper):
-        raise ValueError(
-            f"{name} must lie in [0, {upper}) (shape {expected}), got values in [{a.min()}, {a.max()}]"
-        )
-    return a
-
-
-def check_shape(name: str, a: np.ndarray, shape: tuple, expected: str) -> None:
-    """ValueError unless ``a.shape == shape``. Public: the CPU port uses it (fast/cpu/primitives.py)."""
-    if a.shape != tuple(shape):
-        raise ValueError(f"{name} must have shape {expected} = {tuple(shape)}, got shape {a.shape}")
 
 
 def _lead_sum(a: np.ndarray, keep: int) -> np.ndarray:
@@ -416,232 +392,3 @@ def swiglu_backward(dy, cache):
     dW_gate = np.einsum("...f,...d->fd", da, x, optimize=True)  # (F, D)
     dW_up = np.einsum("...f,...d->fd", du, x, optimize=True)  # (F, D)
     return dx, dW_gate, dW_up, dW_down
-
-
-# ---------------------------------------------------------------------------------------------
-# Causal depthwise convolution with a carried state (streaming).
-# ---------------------------------------------------------------------------------------------
-
-
-def conv1d_forward(x, w, b=None, state=None):
-    """Causal depthwise convolution of width K over time. Returns (y, cache, new_state).
-
-    y[:, t] = b + sum_j w[:, j] * xp[:, t + j], xp = concat(state, x) of shape (B, K-1+T, D):
-    w[:, K-1] multiplies the current token. ``state`` (B, K-1, D) holds the last K-1 inputs of the
-    previous call (zeros when None); new_state = the last K-1 rows of xp, so one call over T
-    tokens equals chained calls that carry the state.
-    """
-    x = float_array("x", x, "(B, T, D)", ndim=3)
-    Bn, T, D = x.shape
-    w = float_array("w", w, "(D, K)", ndim=2, like=x)
-    if w.shape[0] != D or w.shape[1] < 1:
-        raise ValueError(f"w must have shape (D, K) with D = {D} and K >= 1, got shape {w.shape}")
-    K = w.shape[1]
-    if b is not None:
-        b = float_array("b", b, "(D,)", ndim=1, like=x)
-        check_shape("b", b, (D,), "(D,)")
-    had_state = state is not None
-    if had_state:
-        state = float_array("state", state, "(B, K-1, D)", ndim=3, like=x)
-        check_shape("state", state, (Bn, K - 1, D), "(B, K-1, D)")
-    else:
-        state = np.zeros((Bn, K - 1, D), dtype=x.dtype)
-    xp = np.concatenate([state, x], axis=1)  # (B, K-1+T, D)
-    y = np.zeros(x.shape, dtype=np.result_type(x, w))  # (B, T, D)
-    for j in range(K):
-        y = y + w[:, j] * xp[:, j : j + T]  # (B, T, D)
-    if b is not None:
-        y = y + b
-    new_state = xp[:, T:].copy()  # (B, K-1, D)
-    return y, (xp, w, b is not None), new_state
-
-
-def conv1d_backward(dy, cache, dnew_state=None):
-    """Returns (dx, dw, db, dstate); db is None without a bias; dstate is (B, K-1, D) always.
-
-    ``dnew_state`` (optional, (B, K-1, D)): the gradient reaching the returned state from a later
-    call, so a chain of calls is differentiated exactly (the state's rows are copies of inputs).
-    """
-    xp, w, has_b = cache
-    Bn, TK, D = xp.shape
-    K = w.shape[1]
-    T = TK - (K - 1)
-    dy = float_array("dy", dy, "(B, T, D)", ndim=3, like=xp)
-    check_shape("dy", dy, (Bn, T, D), "(B, T, D)")
-    dxp = np.zeros(xp.shape, dtype=np.result_type(xp, dy))  # (B, K-1+T, D)
-    dw = np.zeros(w.shape, dtype=dxp.dtype)  # (D, K)
-    for j in range(K):
-        dxp[:, j : j + T] += dy * w[:, j]
-        dw[:, j] = np.einsum("btd,btd->d", dy, xp[:, j : j + T])
-    if dnew_state is not None:
-        dnew_state = float_array("dnew_state", dnew_state, "(B, K-1, D)", ndim=3, like=xp)
-        check_shape("dnew_state", dnew_state, (Bn, K - 1, D), "(B, K-1, D)")
-        dxp[:, T:] += dnew_state
-    db = np.einsum("btd->d", dy) if has_b else None  # (D,)
-    return dxp[:, K - 1 :].copy(), dw, db, dxp[:, : K - 1].copy()
-
-
-# ---------------------------------------------------------------------------------------------
-# Rotary position embedding.
-# ---------------------------------------------------------------------------------------------
-
-
-def rope_cos_sin(positions, dh, base, dtype):
-    """cos and sin (T, dh/2) of the angles positions[t] base^(-2i/dh), in float64, cast to dtype's real type.
-    Public: the CPU port's RoPE uses it (fast/cpu/primitives.py)."""
-    i = np.arange(dh // 2, dtype=np.float64)  # (dh/2,)
-    theta = base ** (-2.0 * i / dh)  # (dh/2,)
-    angle = np.einsum("t,i->ti", positions.astype(np.float64), theta)  # (T, dh/2)
-    real = _real_dtype(dtype)
-    return np.cos(angle).astype(real), np.sin(angle).astype(real)
-
-
-def _rotate(x, cos, sin):
-    """Rotate each interleaved pair (x[2i], x[2i+1]) by the angle whose cos/sin are given."""
-    x0 = x[..., 0::2]  # (..., T, dh/2)
-    x1 = x[..., 1::2]
-    y = np.empty_like(x)
-    y[..., 0::2] = x0 * cos - x1 * sin
-    y[..., 1::2] = x0 * sin + x1 * cos
-    return y
-
-
-def rope_forward(x, positions, base=10000.0):
-    """Rotary embedding: x (..., T, dh), dh even; positions int (T,) (absolute, may be offset).
-
-    Pair i = (x[2i], x[2i+1]) is rotated by angle positions[t] * base^(-2i/dh).
-    """
-    x = float_array("x", x, "(..., T, dh) with dh even", min_ndim=2)
-    T, dh = x.shape[-2:]
-    if dh % 2:
-        raise ValueError(f"x must have shape (..., T, dh) with dh even, got shape {x.shape}")
-    positions = int_array("positions", positions, "(T,)")
-    check_shape("positions", positions, (T,), "(T,)")
-    cos, sin = rope_cos_sin(positions, dh, float(base), x.dtype)  # (T, dh/2)
-    return _rotate(x, cos, sin), (cos, sin)
-
-
-def rope_backward(dy, cache):
-    """The transpose of a rotation is the rotation by the opposite angle."""
-    cos, sin = cache
-    dy = float_array("dy", dy, "(..., T, dh)", min_ndim=2)
-    if dy.shape[-2:] != (cos.shape[0], 2 * cos.shape[1]):
-        raise ValueError(
-            f"dy must have shape (..., T, dh) = (..., {cos.shape[0]}, {2 * cos.shape[1]}), got {dy.shape}"
-        )
-    return _rotate(dy, cos, -sin)
-
-
-# ---------------------------------------------------------------------------------------------
-# Softmax and attention.
-# ---------------------------------------------------------------------------------------------
-
-
-def _softmax(x, axis, mask=None):
-    """Stable softmax; the shift is the (real) max, a constant, so complex input stays analytic.
-    Entries where ``mask`` is False get weight exactly 0."""
-    if mask is None:
-        e = np.exp(x - np.max(x.real, axis=axis, keepdims=True))
-    else:  # masked entries are shifted to 0 first, so they can never overflow
-        m = np.max(np.where(mask, x.real, -np.inf), axis=axis, keepdims=True)
-        e = np.where(mask, np.exp(np.where(mask, x - m, 0)), 0)
-    return e / np.sum(e, axis=axis, keepdims=True)
-
-
-def softmax_forward(x, axis=-1):
-    """y = exp(x) / sum(exp(x)) along ``axis``."""
-    x = float_array("x", x, "(...)", min_ndim=1)
-    if not -x.ndim <= axis < x.ndim:
-        raise ValueError(f"axis {axis} is out of range for x of shape {x.shape}")
-    y = _softmax(x, axis)
-    return y, (y, axis)
-
-
-def softmax_backward(dy, cache):
-    """dx = y (dy - <dy, y>) along the axis."""
-    y, axis = cache
-    dy = float_array("dy", dy, "(...) like y", like=y)
-    check_shape("dy", dy, y.shape, "y.shape")
-    return y * (dy - np.sum(dy * y, axis=axis, keepdims=True))
-
-
-def attention_forward(q, k, v, causal=True, scale=None):
-    """Softmax attention, NL Eqs. (62)-(63): y_t = sum_i s(k_i, q_t) v_i / sum_j s(k_j, q_t).
-
-    q (B, H, T_q, dh), k (B, H, T_k, dh), v (B, H, T_k, dv); s(k, q) = exp(scale q.k) with scale
-    1/sqrt(dh) by default. Causal: query t sits at absolute position T_k - T_q + t (the last query
-    aligns with the last key, as when streaming over a KV cache) and sees keys up to there.
-    """
-    q = float_array("q", q, "(B, H, T_q, dh)", ndim=4)
-    k = float_array("k", k, "(B, H, T_k, dh)", ndim=4, like=q)
-    v = float_array("v", v, "(B, H, T_k, dv)", ndim=4, like=q)
-    Bn, H, Tq, dh = q.shape
-    if k.shape[:2] != (Bn, H) or k.shape[3] != dh:
-        raise ValueError(f"k must have shape (B, H, T_k, dh) with B, H, dh = {Bn}, {H}, {dh}, got {k.shape}")
-    Tk = k.shape[2]
-    if v.shape[:3] != (Bn, H, Tk):
-        raise ValueError(f"v must have shape (B, H, T_k, dv) with B, H, T_k = {Bn}, {H}, {Tk}, got {v.shape}")
-    if causal and Tk < Tq:
-        raise ValueError(
-            f"k must have shape (B, H, T_k, dh) with T_k >= T_q = {Tq} when causal, got {k.shape}"
-        )
-    scale = 1.0 / np.sqrt(dh) if scale is None else scale
-    scale = float(scale)
-    scores = scale * np.einsum("bhqd,bhkd->bhqk", q, k, optimize=True)  # (B, H, T_q, T_k)
-    mask = None
-    if causal:
-        mask = np.arange(Tk)[None, :] <= np.arange(Tk - Tq, Tk)[:, None]  # (T_q, T_k)
-    p = _softmax(scores, axis=-1, mask=mask)  # (B, H, T_q, T_k): s(k_i, q) normalised, Eq. (63)
-    y = np.einsum("bhqk,bhkv->bhqv", p, v, optimize=True)  # (B, H, T_q, dv)  # Eq. (63)
-    return y, (q, k, v, p, scale)
-
-
-def attention_backward(dy, cache):
-    """Returns (dq, dk, dv)."""
-    q, k, v, p, scale = cache
-    dy = float_array("dy", dy, "(B, H, T_q, dv)", ndim=4, like=q)
-    check_shape("dy", dy, q.shape[:3] + v.shape[3:], "(B, H, T_q, dv)")
-    dv = np.einsum("bhqk,bhqv->bhkv", p, dy, optimize=True)  # (B, H, T_k, dv)
-    dp = np.einsum("bhqv,bhkv->bhqk", dy, v, optimize=True)  # (B, H, T_q, T_k)
-    ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))  # (B, H, T_q, T_k); 0 where masked
-    dq = scale * np.einsum("bhqk,bhkd->bhqd", ds, k, optimize=True)  # (B, H, T_q, dh)
-    dk = scale * np.einsum("bhqk,bhqd->bhkd", ds, q, optimize=True)  # (B, H, T_k, dh)
-    return dq, dk, dv
-
-
-# ---------------------------------------------------------------------------------------------
-# Cross-entropy (next-token loss).
-# ---------------------------------------------------------------------------------------------
-
-
-def cross_entropy_forward(logits, targets):
-    """loss = mean over all positions of logsumexp(logits) - logits[target].
-
-    logits (..., V), targets int (...) in [0, V). Returns (loss, cache), loss a 0-d scalar of the
-    logits' dtype.
-    """
-    logits = float_array("logits", logits, "(..., V)", min_ndim=1)
-    V = logits.shape[-1]
-    targets = int_array("targets", targets, "(...) = logits.shape[:-1]", upper=V)
-    check_shape("targets", targets, logits.shape[:-1], "logits.shape[:-1]")
-    flat = logits.reshape(-1, V)  # (N, V)
-    t = targets.reshape(-1)  # (N,)
-    m = np.max(flat.real, axis=-1, keepdims=True)  # (N, 1), a constant shift
-    lse = np.log(np.sum(np.exp(flat - m), axis=-1)) + m[:, 0]  # (N,)
-    picked = flat[np.arange(flat.shape[0]), t]  # (N,)
-    loss = np.mean(lse - picked) if flat.shape[0] else flat.dtype.type(0)
-    return loss, (flat, t, lse, logits.shape)
-
-
-def cross_entropy_backward(dloss, cache):
-    """dlogits = dloss (softmax(logits) - onehot(target)) / N."""
-    flat, t, lse, shape = cache
-    dloss = np.asarray(dloss)
-    if dloss.shape != ():
-        raise ValueError(f"dloss must be a scalar (shape ()), got shape {dloss.shape}")
-    N = flat.shape[0]
-    d = np.exp(flat - lse[:, None])  # (N, V) softmax
-    d[np.arange(N), t] -= 1
-    dtype = np.result_type(flat.dtype, dloss.dtype) if np.iscomplexobj(dloss) else flat.dtype
-    d = d * (dloss / max(N, 1)).astype(dtype)  # (N, V)
-    return d.reshape(shape)

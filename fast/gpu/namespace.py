@@ -51,8 +51,8 @@ from .einsum import PlannedEinsum
 # The reference modules the GPU port runs, in dependency order (each imports only earlier ones).
 # The model driver (reference/model.py, blocks.py) is not among them: it runs on the host with these
 # modules as its ops (``pkg.model``, reference/contract.py ``Ops``), as it does for the CPU port.
-MODULES = ("primitives", "mlp_memory", "memory", "titans", "selfmod_memory", "selfmod_config", "selfmod", "cms",
-           "classic_optimizers", "deep_optimizers", "optimizers")
+MODULES = ("array_checks", "sequence_ops", "primitives", "mlp_memory", "memory", "titans", "selfmod_memory",
+           "selfmod_config", "selfmod", "cms", "classic_optimizers", "deep_optimizers", "optimizers")
 _REF = "nested_learning.reference"
 _LOADED: dict[tuple[str, str, str], types.ModuleType] = {}
 
