@@ -1,6 +1,6 @@
-"""``python -m nested_learning``: the same command line as ``nested-learning``."""
+"""``python -m nlref``: the same command line as ``nested-learning``."""
 
-from nested_learning.cli import main
+from nlref.cli import main
 
 if __name__ == "__main__":
     main()

@@ -8,9 +8,9 @@ per-backend choices from here; nothing else lists the names.
 
 | name        | model module                       | arrays on | needs                                 |
 | ----------- | ---------------------------------- | --------- | ------------------------------------- |
-| "reference" | ``nested_learning.reference.model`` | host      | NumPy                                 |
-| "cpu"       | ``nested_learning.fast.cpu.model``  | host      | Numba (valid ``NL_CPU_*`` settings)   |
-| "gpu"       | ``nested_learning.fast.gpu.model``  | device    | CuPy and a CUDA device (or ``NL_GPU_NAMESPACE=numpy``) |
+| "reference" | ``nlref.reference.model`` | host      | NumPy                                 |
+| "cpu"       | ``nlref.fast.cpu.model``  | host      | Numba (valid ``NL_CPU_*`` settings)   |
+| "gpu"       | ``nlref.fast.gpu.model``  | device    | CuPy and a CUDA device (or ``NL_GPU_NAMESPACE=numpy``) |
 
 Every model module has the same public functions (``init_params``, ``init_state``, ``forward``,
 ``loss_and_grads``, ``cms_increments``, ``loss_with_increments``, ``param_shapes``,
@@ -168,10 +168,10 @@ class Backend:
 
 
 _BACKENDS = {
-    "reference": Backend("reference", "nested_learning.reference.model", "cpu",
+    "reference": Backend("reference", "nlref.reference.model", "cpu",
                          "the NumPy reference, the executable specification"),
-    "cpu": Backend("cpu", "nested_learning.fast.cpu.model", "cpu", "the Numba port (SPEC.md#fast-cpu)"),
-    "gpu": Backend("gpu", "nested_learning.fast.gpu.model", "gpu",
+    "cpu": Backend("cpu", "nlref.fast.cpu.model", "cpu", "the Numba port (SPEC.md#fast-cpu)"),
+    "gpu": Backend("gpu", "nlref.fast.gpu.model", "gpu",
                    "the CuPy port: the reference's code over CuPy (SPEC.md#fast-gpu)"),
 }
 assert tuple(_BACKENDS) == NAMES

@@ -58,7 +58,7 @@ either GPU row's first call (in gpu_info's matrix product; in the torch-cuda bac
 a first call holds kernel compilation and first-use costs, not the context's creation. Without
 CuPy or a CUDA device these rows say ``no GPU: <reason>`` and the other backends still run.
 
-``startup_times`` (``python -m nested_learning.bench startup [PRESET]``) measures the cached
+``startup_times`` (``python -m nlref.bench startup [PRESET]``) measures the cached
 compile: two fresh Python processes, one after the other, with the same ``NUMBA_CACHE_DIR`` (a new
 empty directory unless given), each timed from its launch to the end of its first CPU-port training
 step at batch 4 x 256 (imports, parameters, compile or cache load, the step).
@@ -665,9 +665,9 @@ _STARTUP_SCRIPT = """
 import time
 t0 = time.perf_counter()
 import numpy as np
-from nested_learning import config
-from nested_learning.fast.cpu import model
-from nested_learning.reference import optimizers
+from nlref import config
+from nlref.fast.cpu import model
+from nlref.reference import optimizers
 cfg = config.preset({preset!r})
 params = model.init_params(cfg, 0)
 tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=({batch}, {seq_len}))
@@ -724,10 +724,10 @@ def startup_times(preset: str = "hope-small", runs: int = 2, cache_dir=None, bat
     return out
 
 
-if __name__ == "__main__":  # python -m nested_learning.bench startup [PRESET]
+if __name__ == "__main__":  # python -m nlref.bench startup [PRESET]
     import sys
 
     if len(sys.argv) >= 2 and sys.argv[1] == "startup":
         startup_times(sys.argv[2] if len(sys.argv) > 2 else "hope-small")
     else:
-        sys.exit("usage: python -m nested_learning.bench startup [PRESET]")
+        sys.exit("usage: python -m nlref.bench startup [PRESET]")

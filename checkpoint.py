@@ -9,7 +9,7 @@ where ``<path>`` joins the keys of the nested dicts / lists. String metadata (al
 | key             | meaning                                                              |
 | --------------- | -------------------------------------------------------------------- |
 | ``format``      | ``nested-learning-checkpoint``; ``format_version`` its version       |
-| ``spec_version``| ``nested_learning.SPEC_VERSION`` of the code that wrote it           |
+| ``spec_version``| ``nlref.SPEC_VERSION`` of the code that wrote it           |
 | ``config``      | the resolved run config (model + training), JSON                     |
 | ``step``        | optimizer steps taken                                                |
 | ``rng_state``   | ``numpy`` bit-generator state(s) of the run                          |
@@ -208,7 +208,7 @@ def save_checkpoint(
     """Write one checkpoint file atomically (see the module docstring for its contents)."""
     from safetensors.numpy import save
 
-    from nested_learning import SPEC_VERSION
+    from nlref import SPEC_VERSION
 
     p_tensors, p_tree = flatten_tree(params, "params")
     o_tensors, o_tree = flatten_tree(opt_state, "opt")
@@ -292,7 +292,7 @@ def load_checkpoint(path: str | os.PathLike, expect_config: dict | None = None) 
     ``expect_config``: the model config the caller expects (a dict); every key it names must be
     equal in the checkpoint's ``config["model"]``, otherwise the checkpoint is from another model.
     """
-    from nested_learning import SPEC_VERSION
+    from nlref import SPEC_VERSION
 
     path = Path(path)
     tensors, metadata = _read_raw(path)

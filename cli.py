@@ -12,8 +12,8 @@ import sys
 
 import click
 
-from nested_learning import backends as _backends  # the backend names (imports no numpy, numba or cupy)
-from nested_learning.reference import cases as _cases  # the case modules' names (imports no numpy)
+from nlref import backends as _backends  # the backend names (imports no numpy, numba or cupy)
+from nlref.reference import cases as _cases  # the case modules' names (imports no numpy)
 
 # Reference modules whose gradient-check cases (reference/cases/<module>.py) ``nested-learning
 # check`` runs, in order (SPEC.md#gradient-checks).
@@ -24,7 +24,7 @@ CHECK_TOLERANCE = 1e-6
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="nested-learning")
+@click.version_option(package_name="nested-learning-reference")
 def cli() -> None:
     """Nested Learning (arXiv 2512.24695v1): reference, checks and training from the shell."""
 
@@ -45,10 +45,10 @@ def info(model_preset: str | None) -> None:
     import os
     import platform
 
-    import nested_learning
+    import nlref
 
-    click.echo(f"nested-learning {nested_learning.__version__} (spec {nested_learning.SPEC_VERSION}, "
-               f"paper {nested_learning.PAPER})")
+    click.echo(f"nested-learning {nlref.__version__} (spec {nlref.SPEC_VERSION}, "
+               f"paper {nlref.PAPER})")
     click.echo(f"python {platform.python_version()} on {platform.machine()} ({platform.system()})")
     for dist in ("numpy", "numba", "llvmlite", "scipy", "click", "safetensors", "cupy-cuda12x", "torch"):
         try:
@@ -77,8 +77,8 @@ def info(model_preset: str | None) -> None:
 
 def _model_info(name: str) -> None:
     """``info --model PRESET``: sizes of a model preset (SPEC.md#hope)."""
-    from nested_learning import config
-    from nested_learning.reference import model
+    from nlref import config
+    from nlref.reference import model
 
     try:
         cfg = config.preset(name)
@@ -123,8 +123,8 @@ def levels_(model_preset: str, batch_size: int | None, seq_len: int | None, opti
     memories and the outer parameters (every step of B x T tokens): its update frequency, context,
     objective, parameter count and the state it writes per sequence.
     """
-    from nested_learning import config
-    from nested_learning import levels as levels_mod
+    from nlref import config
+    from nlref import levels as levels_mod
 
     try:
         cfg = config.preset(model_preset)
@@ -145,7 +145,7 @@ def _gpu_status() -> str:
     try:
         import cupy
     except ImportError:
-        return "not usable (CuPy is not installed: pip install 'nested-learning[gpu]')"
+        return "not usable (CuPy is not installed: pip install 'nested-learning-reference[gpu]')"
     try:
         n = cupy.cuda.runtime.getDeviceCount()
         if n == 0:
@@ -170,8 +170,8 @@ def check(only: str | None, seed: int) -> None:
     """
     import numpy as np
 
-    from nested_learning.reference.cases import all_cases
-    from nested_learning.reference.gradcheck import check_gradients
+    from nlref.reference.cases import all_cases
+    from nlref.reference.gradcheck import check_gradients
 
     cases = [(name, make) for name, make in all_cases().items() if only is None or only in name]
     if not cases:
@@ -210,10 +210,10 @@ _RESUME_OK = ("steps", "eval_every", "checkpoint_every", "log_every")
 
 def _run_errors():
     """The user-facing error types of a run (each becomes a one-line ClickException)."""
-    from nested_learning.checkpoint import CheckpointError
-    from nested_learning.data import DataError
-    from nested_learning.rundir import RunDirError
-    from nested_learning.training import TrainingError
+    from nlref.checkpoint import CheckpointError
+    from nlref.data import DataError
+    from nlref.rundir import RunDirError
+    from nlref.training import TrainingError
 
     return (CheckpointError, DataError, RunDirError, TrainingError)
 
@@ -255,7 +255,7 @@ def train(config_file, resume_dir, out, overwrite, **flags) -> None:
     import time
     from pathlib import Path
 
-    from nested_learning import training
+    from nlref import training
 
     try:
         if resume_dir is not None:
@@ -312,8 +312,8 @@ def eval_(target, data, seq_len, batch_size, max_batches, continual, max_docs, d
     """Validation loss, perplexity and bits per byte of a checkpoint (or a run's last one)."""
     import numpy as np
 
-    from nested_learning import data as data_mod
-    from nested_learning import training
+    from nlref import data as data_mod
+    from nlref import training
 
     for name, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--max-batches", max_batches),
                         ("--max-docs", max_docs), ("--doc-bytes", doc_bytes)):
@@ -374,8 +374,8 @@ def generate(target, prompt, max_bytes, temperature, top_k, seed, backend) -> No
     import codecs
     import math
 
-    from nested_learning import data as data_mod
-    from nested_learning import training
+    from nlref import data as data_mod
+    from nlref import training
 
     if max_bytes < 0 or top_k < 0:
         raise click.BadParameter("--max-bytes and --top-k must be >= 0")
@@ -415,13 +415,13 @@ def plot(runs, out_file, smooth) -> None:
     """PNG of the training and validation loss curves of one or several runs (needs matplotlib)."""
     from pathlib import Path
 
-    from nested_learning import training
+    from nlref import training
 
     try:
         import matplotlib
     except ImportError:
         raise click.ClickException("plot needs matplotlib, which is not installed: "
-                                   "pip install 'nested-learning[plot]'") from None
+                                   "pip install 'nested-learning-reference[plot]'") from None
     if not 0 <= smooth < 1:
         raise click.BadParameter("must be in [0, 1)", param_hint="--smooth")
     matplotlib.use("Agg")
@@ -453,7 +453,7 @@ def plot(runs, out_file, smooth) -> None:
         fig.tight_layout()
         import io
 
-        from nested_learning.checkpoint import atomic_write_bytes
+        from nlref.checkpoint import atomic_write_bytes
 
         png = io.BytesIO()
         fig.savefig(png, format="png", dpi=100)
@@ -492,7 +492,7 @@ def toy_momentum(k, alpha, omega, lr, momentum, delta, zeta, steps, tol, out) ->
     import json
     from pathlib import Path
 
-    from nested_learning.reference import toy
+    from nlref.reference import toy
 
     rows = toy.compare(k=k, alpha=alpha, omega=omega, lr=lr, momentum=momentum, delta=delta, zeta=zeta,
                        steps=steps, tol=tol)
@@ -515,7 +515,7 @@ def toy_momentum(k, alpha, omega, lr, momentum, delta, zeta, steps, tol, out) ->
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        click.echo("matplotlib is not installed, so no PNG was written: pip install 'nested-learning[plot]'")
+        click.echo("matplotlib is not installed, so no PNG was written: pip install 'nested-learning-reference[plot]'")
         return
     png = Path(out) / "toy_momentum.png"
     toy.plot(rows, png, k=k, alpha=alpha, omega=omega)
@@ -540,7 +540,7 @@ def conformance() -> None:
 @click.option("--only", default=None, metavar="SUBSTRING", help="Write only the vectors whose name contains this.")
 def conformance_export(directory, seed, dtypes, only) -> None:
     """Write the reference's vectors for every op and model family into DIRECTORY (npz + manifest)."""
-    from nested_learning import conformance as conf
+    from nlref import conformance as conf
 
     files = conf.export(directory, seed=seed, dtypes=dtypes or ("float64", "float32"), only=only)
     if not files:
@@ -555,7 +555,7 @@ def conformance_export(directory, seed, dtypes, only) -> None:
 @click.option("--only", default=None, metavar="SUBSTRING", help="Check only the vectors whose name contains this.")
 def conformance_verify(directory, backend, only) -> None:
     """Check a backend against the vectors in DIRECTORY: a per-tensor table; exit 1 on a mismatch."""
-    from nested_learning import conformance as conf
+    from nlref import conformance as conf
 
     try:  # a backend that cannot run here is a ConformanceError saying why
         rows = conf.verify(directory, backend=backend, only=only)
@@ -614,7 +614,7 @@ def bench(presets, backends, batch_size, seq_len, dtype, repeats, decode_context
     first-call (compile) time, and decode time per token at each context length. Exits 1 when a
     row failed with an error (its traceback is printed; the other rows still run).
     """
-    from nested_learning import bench as b
+    from nlref import bench as b
 
     try:
         rows = b.run(presets=presets, backends=backends, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
@@ -661,11 +661,11 @@ def _experiment_options(fn):
 def _run_experiment(module: str, **kwargs) -> None:
     import importlib
 
-    from nested_learning import training
-    from nested_learning.experiments import common
+    from nlref import training
+    from nlref.experiments import common
 
     try:
-        mod = importlib.import_module(f"nested_learning.experiments.{module}")
+        mod = importlib.import_module(f"nlref.experiments.{module}")
         specs = [common.parse_model_spec(m) for m in kwargs.pop("models")] or None
         mod.run(models=specs, echo=click.echo, **kwargs)
     except (common.ExperimentError, training.TrainingError, ValueError) as exc:

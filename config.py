@@ -1,10 +1,10 @@
-"""``from nested_learning import config``: the model configuration (frozen dataclasses, presets).
+"""``from nlref import config``: the model configuration (frozen dataclasses, presets).
 
-A re-export of ``nested_learning.reference.config`` (standard library only: importing it never
+A re-export of ``nlref.reference.config`` (standard library only: importing it never
 imports numba or cupy). See SPEC.md#hope and SPEC.md#public-api.
 """
 
-from nested_learning.reference.config import (  # noqa: F401
+from nlref.reference.config import (  # noqa: F401
     ACTIVATIONS,
     CMS_VARIANTS,
     DTYPES,

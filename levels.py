@@ -83,7 +83,7 @@ def _memory_state(params, cfg) -> dict[str, int]:
     (the state after one token of one sequence; every block's layer has the same state)."""
     import numpy as np
 
-    from nested_learning.reference import model
+    from nlref.reference import model
 
     _, state = model.forward(params, np.zeros((1, 1), dtype=np.int64), cfg)
     return {k: int(np.size(v)) for k, v in state["mem"][0].items()
@@ -107,9 +107,9 @@ def levels(cfg, batch_size: int | None = None, seq_len: int | None = None,
     """
     import numpy as np
 
-    from nested_learning.reference import config as config_mod
-    from nested_learning.reference import model
-    from nested_learning.training import TrainConfig
+    from nlref.reference import config as config_mod
+    from nlref.reference import model
+    from nlref.training import TrainConfig
 
     if isinstance(cfg, str):
         cfg = config_mod.preset(cfg)
@@ -118,7 +118,7 @@ def levels(cfg, batch_size: int | None = None, seq_len: int | None = None,
     opt = TrainConfig.optimizer if optimizer is None else optimizer
     if B < 1 or T < 1:
         raise ValueError(f"batch_size and seq_len must be >= 1, got {B} and {T}")
-    from nested_learning.reference import optimizers
+    from nlref.reference import optimizers
 
     outer_opt = optimizers.make(opt)  # unknown name: ValueError listing the valid ones
     params = model.init_params(cfg, seed=0)
@@ -217,7 +217,7 @@ def levels(cfg, batch_size: int | None = None, seq_len: int | None = None,
 
 def table(cfg, batch_size: int | None = None, seq_len: int | None = None, optimizer: str | None = None) -> str:
     """The levels of ``cfg`` as a text table, fastest first (``nested-learning levels``)."""
-    from nested_learning.reference import config as config_mod
+    from nlref.reference import config as config_mod
 
     if isinstance(cfg, str):
         cfg = config_mod.preset(cfg)
@@ -253,7 +253,7 @@ def table(cfg, batch_size: int | None = None, seq_len: int | None = None, optimi
 
 def to_json(cfg, batch_size: int | None = None, seq_len: int | None = None, optimizer: str | None = None) -> str:
     """The levels of ``cfg`` as JSON: ``{"model", "family", "total_params", "levels": [...]}``."""
-    from nested_learning.reference import config as config_mod
+    from nlref.reference import config as config_mod
 
     if isinstance(cfg, str):
         cfg = config_mod.preset(cfg)

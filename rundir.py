@@ -215,8 +215,8 @@ def estimate_step_bytes(rc) -> dict:
     stream, its norm and the mixer's and MLP's inputs (4 B T D) plus the widest hidden layer
     (B T F); attention's scores (B H T^2 per block). Returns the parts and their sum.
     """
-    from nested_learning.reference import model
-    from nested_learning.reference.contract import has_attention
+    from nlref.reference import model
+    from nlref.reference.contract import has_attention
 
     mc, tc = rc.model, rc.train
     item = 8 if mc.dtype == "float64" else 4

@@ -64,8 +64,8 @@ try:
     import torch.nn.functional as F
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(
-        "nested_learning.torch_model needs PyTorch, which is not installed: install the 'oracle' extra "
-        "(pip install 'nested-learning[oracle]', which pins torch==2.13.0)"
+        "nlref.torch_model needs PyTorch, which is not installed: install the 'oracle' extra "
+        "(pip install 'nested-learning-reference[oracle]', which pins torch==2.13.0)"
     ) from exc
 
 from .config import ModelConfig

@@ -51,10 +51,10 @@ from pathlib import Path
 
 import numpy as np
 
-from nested_learning import backends as backends_mod
-from nested_learning import checkpoint as ckpt
-from nested_learning import data as data_mod
-from nested_learning import rundir
+from nlref import backends as backends_mod
+from nlref import checkpoint as ckpt
+from nlref import data as data_mod
+from nlref import rundir
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
@@ -193,7 +193,7 @@ def read_toml(path: str | os.PathLike) -> dict:
 
 def resolve_config(file: dict | None = None, flags: dict | None = None) -> RunConfig:
     """Defaults, then the TOML file's values, then the command-line flags (``None`` = not given)."""
-    from nested_learning import config as model_config
+    from nlref import config as model_config
 
     file = dict(file or {})
     model_overrides = dict(file.pop("model", {}))
@@ -238,7 +238,7 @@ def resolve_config(file: dict | None = None, flags: dict | None = None) -> RunCo
 
 def run_config_from_dict(d: dict) -> RunConfig:
     """Rebuild a RunConfig from ``RunConfig.to_dict()`` (a checkpoint's or a run's config)."""
-    from nested_learning import config as model_config
+    from nlref import config as model_config
 
     try:
         return RunConfig(TrainConfig(**d["train"]), model_config.from_dict(d["model"]), dict(d.get("optimizer_hparams", {})))

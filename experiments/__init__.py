@@ -27,6 +27,6 @@ Nothing here imports numpy, numba or matplotlib at import time of this package.
 """
 
 EXPERIMENTS = {
-    "continual": "nested_learning.experiments.continual",
-    "recall": "nested_learning.experiments.recall",
+    "continual": "nlref.experiments.continual",
+    "recall": "nlref.experiments.recall",
 }

@@ -63,7 +63,7 @@ class ModelSpec:
 
 def parse_model_spec(text: str) -> ModelSpec:
     """``PRESET`` or ``PRESET:key=value,key=value`` (values as TOML literals) -> ModelSpec."""
-    from nested_learning import config
+    from nlref import config
 
     preset, _, rest = text.partition(":")
     preset = preset.strip()
@@ -87,7 +87,7 @@ def parse_model_spec(text: str) -> ModelSpec:
 def run_config(spec: ModelSpec, *, steps: int, batch_size: int, seq_len: int, lr: float, backend: str,
                seed: int, data: str | None, eval_batches: int = 1):
     """The ``training.RunConfig`` of one run of ``spec`` (an ExperimentError for a bad override)."""
-    from nested_learning import training
+    from nlref import training
 
     flags = {"preset": spec.preset, "steps": steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
              "backend": backend, "seed": seed, "data": data, "checkpoint_every": 0, "log_every": max(1, steps),
@@ -100,7 +100,7 @@ def run_config(spec: ModelSpec, *, steps: int, batch_size: int, seq_len: int, lr
 
 def model_facts(spec: ModelSpec, backend: str) -> dict:
     """Label, preset, overrides, family, parameter count and the resolved config of ``spec``."""
-    from nested_learning.reference import model as ref_model
+    from nlref.reference import model as ref_model
 
     mc = run_config(spec, steps=1, batch_size=1, seq_len=1, lr=1e-3, backend=backend, seed=0, data=None).model
     return {**spec.to_dict(), "family": mc.family, "parameters": int(sum(ref_model.param_counts(mc).values())),
@@ -127,9 +127,9 @@ def train_phase(spec: ModelSpec, *, data_dir: Path, run_dir: Path, seed: int, st
     step-0 checkpoint that the loop resumes (module docstring). ``data_seed``: the seed of the
     data order of a continued phase (default ``[seed, 1]``).
     """
-    from nested_learning import checkpoint as ckpt
-    from nested_learning import data as data_mod
-    from nested_learning import training
+    from nlref import checkpoint as ckpt
+    from nlref import data as data_mod
+    from nlref import training
 
     rc = run_config(spec, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, backend=backend, seed=seed,
                     data=str(data_dir))
@@ -157,7 +157,7 @@ def train_phase(spec: ModelSpec, *, data_dir: Path, run_dir: Path, seed: int, st
 
 def backend_model(backend: str):
     """``backends.get(backend)`` after ``training.check_backend`` (one clear error otherwise)."""
-    from nested_learning import backends, training
+    from nlref import backends, training
 
     try:
         training.check_backend(backend)

@@ -34,9 +34,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nested_learning.experiments import common
-from nested_learning.experiments import domains as dom
-from nested_learning.experiments.common import ModelSpec
+from nlref.experiments import common
+from nlref.experiments import domains as dom
+from nlref.experiments.common import ModelSpec
 
 QUESTION = ("When a model is trained on several text domains one after another, does Hope with in-context CMS "
             "forget the earlier domains less than Hope with its CMS frozen in context, Titans and Transformer++? "
@@ -106,8 +106,8 @@ def _test_time(params, mc, domain_list, scale: Scale, backend: str) -> dict:
     """Carried vs reset fast states over held-out documents of every domain, in domain order."""
     import numpy as np
 
-    from nested_learning import data as data_mod
-    from nested_learning import training
+    from nlref import data as data_mod
+    from nlref import training
 
     names, contents, owner = [], [], []
     for d in domain_list:
@@ -146,7 +146,7 @@ def run(out, *, scale_name: str = "quick", n_seeds: int = 3, backend: str | None
     """Run the experiment into ``out``; return the results (also written as results.json)."""
     import numpy as np
 
-    from nested_learning import backends, training
+    from nlref import backends, training
 
     t_start = time.perf_counter()
     scale = SCALES[scale_name]

@@ -37,7 +37,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from nested_learning.experiments.common import ExperimentError
+from nlref.experiments.common import ExperimentError
 
 MIN_FILES = 4
 MIN_BYTES = 64 * 1024
@@ -83,7 +83,7 @@ class Domain:
 
 
 def _stdlib_python() -> tuple[str, dict]:
-    from nested_learning import data
+    from nlref import data
 
     root, rels = data.default_corpus_files()
     return f"the standard library's *.py files ({root})", {r: root / r for r in rels}
@@ -115,7 +115,7 @@ def _debian_licenses() -> tuple[str, dict]:
 
 
 def _stdlib_prose() -> tuple[str, dict]:
-    from nested_learning import data
+    from nlref import data
 
     root = data.stdlib_root()
     files = {}
@@ -142,7 +142,7 @@ CANDIDATES = {
 
 def _clean(files: dict) -> tuple[dict, int, int, dict]:
     """Drop unreadable, empty, binary and duplicate files: (kept, duplicates, binary, digests)."""
-    from nested_learning import data
+    from nlref import data
 
     kept, seen, dups, binary, digests = {}, set(), 0, 0, {}
     for name in sorted(files):
@@ -166,7 +166,7 @@ def _clean(files: dict) -> tuple[dict, int, int, dict]:
 
 
 def make_domain(name: str, source: str, files: dict, cleaned=None) -> Domain:
-    from nested_learning import data
+    from nlref import data
 
     kept, dups, binary, digests = _clean(files) if cleaned is None else cleaned
     if len(kept) < 2:
@@ -198,7 +198,7 @@ def builtin_domains() -> tuple[list[Domain], list[dict]]:
 
 def user_domain(spec: str) -> Domain:
     """``NAME=PATH`` (a directory or glob of text files) -> Domain."""
-    from nested_learning import data
+    from nlref import data
 
     name, eq, path = spec.partition("=")
     name, path = name.strip(), path.strip()
@@ -257,7 +257,7 @@ def materialise_train(domain: Domain, where: Path) -> Path:
 
 def eval_documents(domain: Domain) -> list[str]:
     """The documents an evaluation reads: the held-out files, in the split's (hash) order."""
-    from nested_learning import data
+    from nlref import data
 
     return sorted(domain.held_out, key=data.path_hash)
 

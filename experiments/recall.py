@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nested_learning.experiments import common, tasks
-from nested_learning.experiments.common import ModelSpec
+from nlref.experiments import common, tasks
+from nlref.experiments.common import ModelSpec
 
 QUESTION = ("Trained briefly on a synthetic recall task at one context length, how exactly do Hope, Titans and "
             "Transformer++ retrieve a single passkey and answer multi-query associative recall (MQAR) as the "
@@ -69,7 +69,7 @@ SCALES = {
 def write_training_data(task: str, seed: int, n: int, length: int, where: Path, per_file: int = 64) -> set:
     """``n`` training examples as text files of ``per_file`` whole examples each (plus one file for
     the training loop's own validation split); returns the examples' SHA-256 digests."""
-    from nested_learning import data as data_mod
+    from nlref import data as data_mod
 
     where.mkdir(parents=True, exist_ok=True)
     exs = tasks.examples(task, seed, length, n + per_file, "train")
@@ -115,7 +115,7 @@ def answer_scores(be, params, mc, exs, piece: int) -> tuple[float, float]:
 
 def run(out, *, scale_name: str = "quick", n_seeds: int = 3, backend: str | None = None, models=None,
         task_names=tasks.TASKS, echo=print) -> dict:
-    from nested_learning import backends
+    from nlref import backends
 
     t_start = time.perf_counter()
     scale = SCALES[scale_name]

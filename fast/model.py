@@ -5,9 +5,9 @@ SPEC: SPEC.md#fast-cpu, SPEC.md#fast-gpu, SPEC.md#public-api, SPEC.md#backends. 
 code over CuPy; NumPy in and out here). The functions compute the same values as
 ``reference/model.py`` (within the ("float32" | "float64", "port" | "gpu") rows of
 tests/tolerances.py) with the same arguments and return structures. Numba and CuPy are imported
-only when a function of their device is first called, never by ``import nested_learning.fast.model``.
+only when a function of their device is first called, never by ``import nlref.fast.model``.
 
-    from nested_learning.fast import model
+    from nlref.fast import model
     loss, grads = model.loss_and_grads(params, tokens, cfg, device="cpu")
     logits, state = model.forward(params, tokens, cfg, state=None, device="cpu")
 """

@@ -14,9 +14,9 @@ import importlib
 
 from .. import backends
 
-_REF = "nested_learning.reference."
-_CPU = "nested_learning.fast.cpu."
-_GPU = "nested_learning.fast.gpu.ops:"  # + "module.function": the reference's op run on the device
+_REF = "nlref.reference."
+_CPU = "nlref.fast.cpu."
+_GPU = "nlref.fast.gpu.ops:"  # + "module.function": the reference's op run on the device
 
 # Ops of reference/primitives.py that fast/cpu/primitives.py compiles (forward and backward).
 _PRIMITIVES = ("linear", "embedding", "rmsnorm", "l2norm", "silu", "gelu", "sigmoid", "swiglu", "conv1d",

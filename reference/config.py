@@ -18,7 +18,7 @@ Decisions where the paper is open (SPEC.md#hope, SPEC.md#cms):
     - every period of an in-context CMS level must be a multiple of the shortest one (the
       processing chunk of the model, SPEC.md#hope).
 
-This module imports only the standard library, so ``from nested_learning import config`` never
+This module imports only the standard library, so ``from nlref import config`` never
 pulls numpy's heavy friends, numba or cupy.
 """
 

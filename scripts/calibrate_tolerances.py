@@ -94,12 +94,12 @@ def draws(strategy, n: int) -> list:
 def m_gradcheck(n):
     """Central differences (e = 1e-6) vs every hand-written gradient the reference registers
     (GRADCHECKS of reference/cases/<module>.py, the cases ``nested-learning check`` runs), ``n`` seeds each."""
-    from nested_learning.cli import GRADCHECK_MODULES
-    from nested_learning.reference.gradcheck import check_gradients
+    from nlref.cli import GRADCHECK_MODULES
+    from nlref.reference.gradcheck import check_gradients
 
     worst, count = 0.0, 0
     for module_name in GRADCHECK_MODULES:
-        module = importlib.import_module(f"nested_learning.reference.cases.{module_name}")
+        module = importlib.import_module(f"nlref.reference.cases.{module_name}")
         for i, make in enumerate(module.GRADCHECKS.values()):
             if getattr(make, "method", "central") != "central":
                 continue
@@ -129,8 +129,8 @@ def m_primitive_vs_float64(n):
 def m_complex_step(n):
     """The complex step (h = 1e-30) vs the momentum inner gradient of reference/layer_rules.py, the
     draws of tests/reference/test_layer_rules.py::test_momentum_inner_grad_property (not the dot test)."""
-    from nested_learning.reference import layer_rules as LR
-    from nested_learning.reference.gradcheck import check_gradients
+    from nlref.reference import layer_rules as LR
+    from nlref.reference.gradcheck import check_gradients
 
     shapes = st.tuples(st.integers(0, 2**16), st.integers(1, 4), st.integers(1, 4), st.integers(1, 5))
     worst = 0.0
@@ -153,8 +153,8 @@ def m_rewrite(dtype):
         """reference/memory.py's chunk forms vs their token loops (Hebbian, delta, DGD; chunk sizes
         1, 2, 3, 16; outputs, final state, every gradient; float32 gradients on one scale, as
         tests/reference/test_memory.py::test_chunk_form_equals_token_loop)."""
-        from nested_learning.reference import memory as RM
-        from nested_learning.reference.cases import memory as RM_cases
+        from nlref.reference import memory as RM
+        from nlref.reference.cases import memory as RM_cases
 
         strategy = st.tuples(st.sampled_from(["hebbian", "delta", "dgd"]), st.sampled_from([1, 2, 3, 16]),
                              st.integers(1, 2), st.integers(1, 17), st.integers(1, 4), st.integers(1, 4),
@@ -201,8 +201,8 @@ def _port_mlp(n, dtype):
     from cases_fast import mlp_inputs
     from strategies import mlp_memory_configs
 
-    from nested_learning.fast.cpu import mlp_memory as F
-    from nested_learning.reference import mlp_memory as R
+    from nlref.fast.cpu import mlp_memory as F
+    from nlref.reference import mlp_memory as R
 
     worst, cases = 0.0, draws(mlp_memory_configs.map(lambda c: {**c, "dtype": dtype}), n)
     for c in cases:
@@ -224,8 +224,8 @@ def _port_titans(n, dtype):
     from cases_fast import titans_make
     from strategies import titans_layer_configs
 
-    from nested_learning.fast.cpu import titans as FT
-    from nested_learning.reference import titans as RT
+    from nlref.fast.cpu import titans as FT
+    from nlref.reference import titans as RT
 
     worst, cases = 0.0, draws(titans_layer_configs.map(lambda c: {**c, "dtype": dtype}), n)
     for c in cases:
@@ -247,8 +247,8 @@ def _titans_errors(c):
     tensor of one float32 Titans draw (tests/cpu/test_cpu_titans.py's rule)."""
     from cases_fast import titans_make
 
-    from nested_learning.fast.cpu import titans as FT
-    from nested_learning.reference import titans as RT
+    from nlref.fast.cpu import titans as FT
+    from nlref.reference import titans as RT
 
     cfg, rng, x, params, state = titans_make(c)
     yf, cf, sf = FT.titans_forward(x, params, cfg, state)
@@ -273,9 +273,9 @@ def _titans_errors(c):
 
 
 def _port_memory_rules(n, dtype):
-    from nested_learning.fast.cpu import memory as FMEM
-    from nested_learning.reference import memory as RM
-    from nested_learning.reference.cases import memory as RM_cases
+    from nlref.fast.cpu import memory as FMEM
+    from nlref.reference import memory as RM
+    from nlref.reference.cases import memory as RM_cases
 
     strategy = st.tuples(st.sampled_from(("hebbian", "delta", "dgd", "oja")), st.integers(1, 2), st.integers(1, 7),
                          st.integers(1, 4), st.integers(1, 4), st.booleans(), st.booleans(), st.integers(0, 2**16))
@@ -312,8 +312,8 @@ def _selfmod_errors(c):
     """(name, port's rel error, the float32 reference's own rel error from float64 or None) per tensor."""
     from cases_fast import selfmod_make
 
-    from nested_learning.fast.cpu import selfmod as FS
-    from nested_learning.reference import selfmod as RS
+    from nlref.fast.cpu import selfmod as FS
+    from nlref.reference import selfmod as RS
 
     cfg, rng, x, params, state = selfmod_make(c)
     yf, cf, sf = FS.forward(x, params, cfg, state)
@@ -380,12 +380,12 @@ def m_torch_model_oracle(n):
     gradient (per key, the scale floored at 1e-6 of the largest gradient entry, as
     tests/oracle/test_torch_oracle.py), ``n`` draws per family of strategies.model_configs in float64."""
     try:
-        from nested_learning import torch_model as TM
+        from nlref import torch_model as TM
     except ImportError as e:
         raise NotHere(f"no torch ({e})") from None
     from strategies import FAMILIES, model_configs
 
-    from nested_learning.reference import model as R
+    from nlref.reference import model as R
 
     worst, count = 0.0, 0
     for family in FAMILIES:
@@ -408,7 +408,7 @@ def m_activation_vs_float64(n):
     tests/vmath_oracle.py's grid (every ``n``-th point of it; 1: the whole grid)."""
     from vmath_oracle import grid, worst_error
 
-    from nested_learning.fast.cpu import vmath as V
+    from nlref.fast.cpu import vmath as V
 
     x = grid()[::n]
     worst = max(max(worst_error(kind, x)) for kind in (V.SIGMOID, V.SILU, V.GELU))
@@ -421,7 +421,7 @@ def m_gpu(dtype):
         comparison recorded (NL_GPU_ERRORS), the worst of the ("gpu") kind per dtype."""
         from gpu_helpers import worst_errors
 
-        from nested_learning.fast.gpu import namespace
+        from nlref.fast.gpu import namespace
 
         ok, why = namespace.cupy_available()
         if not ok:

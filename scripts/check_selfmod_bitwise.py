@@ -3,7 +3,7 @@
 Usage: python scripts/check_selfmod_bitwise.py OLD_DIR [--cases N] [--seed S]
 
 OLD_DIR is a checkout of an earlier commit (``git worktree add /tmp/old_selfmod <rev>``). Its
-``reference/selfmod.py`` is loaded by path as the module ``nested_learning.reference._old_selfmod``,
+``reference/selfmod.py`` is loaded by path as the module ``nlref.reference._old_selfmod``,
 so its relative imports (primitives, mlp_memory) resolve to this checkout's siblings: the
 comparison isolates the self-modifying layer itself. For N random cases (default 40), each in
 float32 and float64, it runs both versions' ``forward`` or ``forward_loop`` (drawn) and
@@ -27,17 +27,17 @@ import sys
 
 import numpy as np
 
-from nested_learning.reference import selfmod as NEW
+from nlref.reference import selfmod as NEW
 
 
 def load_old(old_dir: str):
     path = pathlib.Path(old_dir) / "reference" / "selfmod.py"
     if not path.is_file():
         raise SystemExit(f"OLD_DIR: no reference/selfmod.py under {old_dir!r}")
-    name = "nested_learning.reference._old_selfmod"
+    name = "nlref.reference._old_selfmod"
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
-    mod.__package__ = "nested_learning.reference"
+    mod.__package__ = "nlref.reference"
     sys.modules[name] = mod  # before exec: the dataclass looks its module up
     spec.loader.exec_module(mod)
     return mod

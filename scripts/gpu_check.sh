@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # scripts/gpu_check.sh: the one-shot check of the GPU port on a machine with a CUDA card (SPEC.md#fast-gpu).
 #
-# Run from anywhere; it works in the repository root (the package nested_learning). It needs no
+# Run from anywhere; it works in the repository root (the package nlref). It needs no
 # network: python3 with numpy, numba, scipy, click, hypothesis, pytest, pytest-timeout, safetensors,
 # threadpoolctl, CuPy and torch (CUDA builds) already installed. Steps, each logged to $OUT/<step>.log:
 #   install     pip install -e . (no deps, no index); falls back to pip --target, then to a PYTHONPATH
@@ -11,8 +11,8 @@
 #               the hope, titans and transformer families: fills Numba's cache and CuPy's kernel
 #               cache, so the benchmark's first calls are not mostly compilation (informational)
 #   tests       NL_REQUIRE_GPU=1 pytest tests/gpu/test_gpu_device_*.py -x (GPU errors to $OUT/gpu_errors.jsonl)
-#   conformance nested_learning conformance verify tests/conformance --backend gpu
-#   bench_<p>   nested_learning bench --backend gpu --backend cpu --backend torch-cuda for preset p
+#   conformance nlref conformance verify tests/conformance --backend gpu
+#   bench_<p>   nlref bench --backend gpu --backend cpu --backend torch-cuda for preset p
 #               (hope-small and hope-medium, then titans-small and transformer-small if time is left),
 #               batch 4 x 256 float32, decode at 1K and 64K contexts, rows to $OUT/bench_<p>.jsonl
 #   summary     one short table: test counts, conformance line, worst GPU error per dtype, bench rows,
@@ -94,15 +94,15 @@ how=""
         export PYTHONPATH="$OUT/site${PYTHONPATH:+:$PYTHONPATH}"
     fi
 } > "$OUT/install.log" 2>&1
-found=$(cd / && "$PY" -c "import nested_learning, os; print(os.path.realpath(os.path.dirname(nested_learning.__file__)))" 2>>"$OUT/install.log")
+found=$(cd / && "$PY" -c "import nlref, os; print(os.path.realpath(os.path.dirname(nlref.__file__)))" 2>>"$OUT/install.log")
 if [[ -z $how || ( $how != *--target* && $found != "$ROOT" ) ]]; then
-    # the repository root is the package: a symlink named nested_learning on PYTHONPATH imports it
-    mkdir -p "$OUT/pkgpath" && ln -sfn "$ROOT" "$OUT/pkgpath/nested_learning"
+    # the repository root is the package: a symlink named nlref on PYTHONPATH imports it
+    mkdir -p "$OUT/pkgpath" && ln -sfn "$ROOT" "$OUT/pkgpath/nlref"
     export PYTHONPATH="$OUT/pkgpath${PYTHONPATH:+:$PYTHONPATH}"
     how="${how:-pip failed (see install.log)}; using PYTHONPATH=$OUT/pkgpath (symlink to $ROOT)"
-    found=$(cd / && "$PY" -c "import nested_learning, os; print(os.path.realpath(os.path.dirname(nested_learning.__file__)))" 2>>"$OUT/install.log")
+    found=$(cd / && "$PY" -c "import nlref, os; print(os.path.realpath(os.path.dirname(nlref.__file__)))" 2>>"$OUT/install.log")
 fi
-echo "install: $how; nested_learning imports from ${found:-NOWHERE}" | tee -a "$OUT/install.log"
+echo "install: $how; nlref imports from ${found:-NOWHERE}" | tee -a "$OUT/install.log"
 if [[ -z $found ]]; then
     STATUS[install]="FAILED (see install.log)"
     FAILED+=(install)
@@ -132,10 +132,10 @@ try:
 except Exception as exc:
     print(f"torch: {type(exc).__name__}: {exc}")
 try:
-    from nested_learning.fast.gpu import namespace
-    print("nested_learning.fast.gpu.namespace.cupy_available():", namespace.cupy_available())
+    from nlref.fast.gpu import namespace
+    print("nlref.fast.gpu.namespace.cupy_available():", namespace.cupy_available())
 except Exception as exc:
-    print(f"nested_learning: {type(exc).__name__}: {exc}")
+    print(f"nlref: {type(exc).__name__}: {exc}")
 EOF
 } 2>&1 | tee "$OUT/versions.log"
 
@@ -143,7 +143,7 @@ EOF
 WARM_PID=""
 if [[ ${NL_CHECK_WARMUP:-1} == 1 ]]; then
     echo "== warmup (background): bench of cpu and gpu at tiny sizes -> $OUT/warmup.log"
-    timeout -k 5 150 "$PY" -m nested_learning bench --preset hope-tiny --preset titans-tiny \
+    timeout -k 5 150 "$PY" -m nlref bench --preset hope-tiny --preset titans-tiny \
         --preset transformer-tiny --backend cpu --backend gpu --batch-size 2 --seq-len 16 --repeats 1 \
         --decode-context 16 --decode-tokens 1 --max-seconds 600 > "$OUT/warmup.log" 2>&1 &
     WARM_PID=$!
@@ -158,7 +158,7 @@ run_step tests "${NL_CHECK_TESTS_S:-110}" 1 \
 
 # ---- (b) conformance vectors on the GPU ---------------------------------------------------------
 run_step conformance "${NL_CHECK_CONF_S:-40}" 1 \
-    "$PY" -m nested_learning conformance verify tests/conformance --backend gpu
+    "$PY" -m nlref conformance verify tests/conformance --backend gpu
 
 # ---- (c) benchmarks -----------------------------------------------------------------------------
 if [[ -n $WARM_PID ]]; then
@@ -188,7 +188,7 @@ bench_preset() {  # bench_preset PRESET REQUIRED
     (( cap < t )) && t=$cap
     rm -f "$OUT/bench_$p.jsonl"
     run_step "bench_$p" "$cap" "$required" \
-        "$PY" -m nested_learning bench --preset "$p" "${BACKEND_ARGS[@]}" \
+        "$PY" -m nlref bench --preset "$p" "${BACKEND_ARGS[@]}" \
         --batch-size "${NL_CHECK_BATCH:-4}" --seq-len "${NL_CHECK_SEQ_LEN:-256}" --dtype float32 \
         --repeats "${NL_CHECK_REPEATS:-2}" "${CONTEXT_ARGS[@]}" --decode-tokens "${NL_CHECK_DECODE_TOKENS:-16}" \
         --max-seconds "${NL_CHECK_MAX_SECONDS:-8}" --prefill-seconds "${NL_CHECK_PREFILL_SECONDS:-15}" \

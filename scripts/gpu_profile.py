@@ -26,8 +26,8 @@ def main() -> int:
     preset = sys.argv[1] if len(sys.argv) > 1 else "hope-small"
     B = int(sys.argv[2]) if len(sys.argv) > 2 else 4
     T = int(sys.argv[3]) if len(sys.argv) > 3 else 256
-    from nested_learning import config
-    from nested_learning.fast.gpu import model as G
+    from nlref import config
+    from nlref.fast.gpu import model as G
 
     cp = G.xp()
     ns = G._ns()

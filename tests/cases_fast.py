@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from nested_learning.reference import selfmod as RS
-from nested_learning.reference import titans as RT
-from nested_learning.reference.cases.selfmod import example_params
+from nlref.reference import selfmod as RS
+from nlref.reference import titans as RT
+from nlref.reference.cases.selfmod import example_params
 
 # ------------------------------------------------------------------------------------------------
 # Primitives (tests/cpu/test_cpu_primitives.py, tests/gpu/test_gpu_device_ops.py)

@@ -7,8 +7,8 @@ tests/tolerances.py bound: every primitive's calls (tests/reference/test_primiti
 
 import numpy as np
 
-from nested_learning.reference import mlp_memory as mm
-from nested_learning.reference import primitives as P
+from nlref.reference import mlp_memory as mm
+from nlref.reference import primitives as P
 
 # ------------------------------------------------------------------------------------------------
 # Primitives (tests/reference/test_primitives.py)

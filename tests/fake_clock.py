@@ -25,7 +25,7 @@ class FakeClock:
 
 def use_fake_clock(monkeypatch, tick: float = 2.0**-10) -> FakeClock:
     """Put a FakeClock in ``bench.CLOCK`` for the test (a power of two: exact sums)."""
-    from nested_learning import bench
+    from nlref import bench
 
     clock = FakeClock(tick)
     monkeypatch.setattr(bench, "CLOCK", clock)

@@ -3,7 +3,7 @@
 ``require_gpu()`` is called at the top of every tests/gpu/test_gpu_device_*.py module. Where CuPy or a CUDA
 device is missing it skips the module with the reason; with ``NL_REQUIRE_GPU=1`` it fails the
 collection instead (pytest then exits non-zero), so a run on the GPU machine cannot pass by
-skipping. Where a device is found it sets ``nested_learning.fast.gpu.model.NAMESPACE = "cupy"``.
+skipping. Where a device is found it sets ``nlref.fast.gpu.model.NAMESPACE = "cupy"``.
 
 ``NL_GPU_TESTS_ON_NUMPY=1``: for checking the GPU tests' own logic on a CPU; results then say
 nothing about a GPU. ``require_gpu()`` then does not skip and sets
@@ -33,8 +33,8 @@ ON_NUMPY = os.environ.get("NL_GPU_TESTS_ON_NUMPY") == "1"
 def require_gpu() -> str:
     """Skip (or, with NL_REQUIRE_GPU=1, fail) the calling test module when no GPU can be used;
     returns what the tests run on (the device name, or the NumPy note)."""
-    from nested_learning.fast.gpu import model as gpu_model
-    from nested_learning.fast.gpu import namespace
+    from nlref.fast.gpu import model as gpu_model
+    from nlref.fast.gpu import namespace
 
     if ON_NUMPY:
         gpu_model.NAMESPACE = "numpy"
@@ -72,7 +72,7 @@ def record_error(tensor: str, dtype, rel: float, kind: str = "gpu", tolerance: f
     path = os.environ.get("NL_GPU_ERRORS")
     if not path:
         return
-    from nested_learning.fast.gpu import model as gpu_model
+    from nlref.fast.gpu import model as gpu_model
 
     row = {"test": _current_test(), "dtype": np.dtype(dtype).name, "tensor": tensor, "kind": kind,
            "rel": rel if np.isfinite(rel) else str(rel), "tol": tolerance, "namespace": gpu_model.NAMESPACE}
@@ -163,7 +163,7 @@ def assert_bitwise_tree(got, want, name: str = "") -> None:
 def layer_config(cfg):
     """``cfg`` (a reference TitansConfig / SelfModConfig), checked to be the class the loaded
     modules use: fast/gpu/namespace.py rebinds them to the reference's own classes."""
-    from nested_learning.fast.gpu import model as gpu_model
+    from nlref.fast.gpu import model as gpu_model
 
     pkg = gpu_model._ns()  # the package the GPU calls run (fast/gpu/namespace.py)
     module = {"TitansConfig": pkg.titans, "SelfModConfig": pkg.selfmod}[type(cfg).__name__]

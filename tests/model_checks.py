@@ -4,9 +4,9 @@ a few random entries of every parameter."""
 
 import numpy as np
 
-from nested_learning.reference import model
-from nested_learning.reference import primitives as P
-from nested_learning.reference.gradcheck import rel_error
+from nlref.reference import model
+from nlref.reference import primitives as P
+from nlref.reference.gradcheck import rel_error
 
 
 def plain_loss(params, tokens, cfg):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from nested_learning import config
+from nlref import config
 
 DTYPES = st.sampled_from(["float32", "float64"])
 """The two float dtypes every port is checked in (as strings, the configs' and ``np.dtype``'s form)."""

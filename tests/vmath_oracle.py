@@ -16,7 +16,7 @@ import numpy as np
 from scipy.special import expit, ndtr
 from tolerances import tol
 
-from nested_learning.fast.cpu import vmath as V
+from nlref.fast.cpu import vmath as V
 
 ULPS_BOUND = tol("float32", "activation_vs_float64")
 """Max relative error (1e-6, ~8 float32 ulps of 1.2e-7; tests/tolerances.py). Measured worst over the grid: sigmoid (f, f', f'')

@@ -152,7 +152,7 @@ gradients cross a pipe each call, ~10 ms for 4 MB each way). Never changes a res
 on the same numbers; tested bitwise). Processes win where the step is glue-heavy (the hope
 family): measured on the 2-core machine, batch 4 x 256 float32, tokens/s serial / threads /
 processes: hope-small 830 / 1,046 / 1,460, titans-small 5,406 / 7,301 / 8,289. The command line
-(``nested-learning``, ``python -m nested_learning``) uses processes unless ``NL_CPU_WORKERS`` says
+(``nested-learning``, ``python -m nlref``) uses processes unless ``NL_CPU_WORKERS`` says
 otherwise; the library default is threads, because a worker process imports the parent's main
 script (multiprocessing's rule), which a script without an ``if __name__ == "__main__":`` guard
 does not survive."""

@@ -10,7 +10,7 @@ machine without a GPU (CI): there it must equal the reference bit for bit.
 
 How a module is loaded (``_load_module``): its source file is compiled under its own file name (so
 tracebacks and line numbers are the reference's) and executed as a fresh module of the package
-``nested_learning.fast.gpu._xp_<namespace>_<einsum>_<kernels>``; module-level code (constants,
+``nlref.fast.gpu._xp_<namespace>_<einsum>_<kernels>``; module-level code (constants,
 dataclasses, dtype tables) runs with NumPy, then the module's global ``np`` is rebound to the
 namespace, so every function body computes on the namespace's arrays, and every class it defines
 (``TitansConfig``, ``SelfModConfig``) is rebound to the reference's own class, so a config passes
@@ -53,14 +53,14 @@ from .einsum import PlannedEinsum
 # modules as its ops (``pkg.model``, reference/contract.py ``Ops``), as it does for the CPU port.
 MODULES = ("array_checks", "sequence_ops", "primitives", "mlp_memory", "memory", "titans", "selfmod_memory",
            "selfmod_config", "selfmod", "cms", "classic_optimizers", "deep_optimizers", "optimizers")
-_REF = "nested_learning.reference"
+_REF = "nlref.reference"
 _LOADED: dict[tuple[str, str, str], types.ModuleType] = {}
 
 
 def cupy_available() -> tuple[bool, str]:
     """(True, device name) when CuPy imports and sees a CUDA device, else (False, the reason)."""
     if importlib.util.find_spec("cupy") is None:
-        return False, "CuPy is not installed (pip install 'nested-learning[gpu]' on a CUDA machine)"
+        return False, "CuPy is not installed (pip install 'nested-learning-reference[gpu]' on a CUDA machine)"
     try:
         import cupy
 
@@ -96,7 +96,7 @@ class Namespace(types.ModuleType):
     """An array module (``base``) with some names replaced; every other name is the base's."""
 
     def __init__(self, name: str, base, **replaced):
-        super().__init__(f"nested_learning.fast.gpu.{name}_namespace")
+        super().__init__(f"nlref.fast.gpu.{name}_namespace")
         self._base = base
         for key, value in replaced.items():
             setattr(self, key, value)
@@ -232,7 +232,7 @@ def load(name: str = "cupy", einsum: str | None = None, kernels: str | None = No
     if (name, einsum, kernels) in _LOADED:
         return _LOADED[(name, einsum, kernels)]
     xp = _namespace(name, einsum)
-    package = f"nested_learning.fast.gpu._xp_{name}_{einsum}_{kernels}"
+    package = f"nlref.fast.gpu._xp_{name}_{einsum}_{kernels}"
     pkg = types.ModuleType(package)
     pkg.__path__ = []  # a package that finds nothing on disk: only the modules set below
     pkg.__package__ = package

@@ -29,7 +29,7 @@ class _HostView:
     def __getattr__(self, name: str):
         if name.startswith("__"):
             raise AttributeError(name)
-        reference = importlib.import_module(f"nested_learning.reference.{self._module}")
+        reference = importlib.import_module(f"nlref.reference.{self._module}")
         if not callable(getattr(reference, name)):  # AttributeError for a name the reference lacks
             raise AttributeError(f"{name!r} of reference.{self._module} is not a function")
 

@@ -13,9 +13,9 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 from tolerances import assert_close
 
-from nested_learning.fast.cpu import cms as F
-from nested_learning.fast.cpu import primitives as FP
-from nested_learning.reference import cms as R
+from nlref.fast.cpu import cms as F
+from nlref.fast.cpu import primitives as FP
+from nlref.reference import cms as R
 
 
 def _ro(a):

@@ -15,9 +15,9 @@ from port_helpers import note
 from port_helpers import readonly as _ro
 from tolerances import assert_close
 
-from nested_learning.fast.cpu import memory as FMEM
-from nested_learning.reference import memory as RM
-from nested_learning.reference.cases import memory as RM_cases
+from nlref.fast.cpu import memory as FMEM
+from nlref.reference import memory as RM
+from nlref.reference.cases import memory as RM_cases
 
 PORTED = ("hebbian", "delta", "dgd", "oja")
 
@@ -104,9 +104,9 @@ def test_complex_input_falls_back_to_the_reference():
 
 _NOJIT_SCRIPT = """
 import numpy as np
-from nested_learning.fast.cpu import memory as FMEM
-from nested_learning.reference import memory as RM
-from nested_learning.reference.cases import memory as RM_cases
+from nlref.fast.cpu import memory as FMEM
+from nlref.reference import memory as RM
+from nlref.reference.cases import memory as RM_cases
 import numba
 assert numba.config.DISABLE_JIT
 rng = np.random.default_rng(0)

@@ -16,8 +16,8 @@ from port_helpers import note, readonly
 from strategies import mlp_memory_configs as configs
 from tolerances import assert_close, tol
 
-from nested_learning.fast.cpu import mlp_memory as F
-from nested_learning.reference import mlp_memory as R
+from nlref.fast.cpu import mlp_memory as F
+from nlref.reference import mlp_memory as R
 
 
 def _ro(*arrays):
@@ -128,8 +128,8 @@ def test_complex_input_falls_back_to_the_reference():
 
 _NOJIT_SCRIPT = """
 import numpy as np
-from nested_learning.fast.cpu import mlp_memory as F
-from nested_learning.reference import mlp_memory as R
+from nlref.fast.cpu import mlp_memory as F
+from nlref.reference import mlp_memory as R
 rng = np.random.default_rng(0)
 for act in ("gelu", "silu", "sigmoid", "softplus"):
     for ln in (False, True):

@@ -5,7 +5,7 @@ widths, heads, CMS levels and periods, in-context or static CMS, variant, memory
 sizes) and a dtype; the loss, every gradient, the logits of a one-call forward and of a two-call
 stream, and the final state must agree with the reference within the "port" rows. Parameters
 and tokens are read-only and must stay unchanged. A 10-step AdamW trajectory agrees between the
-backends, and ``nested_learning.fast.model`` dispatches by device.
+backends, and ``nlref.fast.model`` dispatches by device.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from strategies import FAMILIES
 from strategies import model_configs as configs
 from tolerances import assert_close
 
-from nested_learning import config
-from nested_learning.fast import model as fast_model
-from nested_learning.fast.cpu import model as F
-from nested_learning.fast.cpu import primitives as FP
-from nested_learning.fast.gpu import namespace
-from nested_learning.reference import model as R
-from nested_learning.reference import optimizers
+from nlref import config
+from nlref.fast import model as fast_model
+from nlref.fast.cpu import model as F
+from nlref.fast.cpu import primitives as FP
+from nlref.fast.gpu import namespace
+from nlref.reference import model as R
+from nlref.reference import optimizers
 
 
 def _ro_params(params):
@@ -267,7 +267,7 @@ def test_a_bad_cpu_setting_is_named_by_the_command_line(setting, message, tmp_pa
     name, value = setting.split("=")
     env = dict(os.environ, **{name: value})
     out = tmp_path / "run"
-    res = subprocess.run([sys.executable, "-m", "nested_learning", "train", "--steps", "1", "--out", str(out)],
+    res = subprocess.run([sys.executable, "-m", "nlref", "train", "--steps", "1", "--out", str(out)],
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert not out.exists()

@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 from strategies import DTYPES
 from tolerances import assert_close, tol
 
-from nested_learning.fast import registry
-from nested_learning.fast.cpu import primitives as F
-from nested_learning.reference import primitives as R
+from nlref.fast import registry
+from nlref.fast.cpu import primitives as F
+from nlref.reference import primitives as R
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -143,9 +143,9 @@ def test_registry_resolves_and_cpu_ops_exist():
 def test_importing_the_package_and_help_never_import_numba():
     code = textwrap.dedent("""
         import sys
-        import nested_learning, nested_learning.fast, nested_learning.fast.model, nested_learning.fast.registry
+        import nlref, nlref.fast, nlref.fast.model, nlref.fast.registry
         from click.testing import CliRunner
-        from nested_learning.cli import cli
+        from nlref.cli import cli
         assert CliRunner().invoke(cli, ["--help"]).exit_code == 0
         assert "numba" not in sys.modules, "numba was imported"
         print("ok")
@@ -156,9 +156,9 @@ def test_importing_the_package_and_help_never_import_numba():
 
 _NO_JIT = """
 import numpy as np
-from nested_learning.fast.cpu import primitives as F, cms as FC, model as FM
-from nested_learning.reference import primitives as R, cms as RC, model as RM
-from nested_learning import config
+from nlref.fast.cpu import primitives as F, cms as FC, model as FM
+from nlref.reference import primitives as R, cms as RC, model as RM
+from nlref import config
 rng = np.random.default_rng(0)
 x = rng.standard_normal((2, 3, 4)); g = rng.standard_normal(4); up = rng.standard_normal((2, 3, 4))
 def close(a, b, what):
@@ -207,7 +207,7 @@ def test_float32_activations_take_vmath_and_match_the_float64_kernels(rng):
     path (equal to its output) and agree with the float64 libm kernels within the
     ("float32", "activation_vs_float64") row (1e-6) of the largest entry (the port row allows
     5e-4); no fallback. Inputs cover both tails of the GELU."""
-    from nested_learning.fast.cpu import vmath
+    from nlref.fast.cpu import vmath
 
     bound = tol("float32", "activation_vs_float64")
 

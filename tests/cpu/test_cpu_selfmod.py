@@ -27,10 +27,10 @@ from port_helpers import readonly as _ro
 from strategies import selfmod_layer_configs as configs
 from tolerances import assert_close, tol
 
-from nested_learning.fast.cpu import selfmod as FS
-from nested_learning.reference import selfmod as RS
-from nested_learning.reference.cases.selfmod import example_params
-from nested_learning.reference.gradcheck import check_gradients
+from nlref.fast.cpu import selfmod as FS
+from nlref.reference import selfmod as RS
+from nlref.reference.cases.selfmod import example_params
+from nlref.reference.gradcheck import check_gradients
 
 
 def _rel(a, b):
@@ -260,10 +260,10 @@ def test_bad_input_raises_like_the_reference():
 
 _NOJIT_SCRIPT = """
 import numpy as np
-from nested_learning.fast.cpu import selfmod as FS
-from nested_learning.reference.gradcheck import check_gradients
-from nested_learning.reference import selfmod as RS
-from nested_learning.reference.cases.selfmod import example_params
+from nlref.fast.cpu import selfmod as FS
+from nlref.reference.gradcheck import check_gradients
+from nlref.reference import selfmod as RS
+from nlref.reference.cases.selfmod import example_params
 import numba
 assert numba.config.DISABLE_JIT
 rng = np.random.default_rng(0)

@@ -26,9 +26,9 @@ from port_helpers import readonly as _ro
 from strategies import titans_layer_configs as configs
 from tolerances import assert_close, tol
 
-from nested_learning.fast.cpu import titans as FT
-from nested_learning.reference import titans as RT
-from nested_learning.reference.gradcheck import check_gradients, rel_error
+from nlref.fast.cpu import titans as FT
+from nlref.reference import titans as RT
+from nlref.reference.gradcheck import check_gradients, rel_error
 
 
 def _rel(a, b):
@@ -230,9 +230,9 @@ def test_bad_input_raises_like_the_reference():
 
 _NOJIT_SCRIPT = """
 import numpy as np
-from nested_learning.fast.cpu import titans as FT
-from nested_learning.reference.gradcheck import check_gradients, rel_error
-from nested_learning.reference import titans as RT
+from nlref.fast.cpu import titans as FT
+from nlref.reference.gradcheck import check_gradients, rel_error
+from nlref.reference import titans as RT
 import numba
 assert numba.config.DISABLE_JIT
 rng = np.random.default_rng(0)

@@ -22,7 +22,7 @@ import pytest
 from scipy.special import ndtr
 from vmath_oracle import TINY, ULPS_BOUND, grid, worst_error
 
-from nested_learning.fast.cpu import vmath as V
+from nlref.fast.cpu import vmath as V
 
 
 @pytest.mark.parametrize("kind", [V.SIGMOID, V.SILU, V.GELU], ids=["sigmoid", "silu", "gelu"])
@@ -64,7 +64,7 @@ import numpy as np
 import numba
 assert numba.config.DISABLE_JIT
 import vmath_oracle as T
-from nested_learning.fast.cpu import vmath as V
+from nlref.fast.cpu import vmath as V
 x = np.concatenate([np.linspace(-13.5, 13.5, 301), [-1e30, -50.0, 0.0, 1e-20, 50.0, 1e30]]).astype(np.float32)
 for kind in (V.SIGMOID, V.SILU, V.GELU):
     errs = T.worst_error(kind, x)

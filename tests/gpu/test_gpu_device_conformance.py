@@ -20,7 +20,7 @@ import pytest
 from gpu_helpers import ON_NUMPY, assert_bitwise_tree, record_error, require_gpu
 from tolerances import tol
 
-from nested_learning import conformance as conf
+from nlref import conformance as conf
 
 pytestmark = pytest.mark.gpu
 DEVICE = require_gpu()

@@ -26,11 +26,11 @@ from hypothesis import strategies as st
 from strategies import FAMILIES, model_configs
 from tolerances import tol
 
-from nested_learning import config
-from nested_learning.fast import model as fast_model
-from nested_learning.fast.gpu import model as G
-from nested_learning.reference import model as R
-from nested_learning.reference import optimizers as RO
+from nlref import config
+from nlref.fast import model as fast_model
+from nlref.fast.gpu import model as G
+from nlref.reference import model as R
+from nlref.reference import optimizers as RO
 
 pytestmark = pytest.mark.gpu
 DEVICE = require_gpu()

@@ -33,13 +33,13 @@ from strategies import selfmod_layer_configs as selfmod_configs
 from strategies import titans_layer_configs as titans_configs
 from tolerances import tol
 
-from nested_learning.fast import registry
-from nested_learning.fast.gpu import ops as G
-from nested_learning.reference import cms as RC
-from nested_learning.reference import mlp_memory as RM
-from nested_learning.reference import primitives as RP
-from nested_learning.reference import selfmod as RS
-from nested_learning.reference import titans as RT
+from nlref.fast import registry
+from nlref.fast.gpu import ops as G
+from nlref.reference import cms as RC
+from nlref.reference import mlp_memory as RM
+from nlref.reference import primitives as RP
+from nlref.reference import selfmod as RS
+from nlref.reference import titans as RT
 
 pytestmark = pytest.mark.gpu
 DEVICE = require_gpu()

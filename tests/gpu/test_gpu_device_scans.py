@@ -13,9 +13,9 @@ from gpu_helpers import ON_NUMPY, check_close, require_gpu
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nested_learning.fast.gpu import model as G
-from nested_learning.fast.gpu import scans
-from nested_learning.reference import selfmod as RS
+from nlref.fast.gpu import model as G
+from nlref.fast.gpu import scans
+from nlref.reference import selfmod as RS
 
 pytestmark = pytest.mark.gpu
 DEVICE = require_gpu()

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from tolerances import assert_close
 
-from nested_learning.fast.gpu import activations
-from nested_learning.reference import primitives as P
+from nlref.fast.gpu import activations
+from nlref.reference import primitives as P
 
 CXX = shutil.which("g++") or shutil.which("c++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++) to build the kernel bodies for the host")

@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tolerances import assert_close
 
-from nested_learning import config
-from nested_learning.fast.gpu import namespace
-from nested_learning.fast.gpu.einsum import PlannedEinsum
-from nested_learning.reference import model as R
+from nlref import config
+from nlref.fast.gpu import namespace
+from nlref.fast.gpu.einsum import PlannedEinsum
+from nlref.reference import model as R
 
 
 @st.composite

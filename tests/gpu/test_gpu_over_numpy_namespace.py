@@ -28,15 +28,15 @@ from hypothesis import strategies as st
 from strategies import FAMILIES, model_configs
 from tolerances import assert_close
 
-from nested_learning import config
-from nested_learning.fast import registry
-from nested_learning.fast.gpu import model as G
-from nested_learning.fast.gpu import namespace, ops
-from nested_learning.reference import cms as RC
-from nested_learning.reference import model as R
-from nested_learning.reference import optimizers as RO
-from nested_learning.reference import primitives as RP
-from nested_learning.reference import titans as RT
+from nlref import config
+from nlref.fast import registry
+from nlref.fast.gpu import model as G
+from nlref.fast.gpu import namespace, ops
+from nlref.reference import cms as RC
+from nlref.reference import model as R
+from nlref.reference import optimizers as RO
+from nlref.reference import primitives as RP
+from nlref.reference import titans as RT
 
 
 @pytest.fixture(autouse=True)
@@ -128,7 +128,7 @@ def test_op_views_are_bitwise_the_reference(rng):
 @pytest.mark.parametrize("layer", ["titans", "selfmod"])
 def test_op_views_accept_the_reference_layer_configs(layer, rng):
     """The loaded modules' config classes are the reference's own (namespace.py rebinds them)."""
-    from nested_learning.reference import selfmod as RS
+    from nlref.reference import selfmod as RS
 
     if layer == "titans":
         cfg = RT.TitansConfig(d_model=4, n_heads=2, chunk=2)
@@ -205,7 +205,7 @@ def test_add_at_one_hot_equals_numpy_add_at(seed):
 
 def test_loaded_modules_compute_on_the_namespace_and_leave_the_reference_alone(monkeypatch):
     pkg = namespace.load("numpy")
-    import nested_learning.reference as ref
+    import nlref.reference as ref
 
     for name in namespace.MODULES:
         mod = getattr(pkg, name)
@@ -214,7 +214,7 @@ def test_loaded_modules_compute_on_the_namespace_and_leave_the_reference_alone(m
     ops = pkg.model.ops  # the one model driver runs with the loaded siblings, not the reference's modules
     assert ops.primitives is pkg.primitives and ops.cms is pkg.cms and ops.np is pkg.xp
     assert ops.layer("hope") is pkg.selfmod and ops.layer("titans") is pkg.titans
-    assert pkg.config is config or pkg.config.__name__ == "nested_learning.reference.config"
+    assert pkg.config is config or pkg.config.__name__ == "nlref.reference.config"
 
     # A spy namespace (NumPy underneath, counting every attribute the function bodies take):
     # the loaded code goes through it, gives the reference's numbers, and reference/ keeps NumPy.
@@ -242,7 +242,7 @@ def test_loaded_modules_compute_on_the_namespace_and_leave_the_reference_alone(m
         assert loss == lr
         assert_bitwise_tree(grads, gr)
     finally:
-        for key in [k for k in sys.modules if k.startswith("nested_learning.fast.gpu._xp_spy")]:
+        for key in [k for k in sys.modules if k.startswith("nlref.fast.gpu._xp_spy")]:
             del sys.modules[key]
     assert RP.np is np and R.np is np
 
@@ -265,7 +265,7 @@ def test_optimizers_over_numpy_are_the_reference_adamw(rng):
 
 
 _REQUIRE = """
-from nested_learning.fast.gpu import namespace
+from nlref.fast.gpu import namespace
 namespace.cupy_available = lambda: (False, "forced by the test")
 from gpu_helpers import require_gpu
 require_gpu()

@@ -15,10 +15,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tolerances import assert_close
 
-from nested_learning import config
-from nested_learning.fast.gpu import namespace, scans
-from nested_learning.reference import model as R
-from nested_learning.reference import selfmod as RS
+from nlref import config
+from nlref.fast.gpu import namespace, scans
+from nlref.reference import model as R
+from nlref.reference import selfmod as RS
 
 
 def _fallback():

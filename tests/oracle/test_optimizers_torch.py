@@ -1,6 +1,6 @@
 """reference/optimizers.py against an independent implementation: torch.optim (SPEC.md#optimizers).
 
-torch is the optional ``oracle`` extra (``pip install 'nested-learning[oracle]'``, torch==2.13.0);
+torch is the optional ``oracle`` extra (``pip install 'nested-learning-reference[oracle]'``, torch==2.13.0);
 without it this module skips with that reason, and ``.ci/run`` installs the extra so CI runs it.
 
 Each side runs its own 50-step trajectory in float64 from the same start and computes its own
@@ -21,10 +21,10 @@ import pytest
 from tolerances import assert_close
 
 torch = pytest.importorskip(
-    "torch", reason="torch is the optional 'oracle' extra: pip install 'nested-learning[oracle]' (torch==2.13.0)"
+    "torch", reason="torch is the optional 'oracle' extra: pip install 'nested-learning-reference[oracle]' (torch==2.13.0)"
 )
 
-from nested_learning.reference import optimizers  # noqa: E402
+from nlref.reference import optimizers  # noqa: E402
 
 STEPS = 50
 

@@ -32,9 +32,9 @@ from tolerances import tol
 
 torch = pytest.importorskip("torch", reason="the PyTorch oracle needs the 'oracle' extra (torch==2.13.0)")
 
-from nested_learning import bench, config  # noqa: E402
-from nested_learning import torch_model as TM  # noqa: E402
-from nested_learning.reference import model as R  # noqa: E402
+from nlref import bench, config  # noqa: E402
+from nlref import torch_model as TM  # noqa: E402
+from nlref.reference import model as R  # noqa: E402
 
 FAMILIES = ("transformer", "hope-attention", "titans", "hope")
 TOL = tol("float64", "torch_model_oracle")
@@ -213,16 +213,16 @@ def test_bad_input_raises_value_error_naming_the_argument():
 
 def test_import_without_torch_names_the_oracle_extra():
     code = ("import sys; sys.modules['torch'] = None\n"
-            "try:\n    import nested_learning.torch_model\nexcept ImportError as e:\n    print(e)\n")
+            "try:\n    import nlref.torch_model\nexcept ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
     assert "'oracle' extra" in out.stdout and "torch" in out.stdout
 
 
 def test_package_never_imports_torch_model_at_module_level():
-    code = ("import sys, nested_learning, nested_learning.cli, nested_learning.bench, nested_learning.fast.model\n"
-            "import nested_learning.reference.model\n"
-            "print('nested_learning.torch_model' in sys.modules)")
+    code = ("import sys, nlref, nlref.cli, nlref.bench, nlref.fast.model\n"
+            "import nlref.reference.model\n"
+            "print('nlref.torch_model' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import nested_learning
-from nested_learning import backends, bench, config, training
-from nested_learning.fast import model as fast_model
-from nested_learning.fast import registry
-from nested_learning.reference import model as ref
+import nlref
+from nlref import backends, bench, config, training
+from nlref.fast import model as fast_model
+from nlref.fast import registry
+from nlref.reference import model as ref
 
-ROOT = Path(nested_learning.__file__).resolve().parent
-SKIP_DIRS = {"tests", ".venv", ".numba_cache", "build", "nested_learning.egg-info", "__pycache__"}
+ROOT = Path(nlref.__file__).resolve().parent
+SKIP_DIRS = {"tests", ".venv", ".numba_cache", "build", "nlref.egg-info", "__pycache__"}
 # A tuple or list literal bound to a name ending in BACKENDS or DEVICES ...
 NAMES_TUPLE = re.compile(r"^\s*\w*(BACKENDS|DEVICES)\s*(:[^=]*)?=\s*[\(\[]", re.M)
 # ... or the three backend names written out in a row (a copy of backends.NAMES).
@@ -78,8 +78,8 @@ def test_fast_model_names_its_devices():
 
 def test_each_backend_names_its_model_module():
     assert backends.get("reference").model is ref
-    from nested_learning.fast.cpu import model as cpu
-    from nested_learning.fast.gpu import model as gpu
+    from nlref.fast.cpu import model as cpu
+    from nlref.fast.gpu import model as gpu
 
     assert backends.get("cpu").model is cpu and backends.get("gpu").model is gpu
     assert [backends.get(n).device for n in backends.NAMES] == ["cpu", "cpu", "gpu"]
@@ -90,8 +90,8 @@ def test_each_backend_names_its_model_module():
 def test_families():
     assert backends.get("reference").families() == config.FAMILIES
     assert backends.get("cpu").families() == config.FAMILIES  # every family ...
-    from nested_learning.fast.cpu import model as cpu
-    from nested_learning.fast.gpu import model as gpu
+    from nlref.fast.cpu import model as cpu
+    from nlref.fast.gpu import model as gpu
 
     fallback = backends.get("cpu").reference_layers()  # ... some layers by a counted reference fallback
     assert set(fallback) == {f for f, m in cpu.PORTED_LAYERS.items() if m is None} and "hope" not in fallback
@@ -117,8 +117,8 @@ def test_gpu_is_unavailable_without_cupy_and_says_why():
 
 
 def test_gpu_availability_follows_the_device_and_the_namespace(monkeypatch):
-    from nested_learning.fast.gpu import model as gpu
-    from nested_learning.fast.gpu import namespace
+    from nlref.fast.gpu import model as gpu
+    from nlref.fast.gpu import namespace
 
     monkeypatch.setattr(gpu, "NAMESPACE", "cupy")
     monkeypatch.setattr(namespace, "cupy_available", lambda: (False, "CuPy sees no CUDA device"))
@@ -149,14 +149,14 @@ def test_cpu_without_numba_says_why_and_the_default_is_the_reference(monkeypatch
     with pytest.raises(backends.BackendError, match="backend 'cpu' needs Numba: .*; use --backend reference here"):
         backends.get("cpu").check()
     assert backends.default() == "reference"
-    from nested_learning import bench as b
+    from nlref import bench as b
 
     with pytest.raises(b.NotAvailable, match="Numba is not installed"):
         b._backend("cpu")
 
 
 def test_a_bad_cpu_setting_makes_the_cpu_backend_unavailable(tmp_path):
-    code = ("from nested_learning import backends, training\n"
+    code = ("from nlref import backends, training\n"
             "print(backends.get('cpu').available())\n"
             "try:\n    training.check_backend('cpu')\nexcept training.TrainingError as e:\n    print(e)\n")
     env = {k: v for k, v in __import__("os").environ.items()} | {"NL_CPU_WORKERS": "fibres"}
@@ -170,25 +170,25 @@ def test_a_bad_cpu_setting_makes_the_cpu_backend_unavailable(tmp_path):
 
 def test_importing_backends_imports_neither_numpy_numba_nor_cupy(tmp_path):
     code = ("import sys\n"
-            "from nested_learning import backends\n"
+            "from nlref import backends\n"
             "bs = [backends.get(n) for n in backends.NAMES]\n"
             "assert [b.on_device for b in bs] == [False, False, True]\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numpy', 'numba', 'cupy')\n"
-            "             or m.startswith('nested_learning.fast') or m.startswith('nested_learning.reference')))\n")
+            "             or m.startswith('nlref.fast') or m.startswith('nlref.reference')))\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
 
 
 def test_host_arrays_stay_put_and_the_gpu_port_moves_them(monkeypatch):
-    from nested_learning.fast.gpu import model as gpu
+    from nlref.fast.gpu import model as gpu
 
     cfg = config.preset("transformer-tiny")
     params = ref.init_params(cfg, 0)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(1, 6))
     be = backends.get("reference")
     assert be.to_device(params) is params and be.to_host(params) is params
-    assert be.optimizers() is importlib.import_module("nested_learning.reference.optimizers")
+    assert be.optimizers() is importlib.import_module("nlref.reference.optimizers")
     be.synchronize()
     loss, grads = be.loss_and_grads(params, tokens, cfg)
     logits, _ = be.forward(params, tokens, cfg)

@@ -20,9 +20,9 @@ from fake_clock import use_fake_clock
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nested_learning import bench, config
-from nested_learning.cli import cli
-from nested_learning.reference import model as ref
+from nlref import bench, config
+from nlref.cli import cli
+from nlref.reference import model as ref
 
 
 class _Recorder:
@@ -78,7 +78,7 @@ def test_prefill_past_the_budget_is_abandoned_and_not_before(monkeypatch):
 
 
 def test_memory_state_is_constant_in_the_context_and_attention_grows():
-    from nested_learning.fast.cpu import model as cpu
+    from nlref.fast.cpu import model as cpu
 
     sizes = {}
     for name in ("titans-tiny", "hope-tiny", "transformer-tiny"):
@@ -95,7 +95,7 @@ def test_memory_state_is_constant_in_the_context_and_attention_grows():
 
 def test_piecewise_prefill_gives_the_one_call_state():
     # what the benchmark decodes from is the state one call over the context would give
-    from nested_learning.fast.cpu import model as cpu
+    from nlref.fast.cpu import model as cpu
 
     cfg = config.preset("hope-tiny")
     params = cpu.init_params(cfg, 0)
@@ -278,7 +278,7 @@ def test_info_model_medium(name):
 # ------------------------------------------------------------------------------------------------
 
 def _has_gpu() -> bool:
-    from nested_learning.fast.gpu import namespace
+    from nlref.fast.gpu import namespace
 
     if namespace.cupy_available()[0]:
         return True
@@ -291,7 +291,7 @@ def _has_gpu() -> bool:
 
 @pytest.mark.skipif(_has_gpu(), reason="a GPU is present: the GPU rows run (tests/gpu/test_gpu_device_*.py, scripts/gpu_check.sh)")
 def test_gpu_rows_without_a_gpu_say_why_and_the_run_goes_on(tmp_path, monkeypatch):
-    from nested_learning.fast.gpu import namespace
+    from nlref.fast.gpu import namespace
 
     use_fake_clock(monkeypatch)  # the cpu row's decode is not skipped however slow the machine
     out, js = [], tmp_path / "rows.jsonl"
@@ -308,7 +308,7 @@ def test_gpu_rows_without_a_gpu_say_why_and_the_run_goes_on(tmp_path, monkeypatc
 
 
 def test_gpu_row_code_path_over_the_numpy_namespace(monkeypatch):
-    from nested_learning.fast.gpu import model as gpu_model
+    from nlref.fast.gpu import model as gpu_model
 
     monkeypatch.setattr(gpu_model, "NAMESPACE", "numpy")
     use_fake_clock(monkeypatch)
@@ -326,8 +326,8 @@ def test_gpu_row_code_path_over_the_numpy_namespace(monkeypatch):
 
 def test_gpu_step_is_the_reference_adamw_step(monkeypatch):
     # over the NumPy namespace the GPU port is the reference bit for bit: so is the benchmark's step
-    from nested_learning.fast.gpu import model as gpu_model
-    from nested_learning.reference import optimizers
+    from nlref.fast.gpu import model as gpu_model
+    from nlref.reference import optimizers
 
     monkeypatch.setattr(gpu_model, "NAMESPACE", "numpy")
     cfg = config.preset("hope-tiny")
@@ -374,8 +374,8 @@ def test_torch_trainer_is_loss_and_grads_plus_adamw(name):
     torch = pytest.importorskip("torch")
     from tolerances import assert_close
 
-    from nested_learning import torch_model as tm
-    from nested_learning.reference import optimizers
+    from nlref import torch_model as tm
+    from nlref.reference import optimizers
 
     cfg = dataclasses.replace(config.preset(name), dtype="float64")
     params = ref.init_params(cfg, 0)
@@ -400,7 +400,7 @@ def test_torch_trainer_is_loss_and_grads_plus_adamw(name):
 
 def test_torch_model_device_choice():
     torch = pytest.importorskip("torch")
-    from nested_learning import torch_model as tm
+    from nlref import torch_model as tm
 
     assert tm.get_device() == torch.device("cpu")
     assert tm.set_device("cpu") == torch.device("cpu")
@@ -483,7 +483,7 @@ def test_the_command_line_runs_the_cpu_groups_in_worker_processes(tmp_path):
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "NL_CPU_WORKERS"}
-    args = [sys.executable, "-m", "nested_learning", "bench", "--preset", "titans-tiny", "--backend", "cpu",
+    args = [sys.executable, "-m", "nlref", "bench", "--preset", "titans-tiny", "--backend", "cpu",
             "--batch-size", "2", "--seq-len", "6", "--repeats", "1", "--decode-context", "4", "--decode-tokens", "1"]
     for setting, kind in ((None, "process"), ("thread", "thread")):
         run_env = env if setting is None else dict(env, NL_CPU_WORKERS=setting)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from nested_learning import cli as cli_module
-from nested_learning.cli import cli
+from nlref import cli as cli_module
+from nlref.cli import cli
 
 
 def _run_python(code: str, tmp_path) -> subprocess.CompletedProcess:
@@ -22,7 +22,7 @@ def test_help_imports_neither_numba_nor_cupy(tmp_path):
     code = (
         "import sys\n"
         "from click.testing import CliRunner\n"
-        "from nested_learning.cli import cli\n"
+        "from nlref.cli import cli\n"
         "r = CliRunner().invoke(cli, ['--help'])\n"
         "assert r.exit_code == 0, r.output\n"
         "for sub in ('info', 'check'):\n"
@@ -37,11 +37,11 @@ def test_help_imports_neither_numba_nor_cupy(tmp_path):
 def test_reference_imports_neither_numba_nor_cupy(tmp_path):
     code = (
         "import sys, pkgutil, importlib\n"
-        "import nested_learning.reference as ref\n"
+        "import nlref.reference as ref\n"
         "names = [m.name for m in pkgutil.iter_modules(ref.__path__)]\n"
         "assert 'primitives' in names and 'gradcheck' in names, names\n"
         "for n in names:\n"
-        "    importlib.import_module('nested_learning.reference.' + n)\n"
+        "    importlib.import_module('nlref.reference.' + n)\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numba', 'cupy')))\n"
     )
     result = _run_python(code, tmp_path)
@@ -50,7 +50,7 @@ def test_reference_imports_neither_numba_nor_cupy(tmp_path):
 
 
 def test_console_script_and_module_entry_point(tmp_path):
-    for argv in (["nested-learning", "--help"], [sys.executable, "-m", "nested_learning", "--help"]):
+    for argv in (["nested-learning", "--help"], [sys.executable, "-m", "nlref", "--help"]):
         result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert "check" in result.stdout and "info" in result.stdout
@@ -79,7 +79,7 @@ def test_check_passes_on_the_reference():
 
 
 def test_check_fails_with_exit_1_on_a_wrong_gradient(monkeypatch):
-    module = __import__("nested_learning.reference.cases.primitives", fromlist=["GRADCHECKS"])
+    module = __import__("nlref.reference.cases.primitives", fromlist=["GRADCHECKS"])
 
     def wrong_case(rng):
         x = rng.standard_normal(5)
@@ -105,15 +105,15 @@ def test_check_unknown_name_is_a_usage_error():
 def test_every_check_module_registers_cases(module_name):
     """reference/cases/<module>.py registers cases named after its module, and the reference module
     itself carries none (the test material lives in reference/cases/)."""
-    module = __import__(f"nested_learning.reference.cases.{module_name}", fromlist=["GRADCHECKS"])
+    module = __import__(f"nlref.reference.cases.{module_name}", fromlist=["GRADCHECKS"])
     assert len(module.GRADCHECKS) > 0
     assert all(name.startswith(module_name + ".") for name in module.GRADCHECKS)
-    reference = __import__(f"nested_learning.reference.{module_name}", fromlist=["__name__"])
+    reference = __import__(f"nlref.reference.{module_name}", fromlist=["__name__"])
     assert not hasattr(reference, "GRADCHECKS")
 
 
 def test_check_runs_every_case_of_reference_cases():
-    from nested_learning.reference import cases
+    from nlref.reference import cases
 
     names = list(cases.all_cases())
     assert len(names) == len(set(names)) == sum(len(m.GRADCHECKS) for m in cases.modules().values())

@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from fake_clock import use_fake_clock
 from tolerances import tol
 
-from nested_learning import conformance as conf
-from nested_learning.cli import cli
-from nested_learning.fast.gpu import namespace
+from nlref import conformance as conf
+from nlref.cli import cli
+from nlref.fast.gpu import namespace
 
 COMMITTED = Path(__file__).resolve().parents[1] / "conformance"
 

@@ -8,9 +8,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from nested_learning import config, levels
-from nested_learning.cli import cli
-from nested_learning.reference import model
+from nlref import config, levels
+from nlref.cli import cli
+from nlref.reference import model
 
 
 @pytest.mark.parametrize("name", config.preset_names())

@@ -135,7 +135,7 @@ def test_every_python_block_is_followed_by_its_output():
 
 
 def _resolve(dotted: str):
-    """The object named ``nested_learning.a.b.c``: the longest importable module prefix, then getattr."""
+    """The object named ``nlref.a.b.c``: the longest importable module prefix, then getattr."""
     import importlib
 
     parts = dotted.split(".")
@@ -152,7 +152,7 @@ def _resolve(dotted: str):
 
 def test_paper_map_names_only_functions_that_exist():
     text = PAPER_MAP.read_text()
-    names = sorted(set(re.findall(r"`(nested_learning(?:\.\w+)+)`", text)))
+    names = sorted(set(re.findall(r"`(nlref(?:\.\w+)+)`", text)))
     assert len(names) > 60, "the paper map lost its functions"
     missing = []
     for name in names:

@@ -22,13 +22,13 @@ from click.testing import CliRunner
 from corpus import write_corpus
 from tolerances import assert_close
 
-from nested_learning import config, training
-from nested_learning.cli import cli
-from nested_learning.fast.cpu import model as F
-from nested_learning.fast.cpu import primitives as FP
-from nested_learning.reference import model as R
-from nested_learning.reference.blocks import layer_of
-from nested_learning.reference.config import SELFMOD_SWITCHES
+from nlref import config, training
+from nlref.cli import cli
+from nlref.fast.cpu import model as F
+from nlref.fast.cpu import primitives as FP
+from nlref.reference import model as R
+from nlref.reference.blocks import layer_of
+from nlref.reference.config import SELFMOD_SWITCHES
 
 # each switch flipped from its default, with what it needs (single_shrink: a matrix memory)
 FLIPS = {
@@ -53,7 +53,7 @@ def _tokens(cfg, B=2, T=9, seed=0):
 
 def test_every_switch_has_a_flip_and_defaults_are_the_layers():
     assert set(FLIPS) == set(SELFMOD_SWITCHES)
-    from nested_learning.reference.selfmod import SelfModConfig
+    from nlref.reference.selfmod import SelfModConfig
 
     layer = SelfModConfig(d_model=8)
     for key, default in SELFMOD_SWITCHES.items():
@@ -72,7 +72,7 @@ def test_adapters_pass_the_switch_and_port_agrees(switch):
         lcfg = layer_of(ops, cfg).cfg
         assert getattr(lcfg, name) == getattr(cfg, switch) != SELFMOD_SWITCHES[switch], (ops.name, switch)
     module = layer_of(F.CPU, cfg).module
-    assert module.__name__ == "nested_learning.fast.cpu.selfmod"
+    assert module.__name__ == "nlref.fast.cpu.selfmod"
     params = R.init_params(cfg, seed=0)
     tokens = _tokens(cfg)
     before = dict(FP.FALLBACKS)
@@ -188,7 +188,7 @@ def test_switch_from_a_toml_model_table(corpus, tmp_path):
 def test_run_from_before_the_switches_resumes(corpus, tmp_path):
     """A checkpoint and config.toml written before the switches existed (no mem_<switch> keys) resume:
     the missing fields read as their defaults, the same model (training.py's resume check)."""
-    from nested_learning import checkpoint as ckpt
+    from nlref import checkpoint as ckpt
 
     toml = tmp_path / "run.toml"
     toml.write_text(TINY_MODEL)

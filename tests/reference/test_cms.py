@@ -10,11 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tolerances import assert_close, tol
 
-from nested_learning.config import CMSLevel
-from nested_learning.reference import cms
-from nested_learning.reference import primitives as P
-from nested_learning.reference.cases import cms as cms_cases
-from nested_learning.reference.gradcheck import check_gradients
+from nlref.config import CMSLevel
+from nlref.reference import cms
+from nlref.reference import primitives as P
+from nlref.reference.cases import cms as cms_cases
+from nlref.reference.gradcheck import check_gradients
 
 
 def _params(rng, D, hidden, variant="sequential", scale=0.5):

@@ -16,20 +16,20 @@ from pathlib import Path
 
 import numpy as np
 
-from nested_learning.fast.cpu import model as cpu_model
-from nested_learning.fast.gpu import namespace
-from nested_learning.reference import blocks, contract
-from nested_learning.reference import model as driver
-from nested_learning.reference.config import preset
+from nlref.fast.cpu import model as cpu_model
+from nlref.fast.gpu import namespace
+from nlref.reference import blocks, contract
+from nlref.reference import model as driver
+from nlref.reference.config import preset
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = sorted((ROOT / "fast").rglob("*.py"))
-REFERENCE_PKG = "nested_learning.reference"
+REFERENCE_PKG = "nlref.reference"
 
 
 def _reference_aliases(tree: ast.Module, path: Path) -> tuple[set[str], list[str]]:
     """(names bound to reference modules in this file, the underscore names it imports from reference/)."""
-    package = "nested_learning." + ".".join(path.relative_to(ROOT).parent.parts)
+    package = "nlref." + ".".join(path.relative_to(ROOT).parent.parts)
     aliases, bad = set(), []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
@@ -94,10 +94,10 @@ def test_the_driver_exists_once():
 
 
 def test_the_ports_run_the_drivers_functions_with_their_ops():
-    assert cpu_model.CPU.primitives.__name__ == "nested_learning.fast.cpu.primitives"
-    assert cpu_model.CPU.cms.__name__ == "nested_learning.fast.cpu.cms"
-    assert cpu_model.layer("hope").__name__ == "nested_learning.fast.cpu.selfmod"
-    assert driver.REFERENCE.layer("hope").__name__ == "nested_learning.reference.selfmod"
+    assert cpu_model.CPU.primitives.__name__ == "nlref.fast.cpu.primitives"
+    assert cpu_model.CPU.cms.__name__ == "nlref.fast.cpu.cms"
+    assert cpu_model.layer("hope").__name__ == "nlref.fast.cpu.selfmod"
+    assert driver.REFERENCE.layer("hope").__name__ == "nlref.reference.selfmod"
     pkg = namespace.load("numpy")
     assert pkg.model.ops.np is pkg.xp and pkg.model.ops.primitives is pkg.primitives
     assert pkg.model.forward.func is driver.forward and pkg.model.loss_and_grads.func is driver.loss_and_grads

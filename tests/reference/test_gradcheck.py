@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from nested_learning.reference import gradcheck
+from nlref.reference import gradcheck
 
 
 def _case(rng):

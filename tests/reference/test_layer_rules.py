@@ -15,10 +15,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tolerances import assert_close, tol
 
-from nested_learning.reference import layer_rules as LR
-from nested_learning.reference import optimizers
-from nested_learning.reference.cases import layer_rules as LR_cases
-from nested_learning.reference.gradcheck import check_gradients, numerical_gradient
+from nlref.reference import layer_rules as LR
+from nlref.reference import optimizers
+from nlref.reference.cases import layer_rules as LR_cases
+from nlref.reference.gradcheck import check_gradients, numerical_gradient
 
 shapes = st.tuples(st.integers(0, 2**16), st.integers(1, 4), st.integers(1, 4), st.integers(1, 5))
 

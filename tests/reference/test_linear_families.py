@@ -22,15 +22,15 @@ from port_helpers import assert_grads_close as _assert_grads_close
 from port_helpers import assert_state_close as _assert_state_close
 from tolerances import assert_close, tol
 
-from nested_learning import config
-from nested_learning.cli import cli
-from nested_learning.fast.cpu import model as F
-from nested_learning.fast.cpu import primitives as FP
-from nested_learning.reference import linear_layers as LL
-from nested_learning.reference import memory as MEM
-from nested_learning.reference import model as R
-from nested_learning.reference.cases import linear_layers as LL_cases
-from nested_learning.reference.gradcheck import check_gradients, dot_product_test
+from nlref import config
+from nlref.cli import cli
+from nlref.fast.cpu import model as F
+from nlref.fast.cpu import primitives as FP
+from nlref.reference import linear_layers as LL
+from nlref.reference import memory as MEM
+from nlref.reference import model as R
+from nlref.reference.cases import linear_layers as LL_cases
+from nlref.reference.gradcheck import check_gradients, dot_product_test
 
 TINY = ["linear-attention-tiny", "deltanet-tiny", "gated-deltanet-tiny"]
 
@@ -222,7 +222,7 @@ def test_the_gpu_backend_names_the_backends_that_compute_a_new_family(tmp_path, 
     """A family the GPU port does not compute yet: one clear error before anything is written (the
     command line; the GPU port over NumPy, so the check is the family's, not CuPy's absence) and a
     ValueError from the port's API, never a bare ImportError or a silent fallback."""
-    from nested_learning.fast.gpu import model as gpu
+    from nlref.fast.gpu import model as gpu
 
     monkeypatch.setattr(gpu, "NAMESPACE", "numpy")
     cfg = config.preset("deltanet-tiny")

@@ -17,9 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tolerances import assert_close, tol
 
-from nested_learning.reference import memory
-from nested_learning.reference.cases import memory as memory_cases
-from nested_learning.reference.gradcheck import check_gradients, numerical_gradient, rel_error
+from nlref.reference import memory
+from nlref.reference.cases import memory as memory_cases
+from nlref.reference.gradcheck import check_gradients, numerical_gradient, rel_error
 
 TOKEN_RULES = ["hebbian", "delta", "dgd", "oja", "omega"]
 CHUNK_PAIRS = [("hebbian", "hebbian_chunked"), ("delta", "delta_chunked"), ("dgd", "dgd_chunked"),

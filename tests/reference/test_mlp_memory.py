@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from strategies import mlp_memory_reference_configs as configs
 from tolerances import assert_close, tol
 
-from nested_learning.reference import mlp_memory as mm
-from nested_learning.reference.cases import mlp_memory as mm_cases
-from nested_learning.reference.gradcheck import check_gradients, numerical_gradient
+from nlref.reference import mlp_memory as mm
+from nlref.reference.cases import mlp_memory as mm_cases
+from nlref.reference.gradcheck import check_gradients, numerical_gradient
 
 GTOL = tol("float64", "gradcheck")
 

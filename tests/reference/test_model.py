@@ -15,12 +15,12 @@ from model_checks import plain_loss as _plain_loss
 from model_checks import spot_check as _spot_check
 from tolerances import assert_close, tol
 
-from nested_learning import config
-from nested_learning.config import CMSLevel
-from nested_learning.reference import model
-from nested_learning.reference import primitives as P
-from nested_learning.reference.contract import copy_tree
-from nested_learning.reference.gradcheck import dot_product_test, rel_error
+from nlref import config
+from nlref.config import CMSLevel
+from nlref.reference import model
+from nlref.reference import primitives as P
+from nlref.reference.contract import copy_tree
+from nlref.reference.gradcheck import dot_product_test, rel_error
 
 TINY = ["transformer-tiny", "hope-attention-tiny", "titans-tiny", "hope-tiny"]
 CMS_TINY = ["hope-attention-tiny", "hope-tiny"]
@@ -348,7 +348,7 @@ def test_bad_input():
 def test_cli_info_model():
     from click.testing import CliRunner
 
-    from nested_learning.cli import cli
+    from nlref.cli import cli
 
     result = CliRunner().invoke(cli, ["info", "--model", "hope-attention-tiny"])
     assert result.exit_code == 0, result.output
@@ -480,7 +480,7 @@ def test_each_level_write_is_its_own_chunk_gradient(name):
 def test_a_malformed_state_is_a_clear_error(backend):
     """A state that is not what forward returned: TypeError/ValueError naming the entry, never an
     AttributeError or KeyError from deep inside (issue 14, item 5)."""
-    from nested_learning.fast.cpu import model as cpu
+    from nlref.fast.cpu import model as cpu
 
     M = model if backend == "reference" else cpu
     cfg = config.preset("hope-attention-tiny")

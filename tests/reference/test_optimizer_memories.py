@@ -13,10 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tolerances import assert_close, tol
 
-from nested_learning.reference import optimizer_memories as OM
-from nested_learning.reference import optimizers
-from nested_learning.reference.cases import optimizer_memories as OM_cases
-from nested_learning.reference.gradcheck import check_gradients, numerical_gradient
+from nlref.reference import optimizer_memories as OM
+from nlref.reference import optimizers
+from nlref.reference.cases import optimizer_memories as OM_cases
+from nlref.reference.gradcheck import check_gradients, numerical_gradient
 
 seeds = st.integers(0, 2**16)
 

@@ -13,10 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tolerances import assert_close, tol
 
-from nested_learning.reference import optimizers, toy
-from nested_learning.reference.cases import optimizers as optimizers_cases
-from nested_learning.reference.cases import toy as toy_cases
-from nested_learning.reference.gradcheck import check_gradients
+from nlref.reference import optimizers, toy
+from nlref.reference.cases import optimizers as optimizers_cases
+from nlref.reference.cases import toy as toy_cases
+from nlref.reference.gradcheck import check_gradients
 
 # ---------------------------------------------------------------------------------------------
 # Random problems: a parameter dict (matrix, vector, scalar, 3-d) and a separable quadratic.
@@ -554,7 +554,7 @@ def test_toy_compare_defaults():
 def test_toy_momentum_cli(tmp_path):
     from click.testing import CliRunner
 
-    from nested_learning import cli
+    from nlref import cli
 
     result = CliRunner().invoke(cli.cli, ["toy-momentum", "--out", str(tmp_path), "--steps", "600"])
     assert result.exit_code == 0, result.output

@@ -18,9 +18,9 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 from tolerances import assert_close, tol
 
-from nested_learning.reference import primitives as P
-from nested_learning.reference.cases import primitives as P_cases
-from nested_learning.reference.gradcheck import check_gradients, numerical_gradient, rel_error
+from nlref.reference import primitives as P
+from nlref.reference.cases import primitives as P_cases
+from nlref.reference.gradcheck import check_gradients, numerical_gradient, rel_error
 
 SEEDS = st.integers(0, 2**32 - 1)
 small = st.integers(1, 3)

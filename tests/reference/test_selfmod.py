@@ -14,10 +14,10 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 from tolerances import assert_close, tol
 
-from nested_learning.reference import memory as MEM
-from nested_learning.reference import selfmod as SM
-from nested_learning.reference.cases.selfmod import GRADCHECKS, example_params
-from nested_learning.reference.gradcheck import (
+from nlref.reference import memory as MEM
+from nlref.reference import selfmod as SM
+from nlref.reference.cases.selfmod import GRADCHECKS, example_params
+from nlref.reference.gradcheck import (
     check_gradients,
     dot_product_test,
     numerical_gradient,

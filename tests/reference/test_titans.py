@@ -15,10 +15,10 @@ from hypothesis import given, note
 from hypothesis import strategies as st
 from tolerances import assert_close, tol
 
-from nested_learning.reference import memory as mem_rules
-from nested_learning.reference import titans as Ti
-from nested_learning.reference.cases import titans as Ti_cases
-from nested_learning.reference.gradcheck import check_gradients, dot_product_test
+from nlref.reference import memory as mem_rules
+from nlref.reference import titans as Ti
+from nlref.reference.cases import titans as Ti_cases
+from nlref.reference.gradcheck import check_gradients, dot_product_test
 
 GRAD_TOL = tol("float64", "gradcheck")
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from nested_learning import checkpoint
-from nested_learning.cli import cli
+from nlref import checkpoint
+from nlref.cli import cli
 
 TINY = ["--preset", "transformer-tiny", "--backend", "reference", "--seq-len", "16", "--batch-size", "2"]
 

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from nested_learning import SPEC_VERSION, checkpoint
-from nested_learning.checkpoint import CheckpointError
+from nlref import SPEC_VERSION, checkpoint
+from nlref.checkpoint import CheckpointError
 
 
 def _params(rng, dtype=np.float64):
@@ -146,10 +146,10 @@ def test_other_files_and_models_give_clear_errors(tmp_path, rng):
 
 
 def test_spec_version_mismatch_is_refused(tmp_path, rng, monkeypatch):
-    import nested_learning
+    import nlref
 
     path = tmp_path / "ck.safetensors"
-    monkeypatch.setattr(nested_learning, "SPEC_VERSION", "0.0-old")
+    monkeypatch.setattr(nlref, "SPEC_VERSION", "0.0-old")
     _save(path, rng)
     monkeypatch.undo()
     with pytest.raises(CheckpointError, match="spec version"):

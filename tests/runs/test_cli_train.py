@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 from corpus import write_corpus
 
-from nested_learning.cli import cli
-from nested_learning.fast.gpu import namespace
-from nested_learning.reference import model
+from nlref.cli import cli
+from nlref.fast.gpu import namespace
+from nlref.reference import model
 
 # The loop's logic runs on the reference (several tests patch reference.model.loss_and_grads);
 # test_hope_family_end_to_end_with_exact_resume runs the default backend, the CPU port.
@@ -97,7 +97,7 @@ def test_eval_continual_generate_and_plot_from_a_trained_checkpoint(trained, tmp
 def test_plot_without_matplotlib_says_how_to_install(trained, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     result = invoke("plot", trained[2], "--out", tmp_path / "x.png")
-    assert_clean_error(result, "matplotlib", "nested-learning[plot]")
+    assert_clean_error(result, "matplotlib", "nested-learning-reference[plot]")
 
 
 def test_bad_data_gives_clear_errors(tmp_path):
@@ -166,7 +166,7 @@ def test_non_finite_loss_stops_the_command(tmp_path, monkeypatch):
 
 
 def _train_cmd(corpus, out, *extra):
-    return [sys.executable, "-m", "nested_learning", "train", *TINY, "--data", str(corpus), "--steps", "24",
+    return [sys.executable, "-m", "nlref", "train", *TINY, "--data", str(corpus), "--steps", "24",
             "--checkpoint-every", "6", "--eval-every", "6", "--log-every", "1", "--out", str(out), *extra]
 
 
@@ -181,7 +181,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
     # Steps 7-9's metrics lines are beyond the checkpoint: the resume must drop them.
     stop = tmp_path / "stopped-in-step-10"
     child = ("import os, runpy, sys, time\n"
-             "from nested_learning.reference import model as m\n"
+             "from nlref.reference import model as m\n"
              "f, calls = m.loss_and_grads, []\n"
              "def at_step(*a):\n"
              "    calls.append(1)\n"
@@ -191,7 +191,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
              "    return f(*a)\n"
              "m.loss_and_grads = at_step\n"
              "sys.argv = ['nested-learning'] + sys.argv[1:]\n"
-             "runpy.run_module('nested_learning', run_name='__main__')\n")
+             "runpy.run_module('nlref', run_name='__main__')\n")
     cmd = [sys.executable, "-c", child] + _train_cmd(corpus, tmp_path / "cut")[3:]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**env, "NL_TEST_STOP_FILE": str(stop)})
@@ -203,7 +203,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
     assert stop.exists() and proc.returncode == -signal.SIGKILL, err
     cut_rows = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines() if x]
     assert max(r["step"] for r in cut_rows) == 9, "killed in step 10: steps 1-9 logged, the checkpoint is step 6's"
-    resumed = subprocess.run([sys.executable, "-m", "nested_learning", "train", "--resume", str(tmp_path / "cut")],
+    resumed = subprocess.run([sys.executable, "-m", "nlref", "train", "--resume", str(tmp_path / "cut")],
                              capture_output=True, text=True, env=env, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
@@ -219,7 +219,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
 def test_hope_family_end_to_end_with_exact_resume(tmp_path, monkeypatch):
     """hope-tiny (self-modifying Titans + in-context CMS) on the CPU port (--backend cpu): train,
     interrupt, resume, eval, generate."""
-    from nested_learning.fast.cpu import model as cpu_model
+    from nlref.fast.cpu import model as cpu_model
 
     corpus = write_corpus(tmp_path / "corpus", n_docs=5)
     args = ["train", "--preset", "hope-tiny", "--backend", "cpu", "--data", corpus, "--steps", 6,
@@ -260,7 +260,7 @@ def test_help_of_the_run_commands_imports_nothing_heavy(tmp_path):
     code = (
         "import sys\n"
         "from click.testing import CliRunner\n"
-        "from nested_learning.cli import cli\n"
+        "from nlref.cli import cli\n"
         "for sub in ('train', 'eval', 'generate', 'plot'):\n"
         "    assert CliRunner().invoke(cli, [sub, '--help']).exit_code == 0\n"
         "print(sorted(m for m in ('numba', 'cupy', 'numpy', 'matplotlib') if m in sys.modules))\n"

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nested_learning import data
+from nlref import data
 
 
 def _write_docs(tmp_path, n=6, size=300, seed=0):

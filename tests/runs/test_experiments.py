@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from nested_learning.cli import cli
-from nested_learning.experiments import domains, recall, tasks
+from nlref.cli import cli
+from nlref.experiments import domains, recall, tasks
 
 
 def _invoke(args):
@@ -100,7 +100,7 @@ def test_recall_end_to_end(tmp_path):
 
 
 def test_training_windows_are_whole_examples(tmp_path):
-    from nested_learning import data
+    from nlref import data
 
     recall.write_training_data("passkey", 0, 10, 40, tmp_path)
     corpus = data.load_corpus(str(tmp_path))

@@ -17,8 +17,8 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nested_learning import checkpoint, training
-from nested_learning.cli import cli
+from nlref import checkpoint, training
+from nlref.cli import cli
 
 TINY = ["--preset", "transformer-tiny", "--backend", "reference", "--seq-len", "8", "--batch-size", "2"]
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -271,7 +271,7 @@ def test_kill9_at_random_points_then_resume_reproduces_the_uninterrupted_run(bas
     rng = np.random.default_rng(14)
     for trial, k in enumerate(rng.integers(0, 17, size=4)):
         run = tmp_path / f"cut{trial}"
-        proc = subprocess.Popen([sys.executable, "-m", "nested_learning", *args, "--out", str(run)],
+        proc = subprocess.Popen([sys.executable, "-m", "nlref", *args, "--out", str(run)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + 60  # an upper bound; the kill point is wherever the run is then
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from nested_learning import checkpoint, rundir, training
-from nested_learning import data as data_mod
-from nested_learning.cli import cli
-from nested_learning.reference import model
+from nlref import checkpoint, rundir, training
+from nlref import data as data_mod
+from nlref.cli import cli
+from nlref.reference import model
 
 WORDS = "the memory learns to compress its context into weights while the optimizer learns gradients".split()
 TINY = ["--preset", "transformer-tiny", "--backend", "reference", "--seq-len", "16", "--batch-size", "2",
@@ -75,7 +75,7 @@ def corpus(tmp_path):
 # A real `train` whose first step blocks until the test writes a line to its stdin: it holds the
 # lock for as long as the test wants, whatever the machine's speed.
 _BLOCKED_TRAIN = (
-    "import sys, runpy; from nested_learning.reference import model as m; f = m.loss_and_grads; calls = [0]\n"
+    "import sys, runpy; from nlref.reference import model as m; f = m.loss_and_grads; calls = [0]\n"
     "def g(*a):\n"
     "    calls[0] += 1\n"
     "    if calls[0] == 1:\n"
@@ -83,7 +83,7 @@ _BLOCKED_TRAIN = (
     "        sys.stdin.readline()\n"
     "    return f(*a)\n"
     "m.loss_and_grads = g\n"
-    "sys.argv = ['nested-learning'] + sys.argv[1:]; runpy.run_module('nested_learning', run_name='__main__')\n"
+    "sys.argv = ['nested-learning'] + sys.argv[1:]; runpy.run_module('nlref', run_name='__main__')\n"
 )
 
 
@@ -106,7 +106,7 @@ def test_a_second_writer_fails_at_once_naming_the_holder_and_a_kill_leaves_no_st
     try:
         before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
         # A second writer in another process (the command line), and one in this process.
-        second = subprocess.run([sys.executable, "-m", "nested_learning", "train", *TINY, "--data", str(corpus),
+        second = subprocess.run([sys.executable, "-m", "nlref", "train", *TINY, "--data", str(corpus),
                                  "--steps", "3", "--out", str(out)], capture_output=True, text=True, env=ENV,
                                 timeout=120)
         assert second.returncode == 1, second.stderr

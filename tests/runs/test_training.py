@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nested_learning import checkpoint, data, training
-from nested_learning.fast.gpu import namespace
-from nested_learning.reference import model
+from nlref import checkpoint, data, training
+from nlref.fast.gpu import namespace
+from nlref.reference import model
 
 WORDS = "the memory learns to compress its context into weights while the optimizer learns gradients".split()
 
@@ -335,7 +335,7 @@ def test_gpu_backend_loop_over_the_numpy_namespace_is_the_reference(tmp_path, co
     steps, host copies in checkpoints, device-resident streaming state in eval --continual and
     generate) run over the NumPy namespace (SPEC.md#fast-gpu): bitwise the reference's run, and
     the checkpoint resumes. The CuPy path itself is checked on a GPU (tests/gpu/test_gpu_device_model.py)."""
-    from nested_learning.fast.gpu import model as gpu_model
+    from nlref.fast.gpu import model as gpu_model
 
     monkeypatch.setattr(gpu_model, "NAMESPACE", "numpy")
     ref = tiny_run(corpus, preset="hope-tiny", steps=4, checkpoint_every=2, seq_len=20)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="ne
 _PARENT = (
     "import os, sys, time\n"
     "os.environ['NL_CPU_WORKERS'] = 'process'\n"
-    "from nested_learning.fast.cpu import model as m\n"
+    "from nlref.fast.cpu import model as m\n"
     "pool = m._pool('process', 2)\n"
     "print(sorted({f.result() for f in [pool.submit(os.getpid) for _ in range(4)]}), flush=True)\n"
     "print('ready', flush=True)\n"
