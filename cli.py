@@ -104,6 +104,10 @@ def _model_info(name: str) -> None:
     if size["chunk_tokens"]:
         line += f" + up to {size['chunk_tokens']} tokens (the open CMS level chunks)"
     click.echo(line)
+    from nlref.reference import readings
+
+    for text in readings.lines(readings.model_readings(cfg)):  # SPEC.md#readings
+        click.echo(text)
 
 
 @cli.command("levels")

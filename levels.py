@@ -35,6 +35,8 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+from nlref.reference import readings
+
 KINDS = ("attention", "memory", "cms", "mlp", "optimizer-memory", "outer")
 
 
@@ -248,7 +250,16 @@ def table(cfg, batch_size: int | None = None, seq_len: int | None = None, optimi
         if lv.detail and lv.detail not in seen:
             seen.add(lv.detail)
             out.append(f"  {lv.name}: {lv.detail} [{lv.spec}]")
+    out += readings.lines(_readings(cfg, optimizer))
     return "\n".join(out)
+
+
+def _readings(cfg, optimizer: str | None) -> list:
+    """The pinned readings of the model and its outer optimizer that differ from the paper's letter."""
+    from nlref.training import TrainConfig
+
+    return readings.model_readings(cfg) + readings.optimizer_readings(
+        TrainConfig.optimizer if optimizer is None else optimizer)
 
 
 def to_json(cfg, batch_size: int | None = None, seq_len: int | None = None, optimizer: str | None = None) -> str:
@@ -259,4 +270,5 @@ def to_json(cfg, batch_size: int | None = None, seq_len: int | None = None, opti
         cfg = config_mod.preset(cfg)
     rows = levels(cfg, batch_size, seq_len, optimizer)
     return json.dumps({"model": cfg.name, "family": cfg.family, "total_params": sum(lv.params for lv in rows),
-                       "levels": [lv.to_dict() for lv in rows]}, indent=2)
+                       "levels": [lv.to_dict() for lv in rows],
+                       "readings": [dataclasses.asdict(r) for r in _readings(cfg, optimizer)]}, indent=2)
