@@ -46,11 +46,20 @@ def info(model_preset: str | None) -> None:
     import platform
 
     import nlref
+    from nlref import distributed
 
+    try:  # collective under mpiexec (the hosts are gathered); rank 0 alone prints
+        world = distributed.world()
+        layout = distributed.layout(world)
+    except distributed.DistributedError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not world.is_root:
+        return
     click.echo(f"nested-learning {nlref.__version__} (spec {nlref.SPEC_VERSION}, "
                f"paper {nlref.PAPER})")
     click.echo(f"python {platform.python_version()} on {platform.machine()} ({platform.system()})")
-    for dist in ("numpy", "numba", "llvmlite", "scipy", "click", "safetensors", "cupy-cuda12x", "torch"):
+    for dist in ("numpy", "numba", "llvmlite", "scipy", "click", "safetensors", "cupy-cuda12x", "torch", "mpi4py",
+                 "mpich"):
         try:
             version = md.version(dist)
         except md.PackageNotFoundError:
@@ -73,6 +82,7 @@ def info(model_preset: str | None) -> None:
     except ImportError:
         click.echo("numba: not importable")
     click.echo(f"gpu: {_gpu_status()}")
+    click.echo(f"layout: {layout}")
 
 
 def _model_info(name: str) -> None:
@@ -290,8 +300,10 @@ def train(config_file, resume_dir, out, overwrite, **flags) -> None:
             rc = training.resolve_config(file, flags)
             run_dir = Path(out) if out else Path("runs") / f"{rc.train.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         training.check_backend(rc.train.backend)
-        training.train(rc, run_dir, resume=resume_dir is not None, echo=click.echo,
-                       tty=sys.stdout.isatty(), overwrite=overwrite)
+        from nlref import distributed  # one process, or N under mpiexec (SPEC.md#distributed)
+
+        distributed.train(rc, run_dir, resume=resume_dir is not None, echo=click.echo,
+                          tty=sys.stdout.isatty(), overwrite=overwrite)
     except _run_errors() as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:  # the disk, not the input: say which file and why

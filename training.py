@@ -54,7 +54,7 @@ import numpy as np
 from nlref import backends as backends_mod
 from nlref import checkpoint as ckpt
 from nlref import data as data_mod
-from nlref import rundir
+from nlref import distributed, rundir
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
@@ -791,7 +791,7 @@ def _train_locked(rc: RunConfig, run_dir: Path, corpus, resume: bool, echo, tty:
             step_box[0] = step
             tokens = sampler.next_batch()  # (B, T + 1)
             t0 = time.perf_counter()
-            loss, grads = be.loss_and_grads(params, tokens, mc)
+            loss, grads = distributed.loss_and_grads(be, params, tokens, mc)  # this rank's rows, all-reduced
             loss = float(loss)
             gnorm = global_norm(grads)
             if not (math.isfinite(loss) and math.isfinite(gnorm)):
