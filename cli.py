@@ -644,6 +644,39 @@ def bench(presets, backends, batch_size, seq_len, dtype, repeats, decode_context
         raise click.ClickException(f"{len(failed)} row(s) failed: {', '.join(failed)}")
 
 
+@cli.command("bench-mpi")
+@click.option("--ranks", "ranks", multiple=True, type=click.IntRange(min=1),
+              help="Rank counts to time, one mpiexec each (repeatable; default 1, 2, 4).")
+@click.option("--preset", default="hope-tiny", show_default=True, metavar="NAME", help="Model preset.")
+@click.option("--backend", type=click.Choice(_backends.NAMES), default="cpu", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="The global batch (split over the ranks).")
+@click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed steps per rank count (after one warm-up); the median is reported.")
+@click.option("--plan", "plan_only", is_flag=True,
+              help="Print only the planning table: gradient bytes per step per preset against link bandwidths.")
+def bench_mpi(ranks, preset, backend, batch_size, seq_len, dtype, steps, plan_only) -> None:
+    """Time data-parallel training on 1, 2, 4 ranks (mpiexec; SPEC.md#distributed), side by side.
+
+    Prints tokens/s, the ratio to the first row, and per step: the rank's compute, the wait for the
+    slowest rank, the fused all-reduce and its share of the step; then the planning table.
+    """
+    from nlref import bench_mpi as bm
+
+    if not plan_only:
+        try:
+            bm.run(ranks=ranks or (1, 2, 4), preset=preset, backend=backend, batch_size=batch_size,
+                   seq_len=seq_len, dtype=dtype, steps=steps, echo=click.echo)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+        except RuntimeError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo("")
+    bm.plan(dtype=dtype, echo=click.echo)
+
+
 # ------------------------------------------------------------------------------------------------
 # experiment: the paper's claims at a scale anyone can run (issue 17; experiments/)
 # ------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Paper: none (the run machinery is not in the paper; arXiv 2512.24695v1). SPEC.md
 every choice below.
 
 Why data parallelism is only an all-reduce here: every fast state of these models (the memories,
-the in-context CMS levels) is per sequence and never crosses sequences (SPEC.md#sequences), and the
+the in-context CMS levels) is per sequence and never crosses sequences (SPEC.md#chunks), and the
 loss is the mean over the batch's sequences. So rank r computes the mean loss and its gradient on
 its own rows of the global batch, weights both by its share ``B_r / B``, and the sum over ranks is
 the full batch's mean-loss gradient. The online (inner) updates run inside each sequence exactly as
@@ -354,6 +354,43 @@ def layout(w: World | None = None, backend: str | None = None, batch_size: int |
     return line
 
 
+def local_rank(w: World | None = None) -> tuple[int, int]:
+    """(this rank's index among the ranks on its node, their count); collective under MPI."""
+    w = w or world()
+    if w.size == 1:
+        return 0, 1
+    from mpi4py import MPI
+
+    node = w.comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return node.Get_rank(), node.Get_size()
+    finally:
+        node.Free()
+
+
+def pick_gpu(w: World, backend: str, echo: Callable[[str], None] = print) -> str | None:
+    """One CUDA device per rank on a node (the ``torchrun`` habit): device ``local_rank % count`` of
+    the devices this process sees (``CUDA_VISIBLE_DEVICES`` narrows them), made current before the
+    GPU port allocates anything. Collective under MPI. Returns what was chosen (None: not the
+    GPU port on CuPy, or one rank)."""
+    local, per_node = local_rank(w)
+    if backend != "gpu" or w.size == 1:
+        return None
+    from nlref import backends
+
+    if backends.get("gpu").model.NAMESPACE != "cupy":
+        return None
+    import cupy
+
+    count = cupy.cuda.runtime.getDeviceCount()
+    device = local % count
+    cupy.cuda.Device(device).use()
+    if per_node > count and local == 0:
+        echo(f"distributed: {per_node} ranks share this node's {count} CUDA device(s); start at most {count} "
+             "ranks per node for one device each")
+    return f"rank {w.rank}: CUDA device {device} of {count}"
+
+
 def _mpi4py_version() -> str | None:
     import importlib.metadata as md
 
@@ -420,6 +457,7 @@ def train(rc, run_dir, resume: bool = False, echo: Callable[[str], None] = print
         check_batch(rc.train.batch_size, w)
         files = w.comm.bcast(_snapshot(run_dir) if w.is_root and resume and run_dir.is_dir() else None, root=0)
         where = layout(w, rc.train.backend, rc.train.batch_size)
+        pick_gpu(w, rc.train.backend, echo if w.is_root else (lambda s: None))
         if w.is_root:
             echo(f"distributed: {where}")
             return training.train(rc, run_dir, resume=resume, echo=echo, tty=tty, overwrite=overwrite)

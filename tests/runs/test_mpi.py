@@ -153,6 +153,7 @@ def mpirun(n: int, args: list[str], env: dict, timeout: float = 120) -> subproce
 
 
 GRADS_SCRIPT = textwrap.dedent("""
+    import os
     import sys
     import numpy as np
     from nlref import backends, config, distributed
@@ -160,9 +161,14 @@ GRADS_SCRIPT = textwrap.dedent("""
     mc = config.from_dict({**config.preset(preset).to_dict(), "vocab_size": 256, "dtype": dtype})
     be = backends.get(backend)
     params = be.model.init_params(mc, seed=0)
-    tokens = np.random.default_rng(1).integers(0, 256, (B, 13))
-    loss, grads = distributed.loss_and_grads(be, params, tokens, mc)
     w = distributed.world()
+    seed = 1 + (w.rank if "NL_TEST_OTHER_BATCH" in os.environ else 0)  # a rank that drew another batch
+    tokens = np.random.default_rng(seed).integers(0, 256, (B, 13))
+    try:
+        loss, grads = distributed.loss_and_grads(be, params, tokens, mc)
+    except distributed.DistributedError as exc:
+        print(f"rank {w.rank}: {exc}", flush=True)
+        sys.exit(3)
     every = w.comm.gather((loss, grads), root=0) if w.size > 1 else [(loss, grads)]
     if w.is_root:
         for other_loss, other in every[1:]:  # every rank steps the optimizer with the same numbers
@@ -236,6 +242,27 @@ def test_ranks_compose_with_the_cpu_ports_batch_groups(tmp_path):
     both = _grads(tmp_path, 2, "hope-tiny", "cpu", "float64", 5, NL_CPU_GROUPS="2", NL_CPU_THREADS="2")
     for k in one:
         assert _rel(both[k], one[k]) <= 1e-12, k
+
+
+@needs_mpi
+def test_ranks_that_drew_different_batches_stop_at_the_first_step(tmp_path):
+    script = tmp_path / "grads.py"
+    script.write_text(GRADS_SCRIPT)
+    r = mpirun(2, [sys.executable, str(script), "transformer-tiny", "reference", "float32", "4",
+                   str(tmp_path / "x.npz")], _env(tmp_path, NL_TEST_OTHER_BATCH="1"))
+    assert r.returncode != 0
+    assert r.stdout.count("the ranks drew different batches") == 2, r.stdout + r.stderr  # both ranks know
+    assert not (tmp_path / "x.npz").exists()
+
+
+@needs_mpi
+def test_the_gpu_ports_code_on_2_ranks_equals_1_rank(tmp_path):
+    """The GPU port's code path (NL_GPU_NAMESPACE=numpy: its code over NumPy) through the fused
+    all-reduce: 2 ranks (3 + 2) = 1 rank to float64 round-off."""
+    one = _grads(tmp_path, 1, "transformer-tiny", "gpu", "float64", 5, NL_GPU_NAMESPACE="numpy")
+    two = _grads(tmp_path, 2, "transformer-tiny", "gpu", "float64", 5, NL_GPU_NAMESPACE="numpy")
+    for k in one:
+        assert _rel(two[k], one[k]) <= 1e-12, k
 
 
 def _corpus(tmp_path) -> Path:
