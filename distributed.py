@@ -41,8 +41,10 @@ Decisions (SPEC.md#distributed):
   needs the run directory on rank 0 only), with their output silenced; it is removed at the end.
 - **Failures**: an error on any rank prints one message (rank 0's, or the rank's own with its
   number) and ends the whole job with ``MPI_Abort`` (a rank left waiting in an all-reduce would
-  hang); a rank killed outright is reported by the launcher, which ends the others. Checkpoints
-  are written atomically, so the last good one stays.
+  hang); a rank killed outright is reported by the launcher, which ends the others. A rank that
+  waits more than ``NL_MPI_TIMEOUT`` seconds (default 600) in one reduction stops the run too (a
+  peer that hangs, or died under a launcher that does not end the job). Checkpoints are written
+  atomically, so the last good one stays.
 """
 
 from __future__ import annotations
@@ -212,21 +214,68 @@ def cuda_aware() -> bool:
 
 
 def _reduce(w: World, buf, mode: str):
-    """The sum over ranks of ``buf`` (one contiguous 1-D array), the same on every rank."""
+    """The sum over ranks of ``buf`` (one contiguous 1-D array), the same on every rank; an MPI
+    failure (a peer that died under a launcher that does not end the job) is a DistributedError."""
+    from mpi4py import MPI
+
+    try:
+        return _reduce_unchecked(w, buf, mode)
+    except MPI.Exception as exc:
+        raise DistributedError(
+            f"the all-reduce failed on rank {w.rank} of {w.size} ({exc.Get_error_string()}): another rank died or "
+            "the network failed; the run directory keeps its last good checkpoint: continue with mpiexec -n N "
+            "nested-learning train --resume RUN_DIR") from None
+
+
+def timeout_s() -> float:
+    """``NL_MPI_TIMEOUT``: seconds a rank waits in one reduction for the others (default 600, longer
+    than any first step with its compilation; 0 waits for ever) before it stops the run."""
+    raw = os.environ.get("NL_MPI_TIMEOUT", "600")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise DistributedError(f"NL_MPI_TIMEOUT={raw!r}: must be a number of seconds >= 0 (0: no limit)")
+    return value
+
+
+def _wait(w: World, req) -> None:
+    """Wait for the non-blocking collective ``req``, at most ``timeout_s()``: a peer that died under
+    a launcher that does not end the job (``mpiexec -disable-auto-cleanup``, some schedulers) would
+    otherwise leave this rank spinning in the reduction for ever. Polls for 10 ms, then every 0.5 ms
+    (on a machine with more ranks than cores the waiting rank leaves the core to the others)."""
+    limit = timeout_s()
+    if limit == 0:
+        req.Wait()
+        return
+    t0 = time.monotonic()
+    while not req.Test():
+        waited = time.monotonic() - t0
+        if waited > limit:
+            raise DistributedError(
+                f"rank {w.rank} of {w.size} waited {waited:.0f} s in the all-reduce for the other ranks "
+                f"(NL_MPI_TIMEOUT={limit:g}): one died or hangs; the run directory keeps its last good checkpoint: "
+                "continue with mpiexec -n N nested-learning train --resume RUN_DIR")
+        if waited > 0.01:
+            time.sleep(0.0005)
+
+
+def _reduce_unchecked(w: World, buf, mode: str):
     from mpi4py import MPI
 
     if mode == "sum":
-        w.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        _wait(w, w.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM))
         return buf
     xp = _xp(buf)
     rows = xp.empty((w.size, buf.shape[0]), dtype=buf.dtype) if w.is_root else None
-    w.comm.Gather(buf, rows, root=0)
+    _wait(w, w.comm.Igather(buf, rows, root=0))
     if w.is_root:  # rank order, left to right: ((s0 + s1) + s2) + ...
         acc = rows[0].copy()
         for r in range(1, w.size):
             acc = acc + rows[r]
         buf[...] = acc
-    w.comm.Bcast(buf, root=0)
+    _wait(w, w.comm.Ibcast(buf, root=0))
     return buf
 
 

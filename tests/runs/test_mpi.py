@@ -89,11 +89,12 @@ def test_under_a_launcher_without_mpi4py_the_error_says_what_to_install():
 
 @pytest.mark.parametrize("name,value,match", [("NL_MPI", "yes", "NL_MPI='yes': must be auto, on or off"),
                                               ("NL_MPI_REDUCE", "tree", "must be one of sum, ordered"),
-                                              ("NL_MPI_CUDA_AWARE", "true", "must be 0 or 1")])
+                                              ("NL_MPI_CUDA_AWARE", "true", "must be 0 or 1"),
+                                              ("NL_MPI_TIMEOUT", "-1", "must be a number of seconds >= 0")])
 def test_bad_settings_name_the_variable_and_the_choices(monkeypatch, name, value, match):
     monkeypatch.setenv(name, value)
     fn = {"NL_MPI": distributed.mpi_setting, "NL_MPI_REDUCE": distributed.reduce_mode,
-          "NL_MPI_CUDA_AWARE": distributed.cuda_aware}[name]
+          "NL_MPI_CUDA_AWARE": distributed.cuda_aware, "NL_MPI_TIMEOUT": distributed.timeout_s}[name]
     with pytest.raises(distributed.DistributedError, match=match):
         fn()
 
@@ -164,10 +165,15 @@ GRADS_SCRIPT = textwrap.dedent("""
     w = distributed.world()
     seed = 1 + (w.rank if "NL_TEST_OTHER_BATCH" in os.environ else 0)  # a rank that drew another batch
     tokens = np.random.default_rng(seed).integers(0, 256, (B, 13))
+    if w.rank == 1 and "NL_TEST_HANG" in os.environ:  # a rank that never joins the all-reduce
+        import time
+        time.sleep(60)
     try:
         loss, grads = distributed.loss_and_grads(be, params, tokens, mc)
     except distributed.DistributedError as exc:
         print(f"rank {w.rank}: {exc}", flush=True)
+        if "NL_TEST_HANG" in os.environ:
+            w.comm.Abort(3)  # as distributed.train does: the other rank never comes
         sys.exit(3)
     every = w.comm.gather((loss, grads), root=0) if w.size > 1 else [(loss, grads)]
     if w.is_root:
@@ -253,6 +259,18 @@ def test_ranks_that_drew_different_batches_stop_at_the_first_step(tmp_path):
     assert r.returncode != 0
     assert r.stdout.count("the ranks drew different batches") == 2, r.stdout + r.stderr  # both ranks know
     assert not (tmp_path / "x.npz").exists()
+
+
+@needs_mpi
+def test_a_rank_that_never_joins_the_all_reduce_stops_the_run_after_the_timeout(tmp_path):
+    script = tmp_path / "grads.py"
+    script.write_text(GRADS_SCRIPT)
+    t0 = time.perf_counter()
+    r = mpirun(2, [sys.executable, str(script), "transformer-tiny", "reference", "float64", "4",
+                   str(tmp_path / "x.npz")], _env(tmp_path, NL_TEST_HANG="1", NL_MPI_TIMEOUT="2"), timeout=50)
+    assert r.returncode != 0
+    assert "rank 0 of 2 waited 2 s in the all-reduce" in r.stdout and "--resume RUN_DIR" in r.stdout, r.stdout
+    assert time.perf_counter() - t0 < 40  # not the 60 s the other rank sleeps
 
 
 @needs_mpi
