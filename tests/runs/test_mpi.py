@@ -409,3 +409,43 @@ def test_info_shows_the_layout_once(tmp_path):
     layout = [ln for ln in r.stdout.splitlines() if ln.startswith("layout:")]
     assert len(layout) == 1 and "2 MPI ranks" in layout[0] and "2 ranks on" in layout[0]
     assert r.stdout.count("nested-learning ") == 1  # the other rank prints nothing
+
+
+def test_the_planning_table_counts_every_gradient_entry():
+    from nlref import bench_mpi, config
+    from nlref.reference import model
+
+    lines = []
+    rows = bench_mpi.plan(["hope-small"], echo=lines.append)
+    n = sum(int(np.prod(s)) for s in model.param_shapes(config.preset("hope-small")).values())
+    assert rows[0]["grad_bytes"] == 4 * n
+    assert rows[0]["ring_allreduce_s"][1] == pytest.approx(2 * 4 * n / 1.25e9)  # 10 GbE
+    assert "hope-small" in lines[1] and "10 GbE" in lines[0]
+
+
+@needs_mpi
+def test_the_benchmark_runs_its_rank_counts_side_by_side(tmp_path, monkeypatch):
+    """A smoke run (no timing is asserted): one mpiexec per rank count, one row each."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("NL_CPU_WORKERS", "thread")
+    from nlref import bench_mpi
+
+    lines = []
+    rows = bench_mpi.run(ranks=(1, 2), preset="transformer-tiny", backend="reference", batch_size=3, seq_len=8,
+                         steps=1, echo=lines.append)
+    assert [r["ranks"] for r in rows] == [1, 2]
+    assert rows[0]["allreduce_s"] < 1e-3  # one rank reduces nothing
+    assert rows[1]["grad_bytes"] == rows[0]["grad_bytes"] > 0
+    assert any(ln.split()[:1] == ["2"] for ln in lines) and "shared by the ranks" in lines[0]
+    with pytest.raises(ValueError, match="cannot be split over 4 ranks"):
+        bench_mpi.run(ranks=(4,), batch_size=2, echo=lines.append)
+
+
+def test_bench_mpi_plan_from_the_command_line():
+    from click.testing import CliRunner
+
+    from nlref.cli import cli
+
+    r = CliRunner().invoke(cli, ["bench-mpi", "--plan"])
+    assert r.exit_code == 0, r.output
+    assert "hope-medium" in r.output and "ring all-reduce" in r.output
