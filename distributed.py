@@ -344,6 +344,17 @@ def allreduce(w: World, grads: dict, loss: float, weight: float, digest: int = 0
     return out, loss_sum
 
 
+def local_batch(tokens, w: World | None = None):
+    """(this rank's rows of the global batch ``tokens`` (B, T + 1), their weight ``B_r / B``): what a
+    loop that accumulates gradients over micro-batches splits further, before its one ``allreduce``
+    (with ``batch_digest`` of the global batch). A one-rank world: (tokens, 1.0)."""
+    w = w or world()
+    if w.size == 1:
+        return tokens, 1.0
+    mine = shares(tokens.shape[0], w.size)[w.rank]
+    return tokens[mine], (mine.stop - mine.start) / tokens.shape[0]
+
+
 def loss_and_grads(be, params, tokens, mc, w: World | None = None, timer: dict | None = None):
     """``be.loss_and_grads`` of the global batch ``tokens`` (B, T + 1), computed over the world:
     this rank's rows ``shares(B, N)[rank]``, then the fused all-reduce. A one-rank world is exactly
@@ -351,15 +362,28 @@ def loss_and_grads(be, params, tokens, mc, w: World | None = None, timer: dict |
     w = w or world()
     if w.size == 1:
         return be.loss_and_grads(params, tokens, mc)
-    B = tokens.shape[0]
-    mine = shares(B, w.size)[w.rank]
+    rows, weight = local_batch(tokens, w)
     t0 = time.perf_counter()
-    loss, grads = be.loss_and_grads(params, tokens[mine], mc)
+    loss, grads = be.loss_and_grads(params, rows, mc)
     if timer is not None:
         be.synchronize()
         timer["compute_s"] = timer.get("compute_s", 0.0) + time.perf_counter() - t0
-    grads, loss = allreduce(w, grads, float(loss), (mine.stop - mine.start) / B, batch_digest(tokens), timer)
+    grads, loss = allreduce(w, grads, float(loss), weight, batch_digest(tokens), timer)
     return loss, grads
+
+
+def any_rank(flag: bool, w: World | None = None) -> bool:
+    """True on every rank when ``flag`` is true on any (a logical OR over the world; collective:
+    every rank calls it at the same point of the step). A stop one rank decides alone (a SIGINT that
+    reached it between two steps) goes through it, so every rank stops after the same step. A
+    one-rank world: ``flag``."""
+    w = w or world()
+    if w.size == 1:
+        return bool(flag)
+    import numpy as np
+
+    buf = np.array([1.0 if flag else 0.0])
+    return bool(_reduce(w, buf, "sum")[0] > 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -525,5 +549,5 @@ def train(rc, run_dir, resume: bool = False, echo: Callable[[str], None] = print
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-__all__ = ["DistributedError", "World", "allreduce", "batch_digest", "check_batch", "launched", "layout",
-           "loss_and_grads", "shares", "train", "world"]
+__all__ = ["DistributedError", "World", "allreduce", "any_rank", "batch_digest", "check_batch", "launched", "layout",
+           "local_batch", "local_rank", "loss_and_grads", "pick_gpu", "shares", "train", "world"]

@@ -175,6 +175,10 @@ GRADS_SCRIPT = textwrap.dedent("""
         if "NL_TEST_HANG" in os.environ:
             w.comm.Abort(3)  # as distributed.train does: the other rank never comes
         sys.exit(3)
+    stop = distributed.any_rank(w.rank == w.size - 1)  # only the last rank asks: every rank agrees
+    assert stop is True and distributed.any_rank(False) is False
+    rows, weight = distributed.local_batch(tokens)
+    assert rows.shape[0] == round(weight * B)
     every = w.comm.gather((loss, grads), root=0) if w.size > 1 else [(loss, grads)]
     if w.is_root:
         for other_loss, other in every[1:]:  # every rank steps the optimizer with the same numbers
