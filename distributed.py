@@ -241,9 +241,9 @@ def timeout_s() -> float:
 
 
 def _wait(w: World, req) -> None:
-    """Wait for the non-blocking collective ``req``, at most ``timeout_s()``: a peer that died under
-    a launcher that does not end the job (``mpiexec -disable-auto-cleanup``, some schedulers) would
-    otherwise leave this rank spinning in the reduction for ever. Polls for 10 ms, then every 0.5 ms
+    """Wait for the non-blocking collective ``req``, at most ``timeout_s()``: a peer that hangs, or
+    died under a launcher that does not end the job (MPICH's hydra does end it, measured), would
+    otherwise leave this rank waiting in the reduction for ever. Polls for 10 ms, then every 0.5 ms
     (on a machine with more ranks than cores the waiting rank leaves the core to the others)."""
     limit = timeout_s()
     if limit == 0:
