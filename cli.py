@@ -742,6 +742,16 @@ def experiment_recall(scale, out, seeds, backend, models, task_names) -> None:
                     task_names=tuple(task_names) or ("passkey", "mqar"))
 
 
+@experiment.command("toy-momentum")
+@click.option("--quick", "scale", flag_value="quick", help="The quick grid (81 cells, seconds).")
+@click.option("--smoke", "scale", flag_value="smoke", hidden=True, help="The tests' grid.")
+@click.option("--full", "scale", flag_value="full", default=True, help="The full grid (625 cells, the default).")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output directory.")
+def experiment_toy_momentum(scale, out) -> None:
+    """The Eq. 53 toy over a (k, alpha, omega, eta) grid: where delta momentum beats momentum."""
+    _run_experiment("toy_sweep", out=out, scale_name=scale, models=())
+
+
 def main() -> None:
     # the CPU port's batch groups run in worker processes from the command line (SPEC.md#fast-cpu:
     # measured faster than threads; the entry points have a __main__ guard). Set before anything

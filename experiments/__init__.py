@@ -29,4 +29,5 @@ Nothing here imports numpy, numba or matplotlib at import time of this package.
 EXPERIMENTS = {
     "continual": "nlref.experiments.continual",
     "recall": "nlref.experiments.recall",
+    "toy-momentum": "nlref.experiments.toy_sweep",
 }

@@ -1,0 +1,54 @@
+"""nested-learning experiment toy-momentum (issue 17 item 5): the Eq. 53 sweep end to end at the
+smoke scale, its verdicts against reference/toy.compare, and the verdict rule itself."""
+
+import json
+
+from click.testing import CliRunner
+
+from nlref.cli import cli
+from nlref.experiments import toy_sweep
+from nlref.reference import toy
+
+
+def test_toy_sweep_cli_writes_parseable_outputs(tmp_path):
+    res = CliRunner().invoke(cli, ["experiment", "toy-momentum", "--smoke", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "results.json").read_text())
+    grid = toy_sweep.SCALES["smoke"]
+    assert len(data["cells"]) == len(grid["k"]) * len(grid["alpha"]) * len(grid["omega"]) * len(grid["eta"])
+    assert sum(data["counts"].values()) == len(data["cells"])
+    assert "Answer at this scale" in (tmp_path / "report.md").read_text()
+    png = tmp_path / "toy_momentum_sweep.png"
+    assert not data["figures"] or png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_toy_sweep_cell_matches_reference_compare(tmp_path, monkeypatch):
+    # the sweep's cell at the toy's defaults must give the same steps as toy.compare (catches swapped
+    # optimizers, a wrong eta or a dropped delta)
+    d = toy.TOY_DEFAULTS
+    monkeypatch.setitem(toy_sweep.SCALES, "smoke", {"k": [d["k"]], "alpha": [d["alpha"]], "omega": [d["omega"]],
+                                                    "eta": [d["lr"]], "steps": d["steps"]})
+    cell = toy_sweep.run(tmp_path, "smoke")["cells"][0]
+    rows = toy.compare(steps=d["steps"])
+    assert cell["momentum"]["steps"] == rows[0]["steps"]
+    assert cell["delta_momentum"]["steps"] == rows[1]["steps"]
+    assert cell["verdict"] == toy_sweep.verdict({"steps": rows[0]["steps"]}, {"steps": rows[1]["steps"]})
+
+
+def test_verdict_rule():
+    v = toy_sweep.verdict
+    assert v({"steps": 100}, {"steps": 50}) == "delta faster"
+    assert v({"steps": 50}, {"steps": 100}) == "momentum faster"
+    assert v({"steps": 50}, {"steps": 50}) == "tie"
+    assert v({"steps": None}, {"steps": 5}) == "only delta converges"
+    assert v({"steps": 5}, {"steps": None}) == "only momentum converges"
+    assert v({"steps": None}, {"steps": None}) == "neither"
+
+
+def test_toy_sweep_refuses_models(tmp_path):
+    import pytest
+
+    from nlref.experiments import common
+
+    with pytest.raises(common.ExperimentError):
+        toy_sweep.run(tmp_path, "smoke", models=["hope-tiny"])
