@@ -742,6 +742,13 @@ def experiment_recall(scale, out, seeds, backend, models, task_names) -> None:
                     task_names=tuple(task_names) or ("passkey", "mqar"))
 
 
+@experiment.command("compare")
+@_experiment_options
+def experiment_compare(scale, out, seeds, backend, models) -> None:
+    """Held-out LM loss of Hope, Titans, Hope-attention, Transformer++ at matched size and budget."""
+    _run_experiment("compare", out=out, scale_name=scale, n_seeds=seeds, backend=backend, models=models)
+
+
 @experiment.command("toy-momentum")
 @click.option("--quick", "scale", flag_value="quick", help="The quick grid (81 cells, seconds).")
 @click.option("--smoke", "scale", flag_value="smoke", hidden=True, help="The tests' grid.")

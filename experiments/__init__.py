@@ -30,4 +30,5 @@ EXPERIMENTS = {
     "continual": "nlref.experiments.continual",
     "recall": "nlref.experiments.recall",
     "toy-momentum": "nlref.experiments.toy_sweep",
+    "compare": "nlref.experiments.compare",
 }

@@ -52,3 +52,36 @@ def test_toy_sweep_refuses_models(tmp_path):
 
     with pytest.raises(common.ExperimentError):
         toy_sweep.run(tmp_path, "smoke", models=["hope-tiny"])
+
+
+# ------------------------------------------------------------------------------------------------
+# experiment compare (issue 17 item 1)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_compare_smoke_end_to_end(tmp_path):
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(cli, ["experiment", "compare", "--smoke", "--seeds", "2", "--backend", "reference",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "parameters (" in res.output  # the parameter counts and their ratio are printed
+    data = json.loads((out / "results.json").read_text())
+    labels = [m["label"] for m in data["models"]]
+    for label in labels:
+        losses = [r["heldout_loss"] for r in data["runs"] if r["model"] == label]
+        assert len(losses) == 2 and losses[0] != losses[1]  # seeds differ
+    assert all(r["train_curve"] for r in data["runs"])
+    assert all(m["matched"] == (m["ratio_to_largest"] >= 0.9) for m in data["models"])
+    assert "held-out loss" in (out / "report.md").read_text()
+    assert not data["figures"] or (out / "loss_vs_tokens.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_evaluating_on_the_training_split_is_caught(tmp_path, monkeypatch):
+    from nlref.experiments import domains
+
+    monkeypatch.setattr(domains, "eval_documents", lambda d: list(d.train))
+    res = CliRunner().invoke(cli, ["experiment", "compare", "--smoke", "--seeds", "1", "--backend", "reference",
+                                   "--out", str(tmp_path / "bug")])
+    assert res.exit_code == 1
+    assert "training files" in res.output
+    assert not (tmp_path / "bug" / "results.json").exists()
