@@ -749,6 +749,13 @@ def experiment_compare(scale, out, seeds, backend, models) -> None:
     _run_experiment("compare", out=out, scale_name=scale, n_seeds=seeds, backend=backend, models=models)
 
 
+@experiment.command("ablate")
+@_experiment_options
+def experiment_ablate(scale, out, seeds, backend, models) -> None:
+    """Table 6: Hope against each of its ablation switches at the same budget (missing rows named)."""
+    _run_experiment("ablate", out=out, scale_name=scale, n_seeds=seeds, backend=backend, models=models)
+
+
 @experiment.command("toy-momentum")
 @click.option("--quick", "scale", flag_value="quick", help="The quick grid (81 cells, seconds).")
 @click.option("--smoke", "scale", flag_value="smoke", hidden=True, help="The tests' grid.")

@@ -31,4 +31,5 @@ EXPERIMENTS = {
     "recall": "nlref.experiments.recall",
     "toy-momentum": "nlref.experiments.toy_sweep",
     "compare": "nlref.experiments.compare",
+    "ablate": "nlref.experiments.ablate",
 }

@@ -43,7 +43,9 @@ def default_models(scale: str) -> list[ModelSpec]:
 
 
 def run(out, *, scale_name: str = "quick", n_seeds: int = 3, backend: str | None = None, models=None,
-        echo=print) -> dict:
+        echo=print, name: str = "compare", defaults=None, render=None) -> dict:
+    """Train every model on every seed, score the held-out windows, write the outputs into ``out``.
+    ``name``, ``defaults`` (scale -> specs) and ``render`` (results -> markdown) let ``ablate`` reuse it."""
     from nlref import backends, training
 
     t_start = time.perf_counter()
@@ -51,7 +53,7 @@ def run(out, *, scale_name: str = "quick", n_seeds: int = 3, backend: str | None
     backend = backend or backends.default()
     common.backend_model(backend)
     out = common.out_dir(out)
-    specs = list(models) if models else default_models(scale_name)
+    specs = list(models) if models else (defaults or default_models)(scale_name)
     seed_list = common.seeds(n_seeds)
     domain_list, _ = dom.load_domains((), builtin=True)
     domain = next(d for d in domain_list if d.name == "python")
@@ -86,12 +88,12 @@ def run(out, *, scale_name: str = "quick", n_seeds: int = 3, backend: str | None
     diffs = {s.label: common.paired_difference([r["heldout_loss"] for r in runs if r["model"] == s.label],
                                                [r["heldout_loss"] for r in runs if r["model"] == ref])
              for s in specs[1:]}
-    results = {"experiment": "compare", "scale": scale_name, "scale_config": scale.__dict__, "backend": backend,
+    results = {"experiment": name, "scale": scale_name, "scale_config": scale.__dict__, "backend": backend,
                "seeds": seed_list, "tokens_per_run": tokens, "models": facts, "domain": domain.info(),
                "runs": runs, "summary": summary, "vs_first": diffs, "machine": common.machine(),
                "wall_time_s": time.perf_counter() - t_start}
     results["figures"] = [p.name for p in _figure(out, results)]
-    common.write_outputs(out, results, report(results))
+    common.write_outputs(out, results, (render or report)(results))
     return results
 
 

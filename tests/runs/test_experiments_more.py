@@ -85,3 +85,35 @@ def test_compare_evaluating_on_the_training_split_is_caught(tmp_path, monkeypatc
     assert res.exit_code == 1
     assert "training files" in res.output
     assert not (tmp_path / "bug" / "results.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# experiment ablate (issue 17 item 4)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_ablate_smoke_end_to_end(tmp_path):
+    from nlref.experiments import ablate
+
+    out = tmp_path / "abl"
+    res = CliRunner().invoke(cli, ["experiment", "ablate", "--smoke", "--seeds", "2", "--backend", "reference",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "results.json").read_text())
+    assert data["experiment"] == "ablate"
+    cfgs = {m["label"]: m["config"] for m in data["models"]}
+    assert cfgs["hope-tiny"]["cms_in_context"] is True
+    assert cfgs["hope-tiny:cms_in_context=false"]["cms_in_context"] is False  # the switch reached the model
+    assert set(data["vs_first"]) == {"hope-tiny:cms_in_context=false"}
+    report = (out / "report.md").read_text()
+    for label, over, _ in ablate.TABLE6:
+        if over is None:
+            assert label in report  # rows without a switch are named, not faked
+
+
+def test_ablate_defaults_cover_every_switch():
+    from nlref.experiments import ablate
+
+    specs = ablate.default_models("quick")
+    assert specs[0].overrides == {}
+    assert [s.overrides for s in specs[1:]] == [over for _, over, _ in ablate.TABLE6 if over is not None]
