@@ -36,6 +36,7 @@ import json
 from dataclasses import dataclass
 
 from nlref.reference import readings
+from nlref.reference.contract import meta_parents
 
 KINDS = ("attention", "memory", "cms", "mlp", "optimizer-memory", "outer")
 
@@ -177,15 +178,20 @@ def levels(cfg, batch_size: int | None = None, seq_len: int | None = None,
                 add((1, i), f"{b}mem", mem, kind="memory", every="1 token", period=1, unit="tokens",
                     context=seq, objective=objective, state=sum(st.values()), spec="SPEC.md#linear-families",
                     detail=detail + "; written every token and read after the write (Eq. 15)")
+        parents = meta_parents(cfg)
         for l, lv in enumerate(cfg.cms_levels):
             keys = [k for k in block if k.startswith(f"{b}cms.{l}.")]
             if cfg.cms_in_context and lv.period is not None:
                 add((lv.period, i, l), f"{b}cms.{l}", keys, kind="cms", every=_tokens(lv.period), period=lv.period,
                     unit="tokens", context=f"its own {lv.period}-token chunks", objective="NTP loss of its chunk (Eq. 71)",
-                    state=2 * D * lv.hidden, spec="SPEC.md#cms",
+                    spec="SPEC.md#cms",
                     detail=f"CMS level (hidden {lv.hidden}): at the end of each of its {lv.period}-token chunks, "
                            f"one GD step of eta {lv.eta:g} on the summed next-token loss of that chunk's tokens; "
-                           f"per sequence, reset to its meta-learned initial weights (Eq. 73) at each sequence start")
+                           f"per sequence, reset to its meta-learned initial weights (Eq. 73) at each sequence start"
+                           + (f"; nested (Eq. 72): its initial weights are a state that level cms.{parents[l]} "
+                              f"meta-learns, and it restarts from them every {cfg.cms_levels[parents[l]].period} "
+                              "tokens" if l in parents else ""),
+                    state=2 * D * lv.hidden * (2 if l in parents else 1))
             else:
                 why = "period None" if lv.period is None else f"cms_in_context = false, period {lv.period} unused"
                 add((frozen, i, l), f"{b}cms.{l}", keys, kind="cms", every=f"frozen ({why})", period=None,

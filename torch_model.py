@@ -412,6 +412,9 @@ def _has_attention(cfg):
 
 def _live_levels(cfg):
     """In-context CMS levels (SPEC.md#cms)."""
+    if cfg.cms_nested:
+        raise NotImplementedError(f"config {cfg.name!r}: the torch oracle does not compute nested CMS "
+                                  "(cms_nested, Eq. 72); the reference and the ports do (SPEC.md#cms)")
     if not _has_cms(cfg) or not cfg.cms_in_context:
         return []
     return [l for l, lv in enumerate(cfg.cms_levels) if lv.period is not None]

@@ -81,6 +81,10 @@ class ModelConfig:
     cms_variant: str = "sequential"  # Eq. (73) chained, or "independent" (Eq. 74)
     cms_activation: str = "gelu"
     cms_in_context: bool = True
+    # nested CMS (Eq. 72, SPEC.md#cms "Nested CMS"): each in-context level's initial state is a
+    # per-sequence state meta-learned by the next slower in-context level, to which the level is
+    # reset at that level's chunk ends
+    cms_nested: bool = False
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
@@ -120,6 +124,17 @@ class ModelConfig:
         if self.family in ("transformer", "titans", *LINEAR_FAMILIES) and (
                 not isinstance(self.mlp_hidden, int) or self.mlp_hidden < 1):
             bad(f"mlp_hidden must be a positive int for family {self.family!r}, got {self.mlp_hidden!r}")
+        if not isinstance(self.cms_nested, bool):
+            bad(f"cms_nested must be true or false, got {self.cms_nested!r}")
+        if self.cms_nested:
+            live = [lv.period for lv in self.cms_levels if lv.period is not None] if self.cms_in_context else []
+            if len(set(live)) < 2:
+                bad("cms_nested needs at least two CMS levels written in context with different periods "
+                    f"(a slower one meta-learns a faster one's initial state, Eq. 72); in-context periods: {live}")
+            distinct = sorted(set(live))
+            if any(b % a for a, b in zip(distinct, distinct[1:], strict=False)):
+                bad(f"cms_nested needs each in-context period to be a multiple of the next shorter one (a level "
+                    f"restarts at its parent's chunk ends, which must be its own), got {distinct}")
         if self.cms_variant not in CMS_VARIANTS:
             bad(f"cms_variant must be one of {CMS_VARIANTS}, got {self.cms_variant!r}")
         if self.cms_activation not in ACTIVATIONS:
@@ -258,6 +273,9 @@ PRESETS: dict[str, ModelConfig] = {
                                 cms_in_context=False),
     "hope-small-adaptive-q": _small("hope", name="hope-small-adaptive-q", cms_levels=_SMALL_HOPE_CMS,
                                     mem_eta_max=0.01, mem_adaptive_q=True),
+    # nested CMS (Eq. 72, SPEC.md#cms): the 64-token level meta-learns the 16-token level's initial state
+    "hope-small-nested": _small("hope", name="hope-small-nested", cms_levels=_SMALL_HOPE_CMS, mem_eta_max=0.01,
+                                cms_nested=True),
 }
 
 

@@ -103,6 +103,23 @@ def in_context_levels(cfg: ModelConfig) -> list[int]:
     return [l for l, lv in enumerate(cfg.cms_levels) if lv.period is not None]
 
 
+def meta_parents(cfg: ModelConfig) -> dict[int, int]:
+    """Nested CMS (Eq. 72, SPEC.md#cms): {level: the level that meta-learns its initial state} for
+    ``cfg.cms_nested``; the parent of an in-context level is the in-context level with the next
+    longer period (the first in config order among equals). Empty without nesting; the slowest
+    in-context level has no parent (the outer level learns its initial state)."""
+    if not cfg.cms_nested:
+        return {}
+    live = in_context_levels(cfg)
+    out = {}
+    for l in live:
+        longer = [m for m in live if cfg.cms_levels[m].period > cfg.cms_levels[l].period]
+        if longer:
+            shortest = min(cfg.cms_levels[m].period for m in longer)
+            out[l] = next(m for m in longer if cfg.cms_levels[m].period == shortest)
+    return out
+
+
 def selfmod_switches(cfg: ModelConfig) -> dict[str, bool]:
     """The ablation switches of ``cfg`` as SelfModConfig keywords (``mem_momentum`` -> ``momentum``,
     ...; SPEC.md#hope "Ablation switches")."""

@@ -61,6 +61,7 @@ from .contract import (
     has_cms,
     in_context_levels,
     layer_config,
+    meta_parents,
     param_shapes,
     reference_layer,
     selfmod_switches,
@@ -130,12 +131,15 @@ def init_state(params, cfg: ModelConfig, batch: int, *, ops: Ops = REFERENCE) ->
     params = check_params(params, cfg, xp)
     state: dict = {"batch": int(batch), "pos": 0, "past": [None] * cfg.n_layers, "mem": [None] * cfg.n_layers,
                    "cms": [], "window": xp.zeros((batch, 0), dtype=np.int64), "history": []}
+    children = meta_parents(cfg)
     for i in range(cfg.n_layers):
         fast = {}
         for l in in_context_levels(cfg):
             for n in ("W1", "W2"):
                 w0 = params[f"blocks.{i}.cms.{l}.{n}"]
                 fast[f"{l}.{n}"] = xp.broadcast_to(w0, (batch,) + w0.shape).copy()  # theta^(f_l)_0
+                if l in children:  # nested CMS: the initial state is itself in context (Eq. 72)
+                    fast[f"{l}.{n}_0"] = fast[f"{l}.{n}"].copy()
         state["cms"].append(fast)
     return state
 
@@ -232,12 +236,25 @@ def level_chunk_gradient(ops, params, cfg, state, start, next_token, fwd=None):
 
 def apply_writes(ops, cfg: ModelConfig, state, due_grads, record):
     """Eq. (71) for every level in ``due_grads`` ({l: dcms from its own chunk's re-run}), then
-    forget the tokens, memory-layer states and CMS weights no open level chunk needs."""
+    forget the tokens, memory-layer states and CMS weights no open level chunk needs.
+
+    Nested CMS (Eq. 72, ``cfg.cms_nested``): when the chunk of a child's parent ends, the parent
+    also takes a step on the child's initial state with the gradient of the parent chunk's summed
+    loss with respect to the child's weights in force there (first order: summed over the child's
+    chunks inside it), and the child restarts from that new initial state instead of its own
+    write."""
+    parents = meta_parents(cfg)
     for l, dcms in due_grads.items():
+        p = parents.get(l)
         for i in range(cfg.n_layers):
             fast = state["cms"][i]
             for j, n in enumerate(("W1", "W2")):
-                new = ops.cms.write(fast[f"{l}.{n}"], dcms[i][l][j][:, 0], cfg.cms_levels[l].eta)  # Eq. (71)
+                if p in due_grads:  # Eq. (72): the parent's step on theta_0, then the reset
+                    g0 = due_grads[p][i][l][j].sum(axis=1)  # (B, ...): over the child's chunks
+                    fast[f"{l}.{n}_0"] = ops.cms.write(fast[f"{l}.{n}_0"], g0, cfg.cms_levels[p].eta)
+                    new = fast[f"{l}.{n}_0"].copy()  # theta and theta_0 are separate arrays
+                else:
+                    new = ops.cms.write(fast[f"{l}.{n}"], dcms[i][l][j][:, 0], cfg.cms_levels[l].eta)  # Eq. (71)
                 if record is not None:
                     record.setdefault(f"blocks.{i}.cms.{l}.{n}", []).append(new - fast[f"{l}.{n}"])
                 fast[f"{l}.{n}"] = new
@@ -465,6 +482,7 @@ def state_size(cfg: ModelConfig) -> dict[str, int]:
     fixed = 0
     for l in live:
         versions = -(-longest // cfg.cms_levels[l].period)
+        versions += l in meta_parents(cfg)  # nested CMS: the level's initial state, in context too
         fixed += 2 * cfg.d_model * cfg.cms_levels[l].hidden * cfg.n_layers * versions  # W1, W2
     if not has_attention(cfg):
         module = reference_layer(cfg.family)

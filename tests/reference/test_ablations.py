@@ -44,6 +44,7 @@ ABLATION_PRESETS = {
     "hope-small-no-momentum": dict(mem_momentum=False),
     "hope-small-no-cms": dict(cms_in_context=False),
     "hope-small-adaptive-q": dict(mem_adaptive_q=True),
+    "hope-small-nested": dict(cms_nested=True),  # not a Table 6 row: nested CMS (Eq. 72)
 }
 
 
