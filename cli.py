@@ -421,6 +421,47 @@ def generate(target, prompt, max_bytes, temperature, top_k, seed, backend) -> No
         raise click.ClickException(str(exc)) from None
 
 
+# ------------------------------------------------------------------------------------------------
+# export: the weights alone, self-describing (issue 19 item 3; api.py; SPEC.md#weights)
+# ------------------------------------------------------------------------------------------------
+
+
+@cli.command("export")
+@click.argument("target", metavar="RUN_DIR|CHECKPOINT", type=click.Path())
+@click.option("--weights-only", "out", required=True, metavar="OUT.safetensors", type=click.Path(dir_okay=False),
+              help="Write the model's weights (no optimizer state) with its config in the metadata to this file.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def export(target, out, overwrite) -> None:
+    """Write a run's (or a checkpoint's) weights alone to a safetensors file (SPEC.md#weights).
+
+    The file holds the parameters under their own keys (embed.E, blocks.0.attn.Wq, ...), in the
+    model's dtype, and the model config as JSON in its metadata: nlref.load(OUT) and
+    torch_module.NestedLearningModule.from_safetensors(OUT) read it. About a third of a
+    checkpoint (AdamW keeps two moments per parameter). Written atomically.
+    """
+    from pathlib import Path
+
+    from nlref import api
+
+    if Path(out).exists() and not overwrite:
+        raise click.ClickException(f"{out} already exists; add --overwrite to replace it, or choose another OUT")
+    try:
+        model = api.load(target, backend="reference")  # reading needs no compiled port
+        source = model.source.get("checkpoint") or model.source.get("weights")
+        if source and Path(out).exists() and os.path.samefile(out, source):
+            raise click.ClickException(f"{out} is the file being exported; choose another OUT")
+        path = model.save(out, overwrite=overwrite)
+    except _run_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"{out}: cannot write it ({exc.strerror or exc})") from None
+    size = path.stat().st_size
+    of = f" (the input: {Path(source).stat().st_size:,} bytes)" if source else ""
+    at = f" at step {model.step}" if model.step is not None else ""
+    click.echo(f"wrote {path}: {model.config.name}{at}, {len(model.params)} tensors, {model.n_params:,} parameters, "
+               f"{model.config.dtype}, {size:,} bytes{of}")
+
+
 @cli.command()
 @click.argument("runs", nargs=-1, required=True, metavar="RUN_DIR...", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), default="curves.png", show_default=True,
