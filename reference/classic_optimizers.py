@@ -134,18 +134,35 @@ def appendix_b_optimum(Mtilde, H, P, lam):
 
 def _sgd_init(hp, params):
     _check_params(params)
+    if hp["momentum"]:
+        return _pack(0, buf=_zeros(params))
     return {"step": 0}
 
 
 def _sgd_update(hp, params, grads, state):
-    """W <- W - lr (G + weight_decay W)  (Eq. 1; weight decay coupled, as torch.optim.SGD)."""
+    """torch.optim.SGD: ``W <- W - lr (G + weight_decay W)`` (Eq. 1; weight decay coupled), and
+    with ``momentum`` mu > 0 its buffer in gradient units::
+
+        b <- mu b + (1 - dampening) G    (b <- G at the first step)
+        W <- W - lr b                    (nesterov: W - lr (G + mu b))
+
+    The learning rate multiplies the buffer at each step, so under a schedule this is torch's
+    SGD, not ``momentum`` (whose memory m holds lr-weighted gradients, Eq. 33: the two agree at a
+    constant lr without dampening). State slot ``buf``: torch's momentum buffer."""
     _check_params(params)
     _check_grads(params, grads)
-    _check_state(state, params, {})
-    new = {}
+    mu = hp["momentum"]
+    _check_state(state, params, {"buf": params} if mu else {})
+    new, bufs = {}, {}
     for k, W in params.items():
         g = grads[k] + hp["weight_decay"] * W if hp["weight_decay"] else grads[k]
+        if mu:
+            b = g if state["step"] == 0 else mu * state[f"buf/{k}"] + (1 - hp["dampening"]) * g
+            bufs[k] = b
+            g = g + mu * b if hp["nesterov"] else b
         new[k] = W - hp["lr"] * g  # Eq. (1)
+    if mu:
+        return _arrays(new, params), _pack(state["step"] + 1, buf=bufs)
     return _arrays(new, params), {"step": state["step"] + 1}
 
 

@@ -132,7 +132,7 @@ class Optimizer(NamedTuple):
 
 _MOMENTUM_FAMILY = {"lr": 1e-3, "momentum": 0.9}
 DEFAULTS: dict[str, dict] = {
-    "sgd": {"lr": 1e-3, "weight_decay": 0.0},
+    "sgd": {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "nesterov": False, "weight_decay": 0.0},
     "momentum": {**_MOMENTUM_FAMILY, "nesterov": False, "weight_decay": 0.0},
     "adagrad": {"lr": 1e-2, "lr_decay": 0.0, "weight_decay": 0.0, "initial_accumulator_value": 0.0, "eps": 1e-10},
     "adam": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "bias_correction": True,
@@ -176,7 +176,7 @@ def _check_hparams(name, hp) -> None:
                    "adamw_eps", "delta") and not (isinstance(value, int | float) and not isinstance(value, bool)
                                                     and np.isfinite(value) and value >= 0):
             bad(key, "a finite number >= 0")
-        if key in ("momentum", "alpha", "beta2") and not (isinstance(value, int | float) and 0 <= value <= 1):
+        if key in ("momentum", "alpha", "beta2", "dampening") and not (isinstance(value, int | float) and 0 <= value <= 1):
             bad(key, "a number in [0, 1]")
         if key in ("nesterov", "ema", "bias_correction", "normalize") and not isinstance(value, bool):
             bad(key, "True or False")
@@ -201,8 +201,10 @@ def _check_hparams(name, hp) -> None:
         bad("preconditioner", "'identity' or 'rms'")
     if hp.get("adjust_lr_fn") not in (None, "original", "match_rms_adamw"):
         bad("adjust_lr_fn", "None, 'original' or 'match_rms_adamw'")
-    if name in ("momentum", "muon") and hp.get("nesterov") and hp["momentum"] == 0:
+    if name in ("sgd", "momentum", "muon") and hp.get("nesterov") and hp["momentum"] == 0:
         bad("nesterov", "False when momentum is 0")
+    if name == "sgd" and hp["nesterov"] and hp["dampening"] != 0:
+        bad("nesterov", "False when dampening is not 0 (torch.optim.SGD's rule)")
 
 
 def make(name: str, **hparams) -> Optimizer:

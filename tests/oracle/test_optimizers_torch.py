@@ -111,6 +111,11 @@ def assert_trajectories_close(mine, theirs, kind="torch_oracle"):
 CASES = {
     "sgd": (("sgd", {"lr": 0.05, "weight_decay": 0.01}),
             lambda tp: [torch.optim.SGD(tp.values(), lr=0.05, weight_decay=0.01)]),
+    "sgd_momentum": (("sgd", {"lr": 0.02, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01}),
+                     lambda tp: [torch.optim.SGD(tp.values(), lr=0.02, momentum=0.9, dampening=0.1,
+                                                 weight_decay=0.01)]),
+    "sgd_nesterov": (("sgd", {"lr": 0.02, "momentum": 0.8, "nesterov": True}),
+                     lambda tp: [torch.optim.SGD(tp.values(), lr=0.02, momentum=0.8, nesterov=True)]),
     "momentum": (("momentum", {"lr": 0.02, "momentum": 0.9, "weight_decay": 0.01}),
                  lambda tp: [torch.optim.SGD(tp.values(), lr=0.02, momentum=0.9, weight_decay=0.01)]),
     "momentum_nesterov": (("momentum", {"lr": 0.02, "momentum": 0.8, "nesterov": True}),
@@ -130,6 +135,31 @@ CASES = {
 def test_matches_torch_optim(problem, case):
     (name, hp), torch_opts = CASES[case]
     mine, theirs = trajectories(problem, 7, optimizers.make(name, **hp), torch_opts)
+    assert_trajectories_close(mine, theirs)
+
+
+@pytest.mark.parametrize("problem", sorted(PROBLEMS))
+def test_sgd_momentum_under_a_schedule_is_torchs(problem):
+    """The training loop makes the optimizer anew at each step's lr (training.make_optimizer): sgd's
+    buffer is in gradient units, so a changing lr multiplies it as torch.optim.SGD does."""
+    lrs = [0.05, 0.03, 0.02, 0.04, 0.01, 0.02, 0.005]
+    params, np_grad, torch_loss = PROBLEMS[problem](3)
+    hp = {"momentum": 0.9, "dampening": 0.2, "weight_decay": 0.01}
+    state = optimizers.make("sgd", lr=lrs[0], **hp).init(params)
+    p, mine = params, [params]
+    for lr in lrs:
+        p, state = optimizers.make("sgd", lr=lr, **hp).update(p, np_grad(p), state)
+        mine.append(p)
+    tp = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    opt = torch.optim.SGD(tp.values(), lr=lrs[0], **hp)
+    theirs = [{k: v.detach().numpy().copy() for k, v in tp.items()}]
+    for lr in lrs:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad()
+        torch_loss(tp).backward()
+        opt.step()
+        theirs.append({k: v.detach().numpy().copy() for k, v in tp.items()})
     assert_trajectories_close(mine, theirs)
 
 
