@@ -15,7 +15,9 @@ SPEC: SPEC.md#python-api (``Model``, ``load``), SPEC.md#weights (the weights-onl
 Nothing here computes the model: ``loss`` is ``training.evaluate``, ``generate`` is
 ``training.generate``, ``stream`` is the backend's ``forward`` with the carried state (as
 ``training.stream_losses`` reads it), loading is ``training.load_model_checkpoint``. Tokens are
-bytes (V = 256, ``data.encode`` / ``data.decode``).
+bytes (V = 256, ``data.encode`` / ``data.decode``), or the tokens of the run's ``tokenizer.json``
+(tokenization.py, SPEC.md#data) when its directory holds one; a weights file then carries that
+tokenizer in its metadata.
 
 Decisions:
 
@@ -28,6 +30,8 @@ Decisions:
 - A weights file is refused, like a checkpoint, when written under another spec version (the
   model may compute another function), when any byte of it changed (per-tensor SHA-256 and a
   checksum of the metadata) or when its parameters are not finite.
+- With a tokenizer other than bytes, ``loss``'s ``bits_per_byte`` counts the bytes of text the
+  scored tokens stand for (``tokenization.bits_per_byte``), so it compares across tokenizers.
 """
 
 from __future__ import annotations
@@ -57,10 +61,12 @@ WeightsError = ckpt.CheckpointError  # an unusable weights file; the message say
 
 
 def save_weights(path: str | os.PathLike, params: dict, config, *, overwrite: bool = False,
-                 source: dict | None = None) -> Path:
+                 source: dict | None = None, tokenizer=None) -> Path:
     """Write ``params`` (the flat parameter dict) and ``config`` (a ModelConfig) to a safetensors
     file atomically (``checkpoint.atomic_write_bytes``); an existing ``path`` is refused unless
-    ``overwrite``. ``source``: what the weights came from (JSON, recorded in the metadata)."""
+    ``overwrite``. ``source``: what the weights came from (JSON, recorded in the metadata);
+    ``tokenizer``: a tokenization.Tokenizer whose tokenizer.json goes into the metadata (None or
+    bytes: nothing, the tokens are bytes)."""
     from safetensors.numpy import save
 
     from nlref import SPEC_VERSION
@@ -87,6 +93,8 @@ def save_weights(path: str | os.PathLike, params: dict, config, *, overwrite: bo
         "source": json.dumps(source or {}, sort_keys=True),
         "checksums": json.dumps({k: ckpt._checksum(a) for k, a in tensors.items()}, sort_keys=True),
     }
+    if getattr(tokenizer, "json_text", None):
+        metadata["tokenizer"] = tokenizer.json_text  # tokenizer.json's text (SPEC.md#data)
     metadata["metadata_sha256"] = ckpt._metadata_checksum(metadata)
     ckpt.atomic_write_bytes(path, save(tensors, metadata=metadata))
     return path
@@ -102,6 +110,33 @@ def read_metadata(path: str | os.PathLike) -> dict | None:
             return f.metadata() or {}
     except Exception:  # safetensors raises its own error types for a file that is not one
         return None
+
+
+def _tokenization():
+    try:
+        from nlref import tokenization
+    except ImportError:  # pragma: no cover - tokenization.py ships with the package
+        raise WeightsError("this model has a tokenizer.json, and reading it needs nlref.tokenization "
+                           "(and the tokenizers package)") from None
+    return tokenization
+
+
+def checkpoint_tokenizer(rc, ck):
+    """The tokenizer of a checkpoint: None for bytes; else the run directory's tokenizer.json
+    (``tokenization.for_checkpoint``, which checks it is the run's own)."""
+    kind = getattr(rc.train, "tokenizer", None)
+    path = Path(ck.path).parent / "tokenizer.json"
+    if kind == "byte" or (kind is None and not path.is_file()):
+        return None
+    tokenization = _tokenization()
+    return tokenization.for_checkpoint(rc.train, ck) if kind is not None else tokenization.load_file(path)
+
+
+def weights_tokenizer(metadata: dict, path):
+    """The tokenizer a weights file carries (None: bytes)."""
+    if not metadata.get("tokenizer"):
+        return None
+    return _tokenization().BPETokenizer(metadata["tokenizer"], f"{path} (its tokenizer)")
 
 
 def load_weights(path: str | os.PathLike):
@@ -170,7 +205,7 @@ class Model:
     of ``reference.model.param_shapes``)."""
 
     def __init__(self, config, params: dict, backend: str | None = None, *, run_config=None, step: int | None = None,
-                 source: dict | None = None):
+                 source: dict | None = None, tokenizer=None):
         from nlref.reference import contract
 
         backend = backend or backends_mod.default()
@@ -185,6 +220,12 @@ class Model:
         self.run_config = run_config
         self.step = step
         self.source = dict(source or {})
+        if tokenizer is not None and getattr(tokenizer, "kind", "byte") == "byte":
+            tokenizer = None
+        if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocabulary "
+                             f"({config.vocab_size})")
+        self.tokenizer = tokenizer  # None: bytes; else a tokenization.Tokenizer (the run's tokenizer.json)
         self._device_params = None
 
     # -- construction ----------------------------------------------------------------------------
@@ -207,7 +248,7 @@ class Model:
         ``training.load_model_checkpoint``."""
         params, rc, ck = training.load_model_checkpoint(path)
         return cls(rc.model, params, backend, run_config=rc, step=ck.step,
-                   source={"checkpoint": str(ck.path), "step": ck.step})
+                   source={"checkpoint": str(ck.path), "step": ck.step}, tokenizer=checkpoint_tokenizer(rc, ck))
 
     @classmethod
     def from_weights(cls, path: str | os.PathLike, backend: str | None = None) -> Model:
@@ -217,7 +258,8 @@ class Model:
             source = json.loads(metadata.get("source", "{}"))
         except ValueError:
             source = {}
-        return cls(cfg, params, backend, step=source.get("step"), source={"weights": str(path), **source})
+        return cls(cfg, params, backend, step=source.get("step"), source={"weights": str(path), **source},
+                   tokenizer=weights_tokenizer(metadata, path))
 
     # -- what it is ------------------------------------------------------------------------------
 
@@ -231,8 +273,11 @@ class Model:
                 f"backend {self.backend!r}{step})")
 
     def encode(self, text) -> np.ndarray:
-        """Tokens (int64) of ``text``: a str (UTF-8 bytes), bytes, or a sequence of token ids."""
-        if isinstance(text, str):
+        """Tokens (int64) of ``text``: a str or bytes (their bytes, or the model's tokenizer's tokens),
+        or a sequence of token ids."""
+        if self.tokenizer is not None and isinstance(text, str | bytes | bytearray | memoryview):
+            tokens = np.asarray(self.tokenizer.encode(text if isinstance(text, str) else bytes(text)), dtype=np.int64)
+        elif isinstance(text, str):
             tokens = data_mod.encode(text)
         elif isinstance(text, bytes | bytearray | memoryview):
             tokens = np.frombuffer(bytes(text), dtype=np.uint8).astype(np.int64)
@@ -250,7 +295,7 @@ class Model:
 
     def decode(self, tokens) -> str:
         """Text of ``tokens`` (invalid UTF-8 as the replacement character)."""
-        return data_mod.decode(tokens)
+        return data_mod.decode(tokens) if self.tokenizer is None else self.tokenizer.decode(tokens)
 
     # -- computing -------------------------------------------------------------------------------
 
@@ -271,8 +316,14 @@ class Model:
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         try:
-            return training.evaluate(self.params, self.config, tokens, batch_size, seq_len, max_batches,
-                                     backend=self.backend)
+            out = training.evaluate(self.params, self.config, tokens, batch_size, seq_len, max_batches,
+                                    backend=self.backend)
+            if self.tokenizer is not None:  # bits per byte of text: the bytes the scored tokens stand for
+                n_bytes = sum(self.tokenizer.n_bytes(b[:, 1:])
+                              for b in data_mod.eval_batches(tokens, batch_size, seq_len, max_batches))
+                out["bits_per_byte"] = _tokenization().bits_per_byte(out["loss"] * out["tokens"], n_bytes)
+                out["bytes"] = n_bytes
+            return out
         except data_mod.DataError as exc:
             raise ValueError(str(exc)) from None
 
@@ -329,7 +380,8 @@ class Model:
         """Write the weights only (no optimizer state) with the model config in the metadata
         (SPEC.md#weights), atomically; an existing file is refused unless ``overwrite``."""
         source = {k: v for k, v in self.source.items() if k != "weights"}
-        return save_weights(path, self.params, self.config, overwrite=overwrite, source=source)
+        return save_weights(path, self.params, self.config, overwrite=overwrite, source=source,
+                            tokenizer=self.tokenizer)
 
 
 def load(path: str | os.PathLike, backend: str | None = None) -> Model:
@@ -341,5 +393,5 @@ def load(path: str | os.PathLike, backend: str | None = None) -> Model:
     return Model.from_checkpoint(p, backend)
 
 
-__all__ = ["WEIGHTS_FORMAT", "Model", "StreamState", "WeightsError", "load", "load_weights", "read_metadata",
-           "save_weights"]
+__all__ = ["WEIGHTS_FORMAT", "Model", "StreamState", "WeightsError", "checkpoint_tokenizer", "load", "load_weights",
+           "read_metadata", "save_weights", "weights_tokenizer"]

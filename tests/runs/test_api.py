@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -204,6 +206,37 @@ def test_export_refuses_overwrite_and_bad_input(run, tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="checksum mismatch"):
         nlref.load(tmp_path / "damaged.safetensors", backend="reference")
     assert "Missing option '--weights-only'" in invoke("export", run_dir).output
+
+
+def test_a_run_with_a_tokenizer_json_reads_and_writes_its_tokens(run, tmp_path):
+    tokenization = pytest.importorskip("nlref.tokenization")
+    pytest.importorskip("tokenizers")
+    _, corpus, run_dir = run
+    tok = tokenization.train_bpe([p.read_text() for p in sorted(corpus.glob("*.txt"))], vocab_size=300)
+    # a checkpoint of a model over those tokens, the run's tokenizer.json beside it
+    _, rc, _ = training.load_model_checkpoint(run_dir)
+    cfg = dataclasses.replace(rc.model, vocab_size=tok.vocab_size)
+    run_cfg = {**rc.to_dict(), "model": cfg.to_dict()}
+    if "tokenizer" in run_cfg["train"]:
+        run_cfg["train"]["tokenizer"] = "bpe"
+    bpe_run = tmp_path / "bpe-run"
+    checkpoint.save_checkpoint(bpe_run / "checkpoint.safetensors", params=ref.init_params(cfg, seed=1), opt_state={},
+                               config=run_cfg, step=1)
+    (bpe_run / "tokenizer.json").write_text(tok.json_text)
+    m = nlref.load(bpe_run, backend="reference")
+    assert m.tokenizer.sha256 == tok.sha256 and m.config.vocab_size == tok.vocab_size
+    text = "the memory learns to compress its context"
+    ids = tok.encode(text)
+    assert np.array_equal(m.encode(text), ids) and len(ids) < len(text.encode()) and m.decode(ids) == text
+    got = m.loss(text)
+    assert got["tokens"] == len(ids) - 1 and got["bytes"] == tok.n_bytes(ids[1:])
+    assert math.isclose(got["bits_per_byte"], got["loss"] * got["tokens"] / math.log(2) / got["bytes"])
+    assert isinstance(m.generate("the ", max_new=5, seed=0), str)
+    w = m.save(tmp_path / "bpe.safetensors")
+    assert api.read_metadata(w)["tokenizer"] == tok.json_text
+    again = nlref.load(w, backend="reference")
+    assert again.tokenizer.sha256 == tok.sha256 and np.array_equal(again.encode(text), ids)
+    assert again.loss(text) == got
 
 
 def _readme_python_api_block() -> str:
