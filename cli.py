@@ -13,6 +13,7 @@ import sys
 import click
 
 from nlref import backends as _backends  # the backend names (imports no numpy, numba or cupy)
+from nlref import progress  # the slow-start notice (imports the standard library only)
 from nlref.reference import cases as _cases  # the case modules' names (imports no numpy)
 
 # Reference modules whose gradient-check cases (reference/cases/<module>.py) ``nested-learning
@@ -35,7 +36,7 @@ def cli() -> None:
 def info(model_preset: str | None) -> None:
     """Print versions, BLAS and thread settings, and whether a GPU is usable.
 
-    With ``--model PRESET`` (e.g. hope-small): the preset's configuration, its parameter count
+    With --model PRESET (e.g. hope-small): the preset's configuration, its parameter count
     per component (summed over blocks) and its streaming state size per sequence.
     """
     if model_preset is not None:
@@ -219,7 +220,7 @@ _TRAIN_OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "adamw", "preconditio
                      "delta_momentum", "deep_momentum", "muon", "m3")
 # Options that may change when a run is resumed (they do not change the loss trajectory);
 # the same list as rundir.RESUME_OK (kept literal here so --help imports nothing heavy).
-_RESUME_OK = ("steps", "eval_every", "checkpoint_every", "log_every")
+_RESUME_OK = ("steps", "eval_every", "checkpoint_every", "log_every", "early_stop_patience")
 
 
 def _run_errors():
@@ -238,13 +239,31 @@ def _run_errors():
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML file: training keys, [model] and [optimizer_hparams] tables; flags override it.")
 @click.option("--data", default=None, metavar="PATH",
-              help="A text file, a directory or a glob (read as bytes). Default: the Python stdlib.")
+              help="A text file, a directory or a glob; .jsonl, .csv/.tsv and .parquet files are read as records, "
+                   "one document each (their --text-field). Default: the Python stdlib.")
+@click.option("--text-field", default=None, metavar="NAME",
+              help="The JSONL field / CSV or Parquet column holding the text (default text).")
+@click.option("--tokenizer", default=None, metavar="byte|bpe|PATH",
+              help="byte (default, V = 256); bpe: a byte-level BPE trained on the training split, saved as "
+                   "tokenizer.json in the run directory; or PATH/tokenizer.json (a byte-level tokenizer file). "
+                   "The model's vocab_size is the tokenizer's size.")
+@click.option("--vocab-size", "tokenizer_vocab_size", type=int, default=None,
+              help="Size of the BPE that --tokenizer bpe trains (default 4096).")
 @click.option("--steps", type=int, default=None, help="Optimizer steps (default 300).")
 @click.option("--batch-size", type=int, default=None, help="Sequences per batch (default 4).")
 @click.option("--seq-len", type=int, default=None, help="Predicted bytes per sequence (default 128).")
-@click.option("--optimizer", type=click.Choice(_TRAIN_OPTIMIZERS), default=None, help="Default adamw; warmup then cosine decay.")
+@click.option("--optimizer", type=click.Choice(_TRAIN_OPTIMIZERS), default=None, help="Default adamw.")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (default 3e-3).")
 @click.option("--warmup-steps", type=int, default=None, help="Linear warmup steps (default steps // 10).")
+@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default=None,
+              help="After the warmup: cosine (default) or linear decay to 0.1 lr, or constant.")
+@click.option("--weight-decay", type=float, default=None,
+              help="The optimizer's weight_decay (adamw default 0.01; sgd, momentum, adam, adagrad, muon, m3 take it).")
+@click.option("--grad-clip", type=float, default=None, help="Clip the gradient's global norm (default 1.0; 0: off).")
+@click.option("--grad-accum", type=int, default=None, metavar="N",
+              help="Accumulate N micro-batches of --batch-size per step (= a batch N times larger).")
+@click.option("--early-stop-patience", type=int, default=None, metavar="N",
+              help="Stop after N validations (--eval-every) without a new best (default 0: never).")
 @click.option("--backend", type=click.Choice(_backends.NAMES), default=None,
               help="Default: cpu (the Numba port) where numba imports, else reference; gpu: the CuPy port.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None,
@@ -260,11 +279,12 @@ def _run_errors():
 @click.option("--checkpoint-every", type=int, default=None, help="Checkpoint every N steps (default 50).")
 @click.option("--log-every", type=int, default=None, help="Progress line every N steps off a terminal (default 10).")
 def train(config_file, resume_dir, out, overwrite, **flags) -> None:
-    """Train a model on byte-level text; write metrics.jsonl, checkpoints and a summary.
+    """Train a model on text (bytes, or --tokenizer bpe / PATH); write metrics.jsonl, checkpoints and a summary.
 
-    With no arguments: hope-small on the Python standard library's source files, about five
-    minutes on 2 cores with the fastest backend available. One train at a time writes to a run
-    directory (a lock; SPEC.md#run-directories).
+    With no arguments: hope-small on the Python standard library's source files, about two
+    to three minutes on 2 cores with the fastest backend available (README.md). One train at a
+    time writes to a run directory (a lock; SPEC.md#run-directories). Ctrl-C stops after the
+    step in flight with a checkpoint; --resume continues exactly.
     """
     import time
     from pathlib import Path
@@ -304,17 +324,47 @@ def train(config_file, resume_dir, out, overwrite, **flags) -> None:
 
         distributed.train(rc, run_dir, resume=resume_dir is not None, echo=click.echo,
                           tty=sys.stdout.isatty(), overwrite=overwrite)
+    except training.Interrupted as exc:
+        click.echo(f"Stopped: {exc}", err=True)
+        sys.exit(128 + exc.signum)
     except _run_errors() as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:  # the disk, not the input: say which file and why
         raise click.ClickException(f"{exc.filename or 'the run directory'}: {exc.strerror or exc}") from None
 
 
+@cli.command()
+@click.option("--preset", "presets", multiple=True, metavar="NAME",
+              help="A preset to warm (repeatable; default: hope-small and one tiny preset of every family).")
+@click.option("--backend", type=click.Choice(_backends.PORTS), default="cpu", show_default=True)
+@click.option("--dtype", "dtypes", type=click.Choice(["float32", "float64"]), multiple=True,
+              help="Dtypes to warm (repeatable; default float32, the presets' own).")
+def warmup(presets, backend, dtypes) -> None:
+    """Compile and cache the compiled port's kernels now, so the first run does not wait for them.
+
+    Numba compiles the CPU port's kernels on their first call after an install (about 1-2
+    minutes on 2 cores) and caches them; this makes those calls for every family (a training
+    step, a streaming forward, one token) and prints the time each took.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    try:
+        rows = _backends.warm(backend, presets or _backends.WARM_PRESETS, dtypes or ("float32",), echo=click.echo)
+    except (_backends.BackendError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"warm: {len(rows)} preset(s) on {backend} in {time.perf_counter() - t0:.1f} s; later runs load "
+               "the kernels from the cache")
+
+
 @cli.command("eval")
 @click.argument("target", metavar="RUN_DIR|CHECKPOINT", type=click.Path(exists=True))
 @click.option("--data", default=None, metavar="PATH",
-              help="Evaluate all of this text file/directory/glob (default: the run's validation split).")
-@click.option("--seq-len", type=int, default=None, help="Bytes per window (default: the run's).")
+              help="Evaluate all of this text file/directory/glob (or JSONL/CSV/Parquet records; default: the run's "
+                   "validation split).")
+@click.option("--text-field", default=None, metavar="NAME",
+              help="The field / column holding the text in --data records (default: the run's).")
+@click.option("--seq-len", type=int, default=None, help="Tokens (bytes) per window (default: the run's).")
 @click.option("--batch-size", type=int, default=None, help="Windows per batch (default: the run's).")
 @click.option("--max-batches", type=int, default=4, show_default=True, help="Batches of windows to score.")
 @click.option("--continual", is_flag=True,
@@ -324,12 +374,16 @@ def train(config_file, resume_dir, out, overwrite, **flags) -> None:
               help="Bytes read from the start of each document (--continual).")
 @click.option("--backend", type=click.Choice(_backends.NAMES), default=None,
               help="Default: the fastest available (cpu where numba imports).")
-def eval_(target, data, seq_len, batch_size, max_batches, continual, max_docs, doc_bytes, backend) -> None:
-    """Validation loss, perplexity and bits per byte of a checkpoint (or a run's last one)."""
+def eval_(target, data, text_field, seq_len, batch_size, max_batches, continual, max_docs, doc_bytes,
+          backend) -> None:
+    """Validation loss, perplexity and bits per byte of a checkpoint (or a run's last one).
+
+    The run's tokenizer (its tokenizer.json beside the checkpoint) encodes the text; bits per byte
+    are per byte of text whatever the tokenizer (SPEC.md#data)."""
     import numpy as np
 
     from nlref import data as data_mod
-    from nlref import training
+    from nlref import tokenization, training
 
     for name, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--max-batches", max_batches),
                         ("--max-docs", max_docs), ("--doc-bytes", doc_bytes)):
@@ -341,27 +395,32 @@ def eval_(target, data, seq_len, batch_size, max_batches, continual, max_docs, d
         params, rc, ck = training.load_model_checkpoint(target)
         training.check_backend(backend, rc.model.family)
         tc, mc = rc.train, rc.model
+        tok = tokenization.for_checkpoint(tc, ck)  # the run's tokens (SPEC.md#data)
         if data is None:
-            split = data_mod.load_corpus(tc.data, tc.val_fraction).val
+            split = data_mod.encode_split(data_mod.read_corpus(tc.data, tc.val_fraction, tc.text_field).val, tok)
             where = f"the validation split of {tc.data or 'python-stdlib'}"
         else:
-            split = data_mod.load_documents(data)
+            split = data_mod.load_documents(data, text_field or tc.text_field, tokenizer=tok)
             where = data
         seq_len = seq_len or tc.seq_len
         click.echo(f"{mc.name} at step {ck.step} ({ck.path}) on {where}")
         if not continual:
-            ev = training.evaluate(params, mc, split.stream, batch_size or tc.batch_size, seq_len, max_batches,
-                                   backend=backend)
+            with progress.slow_start(click.echo, sys.stdout.isatty(), backend, what="the evaluation"):
+                ev = training.evaluate(params, mc, split.stream, batch_size or tc.batch_size, seq_len, max_batches,
+                                       backend=backend, tokenizer=tok)
             if not np.isfinite(ev["loss"]):
                 raise click.ClickException(f"the loss of {ck.path} is not finite ({ev['loss']}) on {where}: "
                                            "the checkpoint is not usable; use an earlier one or retrain")
-            click.echo(f"loss {ev['loss']:.4f} nats/byte   perplexity {ev['perplexity']:.2f}   "
-                       f"bits per byte {ev['bits_per_byte']:.3f}   ({ev['tokens']:,} bytes)")
+            click.echo(f"loss {ev['loss']:.4f} nats/{'byte' if tok.kind == 'byte' else 'token'}   perplexity "
+                       f"{ev['perplexity']:.2f}   bits per byte {ev['bits_per_byte']:.3f}   ({training.size_text(ev)})")
             return
-        res = training.evaluate_continual(params, mc, split, max_docs, doc_bytes, seq_len, backend=backend)
+        with progress.slow_start(click.echo, sys.stdout.isatty(), backend, what="the evaluation"):
+            res = training.evaluate_continual(params, mc, split, max_docs, doc_bytes, seq_len, backend=backend,
+                                              tokenizer=tok)
         click.echo("continual: fast states and in-context CMS levels are never reset between documents;")
         click.echo("reset: the same documents, each read from the initial state (the baseline).")
-        click.echo(f"{'doc':>4}  {'bytes':>6}  {'continual':>9}  {'reset':>7}  {'change':>7}  document")
+        unit = "bytes" if tok.kind == "byte" else "tokens"  # --doc-bytes counts tokens with a BPE
+        click.echo(f"{'doc':>4}  {unit:>6}  {'continual':>9}  {'reset':>7}  {'change':>7}  document")
         for row in res["documents"]:
             change = row["continual_loss"] - row["reset_loss"]
             click.echo(f"{row['position']:>4}  {row['bytes']:>6}  {row['continual_loss']:>9.4f}  "
@@ -379,22 +438,26 @@ MIN_TEMPERATURE = 1e-6  # generate --temperature: 0 or at least this
 @cli.command()
 @click.argument("target", metavar="CHECKPOINT|RUN_DIR", type=click.Path(exists=True))
 @click.option("--prompt", default="\n", show_default="a newline", help="Text the sample continues.")
-@click.option("--max-bytes", type=int, default=200, show_default=True, help="Bytes to sample.")
+@click.option("--max-bytes", type=int, default=200, show_default=True,
+              help="Bytes to sample (with a BPE tokenizer: tokens until at least this many bytes).")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="0 samples greedily.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k likeliest (0: all).")
+@click.option("--top-p", type=float, default=1.0, show_default=True,
+              help="Sample in the nucleus: the likeliest tokens holding this much probability (1: all).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler.")
 @click.option("--backend", type=click.Choice(_backends.NAMES), default=None,
               help="Default: the fastest available (cpu where numba imports).")
-def generate(target, prompt, max_bytes, temperature, top_k, seed, backend) -> None:
+def generate(target, prompt, max_bytes, temperature, top_k, top_p, seed, backend) -> None:
     """Sample text from a checkpoint, carrying the streaming state (the context is read once)."""
     import codecs
     import math
 
-    from nlref import data as data_mod
-    from nlref import training
+    from nlref import tokenization, training
 
     if max_bytes < 0 or top_k < 0:
         raise click.BadParameter("--max-bytes and --top-k must be >= 0")
+    if not 0 < top_p <= 1:
+        raise click.BadParameter(f"must be in (0, 1], got {top_p!r}", param_hint="--top-p")
     if not (temperature == 0 or (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE)):
         raise click.BadParameter(f"must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g} (below it sampling "
                                  f"is greedy decoding to float precision: use 0), got {temperature!r}",
@@ -407,15 +470,26 @@ def generate(target, prompt, max_bytes, temperature, top_k, seed, backend) -> No
     try:
         backend = backend or training.default_backend()
         training.check_backend(backend)
-        params, rc, _ = training.load_model_checkpoint(target)
+        params, rc, ck = training.load_model_checkpoint(target)
         training.check_backend(backend, rc.model.family)
-        tokens = data_mod.encode(prompt)
+        tok = tokenization.for_checkpoint(rc.train, ck)  # the run's tokens (SPEC.md#data)
+        tokens = tok.encode(prompt)
         if tokens.shape[0] == 0:
             raise click.BadParameter("the prompt is empty; give at least one character", param_hint="--prompt")
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         click.echo(prompt, nl=False)
-        training.generate(params, rc.model, tokens, max_bytes, temperature, top_k, seed,
-                          on_token=lambda t: click.echo(decoder.decode(bytes([t])), nl=False), backend=backend)
+        with progress.slow_start(lambda m: click.echo(m, err=True), sys.stderr.isatty(), backend,
+                                 what="reading the prompt"):  # the first call compiles or loads the kernels
+            written = [0]
+
+            def emit(t: int) -> bool:  # True: --max-bytes reached
+                raw = tok.token_bytes[t]
+                click.echo(decoder.decode(raw), nl=False)
+                written[0] += len(raw)
+                return written[0] >= max_bytes
+
+            training.generate(params, rc.model, tokens, max_bytes, temperature, top_k, seed, top_p=top_p,
+                              on_token=emit, backend=backend)
         click.echo(decoder.decode(b"", final=True))
     except _run_errors() as exc:
         raise click.ClickException(str(exc)) from None
@@ -468,8 +542,11 @@ def export(target, out, overwrite) -> None:
               help="PNG file to write.")
 @click.option("--smooth", type=float, default=0.9, show_default=True,
               help="EMA factor of the training-loss curve (0: raw).")
-def plot(runs, out_file, smooth) -> None:
-    """PNG of the training and validation loss curves of one or several runs (needs matplotlib)."""
+@click.option("--x", "x_axis", type=click.Choice(["steps", "tokens", "time"]), default="steps", show_default=True,
+              help="The x axis: optimizer steps, training tokens, or wall time since the run's first step.")
+def plot(runs, out_file, smooth, x_axis) -> None:
+    """PNG of the loss curves (training, validation) and the learning rate of one or several runs
+    (needs matplotlib)."""
     from pathlib import Path
 
     from nlref import training
@@ -485,27 +562,32 @@ def plot(runs, out_file, smooth) -> None:
     import matplotlib.pyplot as plt
 
     try:
-        fig, ax = plt.subplots(figsize=(8, 5))
+        fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=(3, 1))
         for run in runs:
             rows = training.read_metrics(run)
             train_rows = [r for r in rows if "loss" in r]
             val_rows = [r for r in rows if "val_loss" in r]
             if not train_rows:
                 raise click.ClickException(f"{run}: metrics.jsonl holds no training steps yet")
+            xs = _plot_x(train_rows, x_axis)
+            at_step = dict(zip((r["step"] for r in train_rows), xs, strict=True))
             ema, smoothed = None, []
             for r in train_rows:
                 ema = r["loss"] if ema is None else smooth * ema + (1 - smooth) * r["loss"]
                 smoothed.append(ema)
             label = Path(run).name
-            line, = ax.plot([r["step"] for r in train_rows], smoothed,
-                            label=f"{label} train" + (f" (EMA {smooth:g})" if smooth else ""))
+            line, = ax.plot(xs, smoothed, label=f"{label} train" + (f" (EMA {smooth:g})" if smooth else ""))
+            val_rows = [r for r in val_rows if r["step"] in at_step]
             if val_rows:
-                ax.plot([r["step"] for r in val_rows], [r["val_loss"] for r in val_rows], "o--",
+                ax.plot([at_step[r["step"]] for r in val_rows], [r["val_loss"] for r in val_rows], "o--",
                         color=line.get_color(), label=f"{label} validation")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats per byte)")
+            ax_lr.plot(xs, [r.get("lr", float("nan")) for r in train_rows], color=line.get_color(), label=label)
+        ax_lr.set_xlabel({"steps": "step", "tokens": "training tokens", "time": "wall time (s)"}[x_axis])
+        ax.set_ylabel("loss (nats per token)")
+        ax_lr.set_ylabel("learning rate")
         ax.set_title("nested-learning training curves")
-        ax.grid(alpha=0.3)
+        for a in (ax, ax_lr):
+            a.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
         import io
@@ -524,7 +606,25 @@ def plot(runs, out_file, smooth) -> None:
     click.echo(f"wrote {out_file} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
 
 
-@cli.command("toy-momentum")
+def _plot_x(train_rows: list[dict], x_axis: str) -> list[float]:
+    """The x value of each training row: its step, its cumulative tokens, or the wall time since the
+    run's first step (the rows' ``time`` stamps minus the first step's duration; rows written before
+    stamps existed: the summed step times)."""
+    if x_axis == "steps":
+        return [r["step"] for r in train_rows]
+    if x_axis == "tokens":
+        return [r["tokens"] for r in train_rows]
+    if all("time" in r for r in train_rows):
+        t0 = train_rows[0]["time"] - train_rows[0].get("step_time_s", 0.0)
+        return [r["time"] - t0 for r in train_rows]
+    out, t = [], 0.0
+    for r in train_rows:
+        t += r.get("step_time_s", 0.0)
+        out.append(t)
+    return out
+
+
+@cli.command("toy-momentum", short_help="The paper's toy (Eq. 53, Figure 4): standard vs delta momentum.")
 @click.option("--k", "k", type=float, default=10.0, show_default=True, help="k of Eq. (53) (not given by the paper).")
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="alpha of Eq. (53) (not given).")
 @click.option("--omega", type=float, default=2.0, show_default=True, help="omega of Eq. (53) (not given).")

@@ -18,6 +18,11 @@ Decisions (SPEC.md#run-directories):
   memory this process can get (MemAvailable, the cgroup limit, RLIMIT_AS); a step that cannot fit
   is refused with both numbers. The estimate counts only what a step certainly holds, so it
   errs low: it never refuses a run that would fit.
+- **Ctrl-C stops at a step boundary**: while a run trains, SIGINT and SIGTERM set a flag
+  (``StopOnSignal``); after the step in flight, the loop writes a checkpoint and stops with
+  ``training.Interrupted`` (the CLI exits 130, or 143 for SIGTERM), so ``--resume`` continues
+  exactly. A second SIGINT aborts at once (KeyboardInterrupt: the last checkpoint stays). Under
+  MPI the flag goes through ``distributed.any_rank``, so every rank stops after the same step.
 - **Resume compares the whole config**: every key of ``train`` (but the ones that may change on
   resume), ``model`` and ``optimizer_hparams`` in the run's ``config.toml`` must equal the
   checkpoint's; the error names each changed key with both values.
@@ -27,16 +32,19 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
 LOCK_NAME = "train.lock"
 CHECKPOINT_NAME = "checkpoint.safetensors"
 # The files a run writes; --overwrite removes exactly these (never anything else in the folder).
-RUN_FILES = ("config.toml", "config.json", "data.json", "metrics.jsonl", CHECKPOINT_NAME, "summary.json")
+RUN_FILES = ("config.toml", "config.json", "data.json", "metrics.jsonl", CHECKPOINT_NAME, "summary.json",
+             "tokenizer.json")  # tokenizer.json: a BPE or user tokenizer's copy (SPEC.md#data)
 # Training keys that may change when a run is resumed (they do not change the loss trajectory,
 # or, for steps, change it only from the resumed step on: SPEC.md#training).
-RESUME_OK = ("steps", "eval_every", "checkpoint_every", "log_every")
+RESUME_OK = ("steps", "eval_every", "checkpoint_every", "log_every", "early_stop_patience")
 
 
 class TrainingError(Exception):
@@ -114,6 +122,46 @@ def _holder_pid(fd: int, wait_s: float = 2.0) -> int | None:
 # ------------------------------------------------------------------------------------------------
 # The directory's files
 # ------------------------------------------------------------------------------------------------
+
+
+class StopOnSignal:
+    """SIGINT / SIGTERM as a request to stop at the next step boundary (module docstring), for the
+    life of a ``with`` block; the handlers before it come back after. In a thread other than the
+    main one (where Python allows no handler) it installs nothing and never asks to stop."""
+
+    NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
+
+    def __init__(self, echo):
+        self.echo, self.signum, self._old = echo, None, {}
+
+    @property
+    def name(self) -> str:
+        return self.NAMES.get(self.signum, f"signal {self.signum}")
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: abort now
+        self.signum = signum
+        self.echo(f"\n{self.name}: stopping after this step and writing a checkpoint "
+                  "(Ctrl-C again to abort without it)")
+
+    def asked(self, step: int) -> bool:
+        """Whether to stop after ``step``: on every rank when any rank got the signal (collective)."""
+        from nlref import distributed
+
+        return distributed.any_rank(self.signum is not None)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.NAMES:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+        return False
 
 
 def make_run_dir(run_dir: Path) -> None:

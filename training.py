@@ -42,7 +42,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 import tomllib
 from collections.abc import Callable
@@ -55,6 +54,7 @@ from nlref import backends as backends_mod
 from nlref import checkpoint as ckpt
 from nlref import data as data_mod
 from nlref import distributed, rundir
+from nlref import progress as progress_mod
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
@@ -67,9 +67,19 @@ def default_backend() -> str:
 
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "adamw", "preconditioned_momentum",
               "delta_momentum", "deep_momentum", "muon", "m3")
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 TrainingError = rundir.TrainingError  # a run that cannot start or go on; the message says why and what to do
+
+
+class Interrupted(TrainingError):
+    """SIGINT or SIGTERM stopped the run at a step boundary, after a checkpoint at ``step``
+    (SPEC.md#run-directories): ``--resume`` continues it exactly."""
+
+    def __init__(self, message: str, step: int, signum: int):
+        super().__init__(message)
+        self.step, self.signum = step, signum
 
 
 class NonFiniteLoss(TrainingError):
@@ -93,11 +103,17 @@ class TrainConfig:
     warmup_steps: int | None = None  # None: steps // 10
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+    grad_accum: int = 1  # micro-batches of batch_size per step: one step of a batch grad_accum times larger
+    schedule: str = "cosine"  # after the warmup: cosine or linear decay to min_lr_ratio * lr, or constant
+    early_stop_patience: int = 0  # stop after this many validations without a new best (0: never)
     backend: str = field(default_factory=default_backend)
     dtype: str | None = None  # None: the preset's
     seed: int = 0
     data: str | None = None  # None: the default corpus (the Python standard library)
     val_fraction: float = 0.05
+    text_field: str = "text"  # the field (column) holding the text in JSONL, CSV and Parquet data
+    tokenizer: str = "byte"  # "byte" (V = 256), "bpe" (trained on the training split) or a tokenizer.json path
+    tokenizer_vocab_size: int | None = None  # tokenizer = "bpe": its size (None: [model] vocab_size, else 4096)
     blas_threads: int = 1  # 1: bit-reproducible runs (threaded BLAS sums in a varying order); 0: BLAS default
     eval_every: int = 0  # 0: only at the end
     eval_batches: int = 4
@@ -108,17 +124,21 @@ class TrainConfig:
         def bad(key, msg):
             raise ValueError(f"{key}: {msg}")
 
-        for key in ("steps", "batch_size", "seq_len", "eval_batches", "log_every"):
+        for key in ("steps", "batch_size", "seq_len", "eval_batches", "log_every", "grad_accum"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(key, f"must be a positive integer, got {v!r}")
-        for key in ("eval_every", "checkpoint_every", "seed", "blas_threads"):
+        for key in ("eval_every", "checkpoint_every", "seed", "blas_threads", "early_stop_patience"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 bad(key, f"must be an integer >= 0, got {v!r}")
         w = self.warmup_steps
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 0):
             bad("warmup_steps", f"must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.schedule not in SCHEDULES:
+            bad("schedule", f"must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
+        if self.early_stop_patience and not self.eval_every:
+            bad("early_stop_patience", "needs eval_every > 0 (it counts periodic validations without a new best)")
         if self.optimizer not in OPTIMIZERS:
             bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         if self.backend not in backends_mod.NAMES:
@@ -141,6 +161,16 @@ class TrainConfig:
             bad("grad_clip", f"must be >= 0, got {self.grad_clip!r}")
         if not 0 < self.val_fraction < 1:
             bad("val_fraction", f"must be in (0, 1), got {self.val_fraction!r}")
+        for key in ("text_field", "tokenizer"):  # SPEC.md#data
+            v = getattr(self, key)
+            if not isinstance(v, str) or not v:
+                bad(key, f"must be a non-empty string, got {v!r}")
+        tv = self.tokenizer_vocab_size
+        if tv is not None and (not isinstance(tv, int) or isinstance(tv, bool) or tv < 256):
+            bad("tokenizer_vocab_size", f"must be an integer >= 256 (a byte-level BPE holds the 256 bytes), got {tv!r}")
+        if tv is not None and self.tokenizer != "bpe":
+            bad("tokenizer_vocab_size", f"sets the size of a BPE trained on the data (--vocab-size goes with "
+                f"--tokenizer bpe), but the tokenizer is {self.tokenizer!r}")
 
     @property
     def warmup(self) -> int:
@@ -160,6 +190,9 @@ class RunConfig:
     train: TrainConfig
     model: object  # config.ModelConfig
     optimizer_hparams: dict
+    # [model] vocab_size was given (not recorded): a BPE that comes out smaller is then an error,
+    # not the model's new vocab_size (SPEC.md#data)
+    vocab_size_given: bool = field(default=False, compare=False)
 
     def to_dict(self) -> dict:
         return {"train": dataclasses.asdict(self.train), "model": self.model.to_dict(),
@@ -198,11 +231,16 @@ def resolve_config(file: dict | None = None, flags: dict | None = None) -> RunCo
     file = dict(file or {})
     model_overrides = dict(file.pop("model", {}))
     optimizer_hparams = dict(file.pop("optimizer_hparams", {}))
-    values = {**file, **{k: v for k, v in (flags or {}).items() if v is not None}}
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    if "weight_decay" in flags:  # --weight-decay: the optimizer's own hyper-parameter
+        optimizer_hparams["weight_decay"] = flags.pop("weight_decay")
+    values = {**file, **flags}
     if values.get("data") is not None and not isinstance(values["data"], str):
         raise TrainingError(f"bad run config: data: must be a path (a string), got {values['data']!r}")
     if values.get("data") is not None:  # recorded absolute, so a resume from elsewhere finds it
         values["data"] = os.path.abspath(os.path.expanduser(values["data"]))
+    if isinstance(values.get("tokenizer"), str) and values["tokenizer"] not in ("", "byte", "bpe"):
+        values["tokenizer"] = os.path.abspath(os.path.expanduser(values["tokenizer"]))  # a tokenizer.json
     unknown = sorted(set(values) - set(TRAIN_KEYS))
     if unknown:
         raise TrainingError(f"unknown training keys {unknown}; valid keys are {sorted(TRAIN_KEYS)}")
@@ -222,18 +260,67 @@ def resolve_config(file: dict | None = None, flags: dict | None = None) -> RunCo
         if not ok:
             kind = {float: "a number", bool: "true or false", int: "an integer", str: "a string"}.get(want, want.__name__)
             raise TrainingError(f"bad [model] config: {key} must be {kind}, got {value!r}")
-    if base["vocab_size"] < data_mod.VOCAB_SIZE:
-        base["vocab_size"] = data_mod.VOCAB_SIZE  # byte tokens (SPEC.md#training)
-    merged = {**base, **model_overrides}
+    given = model_overrides.get("vocab_size")
+    vocab, bpe_size = _tokenizer_vocab(tc, base["vocab_size"], given)  # SPEC.md#data
+    if bpe_size != tc.tokenizer_vocab_size:
+        tc = dataclasses.replace(tc, tokenizer_vocab_size=bpe_size)
+    merged = {**base, **model_overrides, "vocab_size": vocab}
     if tc.dtype is not None:
         merged["dtype"] = tc.dtype
     try:
         mc = model_config.from_dict(merged)
     except (TypeError, ValueError) as exc:
         raise TrainingError(f"bad [model] config: {exc}") from None
-    if mc.vocab_size != data_mod.VOCAB_SIZE:
-        raise TrainingError(f"vocab_size must be {data_mod.VOCAB_SIZE} for byte-level data, got {mc.vocab_size}")
-    return RunConfig(tc, mc, optimizer_hparams)
+    return RunConfig(tc, mc, optimizer_hparams, vocab_size_given=given is not None)
+
+
+def _tokenizer_vocab(tc: TrainConfig, preset_vocab: int, given: int | None) -> tuple[int, int | None]:
+    """(the model's vocab_size, the BPE's size) for ``tc.tokenizer`` (SPEC.md#data): 256 for bytes
+    (a tiny preset's smaller vocabulary is raised to it); for "bpe" ``tokenizer_vocab_size``, else
+    the given [model] vocab_size, else 4096; for a tokenizer.json its size (read from the file only
+    when [model] vocab_size is not given: a resumed run reads its own copy, checked by ``bind_tokenizer``)."""
+    from nlref import tokenization
+
+    if tc.tokenizer == "byte":
+        vocab = given if given is not None else max(preset_vocab, data_mod.VOCAB_SIZE)
+        if vocab != data_mod.VOCAB_SIZE:
+            raise TrainingError(f"vocab_size must be {data_mod.VOCAB_SIZE} for byte-level data (tokenizer byte), got "
+                                f"{vocab}; another vocabulary needs a tokenizer of that size: --tokenizer bpe "
+                                f"--vocab-size {vocab}, or --tokenizer PATH/tokenizer.json")
+        return vocab, None
+    if tc.tokenizer == "bpe":
+        size = tc.tokenizer_vocab_size or given or tokenization.DEFAULT_BPE_VOCAB
+        if given is not None and given != size:
+            raise TrainingError(f"[model] vocab_size = {given} does not match the BPE tokenizer's size {size} "
+                                "(tokenizer_vocab_size, --vocab-size): give one of them, or the same number to both")
+        return size, size
+    if given is not None:
+        return given, None
+    try:
+        return tokenization.load_file(tc.tokenizer, f"--tokenizer {tc.tokenizer}").vocab_size, None
+    except tokenization.TokenizerError as exc:
+        raise TrainingError(str(exc)) from None
+
+
+def bind_tokenizer(rc: RunConfig, tok, echo: Callable[[str], None] = print) -> RunConfig:
+    """``rc`` with the model's vocab_size checked against the tokenizer's size (SPEC.md#data). A
+    BPE trained by this run that came out smaller than asked (the training split had no more pairs
+    to merge) sets the model's vocab_size, unless [model] vocab_size was given; any other
+    difference is a TrainingError saying what to change."""
+    from nlref import config as model_config
+
+    mc, tc = rc.model, rc.train
+    if tok.vocab_size == mc.vocab_size:
+        return rc
+    if getattr(tok, "origin", "") == "trained" and tok.vocab_size < mc.vocab_size and not rc.vocab_size_given:
+        echo(f"the BPE tokenizer has {tok.vocab_size:,} tokens, fewer than the {mc.vocab_size:,} asked (the training "
+             f"split has no more pairs seen twice to merge): the model's vocab_size is {tok.vocab_size:,}")
+        model = model_config.from_dict({**mc.to_dict(), "vocab_size": tok.vocab_size})
+        return dataclasses.replace(rc, model=model, train=dataclasses.replace(tc, tokenizer_vocab_size=tok.vocab_size))
+    what = "a BPE trained on the training split" if tc.tokenizer == "bpe" else tok.source
+    raise TrainingError(f"[model] vocab_size = {mc.vocab_size:,} does not match the tokenizer's size "
+                        f"{tok.vocab_size:,} ({what}): the model must have one output per token; remove vocab_size "
+                        f"from [model] (the tokenizer sets it) or use a tokenizer of {mc.vocab_size:,} tokens")
 
 
 def run_config_from_dict(d: dict) -> RunConfig:
@@ -246,30 +333,24 @@ def run_config_from_dict(d: dict) -> RunConfig:
         raise ckpt.CheckpointError(f"the run config is not one this version understands ({exc})") from None
 
 
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        if isinstance(v, float) and not math.isfinite(v):
-            return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+def _drop_none(v):
+    """TOML has no null: a key whose value is None is left out (it reads back as its default)."""
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+        return {k: _drop_none(x) for k, x in v.items() if x is not None}
+    if isinstance(v, list | tuple):
+        return [_drop_none(x) for x in v]
+    return v
 
 
 def to_toml(rc: RunConfig) -> str:
-    """The resolved config as TOML that ``--config`` reads back to the same RunConfig."""
+    """The resolved config as TOML that ``--config`` reads back to the same RunConfig (written by
+    tomli-w: any Unicode in a path or name is valid TOML, SPEC.md#run-directories)."""
+    import tomli_w
+
     d = rc.to_dict()
-    lines = ["# resolved run config (nested-learning train); reusable with --config"]
-    lines += [f"{k} = {_toml_value(v)}" for k, v in d["train"].items() if v is not None]
-    lines += ["", "[model]"] + [f"{k} = {_toml_value(v)}" for k, v in d["model"].items() if v is not None]
-    lines += ["", "[optimizer_hparams]"] + [f"{k} = {_toml_value(v)}" for k, v in d["optimizer_hparams"].items()]
-    return "\n".join(lines) + "\n"
+    doc = {**_drop_none(d["train"]), "model": _drop_none(d["model"]),
+           "optimizer_hparams": _drop_none(d["optimizer_hparams"])}
+    return "# resolved run config (nested-learning train); reusable with --config\n" + tomli_w.dumps(doc)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -309,13 +390,19 @@ def global_norm(tree) -> float:
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
-    """Learning rate of the update taken at ``step`` (0-based): warmup, then cosine decay."""
+    """Learning rate of the update taken at ``step`` (0-based): linear warmup, then ``tc.schedule``:
+    cosine or linear decay from ``lr`` to ``min_lr_ratio * lr`` at the last step, or constant
+    (SPEC.md#training)."""
     warmup = tc.warmup
     if step < warmup:
         return tc.lr * (step + 1) / warmup
+    if tc.schedule == "constant":
+        return tc.lr
     span = max(1, tc.steps - warmup - 1)
     progress = min(1.0, (step - warmup) / span)
     floor = tc.min_lr_ratio * tc.lr
+    if tc.schedule == "linear":
+        return tc.lr - (tc.lr - floor) * progress
     return floor + 0.5 * (tc.lr - floor) * (1.0 + math.cos(math.pi * progress))
 
 
@@ -328,8 +415,12 @@ def cross_entropy(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return logsumexp - picked
 
 
-def metrics_from_loss(loss: float) -> dict:
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bits_per_byte": loss / math.log(2.0)}
+def metrics_from_loss(loss: float, tokens: int | None = None, n_bytes: int | None = None) -> dict:
+    """Loss per token (nats), perplexity and bits per byte of text: with ``tokens`` and ``n_bytes``
+    (the UTF-8 bytes those tokens decode to) ``loss * tokens / ln 2 / n_bytes``, else one token is
+    one byte (SPEC.md#training)."""
+    bpb = loss / math.log(2.0) if not (tokens and n_bytes) else loss * tokens / math.log(2.0) / n_bytes
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bits_per_byte": bpb}
 
 
 def _backend(backend: str = "reference") -> backends_mod.Backend:
@@ -368,18 +459,30 @@ def make_optimizer(rc: RunConfig, lr: float):
 
 
 def evaluate(params, mc, stream: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None,
-             backend: str = "reference") -> dict:
-    """Mean next-token loss over the first windows of ``stream``, each a fresh sequence."""
+             backend: str = "reference", tokenizer=None) -> dict:
+    """Mean next-token loss over the first windows of ``stream``, each a fresh sequence; bits per
+    byte per byte of text: the summed losses over the UTF-8 bytes the target tokens decode to
+    (``tokenizer`` None: bytes, one token per byte). ``tokens`` and ``bytes`` count the targets."""
     model = _model(backend)
-    total, count = 0.0, 0
+    total, count, n_bytes = 0.0, 0, 0
     for tokens in data_mod.eval_batches(stream, batch_size, seq_len, max_batches):  # (b, T + 1)
         logits, _ = model.forward(params, tokens, mc)  # (b, T + 1, V): as loss_and_grads reads it
         losses = cross_entropy(logits[:, :-1], tokens[:, 1:])  # (b, T)
         total += float(losses.sum())
         count += losses.size
-    out = metrics_from_loss(total / count)
+        n_bytes += losses.size if tokenizer is None else tokenizer.n_bytes(tokens[:, 1:])
+    out = metrics_from_loss(total / count, count, n_bytes)
     out["tokens"] = count
+    out["bytes"] = n_bytes
+    out["unit"] = "bytes" if tokenizer is None or tokenizer.kind == "byte" else "tokens"
     return out
+
+
+def size_text(ev: dict) -> str:
+    """"2,048 bytes", or "512 tokens, 2,048 bytes" when a token is not one byte (the report lines)."""
+    if ev.get("unit", "bytes") == "bytes":
+        return f"{ev['tokens']:,} bytes"
+    return f"{ev['tokens']:,} tokens, {ev['bytes']:,} bytes"
 
 
 def _stream_forward(be: backends_mod.Backend, params, tokens, mc, state):
@@ -408,14 +511,16 @@ def stream_losses(params, mc, doc: np.ndarray, piece: int, state=None, backend: 
 
 
 def evaluate_continual(params, mc, split, max_docs: int, doc_bytes: int, piece: int,
-                       backend: str = "reference") -> dict:
+                       backend: str = "reference", tokenizer=None) -> dict:
     """Read the documents in order with a never-reset state and, as the baseline, with resets.
 
     Returns per-document rows (position, name, bytes, continual loss, reset loss) and totals.
+    ``doc_bytes`` and ``piece`` count tokens (bytes with the byte tokenizer, ``tokenizer`` None);
+    bits per byte are per byte of the scored tokens' text.
     """
     rows, state = [], None
     tot_c = tot_r = 0.0
-    n_tok = 0
+    n_tok = n_bytes = 0
     for d in range(min(max_docs, split.n_docs)):
         doc = split.doc(d)[:doc_bytes]
         if doc.shape[0] < 2:
@@ -427,10 +532,11 @@ def evaluate_continual(params, mc, split, max_docs: int, doc_bytes: int, piece: 
         tot_c += float(cont.sum())
         tot_r += float(reset.sum())
         n_tok += cont.shape[0]
+        n_bytes += cont.shape[0] if tokenizer is None else tokenizer.n_bytes(doc[1:])
     if not rows:
-        raise TrainingError("continual evaluation found no document with at least 2 bytes")
-    return {"documents": rows, "continual": metrics_from_loss(tot_c / n_tok),
-            "reset": metrics_from_loss(tot_r / n_tok), "tokens": n_tok}
+        raise TrainingError("continual evaluation found no document with at least 2 tokens")
+    return {"documents": rows, "continual": metrics_from_loss(tot_c / n_tok, n_tok, n_bytes),
+            "reset": metrics_from_loss(tot_r / n_tok, n_tok, n_bytes), "tokens": n_tok, "bytes": n_bytes}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -438,9 +544,12 @@ def evaluate_continual(params, mc, split, max_docs: int, doc_bytes: int, piece: 
 # ------------------------------------------------------------------------------------------------
 
 
-def sample_next(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
-    """One byte from (V,) logits: greedy at temperature 0, else softmax(logits / temperature)
-    restricted to the ``top_k`` largest (0: all)."""
+def sample_next(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator,
+                top_p: float = 1.0) -> int:
+    """One token from (V,) logits: greedy at temperature 0, else softmax(logits / temperature)
+    restricted to the ``top_k`` largest (0: all), then to the nucleus of ``top_p``: the fewest most
+    probable tokens whose probability sums to at least ``top_p`` (1: all; ties at the edge kept),
+    renormalised (SPEC.md#training)."""
     z = np.asarray(logits, dtype=np.float64)
     if temperature <= 0:
         return int(np.argmax(z))
@@ -450,27 +559,36 @@ def sample_next(logits: np.ndarray, temperature: float, top_k: int, rng: np.rand
         z = np.where(z >= kth, z, -np.inf)
     p = np.exp(z - z.max())
     p /= p.sum()
+    if top_p < 1.0:
+        order = np.sort(p)[::-1]
+        need = int(np.searchsorted(np.cumsum(order), top_p)) + 1  # the nucleus' size
+        cut = order[min(need, order.shape[0]) - 1]
+        p = np.where(p >= cut, p, 0.0)
+        p /= p.sum()
     return int(rng.choice(z.shape[0], p=p))
 
 
 def generate(params, mc, prompt: np.ndarray, max_new: int, temperature: float = 1.0, top_k: int = 0,
-             seed: int = 0, on_token: Callable[[int], None] | None = None,
-             backend: str = "reference") -> np.ndarray:
-    """Sample ``max_new`` bytes after ``prompt``, carrying the streaming state: the prompt is
-    read once, then each new byte is fed alone (the context is never re-read)."""
+             seed: int = 0, on_token: Callable[[int], bool | None] | None = None,
+             backend: str = "reference", top_p: float = 1.0) -> np.ndarray:
+    """Sample ``max_new`` tokens (bytes) after ``prompt``, carrying the streaming state: the prompt
+    is read once, then each new token is fed alone (the context is never re-read). ``on_token``
+    sees each token as it is drawn; returning True stops the sampling there."""
     be = _backend(backend)
     rng = np.random.default_rng(seed)
     prompt = np.asarray(prompt, dtype=np.int64)
     if prompt.ndim != 1 or prompt.shape[0] == 0:
         raise TrainingError("the prompt must hold at least one byte")
+    if not 0 < top_p <= 1:
+        raise TrainingError(f"top_p must be in (0, 1], got {top_p!r}")
     params = be.to_device(params)  # uploaded once (the GPU port)
     logits, state = _stream_forward(be, params, prompt[None, :], mc, None)  # (1, n, V)
     out = []
     for _ in range(max_new):
-        tok = sample_next(logits[0, -1], temperature, top_k, rng)
+        tok = sample_next(logits[0, -1], temperature, top_k, rng, top_p)
         out.append(tok)
-        if on_token is not None:
-            on_token(tok)
+        if on_token is not None and on_token(tok) is True:  # the caller has enough (generate --max-bytes)
+            break
         logits, state = _stream_forward(be, params, np.array([[tok]], dtype=np.int64), mc, state)
     return np.array(out, dtype=np.int64)
 
@@ -517,28 +635,34 @@ def load_model_checkpoint(path: str | os.PathLike):
     return ck.params, rc, ck
 
 
-class _Progress:
-    """A one-line progress bar on a terminal; one line per ``every`` steps otherwise."""
+class Patience:
+    """Early stopping (``early_stop_patience``, SPEC.md#training): exhausted once ``patience``
+    periodic validations in a row bring no new best loss. Rebuilt from the metrics on resume."""
 
-    def __init__(self, total: int, every: int, echo: Callable[[str], None], tty: bool):
-        self.total, self.every, self.echo, self.tty = total, every, echo, tty
-        self.t0 = time.perf_counter()
+    def __init__(self, patience: int, losses=()):
+        self.patience, self.best, self.since = patience, math.inf, 0
+        for v in losses:
+            self.add(v)
 
-    def update(self, step: int, loss: float, tokens_per_s: float, start_step: int) -> None:
-        elapsed = time.perf_counter() - self.t0
-        done = step - start_step
-        eta = elapsed / done * (self.total - step) if done else 0.0
-        msg = (f"step {step}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  "
-               f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
-        if self.tty:
-            width = 24
-            filled = int(width * step / self.total)
-            sys.stdout.write("\r[" + "#" * filled + "." * (width - filled) + "] " + msg + "   ")
-            sys.stdout.flush()
-            if step == self.total:
-                sys.stdout.write("\n")
-        elif step % self.every == 0 or step == self.total:
-            self.echo(msg)
+    def add(self, loss: float) -> None:
+        if loss < self.best:
+            self.best, self.since = loss, 0
+        else:
+            self.since += 1
+
+    @property
+    def exhausted(self) -> bool:
+        return bool(self.patience) and self.since >= self.patience
+
+    @property
+    def why(self) -> str:
+        return f"{self.since} validations without a new best (best {self.best:.4f}, patience {self.patience})"
+
+
+def _val_row(step: int, ev: dict) -> dict:
+    """A validation row of metrics.jsonl (SPEC.md#run-directories)."""
+    return {"step": step, "split": "validation", "val_loss": ev["loss"], "val_perplexity": ev["perplexity"],
+            "val_bits_per_byte": ev["bits_per_byte"], "time": round(time.time(), 3)}
 
 
 def train(rc: RunConfig, run_dir: str | os.PathLike, resume: bool = False,
@@ -578,20 +702,38 @@ def preflight(rc: RunConfig, corpus) -> None:
     hyper-parameters, one step fits in memory."""
     tc = rc.train
     check_backend(tc.backend, rc.model.family)
-    data_mod.BatchSampler(corpus.train.stream, tc.batch_size, tc.seq_len, seed=[tc.seed, 1])
-    if corpus.val.n_bytes < tc.seq_len + 1:
+    data_mod.BatchSampler(corpus.train.stream, tc.batch_size * tc.grad_accum, tc.seq_len, seed=[tc.seed, 1])
+    if corpus.val.n_tokens < tc.seq_len + 1:
         raise data_mod.DataError(
-            f"the validation split holds {corpus.val.n_bytes:,} bytes, fewer than seq_len + 1 = {tc.seq_len + 1}, "
+            f"the validation split holds {corpus.val.n_tokens:,} {getattr(corpus, 'unit', 'bytes')}, fewer than "
+            f"seq_len + 1 = {tc.seq_len + 1}, "
             f"so the run could never be validated; lower --seq-len, raise val_fraction (now {tc.val_fraction:g}) "
             "or give more data")
     make_optimizer(rc, tc.lr)
     rundir.check_fits_in_memory(rc)
 
 
+def load_run_corpus(rc: RunConfig, run_dir, resume: bool, echo: Callable[[str], None] = print):
+    """(``rc`` bound to the run's tokenizer, the run's corpus as token streams) (SPEC.md#data):
+    the documents split, then the tokenizer (bytes; the run directory's tokenizer.json on resume;
+    the user's file; or a BPE trained on the training split alone), then both splits encoded."""
+    from nlref import tokenization
+
+    tc = rc.train
+    docs = data_mod.read_corpus(tc.data, tc.val_fraction, tc.text_field)
+    t0 = time.perf_counter()
+    tok = tokenization.for_run(tc, run_dir, resume, docs.train.texts(), len(docs.train.names))
+    if getattr(tok, "origin", "") == "trained":
+        echo(f"tokenizer: a byte-level BPE of {tok.vocab_size:,} tokens trained on the training split "
+             f"({len(docs.train.names):,} documents, {docs.train.n_bytes:,} bytes) in {time.perf_counter() - t0:.1f} s")
+    rc = bind_tokenizer(rc, tok, echo)
+    return rc, data_mod.tokenize(docs, tok)
+
+
 def _train(rc: RunConfig, run_dir, resume: bool, echo: Callable[[str], None], tty: bool, overwrite: bool) -> dict:
     tc = rc.train
     run_dir = Path(run_dir)
-    corpus = data_mod.load_corpus(tc.data, tc.val_fraction)
+    rc, corpus = load_run_corpus(rc, run_dir, resume, echo)  # the tokenizer may set the model's vocab_size
     preflight(rc, corpus)
     if not resume:
         rundir.make_run_dir(run_dir)
@@ -723,9 +865,11 @@ def _train_locked(rc: RunConfig, run_dir: Path, corpus, resume: bool, echo, tty:
                  "with its config")
         params = be.to_device(model.init_params(mc, seed=tc.seed))
         opt_state = make_optimizer(rc, tc.lr).init(params)
-        sampler = data_mod.BatchSampler(corpus.train.stream, tc.batch_size, tc.seq_len, seed=[tc.seed, 1])
+        sampler = data_mod.BatchSampler(corpus.train.stream, tc.batch_size * tc.grad_accum, tc.seq_len, seed=[tc.seed, 1])
         step = 0
         kept_rows: list[dict] = []
+        if getattr(corpus.tokenizer, "json_text", None) is not None:  # what --resume, eval, generate reload
+            ckpt.atomic_write_text(run_dir / "tokenizer.json", corpus.tokenizer.json_text)
         ckpt.atomic_write_text(run_dir / "config.toml", to_toml(rc))
         ckpt.atomic_write_text(run_dir / "config.json", json.dumps(rc.to_dict(), indent=2) + "\n")
         ckpt.atomic_write_text(run_dir / "data.json", json.dumps(corpus.info, indent=1) + "\n")
@@ -762,7 +906,7 @@ def _train_locked(rc: RunConfig, run_dir: Path, corpus, resume: bool, echo, tty:
                      f"{ck.step} to train further)")
                 return done
         params, opt_state, step = ck.params, ck.opt_state, ck.step
-        sampler = data_mod.BatchSampler(corpus.train.stream, tc.batch_size, tc.seq_len, seed=[tc.seed, 1],
+        sampler = data_mod.BatchSampler(corpus.train.stream, tc.batch_size * tc.grad_accum, tc.seq_len, seed=[tc.seed, 1],
                                         state=ck.data_position)
         # Cut metrics.jsonl back to the checkpoint, so the file is the uninterrupted run's.
         kept_rows = _metrics_up_to(read_metrics(run_dir) if metrics_path.exists() else [], step, tc)
@@ -774,24 +918,36 @@ def _train_locked(rc: RunConfig, run_dir: Path, corpus, resume: bool, echo, tty:
     if step == 0 and not resume:
         echo(f"training {mc.name} ({mc.family}, {_count(params):,} parameters, {mc.dtype}) on "
              f"{corpus.info['source']}: {corpus.train.n_bytes:,} train / {corpus.val.n_bytes:,} validation "
-             f"bytes; {tc.steps} steps of {tc.batch_size}x{tc.seq_len} bytes, {tc.optimizer} lr {tc.lr:g}")
+             f"bytes{_token_counts(corpus)}; {tc.steps} steps of {tc.batch_size}x{tc.seq_len} {corpus.unit}, "
+             f"{tc.optimizer} lr {tc.lr:g}")
         echo(f"run directory: {run_dir}")
 
     def save(at_step: int) -> None:
         ckpt.save_checkpoint(ck_path, params=be.to_host(params), opt_state=be.to_host(opt_state), config=rc.to_dict(), step=at_step,
                              rng_state=_jsonable(sampler._rng.bit_generator.state),
-                             data_position=sampler.state(), extra={"data_sha256": corpus.info["sha256"]})
+                             data_position=sampler.state(), extra={"data_sha256": corpus.info["sha256"],
+                                                                   "tokenizer_sha256": getattr(corpus.tokenizer, "sha256", None)})
 
-    progress = _Progress(tc.steps, tc.log_every, echo, tty)
+    patience = Patience(tc.early_stop_patience, [r["val_loss"] for r in kept_rows if "val_loss" in r])
+    if patience.exhausted:  # resumed after an early stop: the run is complete
+        echo(f"{run_dir} stopped early at step {step}: {patience.why}; nothing to do")
+        try:
+            return json.loads((run_dir / "summary.json").read_text())
+        except (OSError, ValueError):
+            return {"steps": step, "early_stopped_at": step, "run_dir": str(run_dir), "checkpoint": str(ck_path)}
+    progress = progress_mod.StepProgress(tc.steps, step, tc.log_every, echo, tty)
     start_step = step
-    loss = None
+    loss, early = None, None
     t_start = time.perf_counter()
-    with open(metrics_path, "a") as metrics:
+    with open(metrics_path, "a") as metrics, rundir.StopOnSignal(echo) as stop:
         while step < tc.steps:
             step_box[0] = step
             tokens = sampler.next_batch()  # (B, T + 1)
             t0 = time.perf_counter()
-            loss, grads = distributed.loss_and_grads(be, params, tokens, mc)  # this rank's rows, all-reduced
+            # this rank's rows (as grad_accum micro-batches), all-reduced once; the first step says
+            # so when it is slow (the CPU port's kernels compiling or loading, SPEC.md#fast-cpu)
+            with progress_mod.slow_start(echo, tty, tc.backend, active=step == start_step):
+                loss, grads = distributed.loss_and_grads(be, params, tokens, mc, micro=tc.grad_accum)
             loss = float(loss)
             gnorm = global_norm(grads)
             if not (math.isfinite(loss) and math.isfinite(gnorm)):
@@ -810,39 +966,60 @@ def _train_locked(rc: RunConfig, run_dir: Path, corpus, resume: bool, echo, tty:
             step += 1
             dt = time.perf_counter() - t0
             tok_s = tokens[:, 1:].size / dt if dt > 0 else float("inf")
-            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": step * tokens[:, 1:].size,
-                      "step_time_s": round(dt, 6)}
+            record = {"step": step, "split": "train", "loss": loss, "lr": lr, "grad_norm": gnorm,
+                      "tokens": step * tokens[:, 1:].size, "step_time_s": round(dt, 6), "time": round(time.time(), 3)}
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             progress.update(step, loss, tok_s, start_step)
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                 ev = evaluate(params, mc, corpus.val.stream, tc.batch_size, tc.seq_len, tc.eval_batches,
-                              backend=tc.backend)
-                metrics.write(json.dumps({"step": step, "val_loss": ev["loss"], "val_perplexity": ev["perplexity"],
-                                          "val_bits_per_byte": ev["bits_per_byte"]}) + "\n")
+                              backend=tc.backend, tokenizer=corpus.tokenizer)
+                metrics.write(json.dumps(_val_row(step, ev)) + "\n")
                 metrics.flush()
-                if not tty:
-                    echo(f"step {step}: validation loss {ev['loss']:.4f}, bits/byte {ev['bits_per_byte']:.3f}")
+                progress.note(f"step {step}: validation loss {ev['loss']:.4f}, bits/byte {ev['bits_per_byte']:.3f}")
+                patience.add(ev["loss"])
+                if patience.exhausted:
+                    progress.close()
+                    echo(f"early stop at step {step}: {patience.why}")
+                    save(step)
+                    early = step
+                    break
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
                 metrics.flush()
                 save(step)
+            if stop.asked(step):
+                metrics.flush()
+                save(step)
+                progress.close()
+                raise Interrupted(f"{stop.name} at step {step}/{tc.steps}: stopped after the step, checkpoint "
+                                  f"written at {ck_path}; continue exactly with nested-learning train --resume "
+                                  f"{run_dir}", step, stop.signum)
         step_box[0] = step
         if step > start_step or not ck_path.exists():
             save(step)
-        ev = evaluate(params, mc, corpus.val.stream, tc.batch_size, tc.seq_len, tc.eval_batches, backend=tc.backend)
-        metrics.write(json.dumps({"step": step, "val_loss": ev["loss"], "val_perplexity": ev["perplexity"],
-                                  "val_bits_per_byte": ev["bits_per_byte"]}) + "\n")
+        progress.close()
+        ev = evaluate(params, mc, corpus.val.stream, tc.batch_size, tc.seq_len, tc.eval_batches, backend=tc.backend,
+                      tokenizer=corpus.tokenizer)
+        metrics.write(json.dumps(_val_row(step, ev)) + "\n")
     if loss is None:  # nothing trained in this call (resumed at the last step): the run's last loss
         earlier = [r for r in kept_rows if "loss" in r]
         loss = earlier[-1]["loss"] if earlier else None
-    summary = {"steps": step, "final_train_loss": loss,
+    summary = {"steps": step, "final_train_loss": loss, "early_stopped_at": early,
                "validation": ev, "wall_time_s": round(time.perf_counter() - t_start, 3),
                "run_dir": str(run_dir), "checkpoint": str(ck_path)}
     ckpt.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     echo(f"done: {step} steps in {summary['wall_time_s']:.1f} s; validation loss {ev['loss']:.4f}, "
          f"perplexity {ev['perplexity']:.2f}, bits per byte {ev['bits_per_byte']:.3f} "
-         f"({ev['tokens']:,} bytes); checkpoint {ck_path}")
+         f"({size_text(ev)}); checkpoint {ck_path}")
     return summary
+
+
+def _token_counts(corpus) -> str:
+    """" (812,345 / 92,001 tokens, bpe 4,096)" when a token is not one byte, else ""."""
+    tok = corpus.tokenizer
+    if tok is None or tok.kind == "byte":
+        return ""
+    return f" ({corpus.train.n_tokens:,} / {corpus.val.n_tokens:,} tokens, {tok.kind} {tok.vocab_size:,})"
 
 
 def _ck_step(path: Path) -> int | str:
