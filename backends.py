@@ -193,3 +193,44 @@ def default() -> str:
 
 
 __all__ = ["NAMES", "PEERS", "PORTS", "Backend", "BackendError", "default", "get"]
+
+
+WARM_PRESETS = ("hope-small", "transformer-tiny", "hope-attention-tiny", "titans-tiny", "hope-tiny",
+                "linear-attention-tiny", "deltanet-tiny", "gated-deltanet-tiny")
+"""``nested-learning warmup``'s default: the default run's preset and one of every family (the
+kernels compile per argument type, not per size, so a tiny preset warms its family's small and
+medium presets too)."""
+
+
+def warm(name: str, presets=WARM_PRESETS, dtypes=("float32",), echo=print) -> list[tuple[str, str, float]]:
+    """Run each preset once on backend ``name`` in each dtype, the calls ``train``, ``eval`` and
+    ``generate`` make (a training step, a streaming forward, one more token), so the compiled
+    ports' kernels are compiled and cached before a run needs them (SPEC.md#fast-cpu). Returns
+    (preset, dtype, seconds) rows; a family the backend does not compute is skipped with a line."""
+    import dataclasses
+    import time
+
+    import numpy as np
+
+    from .reference import config
+
+    be = get(name)
+    be.check()
+    rows = []
+    for preset in presets:
+        for dtype in dtypes:
+            cfg = dataclasses.replace(config.preset(preset), dtype=dtype)
+            if cfg.family not in be.families():
+                echo(f"{preset}: skipped ({name} does not compute family {cfg.family})")
+                continue
+            t0 = time.perf_counter()
+            params = be.to_device(be.model.init_params(cfg, seed=0))
+            tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(4, 129))
+            be.loss_and_grads(params, tokens, cfg)
+            _, state = be.forward(params, tokens[:1, :17], cfg, None)
+            be.forward(params, tokens[:1, 17:18], cfg, state)
+            be.synchronize()
+            dt = time.perf_counter() - t0
+            rows.append((preset, dtype, dt))
+            echo(f"{preset} {dtype}: {dt:.1f} s")
+    return rows

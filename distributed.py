@@ -355,16 +355,39 @@ def local_batch(tokens, w: World | None = None):
     return tokens[mine], (mine.stop - mine.start) / tokens.shape[0]
 
 
-def loss_and_grads(be, params, tokens, mc, w: World | None = None, timer: dict | None = None):
+def accumulate(be, params, rows, mc, micro: int):
+    """Gradient accumulation (SPEC.md#training): ``be.loss_and_grads`` of ``rows`` (n, T + 1) as
+    ``micro`` micro-batches (``shares(n, micro)``, fewer when n < micro), combined with the weights
+    ``n_i / n``: the mean loss and gradient of all n rows, as one call on them computes (to
+    round-off), with the memory of one micro-batch."""
+    n = rows.shape[0]
+    parts = shares(n, min(micro, n))
+    if len(parts) == 1:
+        return be.loss_and_grads(params, rows, mc)
+    loss, acc = 0.0, None
+    for part in parts:
+        l_i, g_i = be.loss_and_grads(params, rows[part], mc)
+        wt = (part.stop - part.start) / n
+        loss += wt * float(l_i)
+        if acc is None:
+            acc = {k: g * g.dtype.type(wt) for k, g in g_i.items()}
+        else:
+            for k, g in g_i.items():
+                acc[k] += g * g.dtype.type(wt)
+    return loss, acc
+
+
+def loss_and_grads(be, params, tokens, mc, w: World | None = None, timer: dict | None = None, micro: int = 1):
     """``be.loss_and_grads`` of the global batch ``tokens`` (B, T + 1), computed over the world:
-    this rank's rows ``shares(B, N)[rank]``, then the fused all-reduce. A one-rank world is exactly
+    this rank's rows ``shares(B, N)[rank]`` (as ``micro`` accumulated micro-batches, ``accumulate``),
+    then the fused all-reduce, one per step. A one-rank world without accumulation is exactly
     ``be.loss_and_grads(params, tokens, mc)`` (no copy, no reduction)."""
     w = w or world()
     if w.size == 1:
-        return be.loss_and_grads(params, tokens, mc)
+        return accumulate(be, params, tokens, mc, micro)
     rows, weight = local_batch(tokens, w)
     t0 = time.perf_counter()
-    loss, grads = be.loss_and_grads(params, rows, mc)
+    loss, grads = accumulate(be, params, rows, mc, micro)
     if timer is not None:
         be.synchronize()
         timer["compute_s"] = timer.get("compute_s", 0.0) + time.perf_counter() - t0
@@ -527,7 +550,7 @@ def train(rc, run_dir, resume: bool = False, echo: Callable[[str], None] = print
     scratch = None
     try:
         rc = w.comm.bcast(rc if w.is_root else None, root=0)
-        check_batch(rc.train.batch_size, w)
+        check_batch(rc.train.batch_size * rc.train.grad_accum, w)  # the global batch of one step
         files = w.comm.bcast(_snapshot(run_dir) if w.is_root and resume and run_dir.is_dir() else None, root=0)
         where = layout(w, rc.train.backend, rc.train.batch_size)
         pick_gpu(w, rc.train.backend, echo if w.is_root else (lambda s: None))
@@ -541,6 +564,8 @@ def train(rc, run_dir, resume: bool = False, echo: Callable[[str], None] = print
                               overwrite=overwrite)
     except BaseException as exc:  # noqa: B036  (a rank that stops alone would leave the others waiting)
         if isinstance(exc, SystemExit) and not exc.code:
+            raise
+        if isinstance(exc, training.Interrupted):  # every rank stopped after the same step (any_rank)
             raise
         _fail(w, exc, scratch)
         raise

@@ -226,6 +226,11 @@ def _die_with_parent(parent_pid: int) -> None:
                 pass
             time.sleep(0.5)
 
+    import signal
+
+    # a terminal's Ctrl-C reaches the whole process group: the parent stops the run at a step
+    # boundary (SPEC.md#run-directories), so the worker must live to finish the step in flight
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         os.kill(parent_pid, 0)
     except ProcessLookupError:  # the parent died before this worker started
