@@ -327,10 +327,12 @@ class Model:
         except data_mod.DataError as exc:
             raise ValueError(str(exc)) from None
 
-    def generate(self, prompt, max_new: int = 200, temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> str:
+    def generate(self, prompt, max_new: int = 200, temperature: float = 1.0, top_k: int = 0, seed: int = 0,
+                 top_p: float = 1.0) -> str:
         """``max_new`` tokens sampled after ``prompt`` by ``training.generate`` (the prompt read once,
         then one token at a time with the carried state); returns the continuation only. Temperature
-        0 samples greedily; ``top_k`` > 0 keeps the k likeliest; the same ``seed``, the same text."""
+        0 samples greedily; ``top_k`` > 0 keeps the k likeliest; ``top_p`` < 1 samples in the
+        nucleus (SPEC.md#training); the same ``seed``, the same text."""
         if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 0:
             raise ValueError(f"max_new must be an integer >= 0, got {max_new!r}")
         if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
@@ -340,8 +342,10 @@ class Model:
         tokens = self.encode(prompt)
         if tokens.shape[0] == 0:
             raise ValueError("the prompt is empty; give at least one character")
+        if not (isinstance(top_p, int | float) and 0 < top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] (1: all tokens), got {top_p!r}")
         out = training.generate(self._params_on_device(), self.config, tokens, max_new, temperature, top_k, seed,
-                                backend=self.backend)
+                                backend=self.backend, top_p=top_p)
         return self.decode(out)
 
     def stream(self, text, state: StreamState | None = None, losses: bool = False):

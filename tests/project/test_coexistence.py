@@ -9,6 +9,7 @@ with pip's own message, and any other failure fails the test."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import venv
@@ -36,9 +37,13 @@ def test_installs_beside_pypi_nested_learning(tmp_path):
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
-    # ours: a wheel built from this source tree (pip builds it in an isolated environment)
-    built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                  "-w", str(wheels), str(ROOT)])
+    # ours: a wheel built from a copy of this source tree (setuptools writes build/ and *.egg-info
+    # where it builds: never into the checkout), in pip's isolated build environment
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "venv", "build", "*.egg-info", "runs",
+                                                             "__pycache__", ".numba_cache", ".hypothesis", "*.nbi",
+                                                             "*.nbc", ".pytest_cache", ".ruff_cache"))
+    built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(wheels), str(src)])
     assert built.returncode == 0, built.stderr[-2000:]
     ours = sorted(wheels.glob("nested_learning_reference-*.whl"))
     theirs = sorted(wheels.glob("nested_learning-0.2.0-*.whl"))
