@@ -201,6 +201,17 @@ def iter_jsonl(path: str | os.PathLike, text_field: str = "text"):
             yield lineno, text
 
 
+def _utf8_lines(f, path: Path, what: str):
+    """The lines of a binary file as text (line endings kept), decoded one by one, so that a byte
+    that is not UTF-8 is named with its line."""
+    for lineno, raw in enumerate(f, 1):
+        try:
+            yield raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path} line {lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                            f"{exc.start + 1}); {what} files are read as UTF-8") from None
+
+
 def iter_csv(path: str | os.PathLike, text_field: str = "text", delimiter: str = ","):
     """Yield (line number, text) for each row of a CSV file with a header row, one row at a time.
 
@@ -211,11 +222,11 @@ def iter_csv(path: str | os.PathLike, text_field: str = "text", delimiter: str =
     path = Path(path)
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # a document is longer than 128 KiB
     try:
-        f = open(path, newline="", encoding="utf-8-sig")
+        f = open(path, "rb")
     except OSError as exc:
         raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     with f:
-        reader = csv.reader(f, delimiter=delimiter)
+        reader = csv.reader(_utf8_lines(f, path, "CSV"), delimiter=delimiter)
         line = 1
         try:
             header = next(reader, None)
@@ -233,9 +244,6 @@ def iter_csv(path: str | os.PathLike, text_field: str = "text", delimiter: str =
                     raise DataError(f"{path} line {start}: the row has {len(row)} values, none in column "
                                     f"{text_field!r} (column {col + 1} of the header)")
                 yield start, row[col]
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path} line {line}: not UTF-8 text (byte {exc.object[exc.start]:#04x}); "
-                            "CSV files are read as UTF-8") from None
         except csv.Error as exc:
             raise DataError(f"{path} line {line}: not valid CSV ({exc})") from None
 
