@@ -251,7 +251,7 @@ def _run_errors():
               help="Size of the BPE that --tokenizer bpe trains (default 4096).")
 @click.option("--steps", type=int, default=None, help="Optimizer steps (default 300).")
 @click.option("--batch-size", type=int, default=None, help="Sequences per batch (default 4).")
-@click.option("--seq-len", type=int, default=None, help="Predicted bytes per sequence (default 128).")
+@click.option("--seq-len", type=int, default=None, help="Predicted tokens (bytes) per sequence (default 128).")
 @click.option("--optimizer", type=click.Choice(_TRAIN_OPTIMIZERS), default=None, help="Default adamw.")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (default 3e-3).")
 @click.option("--warmup-steps", type=int, default=None, help="Linear warmup steps (default steps // 10).")
@@ -325,7 +325,8 @@ def train(config_file, resume_dir, out, overwrite, **flags) -> None:
         distributed.train(rc, run_dir, resume=resume_dir is not None, echo=click.echo,
                           tty=sys.stdout.isatty(), overwrite=overwrite)
     except training.Interrupted as exc:
-        click.echo(f"Stopped: {exc}", err=True)
+        if distributed.world().is_root:  # the other ranks stopped in their scratch copies: nothing to say
+            click.echo(f"Stopped: {exc}", err=True)
         sys.exit(128 + exc.signum)
     except _run_errors() as exc:
         raise click.ClickException(str(exc)) from None

@@ -132,10 +132,12 @@ class StopOnSignal:
     NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
 
     def __init__(self, echo):
-        self.echo, self.signum, self._old = echo, None, {}
+        self.echo, self.signum, self.remote, self._old = echo, None, False, {}
 
     @property
     def name(self) -> str:
+        if self.remote:
+            return "a stop signal on another rank"
         return self.NAMES.get(self.signum, f"signal {self.signum}")
 
     def _handle(self, signum, frame):
@@ -146,10 +148,15 @@ class StopOnSignal:
                   "(Ctrl-C again to abort without it)")
 
     def asked(self, step: int) -> bool:
-        """Whether to stop after ``step``: on every rank when any rank got the signal (collective)."""
+        """Whether to stop after ``step``: on every rank when any rank got the signal (collective).
+        A rank that got none stops as if by SIGINT (exit 130), named as another rank's signal."""
         from nlref import distributed
 
-        return distributed.any_rank(self.signum is not None)
+        if not distributed.any_rank(self.signum is not None):
+            return False
+        if self.signum is None:
+            self.signum, self.remote = signal.SIGINT, True
+        return True
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

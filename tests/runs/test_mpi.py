@@ -345,6 +345,57 @@ def test_a_run_on_2_ranks_is_the_one_process_run_and_resumes_on_3_and_on_1(tmp_p
 
 
 @needs_mpi
+def test_gradient_accumulation_on_2_ranks_is_the_one_process_batch(tmp_path):
+    """--grad-accum 2 on 2 ranks (each rank's share in micro-batches, one all-reduce per step)
+    equals one process's run of the whole batch to round-off."""
+    corpus = _corpus(tmp_path)
+    env = _env(tmp_path)
+    plain = subprocess.run(_train_args(corpus, tmp_path / "one", 3, batch_size=8), capture_output=True, text=True,
+                           env=env, timeout=120)
+    assert plain.returncode == 0, plain.stderr
+    r = mpirun(2, _train_args(corpus, tmp_path / "acc", 3, batch_size=4, grad_accum=2), env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ref, got = _losses(tmp_path / "one"), _losses(tmp_path / "acc")
+    assert len(got) == 3 and max(abs(a - b) for a, b in zip(got, ref, strict=True)) <= 1e-12
+
+
+SIGINT_CHILD = textwrap.dedent("""
+    import os, runpy, signal, sys
+    from nlref import distributed
+    from nlref.reference import model as m
+    f, calls = m.loss_and_grads, []
+    def at_step(*a):
+        calls.append(1)
+        if len(calls) == 3 and distributed.world().rank == 1:  # only rank 1 gets the Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)
+        return f(*a)
+    m.loss_and_grads = at_step
+    sys.argv = ['nested-learning'] + sys.argv[1:]
+    runpy.run_module('nlref', run_name='__main__')
+""")
+
+
+@needs_mpi
+def test_a_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    corpus = _corpus(tmp_path)
+    env = _env(tmp_path)
+    script = tmp_path / "child.py"
+    script.write_text(SIGINT_CHILD)
+    args = _train_args(corpus, tmp_path / "cut", 8)[1:]
+    r = mpirun(2, [sys.executable, str(script), *args], env)
+    assert r.returncode == 130, r.stdout + r.stderr
+    assert r.stderr.count("at step 3/8") == 1, r.stderr  # rank 0 reports; the ranks agreed on step 3
+    assert checkpoint.load_checkpoint(tmp_path / "cut" / training.CHECKPOINT_NAME).step == 3
+    r = mpirun(2, ["nested-learning", "train", "--resume", str(tmp_path / "cut")], env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    plain = subprocess.run(_train_args(corpus, tmp_path / "one", 8), capture_output=True, text=True, env=env,
+                           timeout=120)
+    assert plain.returncode == 0, plain.stderr
+    ref, got = _losses(tmp_path / "one"), _losses(tmp_path / "cut")
+    assert len(got) == 8 and max(abs(a - b) for a, b in zip(got, ref, strict=True)) <= 1e-12
+
+
+@needs_mpi
 def test_an_error_every_rank_meets_is_reported_once_and_ends_the_job(tmp_path):
     env = _env(tmp_path)
     occupied = tmp_path / "occupied"
