@@ -16,12 +16,14 @@ Symbols:
 Decisions where the paper is open (SPEC.md#training):
 
 - Loss: mean next-token cross-entropy in nats over the T predicted positions of B windows of
-  T + 1 bytes; perplexity ``exp(loss)``; bits per byte ``loss / ln 2`` (one token is one byte).
+  T + 1 tokens; perplexity ``exp(loss)``; bits per byte per byte of text: the summed losses / ln 2
+  / the UTF-8 bytes the target tokens decode to (``loss / ln 2`` for bytes; SPEC.md#tokenizers).
 - Learning rate: linear warmup from ``lr / warmup`` to ``lr`` over ``warmup_steps`` updates, then
   cosine decay to ``min_lr_ratio * lr`` at the last step. The gradient's global L2 norm is
   clipped to ``grad_clip`` (0 turns clipping off) before the optimizer sees it.
-- Byte tokens need V = 256: a preset with a smaller vocabulary (the tiny test presets) is run
-  with ``vocab_size = 256``, and the resolved config records it.
+- The model's vocab_size is the tokenizer's size (SPEC.md#tokenizers): 256 for bytes (a preset
+  with a smaller vocabulary, the tiny test presets, is run with ``vocab_size = 256``), the BPE's
+  or the tokenizer.json's size otherwise; the resolved config records it.
 - A checkpoint (``checkpoint.safetensors`` in the run directory, replaced atomically) holds the
   parameters, the optimizer state, the sampler position and its generator state; resuming from
   it reproduces the uninterrupted run's losses exactly (same machine, same BLAS threads).
