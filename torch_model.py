@@ -410,8 +410,23 @@ def _has_attention(cfg):
     return cfg.family in ("transformer", "hope-attention")
 
 
+def _check_computes(cfg):
+    """NotImplementedError for what this oracle does not compute: nested CMS, and a self-modifying
+    layer switch that changes the forward away from its default (SPEC.md#hope "Ablation switches")."""
+    from nlref.reference.config import SELFMOD_SWITCHES
+
+    changed = [f"{k} = {getattr(cfg, k)}" for k, v in SELFMOD_SWITCHES.items()
+               if k != "mem_stop_grad_writes" and cfg.family == "hope" and getattr(cfg, k) != v]
+    if changed:
+        raise NotImplementedError(f"config {cfg.name!r}: the torch oracle computes the self-modifying layer with its "
+                                  f"default switches only, not {', '.join(changed)}; the reference and the ports "
+                                  "do (SPEC.md#hope)")
+
+
 def _live_levels(cfg):
-    """In-context CMS levels (SPEC.md#cms)."""
+    """In-context CMS levels (SPEC.md#cms); every model call goes through here, so it also refuses
+    what this oracle does not compute (``_check_computes``)."""
+    _check_computes(cfg)
     if cfg.cms_nested:
         raise NotImplementedError(f"config {cfg.name!r}: the torch oracle does not compute nested CMS "
                                   "(cms_nested, Eq. 72); the reference and the ports do (SPEC.md#cms)")

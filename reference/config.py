@@ -35,7 +35,8 @@ DTYPES = ("float32", "float64")
 # ModelConfig field -> its default: the switches of the self-modifying Titans layer (the
 # SelfModConfig field of the same name without ``mem_``), SPEC.md#hope "Ablation switches"
 SELFMOD_SWITCHES = {"mem_momentum": True, "mem_adaptive_q": False, "mem_normalize_v": True,
-                    "mem_single_shrink": False, "mem_stop_grad_writes": False, "mem_layernorm": False}
+                    "mem_single_shrink": False, "mem_stop_grad_writes": False, "mem_layernorm": False,
+                    "mem_dgd": True}
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ class ModelConfig:
     mem_single_shrink: bool = False  # normalised delta rule onto v_hat (mem_kind="matrix" only)
     mem_stop_grad_writes: bool = False  # first-order outer gradient through the writes
     mem_layernorm: bool = False  # z + LN(W1 s(W2 z)) in every memory (not in NL's equations)
+    mem_dgd: bool = True  # DGD writes (Eq. 88); False: Table 6 "w/o DGD", alpha W - eta grad (+ momentum)
 
     def __post_init__(self):
         def bad(msg):
@@ -273,6 +275,8 @@ PRESETS: dict[str, ModelConfig] = {
                                 cms_in_context=False),
     "hope-small-adaptive-q": _small("hope", name="hope-small-adaptive-q", cms_levels=_SMALL_HOPE_CMS,
                                     mem_eta_max=0.01, mem_adaptive_q=True),
+    "hope-small-no-dgd": _small("hope", name="hope-small-no-dgd", cms_levels=_SMALL_HOPE_CMS, mem_eta_max=0.01,
+                                mem_dgd=False),
     # nested CMS (Eq. 72, SPEC.md#cms): the 64-token level meta-learns the 16-token level's initial state
     "hope-small-nested": _small("hope", name="hope-small-nested", cms_levels=_SMALL_HOPE_CMS, mem_eta_max=0.01,
                                 cms_nested=True),

@@ -69,6 +69,7 @@ from .selfmod_memory import (  # noqa: F401  (one memory's pieces: part of this 
     read_forward,
     scalar_suffix_products,
     scalar_suffix_products_backward,
+    shrinks,
     suffix_products,
     suffix_products_backward,
     weights,
@@ -128,7 +129,8 @@ def gates(params, cfg, pre_eta, pre_alpha, k):
     s_alpha = np.einsum("bhnd,hd->bhn", pre_alpha, params["w_alpha"]) + params["b_alpha"][:, None]
     eta = cfg.eta_max * P.sigmoid(s_eta)  # (B, H, n)   Eq. (83) with a pinned squashing
     alpha = P.sigmoid(s_alpha)  # (B, H, n)
-    ep = DGD.prox_step_size(eta, k)  # Eq. (57)   the exact prox step of memory.py's DGD
+    # Eq. (57): the exact prox step of memory.py's DGD; without DGD (Table 6) the plain rate eta
+    ep = DGD.prox_step_size(eta, k) if cfg.dgd else eta
     return s_eta, s_alpha, eta, alpha, ep
 
 
@@ -259,7 +261,7 @@ def forward(x, params, cfg, state=None):
             G = _target_grads(r, m, t0, t1, k, v)
             for w in weights(cfg):
                 r["W"][m][w], r["S"][m][w], _ = write_chunk(
-                    r["W"][m][w], r["S"][m][w], G[w], k, ep, alpha, r["betas"][m], keyside(w)
+                    r["W"][m][w], r["S"][m][w], G[w], k, ep, alpha, r["betas"][m], shrinks(cfg, w)
                 )
     return _finish(r, "chunk")
 
@@ -276,7 +278,7 @@ def forward_loop(x, params, cfg, state=None):
                 G = _target_grads(r, m, t, t + 1, k, v)
                 for w in weights(cfg):
                     r["W"][m][w], r["S"][m][w], _ = write(r["W"][m][w], r["S"][m][w], G[w][:, :, 0], k[:, :, 0],
-                                                          ep[:, :, 0], alpha[:, :, 0], r["betas"][m], keyside(w))  # fmt: skip
+                                                          ep[:, :, 0], alpha[:, :, 0], r["betas"][m], shrinks(cfg, w))  # fmt: skip
     return _finish(r, "loop")
 
 
@@ -321,8 +323,11 @@ def backward(dy, cache, dstate=None):
         dst_o, dq = read_backward(cfg, do[:, :, t0:t1], c_o)
         for w in weights(cfg):
             adj["B"]["memory"][w] += dst_o[w]
-        deta, dk_prox = DGD.prox_step_size_backward(d["ep"], cache["eta"][:, :, t0:t1], cache["k"][:, :, t0:t1])
-        d["k"] += dk_prox  # Eq. (57)   eta' = eta / (1 + eta ||k||^2)
+        if cfg.dgd:
+            deta, dk_prox = DGD.prox_step_size_backward(d["ep"], cache["eta"][:, :, t0:t1], cache["k"][:, :, t0:t1])
+            d["k"] += dk_prox  # Eq. (57)   eta' = eta / (1 + eta ||k||^2)
+        else:
+            deta = d["ep"]  # eta' = eta
         dpre_seg = _norms_convs_backward(cache, conv_in, t0, t1, d["k"], dq, d["v"], adj, grads)  # (B, n, D)
         dpre = {c: heads(dpre_seg[c], cfg.n_heads) for c in ("k", "v") + (("q",) if cfg.adaptive_q else ())}
         if not cfg.adaptive_q:
@@ -370,7 +375,7 @@ def _memory_backward(cache, seg, m, beta, d, adj, grads):
     write_segment_cache, write_segment_backward = _WRITES[cache["writes"]]
     dG = {}
     for w in weights(cfg):
-        c_write = write_segment_cache(seg["W"][m][w], seg["S"][m][w], G[w], k, ep, alpha, beta, keyside(w))
+        c_write = write_segment_cache(seg["W"][m][w], seg["S"][m][w], G[w], k, ep, alpha, beta, shrinks(cfg, w))
         dP, dS, dG[w], dk, dep, dalpha, dbeta = write_segment_backward(adj["W"][m][w], adj["S"][m][w], c_write)
         d["k"] += dk
         d["ep"] += dep

@@ -44,6 +44,7 @@ class SelfModConfig:
     eta_max: float = 0.1  # eta = eta_max sigmoid(.) (as titans.py; 1.0 diverges with momentum at C = 16)
     conv_width: int = 4
     stop_grad_writes: bool = False  # first-order outer gradient; never the default
+    dgd: bool = True  # Eq. 88's DGD write (k k^T shrink, eta'); False: Table 6 "w/o DGD", alpha W - eta grad
     eps: float = 1e-6  # of the l2 and RMS norms
 
     def __post_init__(self):

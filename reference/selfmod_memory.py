@@ -56,6 +56,13 @@ def keyside(w: str) -> bool:
     return w in ("M", "W2")
 
 
+def shrinks(cfg, w: str) -> bool:
+    """Whether weight ``w``'s write has Eq. (88)'s ``- eta' W k k^T`` term: the key side, unless the
+    layer writes without DGD (``cfg.dgd`` False, Table 6 "w/o DGD": every weight ``alpha W + S``).
+    Part of the ports' contract."""
+    return keyside(w) and cfg.dgd
+
+
 def init_key(m: str, w: str) -> str:
     """The parameter key of memory ``m``'s meta-learned initial weight ``w`` (``k.M0``, ``k.W1_0``).
 

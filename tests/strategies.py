@@ -78,6 +78,7 @@ selfmod_layer_configs = st.fixed_dictionaries(
         "momentum": st.booleans(),
         "adaptive_q": st.booleans(),
         "single_shrink": st.booleans(),
+        "dgd": st.sampled_from([True, True, False]),  # False: Table 6 "w/o DGD"
         "sg": st.sampled_from([False, False, False, True]),
         "stream": st.booleans(),
         # dense: every state key; none: no dstate; partial: only some memories' cotangents (the

@@ -521,7 +521,7 @@ def _forward(x, params, cfg, state):
             coef = None
             for w in wn:
                 L, R = fac[w]
-                if RS.keyside(w):
+                if RS.shrinks(cfg, w):
                     W[m][w], S_new = key_write(W[m][w], S[m][w], L, R, ep, alpha, betas[m])  # Eq. (88)
                 else:  # retention + momentum only: the Titans chunk fold (Titans Eqs. 16-18)
                     beta_t = (np.broadcast_to(betas[m][None, :, None], alpha.shape) if cfg.momentum
@@ -655,7 +655,7 @@ def _backward(dy, cache, dstate):
             dfac = {}
             for w in wn:
                 L, R = fac[w]
-                if RS.keyside(w):
+                if RS.shrinks(cfg, w):
                     dP0, dS0, dL, dR, dep_w, dal_w, dbeta_bh = key_write_backward(
                         dW[m][w], dS[m][w], seg["W"][m][w], seg["S"][m][w], L, R, ep, alpha, beta)  # fmt: skip
                     dep += dep_w
@@ -703,9 +703,12 @@ def _backward(dy, cache, dstate):
         dst_o, dq = read_backward(cfg, np.ascontiguousarray(do[:, :, t0:t1]), seg["c_o"])  # o = M_memory(q)
         for w in wn:
             add_dB("memory", w, dst_o[w])
-        den = 1 + eta * np.sum(k * k, axis=-1)  # eta' = eta / (1 + eta ||k||^2)   Eq. (57)
-        deta = dep / den**2
-        dk += (-2 * dep * ep**2)[..., None] * k
+        if cfg.dgd:
+            den = 1 + eta * np.sum(k * k, axis=-1)  # eta' = eta / (1 + eta ||k||^2)   Eq. (57)
+            deta = dep / den**2
+            dk += (-2 * dep * ep**2)[..., None] * k
+        else:  # without DGD (Table 6): eta' = eta
+            deta = dep
         dc = {}
         for c, dpost in (("k", dk), ("q", dq), ("v", dv)):
             if c == "v" and not cfg.normalize_v:

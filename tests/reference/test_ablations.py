@@ -38,12 +38,14 @@ FLIPS = {
     "mem_single_shrink": dict(mem_single_shrink=True, mem_kind="matrix"),
     "mem_stop_grad_writes": dict(mem_stop_grad_writes=True),
     "mem_layernorm": dict(mem_layernorm=True),
+    "mem_dgd": dict(mem_dgd=False),
 }
 # preset -> the fields it changes from hope-small (SPEC.md#hope "Ablation presets")
 ABLATION_PRESETS = {
     "hope-small-no-momentum": dict(mem_momentum=False),
     "hope-small-no-cms": dict(cms_in_context=False),
     "hope-small-adaptive-q": dict(mem_adaptive_q=True),
+    "hope-small-no-dgd": dict(mem_dgd=False),
     "hope-small-nested": dict(cms_nested=True),  # not a Table 6 row: nested CMS (Eq. 72)
 }
 

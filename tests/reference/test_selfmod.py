@@ -142,6 +142,7 @@ def configs(draw):
         "n_heads": draw(st.sampled_from([1, 2])),
         "single_shrink": memory == "matrix" and draw(st.booleans()),
         "act": draw(st.sampled_from(["gelu", "silu"])),
+        "dgd": draw(st.sampled_from([True, True, False])),  # False: Table 6 "w/o DGD"
     }
     return _cfg(**kw)
 
@@ -495,3 +496,32 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
         SM.SelfModConfig(d_model=5, n_heads=2)
     with pytest.raises(ValueError, match="chunk_memory"):
         _cfg(chunk_memory=0)
+
+
+@pytest.mark.parametrize("memory", ["matrix", "mlp"])
+def test_without_dgd_every_write_is_retention_plus_a_plain_gradient_step(memory):
+    """Table 6 "w/o DGD" (``dgd=False``): at C = 1 without momentum each weight's write is
+    ``alpha W - eta G`` (no k k^T shrink, eta not eta'), computed here from write()'s own pieces."""
+    import dataclasses
+
+    from nlref.reference import selfmod_memory as SMM
+
+    cfg = _cfg(n_heads=1, memory=memory, momentum=False, chunk_memory=1, chunk_other=1, dgd=False)
+    rng = np.random.default_rng(5)
+    B, H, dh = 2, 1, cfg.head_dim
+    for w in SMM.weights(cfg):
+        assert not SMM.shrinks(cfg, w) and SMM.shrinks(dataclasses.replace(cfg, dgd=True), w) == SMM.keyside(w)
+    Pw = rng.standard_normal((B, H, dh, dh))
+    G = rng.standard_normal((B, H, dh, dh))
+    k = rng.standard_normal((B, H, dh))
+    eta, alpha = rng.uniform(0.05, 0.2, (B, H)), rng.uniform(0.8, 1.0, (B, H))
+    new, _, _ = SMM.write(Pw, None, G, k, eta, alpha, None, SMM.shrinks(cfg, SMM.weights(cfg)[0]))
+    np.testing.assert_allclose(new, alpha[..., None, None] * Pw - eta[..., None, None] * G, rtol=1e-14, atol=1e-15)
+    params = SM.init_params(cfg, np.random.default_rng(0))
+    x = rng.standard_normal((B, 3, cfg.d_model))
+    pre = rng.standard_normal((B, H, 3, dh))
+    _, _, eta_g, _, ep = SM.gates(params, cfg, pre, pre, rng.standard_normal((B, H, 3, dh)))
+    np.testing.assert_array_equal(ep, eta_g)  # eta' = eta without DGD
+    y_dgd, _, _ = SM.forward(x, params, dataclasses.replace(cfg, dgd=True))
+    y, _, _ = SM.forward(x, params, cfg)
+    assert np.abs(y - y_dgd).max() > 1e-8  # the switch changes the layer
