@@ -329,3 +329,42 @@ def test_every_family_takes_a_vocabulary_of_300(family, backend):
     loss, grads = be.model.loss_and_grads(params, tokens, mc)
     assert math.isfinite(float(loss))
     assert grads["embed.E"].shape == grads["head.W"].shape == (300, mc.d_model)
+
+
+def _mpi_missing():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("mpi4py") is None:
+        return None, "mpi4py is not installed (pip install -e '.[mpi]')"
+    here = Path(sys.executable).parent / "mpiexec"
+    exe = str(here) if here.exists() else shutil.which("mpiexec")
+    return exe, None if exe else "no mpiexec (pip install -e '.[mpi]' brings MPICH's)"
+
+
+def test_a_bpe_run_on_two_mpi_ranks_equals_one_process(bpe_run, tmp_path):
+    """Each rank trains the BPE itself (deterministic), so the ranks draw the same token batches
+    (the fused all-reduce's batch check) and the run equals the one-process run (SPEC.md#distributed)."""
+    import os
+    import subprocess
+    import sys
+
+    exe, missing = _mpi_missing()
+    if missing:
+        pytest.skip(missing)
+    base, corpus, _, run, _ = bpe_run
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "MV2_", "PMIX_"))}
+    env.update({"NL_CPU_WORKERS": "thread", "TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": "1"})
+    out = tmp_path / "mpi"
+    args = [exe, "-n", "2", sys.executable, "-m", "nlref", "train", *TINY, "--data", str(corpus), "--tokenizer", "bpe",
+            "--vocab-size", "300", "--steps", "4", "--checkpoint-every", "2", "--config", str(_cfg(base)),
+            "--out", str(out)]
+    res = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "distributed: 2 MPI ranks" in res.stdout, res.stdout
+    assert (out / "tokenizer.json").read_bytes() == (run / "tokenizer.json").read_bytes()
+    one = [r for r in training.read_metrics(run) if "loss" in r]
+    two = [r for r in training.read_metrics(out) if "loss" in r]
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    assert all(abs(a["loss"] - b["loss"]) <= 1e-12 for a, b in zip(one, two, strict=True))
