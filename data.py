@@ -248,11 +248,11 @@ def iter_csv(path: str | os.PathLike, text_field: str = "text", delimiter: str =
             raise DataError(f"{path} line {line}: not valid CSV ({exc})") from None
 
 
-def _pyarrow_parquet():
+def _pyarrow_parquet(path):
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise DataError(f"reading Parquet needs pyarrow, which is not installed: {PARQUET_INSTALL}") from None
+        raise DataError(f"{path}: reading Parquet needs pyarrow, which is not installed: {PARQUET_INSTALL}") from None
     return pq
 
 
@@ -263,7 +263,7 @@ def iter_parquet(path: str | os.PathLike, text_field: str = "text"):
     column, or a null or non-string value; without pyarrow, naming the extra to install.
     """
     path = Path(path)
-    pq = _pyarrow_parquet()
+    pq = _pyarrow_parquet(path)
     import pyarrow as pa
 
     try:

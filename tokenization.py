@@ -13,7 +13,7 @@ Symbols:
 | UTF-8 bytes of each token                | ``token_nbytes``       | (V,) int64        |
 | a document's tokens                      | ``encode(...)``        | (n,) int64        |
 
-Decisions (each recorded in SPEC.md#data):
+Decisions (each recorded in SPEC.md#tokenizers, within SPEC.md#data):
 
 - ``byte`` (the default): one token per byte, V = 256, the stream is the bytes themselves.
 - ``bpe``: a byte-level BPE (the Hugging Face ``tokenizers`` library: its ``ByteLevel``
@@ -27,7 +27,7 @@ Decisions (each recorded in SPEC.md#data):
   the bits per byte of any tokenizer count the same bytes. Truncation and padding are switched
   off; special tokens are never added.
 - Bits per byte are per byte of text: ``sum of token losses (nats) / ln 2 / sum of
-  token_nbytes[target tokens]`` (``n_bytes``); for bytes this is ``loss / ln 2``.
+  token_nbytes[target tokens]`` (``n_bytes``; training.evaluate); for bytes this is ``loss / ln 2``.
 - A run records its choice (``byte``, ``bpe`` or the path) in its config; ``--resume``, ``eval``
   and ``generate`` reload ``tokenizer.json`` from the run directory and check its SHA-256
   against the one the run recorded (``data.json``, the checkpoint), so the tokens are the same.
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -160,7 +159,7 @@ def _decoder_types(spec) -> list[str]:
     if not isinstance(spec, dict):
         return []
     if spec.get("type") == "Sequence":
-        return [t for d in spec.get("decoders", spec.get("pretokenizers", [])) for t in _decoder_types(d)]
+        return [t for d in spec.get("decoders") or [] for t in _decoder_types(d)]
     return [spec.get("type")]
 
 
@@ -357,10 +356,5 @@ def for_checkpoint(tc, ck) -> Tokenizer:
     return tok
 
 
-def bits_per_byte(total_nats: float, n_bytes: int) -> float:
-    """Bits per byte of text: summed token losses (nats) / ln 2 / the bytes those tokens decode to."""
-    return total_nats / math.log(2.0) / n_bytes if n_bytes else float("nan")
-
-
 __all__ = ["BPETokenizer", "ByteTokenizer", "DEFAULT_BPE_VOCAB", "TOKENIZER_FILE", "Tokenizer", "TokenizerError",
-           "bits_per_byte", "bytes_to_unicode", "for_checkpoint", "for_run", "load_file", "train_bpe"]
+           "bytes_to_unicode", "for_checkpoint", "for_run", "load_file", "train_bpe"]

@@ -125,7 +125,8 @@ def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
     (tmp_path / "data.parquet").write_bytes(b"PAR1 not really")
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow raises ImportError
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    with pytest.raises(data.DataError, match=r"pip install 'nested-learning-reference\[parquet\]'"):
+    with pytest.raises(data.DataError, match=r"data.parquet: reading Parquet needs pyarrow, which is not "
+                                             r"installed: pip install 'nested-learning-reference\[parquet\]'"):
         data.load_corpus(str(tmp_path / "data.parquet"))
     result = invoke("train", *TINY, "--data", tmp_path / "data.parquet", "--out", tmp_path / "run")
     assert result.exit_code == 1 and "nested-learning-reference[parquet]" in result.output
