@@ -12,7 +12,10 @@ a module says so), C chunk size, L levels, V vocabulary. Column vectors: a read 
 """
 
 __version__ = "0.1.0"
-SPEC_VERSION = "0.2"
+SPEC_VERSION = "0.3"
+# Spec versions whose every model computes the same function under this code (SPEC.md "Changes"):
+# a checkpoint or weights file written under one of them loads here.
+COMPATIBLE_SPECS = ("0.2", "0.3")
 PAPER = "arXiv 2512.24695v1"
 
 _LAZY = {"Model": "api", "StreamState": "api", "load": "api"}  # name -> the submodule defining it

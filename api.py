@@ -142,7 +142,7 @@ def weights_tokenizer(metadata: dict, path):
 def load_weights(path: str | os.PathLike):
     """(params, ModelConfig, metadata) of a weights file, fully checked; ``WeightsError`` (a
     ``checkpoint.CheckpointError``) saying what is wrong otherwise."""
-    from nlref import SPEC_VERSION
+    from nlref import COMPATIBLE_SPECS, SPEC_VERSION
     from nlref import config as model_config
     from nlref.reference import model as ref
 
@@ -160,7 +160,7 @@ def load_weights(path: str | os.PathLike):
     if metadata.get("metadata_sha256") != ckpt._metadata_checksum(metadata):
         raise WeightsError(f"{path}: the weights file's metadata does not match its checksum (edited or corrupt); "
                            "export it again")
-    if metadata.get("spec_version") != SPEC_VERSION:
+    if metadata.get("spec_version") not in COMPATIBLE_SPECS:
         raise WeightsError(f"{path}: written under spec version {metadata.get('spec_version')!r}, this code "
                            f"implements {SPEC_VERSION}: the model may compute a different function; retrain")
     checksums = ckpt._meta_json(metadata, "checksums", path)
@@ -316,14 +316,9 @@ class Model:
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         try:
-            out = training.evaluate(self.params, self.config, tokens, batch_size, seq_len, max_batches,
-                                    backend=self.backend)
-            if self.tokenizer is not None:  # bits per byte of text: the bytes the scored tokens stand for
-                n_bytes = sum(self.tokenizer.n_bytes(b[:, 1:])
-                              for b in data_mod.eval_batches(tokens, batch_size, seq_len, max_batches))
-                out["bits_per_byte"] = _tokenization().bits_per_byte(out["loss"] * out["tokens"], n_bytes)
-                out["bytes"] = n_bytes
-            return out
+            # bits per byte of text: training.evaluate counts the bytes the scored tokens stand for
+            return training.evaluate(self.params, self.config, tokens, batch_size, seq_len, max_batches,
+                                     backend=self.backend, tokenizer=self.tokenizer)
         except data_mod.DataError as exc:
             raise ValueError(str(exc)) from None
 

@@ -300,7 +300,7 @@ def load_checkpoint(path: str | os.PathLike, expect_config: dict | None = None) 
     ``expect_config``: the model config the caller expects (a dict); every key it names must be
     equal in the checkpoint's ``config["model"]``, otherwise the checkpoint is from another model.
     """
-    from nlref import SPEC_VERSION
+    from nlref import COMPATIBLE_SPECS, SPEC_VERSION
 
     path = Path(path)
     tensors, metadata = _read_raw(path)
@@ -312,7 +312,7 @@ def load_checkpoint(path: str | os.PathLike, expect_config: dict | None = None) 
     if metadata["format_version"] != "1" and metadata.get("metadata_sha256") != _metadata_checksum(metadata):
         raise CheckpointError(f"{path}: the checkpoint's metadata does not match its checksum (edited or "
                               "corrupt: config, step or sampler state changed); use an earlier checkpoint or retrain")
-    if metadata.get("spec_version") != SPEC_VERSION:
+    if metadata.get("spec_version") not in COMPATIBLE_SPECS:
         raise CheckpointError(f"{path}: written under spec version {metadata.get('spec_version')!r}, this code "
                               f"implements {SPEC_VERSION}: the model may compute a different function; retrain")
     checksums = _meta_json(metadata, "checksums", path)

@@ -54,6 +54,17 @@ OPS: dict[str, tuple[tuple[str, ...], dict, tuple[str, ...]]] = {
 }
 CMS_CASES = ("sequential", "independent")
 MODEL_PRESETS = ("transformer-tiny", "hope-attention-tiny", "titans-tiny", "hope-tiny")
+# Spec 0.3's mechanisms and families (issue 16): name -> (preset, ModelConfig overrides). Listed after
+# every spec-0.2 vector, so those keep their seeds (and their bytes) when the set grows.
+MODEL_CASES: dict[str, tuple[str, dict]] = {
+    "linear-attention-tiny": ("linear-attention-tiny", {}),
+    "deltanet-tiny": ("deltanet-tiny", {}),
+    "gated-deltanet-tiny": ("gated-deltanet-tiny", {}),
+    "hope-tiny-no-dgd": ("hope-tiny", {"mem_dgd": False}),  # Table 6 "w/o DGD"
+    "hope-tiny-no-momentum": ("hope-tiny", {"mem_momentum": False}),  # Table 6 "w/o Momentum"
+    "hope-attention-tiny-nested": ("hope-attention-tiny", {"cms_nested": True}),  # nested CMS, Eq. 72
+    "hope-tiny-nested": ("hope-tiny", {"cms_nested": True}),
+}
 
 
 class ConformanceError(Exception):
@@ -189,11 +200,13 @@ def vector_names(dtypes=("float64", "float32")) -> list[str]:
         names += [f"{op}.{dtype}" for op in OPS]
         names += [f"cms.{v}.{dtype}" for v in CMS_CASES]
         names += [f"model.{p}.{dtype}" for p in MODEL_PRESETS]
+    for dtype in dtypes:
+        names += [f"model.{c}.{dtype}" for c in MODEL_CASES]
     return names
 
 
 def export(directory, seed: int = 0, dtypes=("float64", "float32"), only: str | None = None) -> list[Path]:
-    """Write every vector (ops, CMS chains, the four model families; each dtype) with the
+    """Write every vector (ops, CMS chains, the model families and mechanisms; each dtype) with the
     reference, and ``manifest.json``. Returns the files written."""
     from . import config
     from .reference import model as ref_model
@@ -228,7 +241,8 @@ def export(directory, seed: int = 0, dtypes=("float64", "float32"), only: str | 
                                                                     "output": outputs, "grad": grads})
         else:
             preset = base.split(".", 1)[1]
-            cfg = dataclasses.replace(config.preset(preset), dtype=dtype)
+            source, overrides = MODEL_CASES.get(preset, (preset, {}))
+            cfg = dataclasses.replace(config.preset(source), dtype=dtype, **overrides)
             params = ref_model.init_params(cfg, vseed)
             tokens = rng.integers(0, cfg.vocab_size, size=(2, 9))
             outputs, grads = _run_model(cfg, "reference", params, tokens)

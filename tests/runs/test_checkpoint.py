@@ -156,6 +156,24 @@ def test_spec_version_mismatch_is_refused(tmp_path, rng, monkeypatch):
         checkpoint.load_checkpoint(path)
 
 
+def test_a_compatible_spec_version_loads_and_an_older_one_is_refused(tmp_path, rng, monkeypatch):
+    """0.3 only adds mechanisms (SPEC.md "Changes"): a 0.2 checkpoint loads; 0.1's CMS writes
+    computed another function, so a 0.1 checkpoint is refused."""
+    import nlref
+
+    assert nlref.SPEC_VERSION in nlref.COMPATIBLE_SPECS and "0.2" in nlref.COMPATIBLE_SPECS
+    for version, loads in (("0.2", True), ("0.1", False)):
+        path = tmp_path / f"ck-{version}.safetensors"
+        monkeypatch.setattr(nlref, "SPEC_VERSION", version)
+        _save(path, rng)
+        monkeypatch.undo()
+        if loads:
+            assert checkpoint.load_checkpoint(path).spec_version == version
+        else:
+            with pytest.raises(CheckpointError, match="spec version '0.1'"):
+                checkpoint.load_checkpoint(path)
+
+
 def test_unstorable_values_are_refused(tmp_path):
     with pytest.raises(TypeError, match="cannot store"):
         checkpoint.save_checkpoint(tmp_path / "x.safetensors", params={"f": object()}, opt_state={},
