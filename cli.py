@@ -264,6 +264,8 @@ def _run_errors():
               help="Accumulate N micro-batches of --batch-size per step (= a batch N times larger).")
 @click.option("--early-stop-patience", type=int, default=None, metavar="N",
               help="Stop after N validations (--eval-every) without a new best (default 0: never).")
+@click.option("--init-from", default=None, metavar="WEIGHTS",
+              help="Start from a weights file (export --weights-only, stack) and its model instead of a preset.")
 @click.option("--backend", type=click.Choice(_backends.NAMES), default=None,
               help="Default: cpu (the Numba port) where numba imports, else reference; gpu: the CuPy port.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None,
@@ -316,9 +318,12 @@ def train(config_file, resume_dir, out, overwrite, **flags) -> None:
                                            f"--out {resume_dir}") from None
             run_dir = Path(resume_dir)
         else:
+            if flags.get("init_from") and flags.get("preset"):
+                raise click.UsageError("--init-from takes the weights file's model; it cannot be combined with "
+                                       "--preset (override single [model] keys in a --config file instead)")
             file = training.read_toml(config_file) if config_file else {}
             rc = training.resolve_config(file, flags)
-            run_dir = Path(out) if out else Path("runs") / f"{rc.train.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+            run_dir = Path(out) if out else Path("runs") / f"{rc.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         training.check_backend(rc.train.backend)
         from nlref import distributed  # one process, or N under mpiexec (SPEC.md#distributed)
 
@@ -494,6 +499,44 @@ def generate(target, prompt, max_bytes, temperature, top_k, top_p, seed, backend
         click.echo(decoder.decode(b"", final=True))
     except _run_errors() as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@cli.command("stack")
+@click.argument("source", metavar="RUN_DIR|CHECKPOINT|WEIGHTS", type=click.Path(exists=True))
+@click.option("--period", "periods", multiple=True, required=True, metavar="N|none",
+              help="One per CMS level, in order: tokens between its in-context updates (none: frozen).")
+@click.option("--eta", "etas", multiple=True, type=float, metavar="RATE",
+              help="One per CMS level: its in-context rate (default 0: the pre-trained model exactly).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), metavar="OUT.safetensors",
+              help="The stacked model's weights file (train from it with train --init-from OUT).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def stack_(source, periods, etas, out, overwrite) -> None:
+    """Ad-hoc level stacking (NL §7.3): a model's frozen CMS levels become in-context levels.
+
+    SOURCE is a hope or hope-attention model trained with its CMS frozen (cms_in_context =
+    false); its MLPs initialise the levels, updated every --period tokens at rate --eta. With
+    every rate 0 the stacked model computes the pre-trained one (SPEC.md#cms).
+    """
+    from nlref import api
+    from nlref.reference.stacking import stack
+
+    try:
+        parsed = [None if p.lower() == "none" else int(p) for p in periods]
+    except ValueError:
+        raise click.BadParameter(f"each must be a positive integer or none, got {list(periods)}",
+                                 param_hint="--period") from None
+    try:
+        m = api.load(source, backend="reference")
+        params, cfg = stack(m.params, m.config, parsed, list(etas) or [0.0] * len(parsed))
+        api.save_weights(out, params, cfg, overwrite=overwrite, tokenizer=m.tokenizer,
+                         source={"stacked_from": str(source), "periods": parsed, "etas": list(etas)})
+    except (ValueError, FileExistsError, IsADirectoryError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except _run_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {out}: {cfg.name}, levels " + ", ".join(
+        f"{'frozen' if lv.period is None else f'every {lv.period} tokens at eta {lv.eta:g}'}" for lv in cfg.cms_levels)
+        + f"; train it with nested-learning train --init-from {out}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -108,6 +108,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches of batch_size per step: one step of a batch grad_accum times larger
     schedule: str = "cosine"  # after the warmup: cosine or linear decay to min_lr_ratio * lr, or constant
     early_stop_patience: int = 0  # stop after this many validations without a new best (0: never)
+    init_from: str | None = None  # a weights file (export / stack): the run starts from its weights and model
     backend: str = field(default_factory=default_backend)
     dtype: str | None = None  # None: the preset's
     seed: int = 0
@@ -147,9 +148,9 @@ class TrainConfig:
             bad("backend", f"must be one of {', '.join(backends_mod.NAMES)}; got {self.backend!r}")
         if self.dtype not in (None, "float32", "float64"):
             bad("dtype", f"must be float32 or float64, got {self.dtype!r}")
-        for key in ("preset", "optimizer", "backend", "dtype", "data"):
+        for key in ("preset", "optimizer", "backend", "dtype", "data", "init_from"):
             v = getattr(self, key)
-            if not (isinstance(v, str) or (v is None and key in ("dtype", "data"))):
+            if not (isinstance(v, str) or (v is None and key in ("dtype", "data", "init_from"))):
                 bad(key, f"must be a string, got {v!r}")
         for key in ("lr", "min_lr_ratio", "grad_clip", "val_fraction"):
             v = getattr(self, key)
@@ -239,8 +240,9 @@ def resolve_config(file: dict | None = None, flags: dict | None = None) -> RunCo
     values = {**file, **flags}
     if values.get("data") is not None and not isinstance(values["data"], str):
         raise TrainingError(f"bad run config: data: must be a path (a string), got {values['data']!r}")
-    if values.get("data") is not None:  # recorded absolute, so a resume from elsewhere finds it
-        values["data"] = os.path.abspath(os.path.expanduser(values["data"]))
+    for key in ("data", "init_from"):  # recorded absolute, so a resume from elsewhere finds them
+        if isinstance(values.get(key), str):
+            values[key] = os.path.abspath(os.path.expanduser(values[key]))
     if isinstance(values.get("tokenizer"), str) and values["tokenizer"] not in ("", "byte", "bpe"):
         values["tokenizer"] = os.path.abspath(os.path.expanduser(values["tokenizer"]))  # a tokenizer.json
     unknown = sorted(set(values) - set(TRAIN_KEYS))
@@ -251,7 +253,7 @@ def resolve_config(file: dict | None = None, flags: dict | None = None) -> RunCo
     except (TypeError, ValueError) as exc:
         raise TrainingError(f"bad run config: {exc}") from None
     try:
-        base = model_config.preset(tc.preset).to_dict()
+        base = _init_config(tc.init_from) if tc.init_from else model_config.preset(tc.preset).to_dict()
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
     for key, value in model_overrides.items():  # the preset's value gives the type (TOML has no schema)
@@ -274,6 +276,38 @@ def resolve_config(file: dict | None = None, flags: dict | None = None) -> RunCo
     except (TypeError, ValueError) as exc:
         raise TrainingError(f"bad [model] config: {exc}") from None
     return RunConfig(tc, mc, optimizer_hparams, vocab_size_given=given is not None)
+
+
+def _init_config(path: str) -> dict:
+    """The model config of the weights file a run starts from (``init_from``, SPEC.md#training):
+    it replaces the preset (``[model]`` keys still override it)."""
+    from nlref import api
+
+    if not Path(path).is_file():
+        raise TrainingError(f"--init-from {path}: no such file")
+    meta = api.read_metadata(path) or {}
+    if meta.get("format") != api.WEIGHTS_FORMAT:
+        raise TrainingError(f"--init-from {path}: not a weights file (format {meta.get('format')!r}); a run or a "
+                            f"checkpoint continues with --resume, or write its weights with nested-learning export "
+                            f"{path} --weights-only OUT.safetensors")
+    try:
+        return json.loads(meta["config"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TrainingError(f"--init-from {path}: not a weights file this version reads ({exc}); write one with "
+                            "nested-learning export RUN --weights-only OUT or nested-learning stack") from None
+
+
+def _init_params(tc: TrainConfig, mc, model):
+    """The parameters a new run starts from: ``init_from``'s weights (checked against the model's
+    shapes, cast to its dtype), else ``model.init_params(mc, seed)``."""
+    if not tc.init_from:
+        return model.init_params(mc, seed=tc.seed)
+    from nlref import api
+
+    params, _, _ = api.load_weights(tc.init_from)
+    params = {k: np.asarray(v, dtype=mc.dtype) for k, v in params.items()}
+    ckpt.check_params_match(params, model.init_params(mc, seed=0), tc.init_from)
+    return params
 
 
 def _tokenizer_vocab(tc: TrainConfig, preset_vocab: int, given: int | None) -> tuple[int, int | None]:
@@ -712,6 +746,11 @@ def preflight(rc: RunConfig, corpus) -> None:
             f"so the run could never be validated; lower --seq-len, raise val_fraction (now {tc.val_fraction:g}) "
             "or give more data")
     make_optimizer(rc, tc.lr)
+    if tc.init_from:  # the weights fit the model (a [model] override may have changed a shape)
+        try:
+            _init_params(tc, rc.model, _model("reference"))
+        except (ValueError, OSError) as exc:
+            raise TrainingError(f"--init-from {tc.init_from}: {exc}") from None
     rundir.check_fits_in_memory(rc)
 
 
@@ -865,7 +904,7 @@ def _train_locked(rc: RunConfig, run_dir: Path, corpus, resume: bool, echo, tty:
         if restart:
             echo(f"{run_dir} holds no checkpoint (the run stopped before its first one): restarting it from step 0 "
                  "with its config")
-        params = be.to_device(model.init_params(mc, seed=tc.seed))
+        params = be.to_device(_init_params(tc, mc, model))  # init_from's weights, or a fresh init
         opt_state = make_optimizer(rc, tc.lr).init(params)
         sampler = data_mod.BatchSampler(corpus.train.stream, tc.batch_size * tc.grad_accum, tc.seq_len, seed=[tc.seed, 1])
         step = 0
