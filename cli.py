@@ -927,18 +927,39 @@ def experiment_recall(scale, out, seeds, backend, models, task_names) -> None:
                     task_names=tuple(task_names) or ("passkey", "mqar"))
 
 
+_domain_option = click.option(
+    "--domain", "domains", multiple=True, metavar="NAME=PATH",
+    help="Train and score on this domain (a directory or glob of text files) instead of the python domain "
+         "(repeatable: one comparison per domain).")
+
+
 @experiment.command("compare")
 @_experiment_options
-def experiment_compare(scale, out, seeds, backend, models) -> None:
+@_domain_option
+def experiment_compare(scale, out, seeds, backend, models, domains) -> None:
     """Held-out LM loss of Hope, Titans, Hope-attention, Transformer++ at matched size and budget."""
-    _run_experiment("compare", out=out, scale_name=scale, n_seeds=seeds, backend=backend, models=models)
+    _run_experiment("compare", out=out, scale_name=scale, n_seeds=seeds, backend=backend, models=models,
+                    user_domains=domains)
 
 
 @experiment.command("ablate")
 @_experiment_options
-def experiment_ablate(scale, out, seeds, backend, models) -> None:
+@_domain_option
+def experiment_ablate(scale, out, seeds, backend, models, domains) -> None:
     """Table 6: Hope against each of its ablation switches at the same budget (missing rows named)."""
-    _run_experiment("ablate", out=out, scale_name=scale, n_seeds=seeds, backend=backend, models=models)
+    _run_experiment("ablate", out=out, scale_name=scale, n_seeds=seeds, backend=backend, models=models,
+                    user_domains=domains)
+
+
+@experiment.command("optimizers")
+@_experiment_options
+@click.option("--optimizer", "optimizer_names", multiple=True, metavar="NAME",
+              help="Only these optimizers (repeatable; the first is the reference). Default: m3, adamw, muon, "
+                   "delta_momentum, deep_momentum, preconditioned_momentum, momentum.")
+def experiment_optimizers(scale, out, seeds, backend, models, optimizer_names) -> None:
+    """M3 vs AdamW vs Muon vs the deep optimizers: a small LM and a least-squares problem, lr swept on training loss."""
+    _run_experiment("optimizers", out=out, scale_name=scale, n_seeds=seeds, backend=backend, models=models,
+                    optimizers=tuple(optimizer_names))
 
 
 @experiment.command("toy-momentum")

@@ -18,10 +18,14 @@ Modules:
 | ``continual`` | ``experiment continual``: the forgetting matrix, BWT, the test-time-only  |
 |               | setting (fast states carried vs reset)                                     |
 | ``recall``    | ``experiment recall``: accuracy vs context length                          |
+| ``compare``   | ``experiment compare``: held-out LM loss of the families (``--domain``)    |
+| ``ablate``    | ``experiment ablate``: Table 6's switches through compare's runs           |
+| ``toy_sweep`` | ``experiment toy-momentum``: the Eq. 53 toy over a grid                    |
+| ``optimizers``| ``experiment optimizers``: M3 vs AdamW vs Muon vs the deep optimizers on a |
+|               | small LM and a least-squares problem, lr swept on the training loss        |
 
-``EXPERIMENTS`` names every command; the later ones of issue 17 (``compare``, ``ablate``,
-``toy-momentum --sweep``, ``optimizers``) slot in as further modules with a ``run(...)`` of the
-same shape (options, ``echo``) -> results dict, writing through ``common.write_outputs``.
+``EXPERIMENTS`` names every command's module; each has a ``run(...)`` of the same shape (options,
+``echo``) -> results dict, writing through ``common.write_outputs``.
 
 Nothing here imports numpy, numba or matplotlib at import time of this package.
 """
@@ -32,4 +36,5 @@ EXPERIMENTS = {
     "toy-momentum": "nlref.experiments.toy_sweep",
     "compare": "nlref.experiments.compare",
     "ablate": "nlref.experiments.ablate",
+    "optimizers": "nlref.experiments.optimizers",
 }

@@ -35,22 +35,27 @@ def default_models(scale: str) -> list[ModelSpec]:
 
 
 def run(out, *, scale_name: str = "quick", n_seeds: int = 3, backend: str | None = None, models=None,
-        echo=print) -> dict:
+        echo=print, user_domains=()) -> dict:
+    """``compare.run`` with Table 6's models and report; ``user_domains`` (``NAME=PATH``) replace the
+    python domain as in compare."""
     return compare.run(out, scale_name=scale_name, n_seeds=n_seeds, backend=backend, models=models, echo=echo,
-                       name="ablate", defaults=default_models, render=report)
+                       name="ablate", defaults=default_models, render=report, user_domains=user_domains)
 
 
 def report(res) -> str:
     first = res["models"][0]["label"]
-    rows = [[f["label"], f"{f['parameters']:,}", common.fmt(res["summary"][f["label"]]),
-             common.fmt(res["vs_first"][f["label"]]) if f["label"] in res["vs_first"] else "-",
-             res["vs_first"].get(f["label"], {}).get("call", "reference")] for f in res["models"]]
+    text = (f"# ablate (Table 6)\n\n**Question.** Which of Hope's parts matter for held-out loss at this scale? "
+            f"Each variant is trained at the same budget ({res['tokens_per_run']:,} bytes per run) on "
+            f"{compare.domain_line(res)}, seeds {res['seeds']}, backend {res['backend']}; wall time "
+            f"{res['wall_time_s']:.0f} s on {common.machine_line(res['machine'])}.\n")
+    for d in res["domains"]:
+        bd = res["by_domain"][d["name"]]
+        rows = [[f["label"], f"{f['parameters']:,}", common.fmt(bd["summary"][f["label"]]),
+                 common.fmt(bd["vs_first"][f["label"]]) if f["label"] in bd["vs_first"] else "-",
+                 bd["vs_first"].get(f["label"], {}).get("call", "reference")] for f in res["models"]]
+        text += (f"\n## domain {d['name']}\n\n"
+                 + common.md_table(["model", "parameters", "held-out loss", f"minus {first}", "call"], rows))
     missing = [label for label, over, _ in TABLE6 if over is None]
-    return (f"# ablate (Table 6)\n\n**Question.** Which of Hope's parts matter for held-out loss at this scale? "
-            f"Each variant is trained at the same budget ({res['tokens_per_run']:,} bytes per run) on the python "
-            f"domain, seeds {res['seeds']}, backend {res['backend']}; wall time {res['wall_time_s']:.0f} s on "
-            f"{common.machine_line(res['machine'])}.\n\n"
-            + common.md_table(["model", "parameters", "held-out loss", f"minus {first}", "call"], rows)
-            + "\n**Not available** (no ModelConfig switch yet, so not run): " + "; ".join(missing) + ".\n\n"
+    return (text + "\n**Not available** (no ModelConfig switch yet, so not run): " + "; ".join(missing) + ".\n\n"
             "In Table 6 every ablation raises perplexity except w/o q. A variant whose call here is 'within the "
             "seed noise' does not reproduce that row at this scale (3 seeds: a rough test).\n")

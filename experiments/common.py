@@ -44,6 +44,11 @@ class ExperimentError(Exception):
     """An experiment that cannot run or whose run-time check failed; the message says why."""
 
 
+class Diverged(ExperimentError):
+    """A training run stopped because its loss, gradient or parameters became non-finite or diverged
+    (``training.NonFiniteLoss``); ``experiment optimizers`` records it instead of stopping."""
+
+
 # ------------------------------------------------------------------------------------------------
 # Models
 # ------------------------------------------------------------------------------------------------
@@ -85,15 +90,18 @@ def parse_model_spec(text: str) -> ModelSpec:
 
 
 def run_config(spec: ModelSpec, *, steps: int, batch_size: int, seq_len: int, lr: float, backend: str,
-               seed: int, data: str | None, eval_batches: int = 1):
-    """The ``training.RunConfig`` of one run of ``spec`` (an ExperimentError for a bad override)."""
+               seed: int, data: str | None, eval_batches: int = 1, optimizer: str = "adamw",
+               optimizer_hparams: dict | None = None):
+    """The ``training.RunConfig`` of one run of ``spec`` (an ExperimentError for a bad override).
+    ``optimizer`` / ``optimizer_hparams``: the outer optimizer (``experiment optimizers``; default AdamW)."""
     from nlref import training
 
     flags = {"preset": spec.preset, "steps": steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
              "backend": backend, "seed": seed, "data": data, "checkpoint_every": 0, "log_every": max(1, steps),
-             "eval_batches": eval_batches}
+             "eval_batches": eval_batches, "optimizer": optimizer}
     try:
-        return training.resolve_config(file={"model": dict(spec.overrides)}, flags=flags)
+        return training.resolve_config(file={"model": dict(spec.overrides),
+                                             "optimizer_hparams": dict(optimizer_hparams or {})}, flags=flags)
     except training.TrainingError as exc:
         raise ExperimentError(f"--model {spec.label}: {exc}") from None
 
@@ -119,20 +127,22 @@ def seeds(n: int) -> list[int]:
 
 
 def train_phase(spec: ModelSpec, *, data_dir: Path, run_dir: Path, seed: int, steps: int, batch_size: int,
-                seq_len: int, lr: float, backend: str, init_params=None, data_seed=None, echo=None):
+                seq_len: int, lr: float, backend: str, init_params=None, data_seed=None, echo=None,
+                optimizer: str = "adamw", optimizer_hparams: dict | None = None):
     """Train ``spec`` on the text files under ``data_dir`` with ``training.train``; return
     (trained params, the run's summary, its RunConfig).
 
     ``init_params``: start from these weights (a fresh optimizer state and schedule), through a
     step-0 checkpoint that the loop resumes (module docstring). ``data_seed``: the seed of the
-    data order of a continued phase (default ``[seed, 1]``).
+    data order of a continued phase (default ``[seed, 1]``). ``optimizer`` / ``optimizer_hparams``:
+    the outer optimizer (default AdamW at its defaults). A run that diverges raises ``Diverged``.
     """
     from nlref import checkpoint as ckpt
     from nlref import data as data_mod
     from nlref import training
 
     rc = run_config(spec, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, backend=backend, seed=seed,
-                    data=str(data_dir))
+                    data=str(data_dir), optimizer=optimizer, optimizer_hparams=optimizer_hparams)
     quiet = echo or (lambda _msg: None)
     try:
         if init_params is None:
@@ -150,6 +160,8 @@ def train_phase(spec: ModelSpec, *, data_dir: Path, run_dir: Path, seed: int, st
                                  extra={"note": "experiment phase start: the previous phase's weights"})
             summary = training.train(rc, run_dir, resume=True, echo=quiet)
         params, _, _ = training.load_model_checkpoint(run_dir)
+    except training.NonFiniteLoss as exc:
+        raise Diverged(f"{spec.label}, seed {seed}, training on {data_dir}: {exc}") from None
     except training.TrainingError as exc:
         raise ExperimentError(f"{spec.label}, seed {seed}, training on {data_dir}: {exc}") from None
     return params, summary, rc

@@ -1,8 +1,9 @@
 """``experiment compare``: held-out language-modelling loss of the families at matched size and budget.
 
 Paper: §8, Table 2 (Hope vs Titans vs Transformer++ perplexity at 760M / 1.3B), arXiv 2512.24695v1.
-Small from-scratch version on the python domain (experiments/domains.py; held out by file, checked
-at every evaluation). Parameter counts are printed with their ratio to the largest; a model more
+Small from-scratch version on the python domain, or on the ``--domain NAME=PATH`` domains instead
+(experiments/domains.py; held out by file, checked at every evaluation; each domain a comparison of
+its own). Parameter counts are printed with their ratio to the largest; a model more
 than 10 % off is marked "not matched" in the report (the presets' widths are not retuned here).
 """
 
@@ -42,11 +43,47 @@ def default_models(scale: str) -> list[ModelSpec]:
     return [ModelSpec(f"{f}-{size}", f"{f}-{size}") for f in fams]
 
 
+def pick_domains(user_domains=()) -> list:
+    """The domains a comparison trains and scores on: the python domain (the standard library's
+    ``*.py``) by default; with ``--domain NAME=PATH`` (repeatable) those domains instead, each a
+    separate comparison (experiments/domains.py: the by-file split, the disjointness check)."""
+    if user_domains:
+        return dom.load_domains(tuple(user_domains), builtin=False)[0]
+    source, files = dom.CANDIDATES["python"][0]()
+    return [dom.make_domain("python", source, files)]
+
+
+def heldout_windows(domain, seq_len: int, n_windows: int):
+    """(held-out stream, the files it comes from): ``n_windows`` windows of ``seq_len + 1`` bytes."""
+    return dom.eval_stream(domain, seq_len + 1, n_windows)
+
+
+def heldout_loss(params, rc, domain, stream, used, *, seq_len: int, n_windows: int, backend: str) -> float:
+    """Mean held-out loss (nats/byte) of ``params`` on ``stream``, after checking that every file it
+    comes from is held out of ``domain`` (dom.check_disjoint)."""
+    from nlref import training
+
+    dom.check_disjoint(domain, used)
+    return training.evaluate(params, rc.model, stream, 8, seq_len, math.ceil(n_windows / 8), backend=backend)["loss"]
+
+
+def train_curve(run_dir, tokens_per_step: int) -> list:
+    """[(training tokens, training loss)] of a run, from its metrics.jsonl's training rows."""
+    return [(r["step"] * tokens_per_step, r["loss"])
+            for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r and "step" in r]
+
+
 def run(out, *, scale_name: str = "quick", n_seeds: int = 3, backend: str | None = None, models=None,
-        echo=print, name: str = "compare", defaults=None, render=None) -> dict:
+        echo=print, name: str = "compare", defaults=None, render=None, user_domains=()) -> dict:
     """Train every model on every seed, score the held-out windows, write the outputs into ``out``.
-    ``name``, ``defaults`` (scale -> specs) and ``render`` (results -> markdown) let ``ablate`` reuse it."""
-    from nlref import backends, training
+    ``name``, ``defaults`` (scale -> specs) and ``render`` (results -> markdown) let ``ablate`` reuse it.
+    ``user_domains``: ``NAME=PATH`` texts; each domain is a comparison of its own (default: python).
+
+    results.json: ``domains`` (every domain's split), ``by_domain`` (name -> summary, vs_first),
+    ``runs`` (one row per domain, model and seed); ``domain``, ``summary`` and ``vs_first`` are the
+    first domain's (the only one by default)."""
+    from nlref import backends
 
     t_start = time.perf_counter()
     scale = SCALES[scale_name]
@@ -55,8 +92,7 @@ def run(out, *, scale_name: str = "quick", n_seeds: int = 3, backend: str | None
     out = common.out_dir(out)
     specs = list(models) if models else (defaults or default_models)(scale_name)
     seed_list = common.seeds(n_seeds)
-    domain_list, _ = dom.load_domains((), builtin=True)
-    domain = next(d for d in domain_list if d.name == "python")
+    domain_list = pick_domains(user_domains)
     facts = [common.model_facts(s, backend) for s in specs]
     largest = max(f["parameters"] for f in facts)
     for f in facts:
@@ -64,34 +100,40 @@ def run(out, *, scale_name: str = "quick", n_seeds: int = 3, backend: str | None
         f["matched"] = f["ratio_to_largest"] >= 0.9
         echo(f"  {f['label']}: {f['parameters']:,} parameters ({f['ratio_to_largest']:.2f} of the largest"
              f"{'' if f['matched'] else ', NOT matched within 10 %'})")
-    stream, used = dom.eval_stream(domain, scale.seq_len + 1, scale.eval_windows)
-    train_dir = dom.materialise_train(domain, out / "data" / domain.name / "train")
     tokens = scale.steps * scale.batch_size * scale.seq_len
-    runs = []
-    for spec in specs:
-        for seed in seed_list:
-            run_dir = out / "runs" / common.slug(spec.label) / f"seed{seed}"
-            params, summary, rc = common.train_phase(spec, data_dir=train_dir, run_dir=run_dir, seed=seed,
-                                                     steps=scale.steps, batch_size=scale.batch_size,
-                                                     seq_len=scale.seq_len, lr=scale.lr, backend=backend)
-            dom.check_disjoint(domain, used)
-            loss = training.evaluate(params, rc.model, stream, 8, scale.seq_len,
-                                     math.ceil(scale.eval_windows / 8), backend=backend)["loss"]
-            curve = [(r["step"] * scale.batch_size * scale.seq_len, r["loss"])
-                     for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-                     if "loss" in r and "step" in r]
-            runs.append({"model": spec.label, "seed": seed, "heldout_loss": loss, "train_curve": curve,
-                         "wall_time_s": summary["wall_time_s"]})
-            echo(f"  {spec.label} seed {seed}: held-out loss {loss:.3f} ({summary['wall_time_s']:.1f} s)")
-    summary = {s.label: common.mean_sd([r["heldout_loss"] for r in runs if r["model"] == s.label]) for s in specs}
-    ref = specs[0].label
-    diffs = {s.label: common.paired_difference([r["heldout_loss"] for r in runs if r["model"] == s.label],
-                                               [r["heldout_loss"] for r in runs if r["model"] == ref])
-             for s in specs[1:]}
+    runs, by_domain = [], {}
+    for domain in domain_list:
+        echo(f"domain {domain.name}: {len(domain.train)} training / {len(domain.held_out)} held-out files "
+             f"({domain.source})")
+        stream, used = heldout_windows(domain, scale.seq_len, scale.eval_windows)
+        train_dir = dom.materialise_train(domain, out / "data" / domain.name / "train")
+        rows = []
+        for spec in specs:
+            for seed in seed_list:
+                run_dir = out / "runs" / common.slug(domain.name) / common.slug(spec.label) / f"seed{seed}"
+                params, summary, rc = common.train_phase(spec, data_dir=train_dir, run_dir=run_dir, seed=seed,
+                                                         steps=scale.steps, batch_size=scale.batch_size,
+                                                         seq_len=scale.seq_len, lr=scale.lr, backend=backend)
+                loss = heldout_loss(params, rc, domain, stream, used, seq_len=scale.seq_len,
+                                    n_windows=scale.eval_windows, backend=backend)
+                rows.append({"domain": domain.name, "model": spec.label, "seed": seed, "heldout_loss": loss,
+                             "heldout_files": list(used),
+                             "train_curve": train_curve(run_dir, scale.batch_size * scale.seq_len),
+                             "wall_time_s": summary["wall_time_s"]})
+                echo(f"  {domain.name} {spec.label} seed {seed}: held-out loss {loss:.3f} "
+                     f"({summary['wall_time_s']:.1f} s)")
+        runs += rows
+        per_model = {s.label: [r["heldout_loss"] for r in rows if r["model"] == s.label] for s in specs}
+        ref = specs[0].label
+        by_domain[domain.name] = {
+            "summary": {label: common.mean_sd(v) for label, v in per_model.items()},
+            "vs_first": {s.label: common.paired_difference(per_model[s.label], per_model[ref]) for s in specs[1:]}}
+    first = by_domain[domain_list[0].name]
     results = {"experiment": name, "scale": scale_name, "scale_config": scale.__dict__, "backend": backend,
-               "seeds": seed_list, "tokens_per_run": tokens, "models": facts, "domain": domain.info(),
-               "runs": runs, "summary": summary, "vs_first": diffs, "machine": common.machine(),
-               "wall_time_s": time.perf_counter() - t_start}
+               "seeds": seed_list, "tokens_per_run": tokens, "models": facts,
+               "domains": [d.info() for d in domain_list], "domain": domain_list[0].info(),
+               "by_domain": by_domain, "runs": runs, "summary": first["summary"], "vs_first": first["vs_first"],
+               "machine": common.machine(), "wall_time_s": time.perf_counter() - t_start}
     results["figures"] = [p.name for p in _figure(out, results)]
     common.write_outputs(out, results, (render or report)(results))
     return results
@@ -101,14 +143,17 @@ def _figure(out, results):
     plt = common.pyplot()
     if plt is None:
         return []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for f in results["models"]:
-        for r in (r for r in results["runs"] if r["model"] == f["label"]):
-            xs, ys = zip(*r["train_curve"], strict=True) if r["train_curve"] else ((), ())
-            ax.plot(xs, ys, lw=0.8, label=f"{f['label']} seed {r['seed']}")
-    ax.set_xlabel("training tokens (bytes)")
-    ax.set_ylabel("training loss (nats/byte)")
-    ax.legend(fontsize=6)
+    names = [d["name"] for d in results["domains"]]
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
+    for ax, dname in zip(axes[0], names, strict=True):
+        for f in results["models"]:
+            for r in (r for r in results["runs"] if r["model"] == f["label"] and r["domain"] == dname):
+                xs, ys = zip(*r["train_curve"], strict=True) if r["train_curve"] else ((), ())
+                ax.plot(xs, ys, lw=0.8, label=f"{f['label']} seed {r['seed']}")
+        ax.set_title(f"domain {dname}", fontsize=9)
+        ax.set_xlabel("training tokens (bytes)")
+        ax.set_ylabel("training loss (nats/byte)")
+        ax.legend(fontsize=6)
     fig.tight_layout()
     path = out / "loss_vs_tokens.png"
     fig.savefig(path, dpi=120)
@@ -116,14 +161,25 @@ def _figure(out, results):
     return [path]
 
 
+def domain_line(res) -> str:
+    """'the python domain (the standard library's *.py files (...)): 1,234 training / 137 held-out files'."""
+    parts = [f"the {d['name']} domain ({d['source']}: {d['train']['n_files']:,} training / "
+             f"{d['held_out']['n_files']:,} held-out files, split by file)" for d in res["domains"]]
+    return "; ".join(parts)
+
+
 def report(res) -> str:
-    rows = [[f["label"], f"{f['parameters']:,}", "yes" if f["matched"] else "NO", common.fmt(res["summary"][f["label"]]),
-             res["vs_first"].get(f["label"], {}).get("call", "reference")] for f in res["models"]]
-    return (f"# compare\n\n**Question.** At matched parameter count and the same token budget "
-            f"({res['tokens_per_run']:,} bytes per run), which family reaches the lowest held-out loss on the "
-            f"python domain? Seeds {res['seeds']}, backend {res['backend']}, wall time {res['wall_time_s']:.0f} s "
-            f"on {common.machine_line(res['machine'])}.\n\n"
-            + common.md_table(["model", "parameters", "within 10 %", "held-out loss (mean ± sd)",
-                               f"vs {res['models'][0]['label']}"], rows)
-            + "\nA difference is called only beyond two standard errors of the per-seed differences; with 3 seeds "
-              "this is rough, and at this scale it does not speak to the paper's Table 2 (760M-1.3B models).\n")
+    text = (f"# compare\n\n**Question.** At matched parameter count and the same token budget "
+            f"({res['tokens_per_run']:,} bytes per run), which family reaches the lowest held-out loss on "
+            f"{domain_line(res)}? Seeds {res['seeds']}, backend {res['backend']}, wall time "
+            f"{res['wall_time_s']:.0f} s on {common.machine_line(res['machine'])}.\n")
+    for d in res["domains"]:
+        bd = res["by_domain"][d["name"]]
+        rows = [[f["label"], f"{f['parameters']:,}", "yes" if f["matched"] else "NO", common.fmt(bd["summary"][f["label"]]),
+                 bd["vs_first"].get(f["label"], {}).get("call", "reference")] for f in res["models"]]
+        text += (f"\n## domain {d['name']}\n\n"
+                 + common.md_table(["model", "parameters", "within 10 %", "held-out loss (mean ± sd)",
+                                    f"vs {res['models'][0]['label']}"], rows))
+    return text + ("\nA difference is called only beyond two standard errors of the per-seed differences; with 3 "
+                   "seeds this is rough, and at this scale it does not speak to the paper's Table 2 (760M-1.3B "
+                   "models).\n")
