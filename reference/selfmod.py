@@ -7,7 +7,9 @@ target, inner gradient and write (Eqs. 84-88, 93) with their backwards: referenc
 
 Every projection except q is a memory ``M_box`` (box in k, v, eta, alpha, memory; and q when
 ``adaptive_q``) that is read at its chunk-start state, generates its own target
-``v_hat_box = M_box(v)`` and is written by DGD with retention and momentum (Eq. 88):
+``v_hat_box = M_box(v)`` and is written by DGD with retention and momentum (Eq. 88). With
+``adaptive_k`` / ``adaptive_v`` False (Table 6 "w/o inner-projection k" / "v") k / v are static like
+q, ``l2(conv_k(x_t W_k^T))``, and M_k / M_v do not exist:
 
     k_t = l2(conv_k(M_k(x_t))),  v_t = l2(conv_v(M_v(x_t))),  q_t = l2(conv_q(x_t W_q^T))    Eq. (83)
     eta_t = eta_max sigmoid(w_eta . M_eta(x_t) + b_eta),  alpha_t = sigmoid(w_alpha . M_alpha(x_t) + b_alpha)
@@ -147,7 +149,8 @@ def _begin(x, params, cfg, state):
          "pos0": (int(st["pos_other"]), int(st["pos_memory"])),
          "betas": {m: betas(params, cfg, m) for m in cfg.memories},
          "xh": heads(x, cfg.n_heads),  # (B, H, T, dh)
-         "qlin": None if cfg.adaptive_q else P.linear_forward(x, params["W_q"])[0]}  # (B, T, D)  # fmt: skip
+         # the static projections x W_c^T (q unless adaptive_q; k, v when not adaptive) (B, T, D)
+         "lin": {c: P.linear_forward(x, params[f"W_{c}"])[0] for c in cfg.static_projections}}  # fmt: skip
     per_token = (B, cfg.n_heads, T, cfg.head_dim)
     r["full"] = {name: np.zeros(per_token, dtype=x.dtype) for name in ("k", "q", "v", "o")}
     r["pre"] = {m: np.zeros(per_token, dtype=x.dtype) for m in cfg.readers}
@@ -175,10 +178,11 @@ def _project(r, a, b):
     xs = r["xh"][:, :, a:b]  # (B, H, n, dh)
     for m in cfg.readers:
         pre[m][:, :, a:b] = read_forward(cfg, Bst[m], xs)[0]  # Eq. (83) at the chunk start
-    kc, _, conv["k"] = P.conv1d_forward(merge(pre["k"][:, :, a:b]), params["conv_k"], None, conv["k"])
-    vc, _, conv["v"] = P.conv1d_forward(merge(pre["v"][:, :, a:b]), params["conv_v"], None, conv["v"])
-    qin = merge(pre["q"][:, :, a:b]) if cfg.adaptive_q else r["qlin"][:, a:b]
-    qc, _, conv["q"] = P.conv1d_forward(qin, params["conv_q"], None, conv["q"])
+    # the convs' inputs: a memory's read, or the static projection x W_c^T
+    cin = {c: merge(pre[c][:, :, a:b]) if cfg.adaptive(c) else r["lin"][c][:, a:b] for c in ("k", "v", "q")}
+    kc, _, conv["k"] = P.conv1d_forward(cin["k"], params["conv_k"], None, conv["k"])
+    vc, _, conv["v"] = P.conv1d_forward(cin["v"], params["conv_v"], None, conv["v"])
+    qc, _, conv["q"] = P.conv1d_forward(cin["q"], params["conv_q"], None, conv["q"])
     k = P.l2norm_forward(heads(kc, H), cfg.eps)[0]  # (B, H, n, dh)
     q = P.l2norm_forward(heads(qc, H), cfg.eps)[0]  # (B, H, n, dh)
     v = heads(vc, H)  # (B, H, n, dh)
@@ -215,7 +219,7 @@ def _finish(r, writes):
     for c in ("q", "k", "v"):
         new_state[f"conv_{c}"] = r["conv"][c].copy()
     cache = {"x": x, "params": r["params"], "cfg": cfg, "had_state": r["had_state"], "segs": r["segs"],
-             "pre": r["pre"], "writes": writes, "qlin": r["qlin"], "conv0": r["conv0"], "vhat": r["vhat"],
+             "pre": r["pre"], "writes": writes, "lin": r["lin"], "conv0": r["conv0"], "vhat": r["vhat"],
              "out": out_cache, **r["full"]}  # fmt: skip
     return y, cache, new_state
 
@@ -309,9 +313,9 @@ def backward(dy, cache, dstate=None):
         grads[key] += val
     adj = _state_adjoints(cache, dstate)
     dxh = np.zeros((B, cfg.n_heads, T, cfg.head_dim), dtype=x.dtype)
-    dqin = np.zeros((B, T, D), dtype=x.dtype)
-    conv_in = {c: merge(cache["pre"][c]) for c in ("k", "v")}  # the convs' inputs (B, T, D)
-    conv_in["q"] = merge(cache["pre"]["q"]) if cfg.adaptive_q else cache["qlin"]
+    dlin = {c: np.zeros((B, T, D), dtype=x.dtype) for c in cfg.static_projections}  # of x W_c^T
+    # the convs' inputs (B, T, D): a memory's read, or the static projection
+    conv_in = {c: merge(cache["pre"][c]) if cfg.adaptive(c) else cache["lin"][c] for c in ("k", "v", "q")}
     beta = {m: betas(params, cfg, m) for m in cfg.memories}
     for seg in reversed(cache["segs"]):
         t0, t1 = seg["t0"], seg["t1"]
@@ -329,9 +333,9 @@ def backward(dy, cache, dstate=None):
         else:
             deta = d["ep"]  # eta' = eta
         dpre_seg = _norms_convs_backward(cache, conv_in, t0, t1, d["k"], dq, d["v"], adj, grads)  # (B, n, D)
-        dpre = {c: heads(dpre_seg[c], cfg.n_heads) for c in ("k", "v") + (("q",) if cfg.adaptive_q else ())}
-        if not cfg.adaptive_q:
-            dqin[:, t0:t1] = dpre_seg["q"]
+        dpre = {c: heads(dpre_seg[c], cfg.n_heads) for c in ("k", "v", "q") if cfg.adaptive(c)}
+        for c in cfg.static_projections:
+            dlin[c][:, t0:t1] = dpre_seg[c]
         dpre.update(_gates_backward(cache, t0, t1, deta, d["alpha"], grads))
         _reads_backward(cache, seg, dpre, dxh, adj)
         for m in seg["starts"]:  # a chunk that starts here took its chunk-start state from the running state
@@ -339,10 +343,10 @@ def backward(dy, cache, dstate=None):
                 adj["W"][m][w] = adj["W"][m][w] + adj["B"][m][w]
                 adj["B"][m][w] = np.zeros_like(adj["B"][m][w])
     dx = dx + merge(dxh)
-    if not cfg.adaptive_q:  # q = x W_q^T (static)
-        dxq, dW_q, _ = P.linear_backward(dqin, (x, params["W_q"], False))
-        dx = dx + dxq
-        grads["W_q"] += dW_q
+    for c in cfg.static_projections:  # c = x W_c^T (static: q unless adaptive_q; k, v when not adaptive)
+        dxc, dW_c, _ = P.linear_backward(dlin[c], (x, params[f"W_{c}"], False))
+        dx = dx + dxc
+        grads[f"W_{c}"] += dW_c
     return dx, grads, _state0_gradient(cache, adj, grads)
 
 

@@ -61,8 +61,8 @@ titans_layer_configs = st.fixed_dictionaries(
 )
 
 # One self-modifying Titans layer (cases_fast.selfmod_make): MLP / matrix memories, the two chunk
-# sizes, LayerNorm (float64 draws only), momentum, adaptive q, single shrink, stop_grad_writes, a
-# continued stream, and which state cotangents the backward gets.
+# sizes, LayerNorm (float64 draws only), momentum, adaptive q, DGD, adaptive (or static) k and v,
+# single shrink, stop_grad_writes, a continued stream, and which state cotangents the backward gets.
 selfmod_layer_configs = st.fixed_dictionaries(
     {
         "B": st.integers(1, 2),
@@ -79,6 +79,9 @@ selfmod_layer_configs = st.fixed_dictionaries(
         "adaptive_q": st.booleans(),
         "single_shrink": st.booleans(),
         "dgd": st.sampled_from([True, True, False]),  # False: Table 6 "w/o DGD"
+        # False: Table 6 "w/o inner-projection k" / "v" (static k / v: x W_k^T, x W_v^T)
+        "adaptive_k": st.sampled_from([True, True, True, False]),
+        "adaptive_v": st.sampled_from([True, True, True, False]),
         "sg": st.sampled_from([False, False, False, True]),
         "stream": st.booleans(),
         # dense: every state key; none: no dstate; partial: only some memories' cotangents (the

@@ -489,7 +489,7 @@ def _forward(x, params, cfg, state):
     pos0 = (int(st["pos_other"]), int(st["pos_memory"]))
     betas = {m: RS.betas(params, cfg, m) for m in cfg.memories}
     xh = np.ascontiguousarray(_heads(x, H))  # (B, H, T, dh)
-    qlin = None if cfg.adaptive_q else _linear(x, params["W_q"])  # (B, T, D)
+    lin = {c: _linear(x, params[f"W_{c}"]) for c in cfg.static_projections}  # (B, T, D)   static x W_c^T
     o = np.zeros((B, H, T, dh), dtype=x.dtype)
     segs = []
     for t0, t1, starts in RS.segments(cfg, T, *pos0):
@@ -502,10 +502,10 @@ def _forward(x, params, cfg, state):
         for m in cfg.readers:
             pre[m], c_pre[m] = read_forward(cfg, Bst[m], xs)  # Eq. (83) at the chunk start
         c_conv, c_l2 = {}, {}
-        kc, c_conv["k"], conv["k"] = P.conv1d_forward(_merge(pre["k"]), params["conv_k"], None, conv["k"])
-        vc, c_conv["v"], conv["v"] = P.conv1d_forward(_merge(pre["v"]), params["conv_v"], None, conv["v"])
-        qin = _merge(pre["q"]) if cfg.adaptive_q else qlin[:, t0:t1]
-        qc, c_conv["q"], conv["q"] = P.conv1d_forward(qin, params["conv_q"], None, conv["q"])
+        cin = {c: _merge(pre[c]) if cfg.adaptive(c) else lin[c][:, t0:t1] for c in ("k", "v", "q")}  # convs' inputs
+        kc, c_conv["k"], conv["k"] = P.conv1d_forward(cin["k"], params["conv_k"], None, conv["k"])
+        vc, c_conv["v"], conv["v"] = P.conv1d_forward(cin["v"], params["conv_v"], None, conv["v"])
+        qc, c_conv["q"], conv["q"] = P.conv1d_forward(cin["q"], params["conv_q"], None, conv["q"])
         k, c_l2["k"] = P.l2norm_forward(_heads(kc, H), cfg.eps)  # (B, H, n, dh)
         q, c_l2["q"] = P.l2norm_forward(_heads(qc, H), cfg.eps)
         v = _heads(vc, H)
@@ -631,7 +631,7 @@ def _backward(dy, cache, dstate):
     dS = {m: {w: (get(f"{m}.S_{w}") if cfg.momentum else np.zeros(ref[f"{m}.{w}"], dtype=dt)) for w in wn}
           for m in cfg.memories}  # fmt: skip
     dconv = {c: get(f"conv_{c}") for c in "qkv"}
-    dqin = np.zeros((B, T, D), dtype=dt)
+    dlin = {c: np.zeros((B, T, D), dtype=dt) for c in cfg.static_projections}  # of the static x W_c^T
     # live[m]: memory m's running-state cotangents (dW, dS) may be nonzero. The writes' VJP is linear
     # in them, and within a segment every read uses the chunk-start state, not the writes, so while
     # they are zero the write backward of m returns zeros and is skipped (exact). That holds from the
@@ -720,11 +720,9 @@ def _backward(dy, cache, dstate):
             dpre_c, dwc, _, dconv[c] = P.conv1d_backward(dc[c], seg["c_conv"][c], dnew_state=dconv[c])
             grads[f"conv_{c}"] += dwc
             dpre_seg[c] = dpre_c
-        if not cfg.adaptive_q:
-            dqin[:, t0:t1] = dpre_seg["q"]
-        dpre = {"k": _heads(dpre_seg["k"], H), "v": _heads(dpre_seg["v"], H)}
-        if cfg.adaptive_q:
-            dpre["q"] = _heads(dpre_seg["q"], H)
+        for c in cfg.static_projections:
+            dlin[c][:, t0:t1] = dpre_seg[c]
+        dpre = {c: _heads(dpre_seg[c], H) for c in ("k", "v", "q") if cfg.adaptive(c)}
         for gname, dgate in (("eta", deta), ("alpha", dalpha)):
             pe = seg["pre"][gname]  # (B, H, n, dh)
             wg = params[f"w_{gname}"]  # (H, dh)
@@ -746,9 +744,9 @@ def _backward(dy, cache, dstate):
                     dB[m][w] = None
             live[m] = True
     dx = dx + _merge(dxh)
-    if not cfg.adaptive_q:
-        dx = dx + dqin @ params["W_q"]
-        grads["W_q"] += dqin.reshape(-1, D).T @ x.reshape(-1, D)
+    for c in cfg.static_projections:  # c = x W_c^T
+        dx = dx + dlin[c] @ params[f"W_{c}"]
+        grads[f"W_{c}"] += dlin[c].reshape(-1, D).T @ x.reshape(-1, D)
     given = {id(a) for a in ds.values() if isinstance(a, np.ndarray)}  # returned as copies, never aliased
 
     def own(a):

@@ -39,6 +39,8 @@ FLIPS = {
     "mem_stop_grad_writes": dict(mem_stop_grad_writes=True),
     "mem_layernorm": dict(mem_layernorm=True),
     "mem_dgd": dict(mem_dgd=False),
+    "mem_adaptive_k": dict(mem_adaptive_k=False),
+    "mem_adaptive_v": dict(mem_adaptive_v=False),
 }
 # preset -> the fields it changes from hope-small (SPEC.md#hope "Ablation presets")
 ABLATION_PRESETS = {
@@ -46,6 +48,8 @@ ABLATION_PRESETS = {
     "hope-small-no-cms": dict(cms_in_context=False),
     "hope-small-adaptive-q": dict(mem_adaptive_q=True),
     "hope-small-no-dgd": dict(mem_dgd=False),
+    "hope-small-static-k": dict(mem_adaptive_k=False),  # "w/o inner-projection k"
+    "hope-small-static-v": dict(mem_adaptive_v=False),  # "w/o inner-projection v"
     "hope-small-nested": dict(cms_nested=True),  # not a Table 6 row: nested CMS (Eq. 72)
 }
 
@@ -220,3 +224,23 @@ def test_info_says_no_cms_level_updates_in_context():
     assert levels and all("frozen" in line for line in levels), result.output
     on = CliRunner().invoke(cli, ["info", "--model", "hope-small"]).output
     assert any("period 16 tokens" in line for line in on.splitlines() if "CMS level" in line)
+
+
+def test_the_torch_oracle_refuses_every_forward_switch():
+    """torch_model.py computes the self-modifying layer with its default switches only: each switch
+    that changes the forward (all but ``mem_stop_grad_writes``), flipped, is a NotImplementedError
+    naming it, in the oracle and in its nn.Module, not a silent default computation."""
+    pytest.importorskip("torch")
+    from nlref import torch_model as TM
+    from nlref.torch_module import unsupported
+
+    base = config.preset("hope-tiny")
+    TM._check_computes(dataclasses.replace(base, **FLIPS["mem_stop_grad_writes"]))  # the gradient alone
+    assert unsupported(dataclasses.replace(base, **FLIPS["mem_stop_grad_writes"])) is None
+    for switch, flip in FLIPS.items():
+        if switch == "mem_stop_grad_writes":
+            continue
+        cfg = dataclasses.replace(base, **flip)
+        with pytest.raises(NotImplementedError, match=f"not .*{switch} = "):
+            TM._check_computes(cfg)
+        assert f"{switch}=" in (unsupported(cfg) or ""), switch

@@ -143,6 +143,9 @@ def configs(draw):
         "single_shrink": memory == "matrix" and draw(st.booleans()),
         "act": draw(st.sampled_from(["gelu", "silu"])),
         "dgd": draw(st.sampled_from([True, True, False])),  # False: Table 6 "w/o DGD"
+        # False: Table 6 "w/o inner-projection k" / "v" (static k / v, no M_k / M_v)
+        "adaptive_k": draw(st.sampled_from([True, True, True, False])),
+        "adaptive_v": draw(st.sampled_from([True, True, True, False])),
     }
     return _cfg(**kw)
 
@@ -525,3 +528,42 @@ def test_without_dgd_every_write_is_retention_plus_a_plain_gradient_step(memory)
     y_dgd, _, _ = SM.forward(x, params, dataclasses.replace(cfg, dgd=True))
     y, _, _ = SM.forward(x, params, cfg)
     assert np.abs(y - y_dgd).max() > 1e-8  # the switch changes the layer
+
+
+@pytest.mark.parametrize("memory", ["matrix", "mlp"])
+@pytest.mark.parametrize("c", ["k", "v"])
+def test_without_inner_projection_k_or_v_is_a_static_projection(c, memory):
+    """Table 6 "w/o inner-projection k" / "v" (``adaptive_k`` / ``adaptive_v`` False): the layer's
+    k (v) is l2(conv(x W_c^T)), computed here independently (the causal depthwise conv as a loop
+    over lags, with the stream's conv history), exactly as q without ``adaptive_q``; the memory M_c,
+    its parameters and state are gone, W_c (D, D) is an outer parameter, the other projection is
+    still a memory's read, and the switch changes the layer."""
+    import dataclasses
+
+    cfg = _cfg(memory=memory, chunk_memory=2, chunk_other=3, **{f"adaptive_{c}": False})
+    other = "v" if c == "k" else "k"
+    assert c not in cfg.memories and c not in cfg.readers and other in cfg.memories
+    assert cfg.static_projections == ("q", c) and not cfg.adaptive(c) and cfg.adaptive(other)
+    shapes = SM.param_shapes(cfg)
+    assert shapes[f"W_{c}"] == (cfg.d_model, cfg.d_model) and f"W_{other}" not in shapes
+    assert not any(key.startswith(f"{c}.") for key in shapes)  # no {c}.M0 / W1_0, W2_0, b_beta
+    default = SM.param_shapes(dataclasses.replace(cfg, **{f"adaptive_{c}": True}))
+    assert set(default) - set(shapes) == {key for key in default if key.startswith(f"{c}.")}
+    rng, params, x = _setup(cfg, T=7)
+    state0 = SM.forward(rng.standard_normal((2, 2, cfg.d_model)), params, cfg)[2]  # a continued stream
+    assert not any(key.startswith(f"{c}.") for key in state0)
+    _, cache, state = SM.forward(x, params, cfg, state0)
+    assert set(state) == set(state0)
+    K, eps = cfg.conv_width, cfg.eps
+    lin = x @ params[f"W_{c}"].T  # (B, T, D)
+    xp = np.concatenate([state0[f"conv_{c}"], lin], axis=1)  # (B, K-1+T, D)
+    conv = sum(params[f"conv_{c}"][:, j] * xp[:, j : j + x.shape[1]] for j in range(K))  # (B, T, D)
+    h = conv.reshape(2, 7, cfg.n_heads, cfg.head_dim).transpose(0, 2, 1, 3)  # (B, H, T, dh)
+    expect = h / np.sqrt(np.sum(h * h, axis=-1, keepdims=True) + eps)
+    assert_close(cache[c], expect, "float64", "rewrite", c)
+    np.testing.assert_array_equal(state[f"conv_{c}"], xp[:, -(K - 1):])
+    # the loop form agrees, and the adaptive layer (same shared parameters, M_c added) differs
+    assert_close(SM.forward_loop(x, params, cfg, state0)[1][c], expect, "float64", "rewrite", c)
+    full = dataclasses.replace(cfg, **{f"adaptive_{c}": True})
+    p_full = {**SM.init_params(full, np.random.default_rng(1)), **{k: v for k, v in params.items() if k in default}}
+    assert np.abs(SM.forward(x, p_full, full)[1][c] - SM.forward(x, params, cfg)[1][c]).max() > 1e-3
