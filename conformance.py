@@ -60,6 +60,7 @@ MODEL_CASES: dict[str, tuple[str, dict]] = {
     "linear-attention-tiny": ("linear-attention-tiny", {}),
     "deltanet-tiny": ("deltanet-tiny", {}),
     "gated-deltanet-tiny": ("gated-deltanet-tiny", {}),
+    "dgd-tiny": ("dgd-tiny", {}),  # NL §4.5: DGD as a sequence layer
     "hope-tiny-no-dgd": ("hope-tiny", {"mem_dgd": False}),  # Table 6 "w/o DGD"
     "hope-tiny-no-momentum": ("hope-tiny", {"mem_momentum": False}),  # Table 6 "w/o Momentum"
     "hope-attention-tiny-nested": ("hope-attention-tiny", {"cms_nested": True}),  # nested CMS, Eq. 72

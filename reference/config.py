@@ -27,8 +27,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-FAMILIES = ("hope", "hope-attention", "titans", "transformer", "linear-attention", "deltanet", "gated-deltanet")
-LINEAR_FAMILIES = ("linear-attention", "deltanet", "gated-deltanet")  # reference/linear_layers.py
+FAMILIES = ("hope", "hope-attention", "titans", "transformer", "linear-attention", "deltanet", "gated-deltanet",
+            "dgd")
+LINEAR_FAMILIES = ("linear-attention", "deltanet", "gated-deltanet", "dgd")  # reference/linear_layers.py
 CMS_VARIANTS = ("sequential", "independent")
 ACTIVATIONS = ("gelu", "silu")
 DTYPES = ("float32", "float64")
@@ -67,7 +68,7 @@ class ModelConfig:
     Families (SPEC.md#hope): ``hope`` (self-modifying Titans then CMS), ``hope-attention``
     (causal softmax attention then CMS), ``titans`` (the Titans memory layer then a SwiGLU MLP),
     ``transformer`` (Transformer++: RoPE attention then SwiGLU), ``linear-attention``, ``deltanet``,
-    ``gated-deltanet`` (reference/linear_layers.py then SwiGLU, SPEC.md#linear-families). Every block is pre-norm
+    ``gated-deltanet``, ``dgd`` (reference/linear_layers.py then SwiGLU, SPEC.md#linear-families). Every block is pre-norm
     residual with RMSNorm.
     """
 
@@ -259,6 +260,7 @@ PRESETS: dict[str, ModelConfig] = {
     "linear-attention-tiny": _tiny("linear-attention"),
     "deltanet-tiny": _tiny("deltanet"),
     "gated-deltanet-tiny": _tiny("gated-deltanet"),
+    "dgd-tiny": _tiny("dgd"),
     "transformer-small": _small("transformer"),
     "hope-attention-small": _small("hope-attention", cms_levels=_SMALL_CMS),
     "titans-small": _small("titans", mlp_hidden=896),
@@ -266,6 +268,7 @@ PRESETS: dict[str, ModelConfig] = {
     "linear-attention-small": _small("linear-attention"),  # the transformer-small's SwiGLU width
     "deltanet-small": _small("deltanet"),
     "gated-deltanet-small": _small("gated-deltanet"),
+    "dgd-small": _small("dgd"),
     "transformer-medium": _medium("transformer"),
     "hope-attention-medium": _medium("hope-attention", cms_levels=_MEDIUM_CMS),
     "titans-medium": _medium("titans", mlp_hidden=1792),

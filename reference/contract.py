@@ -70,7 +70,8 @@ class Ops:
 
 
 LAYER_MODULES: dict[str, str] = {"titans": "titans", "hope": "selfmod", "linear-attention": "linear_layers",
-                                 "deltanet": "linear_layers", "gated-deltanet": "linear_layers"}
+                                 "deltanet": "linear_layers", "gated-deltanet": "linear_layers",
+                                 "dgd": "linear_layers"}
 """family -> the reference module of its sequence-memory layer (the attention families have none)."""
 
 

@@ -29,6 +29,10 @@ Decisions where the papers are open (each in SPEC.md#linear-families):
   alpha_t M_{t-1} - beta_t grad 1/2 ||M_{t-1} k_t - v_t||^2 (Titans App. C with eta = 0, MIRAS
   Eq. 9, memory.py's gated delta rule); Yang et al.'s Gated DeltaNet writes
   alpha_t M_{t-1} (I - beta_t k k^T), which differs by alpha_t on the k k^T term;
+  ``dgd`` (NL §4.5, Delta Gradient Descent as a layer): the gated delta rule at the exact proximal
+  step, M_t = M_{t-1} (alpha_t I - beta'_t k_t k_t^T) + beta'_t v_t k_t^T with beta' = beta / (1 +
+  beta ||k||^2) (Eqs. 56-57, memory.py's dgd rule): with alpha = 1, M_t is the exact minimiser of
+  1/2 ||M k_t - v_t||^2 + 1/(2 beta_t) ||M - M_{t-1}||^2 (with unit keys beta' = beta / (1 + beta));
 - q and k l2-normalised per head (DeltaNet's choice; for linear attention too, so that the
   three families differ in the rule alone); no feature map, no short convolution;
 - beta_t = sigmoid(x_t . w_beta + b_beta), alpha_t = sigmoid(x_t . w_alpha + b_alpha), one scalar
@@ -49,8 +53,8 @@ from . import primitives as P
 from . import titans as T
 from .titans import _gate_backward, _gate_forward
 
-RULES = ("hebbian", "delta", "gated_delta")
-FAMILY_RULES = {"linear-attention": "hebbian", "deltanet": "delta", "gated-deltanet": "gated_delta"}
+RULES = ("hebbian", "delta", "gated_delta", "dgd")
+FAMILY_RULES = {"linear-attention": "hebbian", "deltanet": "delta", "gated-deltanet": "gated_delta", "dgd": "dgd"}
 """model family -> the rule of its sequence layer."""
 
 
@@ -60,7 +64,7 @@ class LinearLayerConfig:
 
     d_model: int
     n_heads: int = 1
-    rule: str = "delta"  # "hebbian" (linear attention), "delta" (DeltaNet), "gated_delta"
+    rule: str = "delta"  # "hebbian" (linear attention), "delta" (DeltaNet), "gated_delta", "dgd" (NL §4.5)
     chunk: int = 16  # chunk size of the chunk form (changes rounding only)
     eps: float = 1e-6  # of the l2 and RMS norms
 
@@ -84,7 +88,7 @@ def param_shapes(cfg: LinearLayerConfig) -> dict[str, tuple[int, ...]]:
     shapes = {"W_q": (D, D), "W_k": (D, D), "W_v": (D, D)}
     if cfg.rule != "hebbian":
         shapes.update(w_beta=(H, D), b_beta=(H,))
-    if cfg.rule == "gated_delta":
+    if cfg.rule in ("gated_delta", "dgd"):
         shapes.update(w_alpha=(H, D), b_alpha=(H,))
     shapes.update(g_o=(cfg.head_dim,), W_o=(D, D))
     return shapes
@@ -130,6 +134,8 @@ def _rule(cfg):
     """(chunk forward, chunk backward) of memory.py for the layer's rule."""
     if cfg.rule == "hebbian":
         return MEM.hebbian_chunked_forward, MEM.hebbian_chunked_backward
+    if cfg.rule == "dgd":  # the gated delta rule at the exact prox step eta' (Eqs. 56-57)
+        return MEM.dgd_chunked_forward, MEM.dgd_chunked_backward
     return MEM.delta_chunked_forward, MEM.delta_chunked_backward
 
 
@@ -157,7 +163,7 @@ def forward(x, params, cfg: LinearLayerConfig, state=None):
         beta, c_beta = _gate_forward(x, params["w_beta"], params["b_beta"])  # (B, H, T)
         eta = beta.reshape(B * H, T)
     alpha = None
-    if cfg.rule == "gated_delta":
+    if cfg.rule in ("gated_delta", "dgd"):
         a, c_alpha = _gate_forward(x, params["w_alpha"], params["b_alpha"])
         alpha = a.reshape(B * H, T)
     fwd, _ = _rule(cfg)

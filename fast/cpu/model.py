@@ -70,7 +70,8 @@ def _blas_limited(fn):
 
 PORTED_LAYERS: dict[str, str | None] = {"titans": "titans", "hope": "selfmod",
                                         # not yet ported: reference/linear_layers.py, a counted fallback
-                                        "linear-attention": None, "deltanet": None, "gated-deltanet": None}
+                                        "linear-attention": None, "deltanet": None, "gated-deltanet": None,
+                                        "dgd": None}
 """family -> the fast.cpu module of its sequence-memory layer (None: the reference's layer, an
 explicit fallback). Set once the port has landed and its equivalence tests pass."""
 

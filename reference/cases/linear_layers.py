@@ -62,5 +62,6 @@ GRADCHECKS: dict[str, Callable] = {
     "linear_layers.delta_c2": _case(rule="delta", chunk=2),
     "linear_layers.gated_delta_c3_state": _case(rule="gated_delta", chunk=3, T=7, with_state=True),
     "linear_layers.delta_c1_state": _case(rule="delta", chunk=1, with_state=True, n_heads=1),
+    "linear_layers.dgd_c3_state": _case(rule="dgd", chunk=3, T=7, with_state=True),
 }
 """Every case: tiny float64 layer, every parameter and the input (and an incoming state)."""

@@ -32,7 +32,7 @@ from nlref.reference import model as R
 from nlref.reference.cases import linear_layers as LL_cases
 from nlref.reference.gradcheck import check_gradients, dot_product_test
 
-TINY = ["linear-attention-tiny", "deltanet-tiny", "gated-deltanet-tiny"]
+TINY = ["linear-attention-tiny", "deltanet-tiny", "gated-deltanet-tiny", "dgd-tiny"]
 
 # ---------------------------------------------------------------------------------------------
 # The layer
@@ -64,7 +64,9 @@ def _layer_oracle(x, params, cfg):
         return (1 / (1 + np.exp(-z))).reshape(B * H, T)
 
     eta = np.ones((B * H, T)) if cfg.rule == "hebbian" else gate("beta")
-    alpha = gate("alpha") if cfg.rule == "gated_delta" else None
+    alpha = gate("alpha") if cfg.rule in ("gated_delta", "dgd") else None
+    if cfg.rule == "dgd":  # the exact prox step of Eq. (57), written out here
+        eta = eta / (1 + eta * np.sum(k * k, axis=-1))
     fwd = MEM.hebbian_forward if cfg.rule == "hebbian" else MEM.delta_forward
     o, M_T, _ = fwd(q, k, v, eta, alpha, np.zeros((B * H, dh, dh)))
     o = o.reshape(B, H, T, dh).transpose(0, 2, 1, 3)
