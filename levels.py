@@ -64,13 +64,23 @@ class Level:
         return d
 
 
+def _selfmod_memories(cfg) -> list[str]:
+    """The self-modifying layer's in-context memories of ``cfg``, as M_<name>, written order."""
+    from nlref.reference.contract import layer_config, reference_layer
+
+    return [f"M_{m}" for m in layer_config(reference_layer(cfg.family), cfg).memories]
+
+
 def _rule_text(cfg) -> tuple[str, str]:
     """(short objective, detail) of a block's sequence memory."""
     if cfg.family == "hope":
-        mems = "M_k, M_v, M_eta, M_alpha, M_memory" + (", M_q" if cfg.mem_adaptive_q else "")
+        mems = ", ".join(_selfmod_memories(cfg))
+        static = [c for c in ("q", "k", "v") if not getattr(cfg, f"mem_adaptive_{c}", True)]
+        rule = "DGD with retention" if cfg.mem_dgd else "GD with retention (no DGD, Table 6)"
         return ("||M(k) - v_hat||^2, v_hat = M(v) (Eqs. 84-88)",
                 f"self-modifying Titans: each of {mems} regresses k_t onto its own target v_hat_t = M(v_t), "
-                f"by DGD with retention{' and momentum' if cfg.mem_momentum else ''}")
+                f"by {rule}{' and momentum' if cfg.mem_momentum else ''}"
+                + (f"; {', '.join(static)} from static projections" if static else ""))
     if cfg.family == "titans":
         return ("||M(k) - v||^2 (Titans Eq. 12)",
                 "Titans memory: GD on its surprise with momentum and retention (Titans Eqs. 9-18)")
@@ -78,6 +88,10 @@ def _rule_text(cfg) -> tuple[str, str]:
         return "-<M k, v> (Eqs. 14-18)", "linear attention: one GD step of rate 1 on the dot product; M_0 = 0"
     if cfg.family == "deltanet":
         return "1/2 ||M k - v||^2 (Eq. 65)", "DeltaNet: the delta rule, rate beta_t; M_0 = 0"
+    if cfg.family == "dgd":
+        return ("1/2 ||M k - v||^2 + 1/(2 beta) ||M - M_prev||^2 (Eqs. 56-57)",
+                "DGD layer: the exact proximal step (rate beta' = beta / (1 + beta ||k||^2)) with retention "
+                "alpha_t; M_0 = 0")
     return "1/2 ||M k - v||^2 (Eq. 65)", "Gated DeltaNet: the delta rule with retention alpha_t, rate beta_t; M_0 = 0"
 
 
@@ -163,7 +177,8 @@ def levels(cfg, batch_size: int | None = None, seq_len: int | None = None,
                     static = [k for k in mem if k not in mm and k not in other]
                     parts = [(" (M_memory)", cfg.mem_chunk, mm + static,
                               sum(n for s, n in st.items() if s.startswith("memory."))),
-                             (" (M_k, M_v, M_eta, M_alpha)", cfg.mem_chunk_other, other,
+                             (f" ({', '.join(m for m in _selfmod_memories(cfg) if m != 'M_memory')})",
+                              cfg.mem_chunk_other, other,
                               sum(n for s, n in st.items() if not s.startswith("memory.")))]
                 else:
                     parts = [("", cfg.mem_chunk, mem, sum(st.values()))]

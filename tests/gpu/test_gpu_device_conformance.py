@@ -28,11 +28,16 @@ COMMITTED = Path(__file__).resolve().parents[1] / "conformance"
 
 
 def test_committed_vectors_verify_on_the_gpu():
+    from nlref.fast.gpu.model import FAMILIES
+
     rows = conf.verify(COMMITTED, backend="gpu")
+    skipped = [r for r in rows if "skipped" in r]  # the families the GPU port does not compute yet
+    assert all(r["skipped"].split()[-1] not in FAMILIES for r in skipped), skipped
+    rows = [r for r in rows if "skipped" not in r]
     for r in rows:
         r["dtype"] = "float32" if ".float32:" in r["name"] else "float64"
         record_error(r["name"], r["dtype"], r["max_rel"], "conformance", r["tolerance"])
-    names = {r["name"].split(":")[0] for r in rows}
+    names = {r["name"].split(":")[0] for r in rows + skipped}
     assert names == set(conf.vector_names()), "the committed set must hold every vector"
     assert any(r["name"].endswith("grad.blocks.0.mem.memory.W1_0") for r in rows)  # hope: every gradient
     bad = [r for r in rows if not (r["ok"] and r["max_rel"] <= tol(r["dtype"], "gpu"))]
@@ -41,5 +46,7 @@ def test_committed_vectors_verify_on_the_gpu():
     if ON_NUMPY:  # the same computation on both sides, both made now: bit for bit (not the files)
         for f in sorted(COMMITTED.glob("*.npz")):
             meta, groups = conf.load_vector(f)
+            if meta.get("config", {}).get("family", "transformer") not in FAMILIES:
+                continue
             assert_bitwise_tree(conf.run_vector(meta, groups, "gpu"), conf.run_vector(meta, groups, "reference"),
                                 f.name)
