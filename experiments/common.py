@@ -22,7 +22,8 @@ Decisions (docs/experiments.md says them to the reader):
   the per-seed differences; otherwise it is "within the seed noise". With 3 seeds this is a
   rough test, and the reports say so.
 - Nothing is tuned on held-out data: every hyper-parameter of a scale is fixed in the code
-  before the run (the learning rates are the README's: 3e-3 for the small presets, 2e-2 for tiny).
+  before the run (the learning rates are the README's: 3e-3 for the small presets, 2e-2 for tiny),
+  except ``experiment optimizers``' learning rates, each picked by a sweep on the training loss.
 """
 
 from __future__ import annotations
