@@ -37,7 +37,7 @@ DTYPES = ("float32", "float64")
 # SelfModConfig field of the same name without ``mem_``), SPEC.md#hope "Ablation switches"
 SELFMOD_SWITCHES = {"mem_momentum": True, "mem_adaptive_q": False, "mem_normalize_v": True,
                     "mem_single_shrink": False, "mem_stop_grad_writes": False, "mem_layernorm": False,
-                    "mem_dgd": True, "mem_adaptive_k": True, "mem_adaptive_v": True}
+                    "mem_dgd": True, "mem_retention": True, "mem_adaptive_k": True, "mem_adaptive_v": True}
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,7 @@ class ModelConfig:
     mem_stop_grad_writes: bool = False  # first-order outer gradient through the writes
     mem_layernorm: bool = False  # z + LN(W1 s(W2 z)) in every memory (not in NL's equations)
     mem_dgd: bool = True  # DGD writes (Eq. 88); False: Table 6 "w/o DGD", alpha W - eta grad (+ momentum)
+    mem_retention: bool = True  # the alpha gate; False: Table 6 "w/o weight decay", alpha = 1
     mem_adaptive_k: bool = True  # k from the memory M_k; False: Table 6 "w/o inner-projection k" (static W_k)
     mem_adaptive_v: bool = True  # v from the memory M_v; False: Table 6 "w/o inner-projection v" (static W_v)
 
@@ -280,6 +281,8 @@ PRESETS: dict[str, ModelConfig] = {
                                 cms_in_context=False),
     "hope-small-adaptive-q": _small("hope", name="hope-small-adaptive-q", cms_levels=_SMALL_HOPE_CMS,
                                     mem_eta_max=0.01, mem_adaptive_q=True),
+    "hope-small-no-retention": _small("hope", name="hope-small-no-retention", cms_levels=_SMALL_HOPE_CMS,
+                                      mem_eta_max=0.01, mem_retention=False),  # Table 6 "w/o weight decay"
     "hope-small-no-dgd": _small("hope", name="hope-small-no-dgd", cms_levels=_SMALL_HOPE_CMS, mem_eta_max=0.01,
                                 mem_dgd=False),
     "hope-small-static-k": _small("hope", name="hope-small-static-k", cms_levels=_SMALL_HOPE_CMS, mem_eta_max=0.01,

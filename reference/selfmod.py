@@ -128,9 +128,12 @@ def gates(params, cfg, pre_eta, pre_alpha, k):
     """(s_eta, s_alpha, eta, alpha, eta') (B, H, n) from the gate memories' reads (SPEC.md#selfmod).
     Part of the contract the ports use."""
     s_eta = np.einsum("bhnd,hd->bhn", pre_eta, params["w_eta"]) + params["b_eta"][:, None]
-    s_alpha = np.einsum("bhnd,hd->bhn", pre_alpha, params["w_alpha"]) + params["b_alpha"][:, None]
     eta = cfg.eta_max * P.sigmoid(s_eta)  # (B, H, n)   Eq. (83) with a pinned squashing
-    alpha = P.sigmoid(s_alpha)  # (B, H, n)
+    if cfg.retention:
+        s_alpha = np.einsum("bhnd,hd->bhn", pre_alpha, params["w_alpha"]) + params["b_alpha"][:, None]
+        alpha = P.sigmoid(s_alpha)  # (B, H, n)
+    else:  # Table 6 "w/o weight decay": no retention gate, alpha = 1 (pre_alpha is None)
+        s_alpha, alpha = None, np.ones_like(eta)
     # Eq. (57): the exact prox step of memory.py's DGD; without DGD (Table 6) the plain rate eta
     ep = DGD.prox_step_size(eta, k) if cfg.dgd else eta
     return s_eta, s_alpha, eta, alpha, ep
@@ -188,7 +191,8 @@ def _project(r, a, b):
     v = heads(vc, H)  # (B, H, n, dh)
     if cfg.normalize_v:
         v = P.l2norm_forward(v, cfg.eps)[0]  # pinned: bounded targets (SPEC.md#selfmod)
-    _, _, eta, alpha, ep = gates(params, cfg, pre["eta"][:, :, a:b], pre["alpha"][:, :, a:b], k)
+    _, _, eta, alpha, ep = gates(params, cfg, pre["eta"][:, :, a:b],
+                                 pre["alpha"][:, :, a:b] if cfg.retention else None, k)
     r["full"]["o"][:, :, a:b] = read_forward(cfg, Bst["memory"], q)[0]  # Eq. (83)   o = M_memory(q)
     for name, val in (("k", k), ("q", q), ("v", v), ("eta", eta), ("alpha", alpha), ("ep", ep)):
         r["full"][name][:, :, a:b] = val
@@ -427,7 +431,7 @@ def _gates_backward(cache, t0, t1, deta, dalpha, grads):
     """eta = eta_max sigmoid(w_eta . pre_eta + b_eta), alpha = sigmoid(w_alpha . pre_alpha + b_alpha)
     (Eq. 83, pinned squashing): -> {eta, alpha: the adjoints of the gate memories' reads}."""
     params, cfg, dpre = cache["params"], cache["cfg"], {}
-    for gname, dgate in (("eta", deta), ("alpha", dalpha)):
+    for gname, dgate in (("eta", deta), ("alpha", dalpha))[:len(cfg.gate_names)]:  # alpha = 1 w/o retention
         pe = cache["pre"][gname][:, :, t0:t1]
         s = np.einsum("bhnd,hd->bhn", pe, params[f"w_{gname}"]) + params[f"b_{gname}"][:, None]
         scale = cfg.eta_max if gname == "eta" else 1.0

@@ -137,7 +137,7 @@ def selfmod_make(c):
         d_model=c["H"] * c["dh"], n_heads=c["H"], memory=c["memory"], hidden=c["Hm"],
         layernorm=c["layernorm"] and mlp and c["dh"] >= 3 and c["dtype"] == "float64", chunk_memory=c["cm"], chunk_other=c["co"],
         momentum=c["momentum"], adaptive_q=c["adaptive_q"], single_shrink=c["single_shrink"] and not mlp,
-        eta_max=0.5, stop_grad_writes=c["sg"], dgd=c.get("dgd", True),
+        eta_max=0.5, stop_grad_writes=c["sg"], dgd=c.get("dgd", True), retention=c.get("retention", True),
         adaptive_k=c.get("adaptive_k", True), adaptive_v=c.get("adaptive_v", True),
     )  # fmt: skip
     rng = np.random.default_rng(c["seed"])

@@ -79,6 +79,7 @@ selfmod_layer_configs = st.fixed_dictionaries(
         "adaptive_q": st.booleans(),
         "single_shrink": st.booleans(),
         "dgd": st.sampled_from([True, True, False]),  # False: Table 6 "w/o DGD"
+        "retention": st.sampled_from([True, True, False]),  # False: Table 6 "w/o weight decay"
         # False: Table 6 "w/o inner-projection k" / "v" (static k / v: x W_k^T, x W_v^T)
         "adaptive_k": st.sampled_from([True, True, True, False]),
         "adaptive_v": st.sampled_from([True, True, True, False]),

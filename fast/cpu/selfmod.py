@@ -512,7 +512,7 @@ def _forward(x, params, cfg, state):
         if cfg.normalize_v:
             v, c_l2["v"] = P.l2norm_forward(v, cfg.eps)
         k, q, v = (np.ascontiguousarray(a) for a in (k, q, v))
-        _, _, eta, alpha, ep = RS.gates(params, cfg, pre["eta"], pre["alpha"], k)
+        _, _, eta, alpha, ep = RS.gates(params, cfg, pre["eta"], pre.get("alpha"), k)
         o[:, :, t0:t1], c_o = read_forward(cfg, Bst["memory"], q)  # Eq. (83)   o = M_memory(q)
         mem = {}
         for m in cfg.memories:
@@ -723,7 +723,7 @@ def _backward(dy, cache, dstate):
         for c in cfg.static_projections:
             dlin[c][:, t0:t1] = dpre_seg[c]
         dpre = {c: _heads(dpre_seg[c], H) for c in ("k", "v", "q") if cfg.adaptive(c)}
-        for gname, dgate in (("eta", deta), ("alpha", dalpha)):
+        for gname, dgate in (("eta", deta), ("alpha", dalpha))[:len(cfg.gate_names)]:  # alpha = 1 w/o retention
             pe = seg["pre"][gname]  # (B, H, n, dh)
             wg = params[f"w_{gname}"]  # (H, dh)
             s_ = np.sum(pe * wg[None, :, None, :], axis=-1) + params[f"b_{gname}"][:, None]

@@ -19,9 +19,11 @@ def example_params(cfg: SelfModConfig, rng: np.random.Generator, dtype=np.float6
     moves the output by a visible amount (gradient checks, the ports' equivalence tests)."""
     p = init_params(cfg, rng, dtype)
     p["b_eta"] = np.zeros_like(p["b_eta"])
-    p["b_alpha"] = np.full_like(p["b_alpha"], 2.0)  # alpha ~ 0.9: the writes are remembered
+    if cfg.retention:  # (no alpha gate without retention: alpha = 1)
+        p["b_alpha"] = np.full_like(p["b_alpha"], 2.0)  # alpha ~ 0.9: the writes are remembered
     p["w_eta"] = (0.5 * rng.standard_normal(p["w_eta"].shape)).astype(dtype)
-    p["w_alpha"] = (0.5 * rng.standard_normal(p["w_alpha"].shape)).astype(dtype)
+    if cfg.retention:
+        p["w_alpha"] = (0.5 * rng.standard_normal(p["w_alpha"].shape)).astype(dtype)
     for m in cfg.memories:
         if cfg.momentum:
             p[f"{m}.b_beta"] = np.zeros_like(p[f"{m}.b_beta"])

@@ -39,6 +39,7 @@ FLIPS = {
     "mem_stop_grad_writes": dict(mem_stop_grad_writes=True),
     "mem_layernorm": dict(mem_layernorm=True),
     "mem_dgd": dict(mem_dgd=False),
+    "mem_retention": dict(mem_retention=False),
     "mem_adaptive_k": dict(mem_adaptive_k=False),
     "mem_adaptive_v": dict(mem_adaptive_v=False),
 }
@@ -48,6 +49,7 @@ ABLATION_PRESETS = {
     "hope-small-no-cms": dict(cms_in_context=False),
     "hope-small-adaptive-q": dict(mem_adaptive_q=True),
     "hope-small-no-dgd": dict(mem_dgd=False),
+    "hope-small-no-retention": dict(mem_retention=False),
     "hope-small-static-k": dict(mem_adaptive_k=False),  # "w/o inner-projection k"
     "hope-small-static-v": dict(mem_adaptive_v=False),  # "w/o inner-projection v"
     "hope-small-nested": dict(cms_nested=True),  # not a Table 6 row: nested CMS (Eq. 72)

@@ -10,7 +10,7 @@ dot-product test still covers every entry).
 
 import numpy as np
 import pytest
-from hypothesis import given, note
+from hypothesis import assume, given, note
 from hypothesis import strategies as st
 from tolerances import assert_close, tol
 
@@ -72,7 +72,7 @@ def _complex_step_sampled(loss, inputs, grads, rng, n_entries=N_ENTRIES):
     return errors
 
 
-def _check_layer_gradients(cfg, T, seed, with_state=False, sampled=True, loop=False):
+def _check_layer_gradients(cfg, T, seed, with_state=False, sampled=True, loop=False, property_draw=False):
     """Complex step per key and central-difference dot-product test of ``backward`` on a cache of
     the chunk form (``write_chunk_backward``) or, with ``loop``, of the token loop."""
     fwd = SM.forward_loop if loop else SM.forward
@@ -91,6 +91,13 @@ def _check_layer_gradients(cfg, T, seed, with_state=False, sampled=True, loop=Fa
         num = numerical_gradient(loss, inputs, method="complex")
         errors = {k: rel_error(grads[k], num[k]) for k in grads}
     dot = dot_product_test(loss, inputs, grads, rng)
+    if property_draw and not all(np.isfinite(e) for e in errors.values()):
+        # the complex step itself overflowed: a gate pre-activation beyond ~700 makes the complex
+        # sigmoid exp(-z) inf (inf/inf = nan) while the real forward and backward stay finite
+        # (measured: seed 2980 of the property, eta_max = 1 strong writes). Such a draw checks
+        # nothing; a non-finite analytic gradient or forward is still a failure below.
+        assert np.all(np.isfinite(y)) and all(np.all(np.isfinite(g)) for g in grads.values()), "non-finite backward"
+        assume(False)
     assert all(np.isfinite(e) for e in errors.values()) and np.isfinite(dot), (errors, dot)
     worst = max(errors, key=errors.get)
     assert errors[worst] <= tol("float64", "complex_step"), f"{worst}: {errors[worst]:.2e} ({errors})"
@@ -143,6 +150,7 @@ def configs(draw):
         "single_shrink": memory == "matrix" and draw(st.booleans()),
         "act": draw(st.sampled_from(["gelu", "silu"])),
         "dgd": draw(st.sampled_from([True, True, False])),  # False: Table 6 "w/o DGD"
+        "retention": draw(st.sampled_from([True, True, False])),  # False: Table 6 "w/o weight decay"
         # False: Table 6 "w/o inner-projection k" / "v" (static k / v, no M_k / M_v)
         "adaptive_k": draw(st.sampled_from([True, True, True, False])),
         "adaptive_v": draw(st.sampled_from([True, True, True, False])),
@@ -154,7 +162,7 @@ def configs(draw):
        loop=st.booleans())
 def test_gradcheck_property(cfg, T, seed, with_state, loop):
     note(str(cfg))
-    _check_layer_gradients(cfg, T=T, seed=seed, with_state=with_state, loop=loop)
+    _check_layer_gradients(cfg, T=T, seed=seed, with_state=with_state, loop=loop, property_draw=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,3 +575,26 @@ def test_without_inner_projection_k_or_v_is_a_static_projection(c, memory):
     full = dataclasses.replace(cfg, **{f"adaptive_{c}": True})
     p_full = {**SM.init_params(full, np.random.default_rng(1)), **{k: v for k, v in params.items() if k in default}}
     assert np.abs(SM.forward(x, p_full, full)[1][c] - SM.forward(x, params, cfg)[1][c]).max() > 1e-3
+
+
+@pytest.mark.parametrize("memory", ["matrix", "mlp"])
+def test_without_retention_alpha_is_one(memory):
+    """Table 6 "w/o weight decay" (``retention=False``): no M_alpha, no w_alpha / b_alpha, alpha = 1.
+    The same layer with retention on and its gate pinned at sigmoid(60) = 1.0 (w_alpha = 0) computes
+    the same outputs and the same new states of every other memory."""
+    import dataclasses
+
+    cfg = _cfg(n_heads=2, memory=memory, chunk_memory=2, chunk_other=3, retention=False)
+    on = dataclasses.replace(cfg, retention=True)
+    assert "alpha" not in cfg.memories and "w_alpha" not in SM.param_shapes(cfg)
+    params = SM.init_params(cfg, np.random.default_rng(1))
+    pinned = SM.init_params(on, np.random.default_rng(1))
+    pinned.update({k: v for k, v in params.items()})  # the shared parameters equal
+    pinned["w_alpha"], pinned["b_alpha"] = np.zeros_like(pinned["w_alpha"]), np.full_like(pinned["b_alpha"], 60.0)
+    x = np.random.default_rng(2).standard_normal((2, 7, cfg.d_model))
+    y, _, st = SM.forward(x, params, cfg)
+    y_on, _, st_on = SM.forward(x, pinned, on)
+    np.testing.assert_allclose(y, y_on, rtol=1e-13, atol=1e-14)
+    for k in st:
+        np.testing.assert_allclose(st[k], st_on[k], rtol=1e-13, atol=1e-14)
+    assert np.abs(y - SM.forward(x, SM.init_params(on, np.random.default_rng(1)), on)[0]).max() > 1e-8
