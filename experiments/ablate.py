@@ -3,7 +3,8 @@
 Paper: §8, Table 6 (Hope 12.24 ppl; w/o DGD 13.41, w/o momentum 13.58, w/o weight decay 13.71,
 w/o CMS 13.04, w/o inner-projection k 13.77 / v 13.90 / q 12.19), arXiv 2512.24695v1. The runs are
 ``experiment compare``'s (same training loop, data, held-out check and statistics); only the
-models and the report differ. Rows without a ModelConfig switch are listed as not available.
+models and the report differ. Every row of Table 6 is a ModelConfig switch (SPEC.md#hope "Ablation
+presets"); a row without one would be listed as not available.
 """
 
 from __future__ import annotations
@@ -13,19 +14,19 @@ from nlref.experiments.common import ModelSpec
 
 # Table 6 row -> (ModelConfig override of Hope, or None when no switch exists), paper's perplexity
 TABLE6 = [
-    ("w/o DGD", None, 13.41),
+    ("w/o DGD", {"mem_dgd": False}, 13.41),
     ("w/o momentum", {"mem_momentum": False}, 13.58),
-    ("w/o weight decay", None, 13.71),
+    ("w/o weight decay", {"mem_retention": False}, 13.71),
     ("w/o CMS", {"cms_in_context": False}, 13.04),
-    ("w/o inner-projection k", None, 13.77),
-    ("w/o inner-projection v", None, 13.90),
+    ("w/o inner-projection k", {"mem_adaptive_k": False}, 13.77),
+    ("w/o inner-projection v", {"mem_adaptive_v": False}, 13.90),
     ("with adaptive q (the paper's Hope row adapts q; ours does not by default)", {"mem_adaptive_q": True}, 12.19),
 ]
 
 
 def default_models(scale: str) -> list[ModelSpec]:
     base = "hope-small" if scale == "full" else "hope-tiny"
-    rows = TABLE6[3:4] if scale == "smoke" else TABLE6
+    rows = [r for r in TABLE6 if r[0] == "w/o CMS"] if scale == "smoke" else TABLE6
     specs = [ModelSpec(base, base)]
     for _label, over, _ppl in rows:
         if over is not None:
@@ -56,6 +57,7 @@ def report(res) -> str:
         text += (f"\n## domain {d['name']}\n\n"
                  + common.md_table(["model", "parameters", "held-out loss", f"minus {first}", "call"], rows))
     missing = [label for label, over, _ in TABLE6 if over is None]
-    return (text + "\n**Not available** (no ModelConfig switch yet, so not run): " + "; ".join(missing) + ".\n\n"
-            "In Table 6 every ablation raises perplexity except w/o q. A variant whose call here is 'within the "
+    if missing:
+        text += "\n**Not available** (no ModelConfig switch yet, so not run): " + "; ".join(missing) + ".\n"
+    return (text + "\nIn Table 6 every ablation raises perplexity except w/o q. A variant whose call here is 'within the "
             "seed noise' does not reproduce that row at this scale (3 seeds: a rough test).\n")
