@@ -25,7 +25,8 @@ Decisions where the paper is open (all in SPEC.md#primitives):
     - conv1d: causal, depthwise, width K; the carried state is the last K-1 inputs; the backward
       also accepts the gradient of the returned state, so chained calls backpropagate exactly.
     - cross-entropy: the mean over every position (no ignore index), log-sum-exp stabilised.
-    - causal attention with T_k >= T_q: the last query aligns with the last key (KV cache).
+    - causal attention with T_k >= T_q: the last query aligns with the last key (KV cache);
+      an optional sliding window with persistent keys exempt from it (Titans' SW-Attn*).
     - GELU is the exact x Phi(x) (erf), not the tanh approximation.
     - Every float argument of one call shares one precision (float32 or float64; complex64 /
       complex128 are accepted for the complex-step gradient check); mixing is a ValueError.
@@ -59,6 +60,8 @@ from .sequence_ops import (  # noqa: F401
     _softmax,
     attention_backward,
     attention_forward,
+    attention_mask,
+    check_window,
     conv1d_backward,
     conv1d_forward,
     cross_entropy_backward,

@@ -168,12 +168,19 @@ def softmax_backward(dy, cache):
     return y * (dy - np.sum(dy * y, axis=axis, keepdims=True))
 
 
-def attention_forward(q, k, v, causal=True, scale=None):
+def attention_forward(q, k, v, causal=True, scale=None, window=None, persistent=0):
     """Softmax attention, NL Eqs. (62)-(63): y_t = sum_i s(k_i, q_t) v_i / sum_j s(k_j, q_t).
 
     q (B, H, T_q, dh), k (B, H, T_k, dh), v (B, H, T_k, dv); s(k, q) = exp(scale q.k) with scale
     1/sqrt(dh) by default. Causal: query t sits at absolute position T_k - T_q + t (the last query
     aligns with the last key, as when streaming over a KV cache) and sees keys up to there.
+
+    Sliding window (Titans' SW-Attn*, causal only): ``window`` W >= 1 limits query t (key index
+    i_t = T_k - T_q + t) to the keys i_t - W < i <= i_t (itself and the W - 1 before it), except
+    the first ``persistent`` keys (the persistent tokens), which stay visible to every query at or
+    after them whatever the window. The keys after the persistent ones must be contiguous
+    positions ending at the last query (a KV cache cut to the window keeps that). The backward is
+    ``attention_backward`` unchanged: a masked weight is exactly 0, so is its gradient.
     """
     q = float_array("q", q, "(B, H, T_q, dh)", ndim=4)
     k = float_array("k", k, "(B, H, T_k, dh)", ndim=4, like=q)
@@ -188,15 +195,39 @@ def attention_forward(q, k, v, causal=True, scale=None):
         raise ValueError(
             f"k must have shape (B, H, T_k, dh) with T_k >= T_q = {Tq} when causal, got {k.shape}"
         )
+    check_window(window, persistent, causal, Tk)
     scale = 1.0 / np.sqrt(dh) if scale is None else scale
     scale = float(scale)
     scores = scale * np.einsum("bhqd,bhkd->bhqk", q, k, optimize=True)  # (B, H, T_q, T_k)
     mask = None
     if causal:
-        mask = np.arange(Tk)[None, :] <= np.arange(Tk - Tq, Tk)[:, None]  # (T_q, T_k)
+        mask = attention_mask(Tq, Tk, window, persistent)  # (T_q, T_k)
     p = _softmax(scores, axis=-1, mask=mask)  # (B, H, T_q, T_k): s(k_i, q) normalised, Eq. (63)
     y = np.einsum("bhqk,bhkv->bhqv", p, v, optimize=True)  # (B, H, T_q, dv)  # Eq. (63)
     return y, (q, k, v, p, scale)
+
+
+def check_window(window, persistent, causal, Tk):
+    """ValueError unless ``window`` is None or an int >= 1 (causal only) and ``persistent`` an int
+    in [0, T_k]. Public: the CPU port uses it (fast/cpu/primitives.py)."""
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int | np.integer) or window < 1:
+            raise ValueError(f"window must be None or an int >= 1 (keys a query sees, itself included), got {window!r}")
+        if not causal:
+            raise ValueError("window needs causal=True (a sliding window looks back from each query)")
+    if isinstance(persistent, bool) or not isinstance(persistent, int | np.integer) or not 0 <= persistent <= Tk:
+        raise ValueError(f"persistent must be an int in [0, T_k] = [0, {Tk}], got {persistent!r}")
+
+
+def attention_mask(Tq, Tk, window=None, persistent=0):
+    """(T_q, T_k) bool: key i is visible to query t (causal, with the sliding window and the
+    persistent keys of ``attention_forward``). Public: the CPU port's tests use it."""
+    qi = np.arange(Tk - Tq, Tk)[:, None]  # (T_q, 1): each query's key index
+    ki = np.arange(Tk)[None, :]  # (1, T_k)
+    mask = ki <= qi
+    if window is not None:
+        mask = mask & ((qi - ki < window) | (ki < persistent))
+    return mask
 
 
 def attention_backward(dy, cache):

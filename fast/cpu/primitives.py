@@ -645,6 +645,32 @@ def _causal_softmax_kernel(s, offset):
 
 
 @njit(cache=True, nogil=True)
+def _window_softmax_kernel(s, offset, window, persistent):
+    """Row-wise softmax of s (M, T_q, T_k) in place over the keys query t sees with a sliding window
+    (reference.sequence_ops.attention_mask): i <= offset + t and (offset + t - i < window or
+    i < persistent); every other weight exactly 0."""
+    M, Tq, Tk = s.shape
+    for m in range(M):
+        for t in range(Tq):
+            qi = offset + t
+            mx = -math.inf
+            for i in range(Tk):
+                if i <= qi and (qi - i < window or i < persistent):
+                    mx = max(mx, s[m, t, i])
+            z = 0.0
+            for i in range(Tk):
+                if i <= qi and (qi - i < window or i < persistent):
+                    e = math.exp(s[m, t, i] - mx)
+                    s[m, t, i] = e
+                    z += e
+                else:
+                    s[m, t, i] = 0.0
+            for i in range(Tk):
+                s[m, t, i] = s[m, t, i] / z
+    return s
+
+
+@njit(cache=True, nogil=True)
 def _softmax_bwd_kernel(p, dp):
     """ds = p (dp - <dp, p>) row-wise, in place in dp."""
     M, Tq, Tk = p.shape
@@ -658,8 +684,9 @@ def _softmax_bwd_kernel(p, dp):
     return dp
 
 
-def attention_forward(q, k, v, causal=True, scale=None):
-    """Softmax attention, NL Eqs. (62)-(63); same contract as the reference."""
+def attention_forward(q, k, v, causal=True, scale=None, window=None, persistent=0):
+    """Softmax attention, NL Eqs. (62)-(63), with the reference's optional sliding window and
+    persistent keys (Titans' SW-Attn*); same contract as the reference."""
     q = float_array("q", q, "(B, H, T_q, dh)", ndim=4)
     k = float_array("k", k, "(B, H, T_k, dh)", ndim=4, like=q)
     v = float_array("v", v, "(B, H, T_k, dv)", ndim=4, like=q)
@@ -671,12 +698,17 @@ def attention_forward(q, k, v, causal=True, scale=None):
         raise ValueError(f"v must have shape (B, H, T_k, dv) with B, H, T_k = {Bn}, {H}, {Tk}, got {v.shape}")
     if causal and Tk < Tq:
         raise ValueError(f"k must have shape (B, H, T_k, dh) with T_k >= T_q = {Tq} when causal, got {k.shape}")
+    R.check_window(window, persistent, causal, Tk)
     if _is_complex(q, k, v) or len({q.dtype, k.dtype, v.dtype}) > 1:
-        return _reference_fallback("attention_forward")(q, k, v, causal, scale)
+        return _reference_fallback("attention_forward")(q, k, v, causal, scale, window, persistent)
     scale = float(1.0 / np.sqrt(dh) if scale is None else scale)
     scores = np.matmul(q, k.swapaxes(-1, -2)) * q.dtype.type(scale)  # (B, H, T_q, T_k)
     offset = (Tk - Tq) if causal else Tk  # query t sees keys <= offset + t
-    p = _causal_softmax_kernel(np.ascontiguousarray(scores).reshape(-1, Tq, Tk), offset).reshape(scores.shape)
+    rows = np.ascontiguousarray(scores).reshape(-1, Tq, Tk)
+    if window is None:
+        p = _causal_softmax_kernel(rows, offset).reshape(scores.shape)
+    else:  # SW-Attn*: the window, the persistent keys exempt
+        p = _window_softmax_kernel(rows, offset, int(window), int(persistent)).reshape(scores.shape)
     y = np.matmul(p, v)  # (B, H, T_q, dv)  # Eq. (63)
     return y, (q, k, v, p, scale)
 

@@ -193,6 +193,21 @@ def gradcheck_attention(rng, b=1, h=2, tq=2, tk=3, dh=2, dv=3, causal=True):
     return (lambda a: np.sum(attention_forward(**a, causal=causal)[0] * u)), inputs, grads
 
 
+def gradcheck_attention_window(rng, b=1, h=1, tq=3, tk=4, dh=2, dv=2, window=2, persistent=1):
+    """The sliding window with persistent keys (Titans' SW-Attn*): the window masks keys inside
+    the sequence, the persistent ones stay visible (SPEC.md#primitives)."""
+    kw = dict(causal=True, window=window, persistent=min(persistent, tk))
+    inputs = {
+        "q": rng.standard_normal((b, h, tq, dh)),
+        "k": rng.standard_normal((b, h, tk, dh)),
+        "v": rng.standard_normal((b, h, tk, dv)),
+    }
+    u = _upstream(rng, (b, h, tq, dv))
+    _, cache = attention_forward(**inputs, **kw)
+    grads = dict(zip("qkv", attention_backward(u, cache), strict=True))
+    return (lambda a: np.sum(attention_forward(**a, **kw)[0] * u)), inputs, grads
+
+
 def gradcheck_cross_entropy(rng, n=2, t=3, v=4):
     logits = 2.0 * rng.standard_normal((n, t, v))
     targets = rng.integers(0, v, size=(n, t))
@@ -219,6 +234,7 @@ GRADCHECKS: dict[str, Callable[[np.random.Generator], tuple]] = {
     "primitives.rope": gradcheck_rope,
     "primitives.softmax": gradcheck_softmax,
     "primitives.attention": gradcheck_attention,
+    "primitives.attention_window": gradcheck_attention_window,
     "primitives.cross_entropy": gradcheck_cross_entropy,
 }
 """name -> maker(rng) -> (loss, inputs, grads): the cases ``nested-learning check`` runs."""

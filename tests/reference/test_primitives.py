@@ -42,6 +42,14 @@ def _attention_sizes(draw):
     }
 
 
+@st.composite
+def _window_attention_sizes(draw):
+    tq = draw(small)
+    tk = tq + draw(st.integers(0, 3))
+    return {"b": draw(st.integers(1, 2)), "h": draw(st.integers(1, 2)), "tq": tq, "tk": tk, "dh": draw(small),
+            "dv": draw(small), "window": draw(st.integers(1, 4)), "persistent": draw(st.integers(0, tk))}
+
+
 SIZES = {
     "primitives.sigmoid": st.fixed_dictionaries({"n": small, "d": small}),
     "primitives.silu": st.fixed_dictionaries({"n": small, "d": small}),
@@ -77,6 +85,7 @@ SIZES = {
         {"n": small, "d": st.integers(1, 5), "axis": st.sampled_from([0, -1])}
     ),
     "primitives.attention": _attention_sizes(),
+    "primitives.attention_window": _window_attention_sizes(),
     "primitives.cross_entropy": st.fixed_dictionaries({"n": small, "t": small, "v": st.integers(1, 5)}),
 }
 
