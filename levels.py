@@ -95,14 +95,18 @@ def _rule_text(cfg) -> tuple[str, str]:
     return "1/2 ||M k - v||^2 (Eq. 65)", "Gated DeltaNet: the delta rule with retention alpha_t, rate beta_t; M_0 = 0"
 
 
-def _memory_state(params, cfg) -> dict[str, int]:
+def _memory_state(cfg) -> dict[str, int]:
     """Floats of block 0's memory-layer state per sequence, by state key: from the public model API
-    (the state after one token of one sequence; every block's layer has the same state)."""
+    (the state after one token of one sequence of the same model cut to one block: every block's
+    layer has the same state, and a 125M preset's full initialisation would take seconds)."""
+    import dataclasses
+
     import numpy as np
 
     from nlref.reference import model
 
-    _, state = model.forward(params, np.zeros((1, 1), dtype=np.int64), cfg)
+    one = dataclasses.replace(cfg, n_layers=1)
+    _, state = model.forward(model.init_params(one, seed=0), np.zeros((1, 1), dtype=np.int64), one)
     return {k: int(np.size(v)) for k, v in state["mem"][0].items()
             if isinstance(v, np.ndarray) and v.dtype.kind == "f"}
 
@@ -138,7 +142,6 @@ def levels(cfg, batch_size: int | None = None, seq_len: int | None = None,
     from nlref.reference import optimizers
 
     outer_opt = optimizers.make(opt)  # unknown name: ValueError listing the valid ones
-    params = model.init_params(cfg, seed=0)
     shapes = model.param_shapes(cfg)
     size = {k: int(np.prod(s)) for k, s in shapes.items()}
     taken: set[str] = set()
@@ -167,7 +170,7 @@ def levels(cfg, batch_size: int | None = None, seq_len: int | None = None,
         mem = [k for k in block if k.startswith(b + "mem.")]
         if mem:
             objective, detail = _rule_text(cfg)
-            st = _memory_state(params, cfg)
+            st = _memory_state(cfg)
             if cfg.family in ("titans", "hope"):
                 spec = "SPEC.md#" + ("selfmod" if cfg.family == "hope" else "titans")
                 if cfg.family == "hope" and cfg.mem_chunk != cfg.mem_chunk_other:
@@ -219,7 +222,8 @@ def levels(cfg, batch_size: int | None = None, seq_len: int | None = None,
                 detail="SwiGLU MLP: frozen in context (frequency 0 once trained); only the outer optimizer moves it")
     total = sum(size.values())
     step = f"1 step = {B} x {T} = {B * T:,} tokens"
-    opt_state = sum(int(np.size(v)) for v in outer_opt.init(params).values() if isinstance(v, np.ndarray))
+    zeros = {k: np.zeros(sh, dtype=cfg.dtype) for k, sh in shapes.items()}  # the state's size needs shapes only
+    opt_state = sum(int(np.size(v)) for v in outer_opt.init(zeros).values() if isinstance(v, np.ndarray))
     add((frozen + 1,), "optimizer", [], kind="optimizer-memory", every="1 step", period=B * T, unit="steps",
         context="the outer gradients", state=opt_state, spec="SPEC.md#optimizers",
         objective="Eqs. 100-105 (m, v)" if opt in ("adam", "adamw") else "Section 4",

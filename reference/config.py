@@ -28,8 +28,11 @@ import dataclasses
 from dataclasses import dataclass
 
 FAMILIES = ("hope", "hope-attention", "titans", "transformer", "linear-attention", "deltanet", "gated-deltanet",
-            "dgd")
+            "dgd", "titans-mag")
 LINEAR_FAMILIES = ("linear-attention", "deltanet", "gated-deltanet", "dgd")  # reference/linear_layers.py
+HYBRID_FAMILIES = ("titans-mag",)  # Titans' attention + memory hybrids (reference/blocks.py, SPEC.md#titans-mag)
+# ModelConfig field -> its default: the fields of the Titans hybrids only (SPEC.md#titans-mag)
+HYBRID_FIELDS = {"attn_window": 64, "mem_persistent": 16}
 CMS_VARIANTS = ("sequential", "independent")
 ACTIVATIONS = ("gelu", "silu")
 DTYPES = ("float32", "float64")
@@ -68,7 +71,9 @@ class ModelConfig:
     Families (SPEC.md#hope): ``hope`` (self-modifying Titans then CMS), ``hope-attention``
     (causal softmax attention then CMS), ``titans`` (the Titans memory layer then a SwiGLU MLP),
     ``transformer`` (Transformer++: RoPE attention then SwiGLU), ``linear-attention``, ``deltanet``,
-    ``gated-deltanet``, ``dgd`` (reference/linear_layers.py then SwiGLU, SPEC.md#linear-families). Every block is pre-norm
+    ``gated-deltanet``, ``dgd`` (reference/linear_layers.py then SwiGLU, SPEC.md#linear-families), ``titans-mag``
+    (Titans' memory as a gate: sliding-window attention gated by the Titans layer, both over the
+    persistent tokens and the input, then SwiGLU; SPEC.md#titans-mag). Every block is pre-norm
     residual with RMSNorm.
     """
 
@@ -110,6 +115,10 @@ class ModelConfig:
     mem_retention: bool = True  # the alpha gate; False: Table 6 "w/o weight decay", alpha = 1
     mem_adaptive_k: bool = True  # k from the memory M_k; False: Table 6 "w/o inner-projection k" (static W_k)
     mem_adaptive_v: bool = True  # v from the memory M_v; False: Table 6 "w/o inner-projection v" (static W_v)
+    # the Titans hybrids (titans-mag, SPEC.md#titans-mag): the sliding window of the attention branch
+    # (keys a query sees, itself included) and N_p, the persistent tokens prepended to each block's mixer input
+    attn_window: int = 64
+    mem_persistent: int = 16
 
     def __post_init__(self):
         def bad(msg):
@@ -127,7 +136,7 @@ class ModelConfig:
             bad(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
         if (self.d_model // self.n_heads) % 2 and self.family in ("transformer", "hope-attention"):
             bad(f"the head width d_model / n_heads = {self.d_model // self.n_heads} must be even (RoPE pairs)")
-        if self.family in ("transformer", "titans", *LINEAR_FAMILIES) and (
+        if self.family in ("transformer", "titans", *LINEAR_FAMILIES, *HYBRID_FAMILIES) and (
                 not isinstance(self.mlp_hidden, int) or self.mlp_hidden < 1):
             bad(f"mlp_hidden must be a positive int for family {self.family!r}, got {self.mlp_hidden!r}")
         if not isinstance(self.cms_nested, bool):
@@ -177,6 +186,14 @@ class ModelConfig:
                 bad(f"{key} must be true or false, got {v!r}")
             if v != default and self.family != "hope":
                 bad(f"{key} is a switch of the hope family's self-modifying layer; family {self.family!r} "
+                    f"has none (leave it at {default})")
+        for key, default in HYBRID_FIELDS.items():  # SPEC.md#titans-mag
+            v = getattr(self, key)
+            least = 1 if key == "attn_window" else 0
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                bad(f"{key} must be an int >= {least}, got {v!r}")
+            if v != default and self.family not in HYBRID_FAMILIES:
+                bad(f"{key} is a field of the Titans hybrid families {HYBRID_FAMILIES}; family {self.family!r} "
                     f"has none (leave it at {default})")
         if self.mem_single_shrink and self.mem_kind != "matrix":
             bad(f"mem_single_shrink needs mem_kind='matrix' (SPEC.md#selfmod), got {self.mem_kind!r}")
@@ -253,6 +270,22 @@ _SMALL_HOPE_CMS = tuple(dataclasses.replace(lv, hidden=384) for lv in _SMALL_CMS
 _MEDIUM_CMS = tuple(dataclasses.replace(lv, hidden=1024) for lv in _SMALL_CMS)
 _MEDIUM_HOPE_CMS = tuple(dataclasses.replace(lv, hidden=896) for lv in _SMALL_CMS)
 
+# GPU-sized (issue 21, SPEC.md#hope "GPU-sized presets"): ~50M parameters (width 512, 12 layers, 8 heads of
+# 64) and ~125M (width 768, 13 layers, 12 heads of 64), each family within 10 % of its transformer; the
+# hope memories' MLP hidden width is 2 d_head as at medium. Meant for --backend gpu with batches like
+# 32 x 1,024 tokens; they run (slowly) on every backend.
+def _gpu(family: str, size: str, **kw) -> ModelConfig:
+    D, L, H, F = {"50m": (512, 12, 8, 2048), "125m": (768, 13, 12, 3072)}[size]
+    base = dict(name=f"{family}-{size}", family=family, vocab_size=256, d_model=D, n_layers=L, n_heads=H,
+                mlp_hidden=F, dtype="float32", init_std=0.02, mem_chunk=16, mem_chunk_other=16)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def _gpu_cms(hidden: int) -> tuple[CMSLevel, ...]:
+    return tuple(dataclasses.replace(lv, hidden=hidden) for lv in _SMALL_CMS)
+
+
 PRESETS: dict[str, ModelConfig] = {
     "transformer-tiny": _tiny("transformer"),
     "hope-attention-tiny": _tiny("hope-attention", cms_levels=_TINY_CMS),
@@ -262,6 +295,9 @@ PRESETS: dict[str, ModelConfig] = {
     "deltanet-tiny": _tiny("deltanet"),
     "gated-deltanet-tiny": _tiny("gated-deltanet"),
     "dgd-tiny": _tiny("dgd"),
+    # Titans MAG (SPEC.md#titans-mag): a 3-token window and 2 persistent tokens, so that a test
+    # sequence of ~10 tokens slides the window and crosses the memory's 2-token chunks
+    "titans-mag-tiny": _tiny("titans-mag", attn_window=3, mem_persistent=2),
     "transformer-small": _small("transformer"),
     "hope-attention-small": _small("hope-attention", cms_levels=_SMALL_CMS),
     "titans-small": _small("titans", mlp_hidden=896),
@@ -270,10 +306,19 @@ PRESETS: dict[str, ModelConfig] = {
     "deltanet-small": _small("deltanet"),
     "gated-deltanet-small": _small("gated-deltanet"),
     "dgd-small": _small("dgd"),
+    "titans-mag-small": _small("titans-mag", mlp_hidden=768, attn_window=64, mem_persistent=16),
     "transformer-medium": _medium("transformer"),
     "hope-attention-medium": _medium("hope-attention", cms_levels=_MEDIUM_CMS),
     "titans-medium": _medium("titans", mlp_hidden=1792),
     "hope-medium": _medium("hope", cms_levels=_MEDIUM_HOPE_CMS, mem_eta_max=0.01, mem_hidden=64),
+    "transformer-50m": _gpu("transformer", "50m"),  # 50,606,592 parameters
+    "hope-attention-50m": _gpu("hope-attention", "50m", cms_levels=_gpu_cms(1024)),  # 50,606,592
+    "titans-50m": _gpu("titans", "50m", mlp_hidden=1664),  # 50,042,400
+    "hope-50m": _gpu("hope", "50m", cms_levels=_gpu_cms(896), mem_eta_max=0.01, mem_hidden=128),  # 50,694,048
+    "transformer-125m": _gpu("transformer", "125m"),  # 123,097,344
+    "hope-attention-125m": _gpu("hope-attention", "125m", cms_levels=_gpu_cms(1536)),  # 123,097,344
+    "titans-125m": _gpu("titans", "125m", mlp_hidden=2560),  # 121,021,972
+    "hope-125m": _gpu("hope", "125m", cms_levels=_gpu_cms(1536), mem_eta_max=0.01, mem_hidden=128),  # 128,350,852
     # Table 6's ablations that the existing switches build (SPEC.md#hope, "Ablation presets")
     "hope-small-no-momentum": _small("hope", name="hope-small-no-momentum", cms_levels=_SMALL_HOPE_CMS,
                                      mem_eta_max=0.01, mem_momentum=False),
@@ -307,6 +352,6 @@ def preset(name: str) -> ModelConfig:
 
 
 __all__ = [
-    "ACTIVATIONS", "CMS_VARIANTS", "CMSLevel", "DTYPES", "FAMILIES", "LINEAR_FAMILIES", "ModelConfig", "PRESETS", "SELFMOD_SWITCHES",
+    "ACTIVATIONS", "CMS_VARIANTS", "CMSLevel", "DTYPES", "FAMILIES", "HYBRID_FAMILIES", "HYBRID_FIELDS", "LINEAR_FAMILIES", "ModelConfig", "PRESETS", "SELFMOD_SWITCHES",
     "from_dict", "preset", "preset_names",
 ]

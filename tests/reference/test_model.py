@@ -502,3 +502,14 @@ def test_a_malformed_state_is_a_clear_error(backend):
         with pytest.raises(exc, match=match):
             M.forward(params, tokens, cfg, state)
     M.forward(params, tokens, cfg, good)  # the good state still works
+
+
+def test_gpu_sized_presets_match_their_transformer():
+    """The ~50M and ~125M presets (issue 21; SPEC.md#hope "GPU-sized presets"): every family within
+    10 % of the transformer of its size, counted from the parameter shapes (nothing allocated)."""
+    for size, lo, hi in (("50m", 45e6, 55e6), ("125m", 115e6, 135e6)):
+        ref = sum(model.param_counts(config.preset(f"transformer-{size}")).values())
+        assert lo <= ref <= hi, (size, ref)
+        for family in ("hope", "hope-attention", "titans"):
+            n = sum(model.param_counts(config.preset(f"{family}-{size}")).values())
+            assert abs(n / ref - 1) <= 0.10, (family, size, n, ref)
