@@ -950,7 +950,7 @@ def experiment_compare(scale, out, seeds, backend, models, domains) -> None:
 @_experiment_options
 @_domain_option
 def experiment_ablate(scale, out, seeds, backend, models, domains) -> None:
-    """Table 6: Hope against each of its ablation switches at the same budget (missing rows named)."""
+    """Table 6: Hope against each of its ablation switches (every row of the table) at the same budget."""
     _run_experiment("ablate", out=out, scale_name=scale, n_seeds=seeds, backend=backend, models=models,
                     user_domains=domains)
 
