@@ -833,6 +833,39 @@ def bench(presets, backends, batch_size, seq_len, dtype, repeats, decode_context
         raise click.ClickException(f"{len(failed)} row(s) failed: {', '.join(failed)}")
 
 
+@cli.command("bench-growth")
+@click.option("--preset", "presets", multiple=True, metavar="NAME",
+              help="Presets (repeatable; default hope-small, titans-small, transformer-small).")
+@click.option("--backend", type=click.Choice(_backends.NAMES), default="cpu", show_default=True)
+@click.option("--seq-len", "seq_lens", multiple=True, type=click.IntRange(min=2),
+              help="Sequence lengths at batch 4 (repeatable; default 64, 256, 1024, 4096).")
+@click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1),
+              help="Batch sizes at T = 256 (repeatable; default 1, 4, 16).")
+@click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True, help="Timed steps per point.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--max-seconds", type=float, default=120.0, show_default=True,
+              help="Skip a point predicted to take longer (from the previous point's rate).")
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON lines.")
+def bench_growth_(presets, backend, seq_lens, batches, repeats, dtype, max_seconds, json_out) -> None:
+    """Tokens/s and peak memory against the sequence length and the batch (each point its own process)."""
+    from nlref import bench_growth, config
+
+    for p in presets:
+        try:
+            config.preset(p)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--preset") from None
+    try:
+        _backends.get(backend).check()
+    except _backends.BackendError as exc:
+        raise click.ClickException(str(exc)) from None
+    rows = bench_growth.run(presets or ("hope-small", "titans-small", "transformer-small"), backend,
+                            seq_lens or bench_growth.SEQ_LENS, batches or bench_growth.BATCHES, repeats, dtype,
+                            max_seconds, echo=click.echo, json_out=json_out)
+    if any("error" in r for r in rows):
+        sys.exit(1)
+
+
 @cli.command("bench-mpi")
 @click.option("--ranks", "ranks", multiple=True, type=click.IntRange(min=1),
               help="Rank counts to time, one mpiexec each (repeatable; default 1, 2, 4).")
