@@ -68,6 +68,7 @@ MODEL_CASES: dict[str, tuple[str, dict]] = {
     # Table 6 "w/o inner-projection k / v": static k and v projections
     "hope-tiny-static-kv": ("hope-tiny", {"mem_adaptive_k": False, "mem_adaptive_v": False}),
     "hope-tiny-no-retention": ("hope-tiny", {"mem_retention": False}),  # Table 6 "w/o weight decay"
+    "titans-mag-tiny": ("titans-mag-tiny", {}),  # Titans' memory as a gate (SPEC.md#titans-mag)
 }
 
 

@@ -84,6 +84,10 @@ def _rule_text(cfg) -> tuple[str, str]:
     if cfg.family == "titans":
         return ("||M(k) - v||^2 (Titans Eq. 12)",
                 "Titans memory: GD on its surprise with momentum and retention (Titans Eqs. 9-18)")
+    if cfg.family == "titans-mag":
+        return ("||M(k) - v||^2 (Titans Eq. 12)",
+                f"Titans memory, MAG's gate branch (SPEC.md#titans-mag): GD on its surprise with momentum and "
+                f"retention (Titans Eqs. 9-18) over the {cfg.mem_persistent} persistent tokens and the sequence")
     if cfg.family == "linear-attention":
         return "-<M k, v> (Eqs. 14-18)", "linear attention: one GD step of rate 1 on the dot product; M_0 = 0"
     if cfg.family == "deltanet":
@@ -162,8 +166,11 @@ def levels(cfg, batch_size: int | None = None, seq_len: int | None = None,
         block = [k for k in shapes if k.startswith(b)]
         attn = [k for k in block if k.startswith(b + "attn.")]
         if attn:
+            ctx = seq + " (KV cache)"
+            if cfg.family == "titans-mag":  # SW-Attn*: the window and the persistent tokens (SPEC.md#titans-mag)
+                ctx = f"the last {cfg.attn_window} tokens and {cfg.mem_persistent} persistent ones (KV cache)"
             add((1, i), f"{b}attn", attn, kind="attention", every="1 token", period=1, unit="tokens",
-                context=seq + " (KV cache)", objective="none written (Eqs. 62-63)", state=2 * D,
+                context=ctx, objective="none written (Eqs. 62-63)", state=2 * D,
                 spec="SPEC.md#primitives",
                 detail="softmax attention: no write, a cache of (k_t, v_t); each read is the solution of "
                        "min_M sum_i s(k_i, q) ||v_i - M||^2 over the cache (frequency 'infinity')")
@@ -171,8 +178,8 @@ def levels(cfg, batch_size: int | None = None, seq_len: int | None = None,
         if mem:
             objective, detail = _rule_text(cfg)
             st = _memory_state(cfg)
-            if cfg.family in ("titans", "hope"):
-                spec = "SPEC.md#" + ("selfmod" if cfg.family == "hope" else "titans")
+            if cfg.family in ("titans", "hope", "titans-mag"):
+                spec = "SPEC.md#" + {"hope": "selfmod", "titans": "titans"}.get(cfg.family, "titans-mag")
                 if cfg.family == "hope" and cfg.mem_chunk != cfg.mem_chunk_other:
                     # two clocks (Eq. 90): M_memory and the other memories are two levels
                     mm = [k for k in mem if k.startswith(b + "mem.memory.")]
@@ -238,6 +245,7 @@ def levels(cfg, batch_size: int | None = None, seq_len: int | None = None,
         detail=f"the outer level ({step}): {opt} trains all {total:,} parameters on the mean next-token "
                f"cross-entropy, the rows above included (their initial states and static weights); this "
                f"row's own are those no faster level has (embedding, norms, head"
+               + (", MAG's persistent tokens and gate" if cfg.family == "titans-mag" else "")
                + (", CMS aggregation weights" if cfg.cms_variant == "independent" and cfg.cms_levels else "") + ")")
     return [lv for _, lv in sorted(rows, key=lambda r: r[0])]
 

@@ -271,7 +271,7 @@ def estimate_step_bytes(rc) -> dict:
     (B T F); attention's scores (B H T^2 per block). Returns the parts and their sum.
     """
     from nlref.reference import model
-    from nlref.reference.contract import has_attention
+    from nlref.reference.contract import has_kv_cache
 
     mc, tc = rc.model, rc.train
     item = 8 if mc.dtype == "float64" else 4
@@ -280,7 +280,7 @@ def estimate_step_bytes(rc) -> dict:
     hidden = max([mc.mlp_hidden] + [lv.hidden for lv in mc.cms_levels])
     weights = 4 * n_params * item
     acts = 3 * B * (T + 1) * mc.vocab_size * 8 + mc.n_layers * B * T * (4 * mc.d_model + hidden) * item
-    if has_attention(mc):
+    if has_kv_cache(mc):  # titans-mag's window masks the full score matrix too (SPEC.md#primitives)
         acts += mc.n_layers * B * mc.n_heads * T * T * item
     return {"parameters": n_params, "weights": weights, "activations": acts, "total": weights + acts}
 

@@ -119,10 +119,11 @@ def init_params(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
 
 def init_from_params(params, cfg: ModelConfig, device=None) -> dict[str, torch.Tensor]:
     """Torch copies (never views) of ``params`` in ``cfg.dtype`` on ``device`` (default: the module's,
-    ``set_device``); ValueError names a bad key."""
+    ``set_device``); ValueError names a bad key, NotImplementedError a config this oracle does not compute."""
     device = _DEVICE if device is None else torch.device(device)
     if not isinstance(cfg, ModelConfig):
         raise ValueError(f"cfg must be a ModelConfig (config.preset(name)), got {type(cfg).__name__}")
+    _check_computes(cfg)  # NotImplementedError before any computing: every entry point comes here
     if not isinstance(params, dict):
         raise ValueError(f"params must be a dict[str, np.ndarray] from init_params, got {type(params).__name__}")
     shapes = param_shapes(cfg)
@@ -411,10 +412,14 @@ def _has_attention(cfg):
 
 
 def _check_computes(cfg):
-    """NotImplementedError for what this oracle does not compute: nested CMS, and a self-modifying
+    """NotImplementedError for what this oracle does not compute: a family outside its four, nested CMS, and a self-modifying
     layer switch that changes the forward away from its default (SPEC.md#hope "Ablation switches")."""
     from nlref.reference.config import SELFMOD_SWITCHES
 
+    computed = ("transformer", "hope-attention", "titans", "hope")
+    if cfg.family not in computed:  # never a block of another family (e.g. titans-mag, SPEC.md#titans-mag)
+        raise NotImplementedError(f"config {cfg.name!r}: the torch oracle does not compute the {cfg.family!r} family "
+                                  f"(it computes {', '.join(computed)}); the reference and the CPU port do")
     changed = [f"{k} = {getattr(cfg, k)}" for k, v in SELFMOD_SWITCHES.items()
                if k != "mem_stop_grad_writes" and cfg.family == "hope" and getattr(cfg, k) != v]
     if changed:

@@ -20,13 +20,14 @@ dh = D / H, V vocabulary, G_l level l's weight groups in the segment):
     logits               logits                 (B, n, V)
 
 Decisions (SPEC.md#hope): every block is pre-norm residual with RMSNorm, h = x + mixer(norm1(x)),
-then y = h + SwiGLU(norm2(h)) (transformer, titans, linear families) or y = h + (CMS(u) - u) with
+then y = h + SwiGLU(norm2(h)) (transformer, titans, linear families, titans-mag: its mixer is
+``mag_forward``, SPEC.md#titans-mag) or y = h + (CMS(u) - u) with
 u = norm2(h) (hope, hope-attention); a final RMSNorm and an untied head.
 """
 
 from __future__ import annotations
 
-from .contract import has_attention, has_cms, memory_layer
+from .contract import has_attention, has_cms, is_hybrid, memory_layer
 
 
 def layer_of(ops, cfg):
@@ -34,9 +35,13 @@ def layer_of(ops, cfg):
     return memory_layer(ops.layer(cfg.family), cfg)
 
 
-def attn_forward(ops, a, params, b, cfg, p0, past):
+def attn_forward(ops, a, params, b, cfg, p0, past, window=None, persistent=0):
     """Causal RoPE softmax attention (Eq. 63) of tokens at positions [p0, p0 + n) over the cache
-    ``past`` (constants) and themselves. Returns (y, cache, (K, V))."""
+    ``past`` (constants) and themselves. Returns (y, cache, (K, V)).
+
+    ``window`` (SW-Attn*, SPEC.md#titans-mag): each query sees the ``window`` keys up to itself and
+    the first ``persistent`` keys of the cache; the returned cache keeps only those (the persistent
+    keys and the last window - 1 keys), all a later query can see."""
     P, np = ops.primitives, ops.np
     Bn, n, D = a.shape
     H, dh = cfg.n_heads, cfg.d_head
@@ -53,9 +58,16 @@ def attn_forward(ops, a, params, b, cfg, p0, past):
     if past is not None:
         K = np.concatenate([past[0], K], axis=2)  # (B, H, p0 + n, dh)
         V = np.concatenate([past[1], V], axis=2)
-    o, c_att = P.attention_forward(heads["q"], K, V, causal=True)  # (B, H, n, dh)
+    if window is None:
+        o, c_att = P.attention_forward(heads["q"], K, V, causal=True)  # (B, H, n, dh)
+        new_past = (K, V)
+    else:
+        o, c_att = P.attention_forward(heads["q"], K, V, causal=True, window=window, persistent=persistent)
+        recent = min(window - 1, K.shape[2] - persistent)  # the window's keys a later query sees
+        new_past = tuple(np.concatenate([Z[:, :, :persistent], Z[:, :, Z.shape[2] - recent:]], axis=2)
+                         for Z in (K, V))
     y, c_o = P.linear_forward(o.transpose(0, 2, 1, 3).reshape(Bn, n, D), params[b + "attn.Wo"])
-    return y, (caches, c_att, c_o, n), (K, V)
+    return y, (caches, c_att, c_o, n), new_past
 
 
 def attn_backward(ops, dy, cache, b):
@@ -79,6 +91,57 @@ def attn_backward(ops, dy, cache, b):
     return da, grads
 
 
+def mag_forward(ops, a, params, b, cfg, p0, past, mem_state):
+    """Titans' memory as a gate (MAG, Titans §4.2; SPEC.md#titans-mag) over tokens at positions
+    [p0, p0 + n) of the sequence. Returns (o, cache, new_past, new_mem).
+
+    At the sequence start (p0 = 0) the N_p persistent tokens are prepended, x~ = [p] || a; both
+    branches read x~: y = SW-Attn*(x~) (window ``attn_window``, the persistent keys always
+    visible; RoPE at the positions of x~) and m = M(x~) (the Titans layer). The outputs at the
+    persistent positions are dropped, then o = W_out (RMSNorm_a(y) * sigmoid(RMSNorm_m(m))).
+    Later calls continue both states: the KV cache (persistent keys + the window) and the
+    memory layer's state, which has read the persistent tokens."""
+    P, np = ops.primitives, ops.np
+    Bn, n, D = a.shape
+    Np = cfg.mem_persistent if p0 == 0 else 0  # prepended once, at the sequence start
+    xt = a
+    if Np:
+        xt = np.concatenate([np.broadcast_to(params[b + "mag.persist"], (Bn, Np, D)), a], axis=1)  # x~
+    start = 0 if p0 == 0 else p0 + cfg.mem_persistent  # x~'s position of xt's first token
+    y, c_att, new_past = attn_forward(ops, xt, params, b, cfg, start, past, cfg.attn_window, cfg.mem_persistent)
+    layer = layer_of(ops, cfg)
+    lp = {k[len(b) + 4:]: v for k, v in params.items() if k.startswith(b + "mem.")}
+    m, c_mem, new_mem = layer.forward(xt, lp, layer.cfg, mem_state)  # the memory reads x~ too
+    ya, c_na = P.rmsnorm_forward(y[:, Np:], params[b + "mag.norm_a.g"], cfg.norm_eps)  # (B, n, D)
+    ym, c_nm = P.rmsnorm_forward(m[:, Np:], params[b + "mag.norm_m.g"], cfg.norm_eps)
+    gate, c_s = P.sigmoid_forward(ym)  # sigma
+    o, c_o = P.linear_forward(ya * gate, params[b + "mag.W_out"])  # y (x) M(x~)
+    return o, (Np, c_att, c_mem, ya, c_na, c_nm, gate, c_s, c_o), new_past, new_mem
+
+
+def mag_backward(ops, do, cache, b, cfg):
+    """(da, grads) of ``mag_forward``; the incoming caches are constants."""
+    P, np = ops.primitives, ops.np
+    Np, c_att, c_mem, ya, c_na, c_nm, gate, c_s, c_o = cache
+    grads = {}
+    dg, grads[b + "mag.W_out"], _ = P.linear_backward(do, c_o)
+    dya, grads[b + "mag.norm_a.g"] = P.rmsnorm_backward(dg * gate, c_na)
+    dym, grads[b + "mag.norm_m.g"] = P.rmsnorm_backward(P.sigmoid_backward(dg * ya, c_s), c_nm)
+    Bn, n, D = do.shape
+    dy = np.zeros((Bn, Np + n, D), dtype=dya.dtype)  # the dropped persistent outputs: no gradient
+    dm = np.zeros((Bn, Np + n, D), dtype=dym.dtype)
+    dy[:, Np:], dm[:, Np:] = dya, dym
+    dxt, g = attn_backward(ops, dy, c_att, b)
+    grads.update(g)
+    dxt_m, g, _ = layer_of(ops, cfg).backward(dm, c_mem)
+    grads.update({b + "mem." + k: v for k, v in g.items()})
+    dxt = dxt + dxt_m
+    if cfg.mem_persistent:
+        grads[b + "mag.persist"] = (dxt[:, :Np].sum(axis=0) if Np else
+                                    np.zeros((cfg.mem_persistent, D), dtype=dxt.dtype))  # a later call: constant
+    return dxt[:, Np:], grads
+
+
 def block_forward(ops, x, params, i, cfg, p0, past, mem_state, cms_w, cms_groups, mixer=None):
     """One block over a segment. Returns (y, cache, new_past, new_mem_state).
 
@@ -90,6 +153,8 @@ def block_forward(ops, x, params, i, cfg, p0, past, mem_state, cms_w, cms_groups
     new_past = new_mem = None
     if mixer is not None:
         o, c_mix = mixer
+    elif is_hybrid(cfg):
+        o, c_mix, new_past, new_mem = mag_forward(ops, a, params, b, cfg, p0, past, mem_state)
     elif has_attention(cfg):
         o, c_mix, new_past = attn_forward(ops, a, params, b, cfg, p0, past)
     else:
@@ -126,7 +191,9 @@ def block_backward(ops, dy, cache, i, cfg, cms_only=False):
         du, grads[b + "mlp.W_gate"], grads[b + "mlp.W_up"], grads[b + "mlp.W_down"] = P.swiglu_backward(dy, c_sec)
     dh, grads[b + "norm2.g"] = P.rmsnorm_backward(du, c_n2)
     dh = dh + dy
-    if has_attention(cfg):
+    if is_hybrid(cfg):
+        da, g = mag_backward(ops, dh, c_mix, b, cfg)
+    elif has_attention(cfg):
         da, g = attn_backward(ops, dh, c_mix, b)
     else:
         da, g, _ = layer_of(ops, cfg).backward(dh, c_mix)

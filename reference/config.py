@@ -306,7 +306,7 @@ PRESETS: dict[str, ModelConfig] = {
     "deltanet-small": _small("deltanet"),
     "gated-deltanet-small": _small("gated-deltanet"),
     "dgd-small": _small("dgd"),
-    "titans-mag-small": _small("titans-mag", mlp_hidden=768, attn_window=64, mem_persistent=16),
+    "titans-mag-small": _small("titans-mag", mlp_hidden=672, attn_window=64, mem_persistent=16),
     "transformer-medium": _medium("transformer"),
     "hope-attention-medium": _medium("hope-attention", cms_levels=_MEDIUM_CMS),
     "titans-medium": _medium("titans", mlp_hidden=1792),

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import numpy as np
 
 from . import cms
-from .config import LINEAR_FAMILIES, SELFMOD_SWITCHES, ModelConfig
+from .config import HYBRID_FAMILIES, LINEAR_FAMILIES, SELFMOD_SWITCHES, ModelConfig
 
 # ---------------------------------------------------------------------------------------------
 # What a backend supplies
@@ -71,7 +71,7 @@ class Ops:
 
 LAYER_MODULES: dict[str, str] = {"titans": "titans", "hope": "selfmod", "linear-attention": "linear_layers",
                                  "deltanet": "linear_layers", "gated-deltanet": "linear_layers",
-                                 "dgd": "linear_layers"}
+                                 "dgd": "linear_layers", "titans-mag": "titans"}
 """family -> the reference module of its sequence-memory layer (the attention families have none)."""
 
 
@@ -95,6 +95,22 @@ def has_cms(cfg: ModelConfig) -> bool:
 def has_attention(cfg: ModelConfig) -> bool:
     """Whether the blocks' sequence mixer is softmax attention (transformer, hope-attention)."""
     return cfg.family in ("transformer", "hope-attention")
+
+
+def is_hybrid(cfg: ModelConfig) -> bool:
+    """Whether the blocks' mixer is a Titans hybrid (titans-mag: sliding-window attention gated by
+    the Titans memory layer, SPEC.md#titans-mag): attention parameters and a memory layer both."""
+    return cfg.family in HYBRID_FAMILIES
+
+
+def has_memory_layer(cfg: ModelConfig) -> bool:
+    """Whether the blocks hold a sequence-memory layer (``blocks.i.mem.*``, a state in ``state["mem"]``)."""
+    return not has_attention(cfg)
+
+
+def has_kv_cache(cfg: ModelConfig) -> bool:
+    """Whether the blocks hold attention parameters and a KV cache (``blocks.i.attn.*``, ``state["past"]``)."""
+    return has_attention(cfg) or is_hybrid(cfg)
 
 
 def in_context_levels(cfg: ModelConfig) -> list[int]:
@@ -130,7 +146,7 @@ def selfmod_switches(cfg: ModelConfig) -> dict[str, bool]:
 def layer_config(module: types.ModuleType, cfg: ModelConfig):
     """``cfg``'s sequence-memory layer as the config of ``module`` (its reference module or a port
     of it: they share the config classes)."""
-    if cfg.family == "titans":
+    if cfg.family in ("titans", *HYBRID_FAMILIES):
         return module.TitansConfig(d_model=cfg.d_model, n_heads=cfg.n_heads, chunk=cfg.mem_chunk,
                                    memory=cfg.mem_kind, hidden=cfg.mem_hidden, eta_max=cfg.mem_eta_max,
                                    eps=cfg.norm_eps)
@@ -160,7 +176,7 @@ class MemoryLayer:
 def memory_layer(module: types.ModuleType, cfg: ModelConfig) -> MemoryLayer:
     """``cfg``'s sequence-memory layer computed by ``module``."""
     lcfg = layer_config(module, cfg)
-    if cfg.family == "titans":
+    if cfg.family in ("titans", *HYBRID_FAMILIES):
         return MemoryLayer(module, lcfg, module.titans_forward, module.titans_backward)
     return MemoryLayer(module, lcfg, module.forward, module.backward)
 
@@ -173,13 +189,17 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     for i in range(cfg.n_layers):
         b = f"blocks.{i}."
         shapes[b + "norm1.g"] = (D,)
-        if has_attention(cfg):
+        if has_kv_cache(cfg):
             for n in ("Wq", "Wk", "Wv", "Wo"):
                 shapes[b + "attn." + n] = (D, D)
-        else:
+        if has_memory_layer(cfg):
             module = reference_layer(cfg.family)
             for n, s in module.param_shapes(layer_config(module, cfg)).items():
                 shapes[b + "mem." + n] = tuple(s)
+        if is_hybrid(cfg):  # the gate (SPEC.md#titans-mag): persistent tokens, the branch norms, W_out
+            if cfg.mem_persistent:
+                shapes[b + "mag.persist"] = (cfg.mem_persistent, D)
+            shapes.update({b + "mag.norm_a.g": (D,), b + "mag.norm_m.g": (D,), b + "mag.W_out": (D, D)})
         shapes[b + "norm2.g"] = (D,)
         if has_cms(cfg):
             for n, s in cms.param_shapes(D, cfg.cms_levels, cfg.cms_variant).items():

@@ -210,12 +210,17 @@ def attention_forward(q, k, v, causal=True, scale=None, window=None, persistent=
 def check_window(window, persistent, causal, Tk):
     """ValueError unless ``window`` is None or an int >= 1 (causal only) and ``persistent`` an int
     in [0, T_k]. Public: the CPU port uses it (fast/cpu/primitives.py)."""
+    def is_int(n):  # a Python int (not a bool) or a 0-d integer scalar of any array namespace
+        if hasattr(n, "shape"):
+            return n.shape == () and n.dtype.kind in "iu"
+        return isinstance(n, int) and not isinstance(n, bool)
+
     if window is not None:
-        if isinstance(window, bool) or not isinstance(window, int | np.integer) or window < 1:
+        if not is_int(window) or window < 1:
             raise ValueError(f"window must be None or an int >= 1 (keys a query sees, itself included), got {window!r}")
         if not causal:
             raise ValueError("window needs causal=True (a sliding window looks back from each query)")
-    if isinstance(persistent, bool) or not isinstance(persistent, int | np.integer) or not 0 <= persistent <= Tk:
+    if not is_int(persistent) or not 0 <= persistent <= Tk:
         raise ValueError(f"persistent must be an int in [0, T_k] = [0, {Tk}], got {persistent!r}")
 
 

@@ -69,6 +69,7 @@ def _blas_limited(fn):
 
 
 PORTED_LAYERS: dict[str, str | None] = {"titans": "titans", "hope": "selfmod",
+                                        "titans-mag": "titans",  # MAG's memory branch: the compiled Titans layer
                                         # not yet ported: reference/linear_layers.py, a counted fallback
                                         "linear-attention": None, "deltanet": None, "gated-deltanet": None,
                                         "dgd": None}

@@ -1,21 +1,45 @@
 """The Titans "memory as a gate" family (MAG, Titans §4.2) and its sliding-window attention.
 
-SPEC.md#primitives (the window). The primitive: the sliding window with persistent keys (Titans' SW-Attn*)
-against its mask written out, its float64 gradient check (central differences, dot product and the
-complex step), the reduction to plain causal attention when the window covers every key, and the
-CPU port's kernel equal to the reference.
+SPEC.md#titans-mag, SPEC.md#primitives (the window). The primitive: the sliding window with
+persistent keys (Titans' SW-Attn*) against its mask written out, its float64 gradient check
+(central differences, dot product and the complex step), the reduction to plain causal attention
+when the window covers every key, and the CPU port's kernel equal to the reference. The family:
+the block's mixer against its parts computed independently (the attention by loops, the Titans
+layer alone, the gate), the reductions (no persistent tokens and the gate fixed: the attention
+branch alone; a window over everything: Transformer++'s attention), the whole-model float64
+gradient check (as tests/reference/test_model.py), streaming equals one call at random split
+points with the KV cache cut to the window plus the persistent tokens, the CPU port (its compiled
+Titans layer and attention) within the "port" rows, ``nested-learning train`` on the reference
+and CPU backends, and the clear refusals of the GPU port and the torch oracle.
 """
+
+import dataclasses
+import json
 
 import numpy as np
 import pytest
-from hypothesis import given, note
+from click.testing import CliRunner
+from corpus import write_corpus
+from hypothesis import given, note, settings
 from hypothesis import strategies as st
+from model_checks import plain_loss as _plain_loss
+from model_checks import spot_check as _spot_check
+from port_helpers import assert_grads_close as _assert_grads_close
+from port_helpers import assert_state_close as _assert_state_close
 from tolerances import assert_close, tol
 
+from nlref import config
+from nlref.cli import cli
+from nlref.fast.cpu import model as F
 from nlref.fast.cpu import primitives as FP
+from nlref.reference import blocks
+from nlref.reference import model as R
 from nlref.reference import primitives as P
+from nlref.reference import titans as RT
 from nlref.reference.cases import primitives as P_cases
-from nlref.reference.gradcheck import check_gradients, numerical_gradient, rel_error
+from nlref.reference.gradcheck import check_gradients, dot_product_test, numerical_gradient, rel_error
+
+TINY = "titans-mag-tiny"
 
 # ---------------------------------------------------------------------------------------------
 # The sliding-window attention primitive (SW-Attn*)
@@ -120,3 +144,263 @@ def test_cpu_port_window_attention_matches_reference(dtype, seed, tq, extra, win
     for name, gf, gr in zip("qkv", FP.attention_backward(dy, cf), P.attention_backward(dy, cr), strict=True):
         assert_close(gf, gr, dtype, "port", f"d{name}")
     assert FP.FALLBACKS == before
+
+
+# ---------------------------------------------------------------------------------------------
+# The MAG mixer: its parts, its reductions
+# ---------------------------------------------------------------------------------------------
+
+
+def _rms(x, g, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * g
+
+
+def _rope(z, pos, base):  # z (B, H, T, dh): interleaved pairs (SPEC.md#primitives)
+    dh = z.shape[-1]
+    ang = pos[:, None] * base ** (-2.0 * np.arange(dh // 2) / dh)
+    c, s_ = np.cos(ang), np.sin(ang)
+    out = np.empty_like(z)
+    out[..., 0::2] = z[..., 0::2] * c - z[..., 1::2] * s_
+    out[..., 1::2] = z[..., 0::2] * s_ + z[..., 1::2] * c
+    return out
+
+
+def _mag_oracle(a, params, cfg, b="blocks.0."):
+    """The MAG mixer from its definition, at a sequence start: x~ = [p] || a; y = SW-Attn*(x~) (the
+    projections, RoPE at x~'s positions, the window by loops); m = the Titans layer alone over x~;
+    o = W_out (RMSNorm_a(y) * sigmoid(RMSNorm_m(m))) at the positions of a."""
+    B, n, D = a.shape
+    Np, H = cfg.mem_persistent, cfg.n_heads
+    xt = np.concatenate([np.broadcast_to(params[b + "mag.persist"], (B, Np, D)), a], axis=1) if Np else a
+    T = xt.shape[1]
+
+    def heads(W):
+        return (xt @ W.T).reshape(B, T, H, D // H).transpose(0, 2, 1, 3)
+
+    pos = np.arange(T, dtype=np.float64)
+    q = _rope(heads(params[b + "attn.Wq"]), pos, cfg.rope_base)
+    k = _rope(heads(params[b + "attn.Wk"]), pos, cfg.rope_base)
+    v = heads(params[b + "attn.Wv"])
+    y = _window_oracle(q, k, v, cfg.attn_window, Np).transpose(0, 2, 1, 3).reshape(B, T, D) @ params[b + "attn.Wo"].T
+    lp = {key[len(b) + 4:]: w for key, w in params.items() if key.startswith(b + "mem.")}
+    lcfg = RT.TitansConfig(d_model=D, n_heads=H, chunk=cfg.mem_chunk, memory=cfg.mem_kind, hidden=cfg.mem_hidden,
+                           eta_max=cfg.mem_eta_max, eps=cfg.norm_eps)
+    m = RT.titans_forward(xt, lp, lcfg)[0]
+    ya = _rms(y[:, Np:], params[b + "mag.norm_a.g"], cfg.norm_eps)
+    ym = _rms(m[:, Np:], params[b + "mag.norm_m.g"], cfg.norm_eps)
+    return (ya / (1 + np.exp(-ym))) @ params[b + "mag.W_out"].T
+
+
+def _block_input(cfg, B, n, seed):
+    return np.random.default_rng(seed).standard_normal((B, n, cfg.d_model))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"mem_persistent": 0}, {"attn_window": 1}, {"mem_kind": "matrix"},
+                                       {"attn_window": 20, "mem_persistent": 3}])
+def test_mag_mixer_is_its_parts(overrides):
+    cfg = dataclasses.replace(config.preset(TINY), **overrides)
+    params = R.init_params(cfg, seed=2)
+    a = _block_input(cfg, 2, 7, seed=3)
+    o = blocks.mag_forward(R.REFERENCE, a, params, "blocks.0.", cfg, 0, None, None)[0]
+    assert_close(o, _mag_oracle(a, params, cfg), "float64", "rewrite", "MAG mixer")
+
+
+def test_mag_reduces_to_its_attention_branch():
+    """N_p = 0 and the gate fixed (g_m = 0: sigma = 1/2 everywhere) leave W_out (RMSNorm_a(y) / 2) of the
+    sliding-window attention alone; with a window over every token that attention is the
+    transformer family's own (blocks.attn_forward, plain causal), so the mixer is built of the parts
+    the other families use. The memory branch alone moves the output only through the gate."""
+    cfg = dataclasses.replace(config.preset(TINY), mem_persistent=0, attn_window=50)
+    params = R.init_params(cfg, seed=4)
+    b = "blocks.0."
+    fixed = params | {b + "mag.norm_m.g": np.zeros(cfg.d_model)}
+    a = _block_input(cfg, 2, 9, seed=5)
+    o = blocks.mag_forward(R.REFERENCE, a, fixed, b, cfg, 0, None, None)[0]
+    y = blocks.attn_forward(R.REFERENCE, a, fixed, b, cfg, 0, None)[0]
+    attn_alone = (0.5 * _rms(y, fixed[b + "mag.norm_a.g"], cfg.norm_eps)) @ fixed[b + "mag.W_out"].T
+    assert_close(o, attn_alone, "float64", "rewrite", "gate fixed")
+    other = fixed | {k: 1.5 * w for k, w in fixed.items() if k.startswith(b + "mem.")}  # another memory
+    np.testing.assert_allclose(blocks.mag_forward(R.REFERENCE, a, other, b, cfg, 0, None, None)[0], o, rtol=0, atol=0)
+    o2 = blocks.mag_forward(R.REFERENCE, a, params | {b + "mem.W_o": 1.5 * params[b + "mem.W_o"]}, b, cfg, 0,
+                            None, None)[0]
+    assert not np.allclose(o2, blocks.mag_forward(R.REFERENCE, a, params, b, cfg, 0, None, None)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: gradients, streaming, state
+# ---------------------------------------------------------------------------------------------
+
+
+def _tokens(cfg, B, T, seed=0):
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(B, T))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"mem_persistent": 0}, {"mem_kind": "matrix", "attn_window": 2}])
+def test_whole_model_gradients(overrides):
+    """float64: loss_and_grads's hand-written backward against directional finite differences along 3
+    random directions over every parameter and central differences at one entry of every key
+    (tests/model_checks.py, as test_model.py's check of the other families)."""
+    cfg = dataclasses.replace(config.preset(TINY), **overrides)
+    rng = np.random.default_rng(7)
+    params = R.init_params(cfg, seed=3)
+    tokens = _tokens(cfg, 2, 8, seed=1)
+    loss, grads = R.loss_and_grads(params, tokens, cfg)
+    assert list(grads) == list(params)
+    assert ("blocks.0.mag.persist" in params) == (cfg.mem_persistent > 0)
+
+    def f(a):
+        return _plain_loss(a, tokens, cfg)
+
+    assert abs(loss - float(f(params))) <= 1e-12 * max(1.0, abs(loss))
+    t = tol("float64", "gradcheck")
+    for _ in range(3):
+        assert dot_product_test(f, params, grads, rng) <= t
+    error, worst = _spot_check(f, params, grads, rng)
+    assert error <= t, (worst, error)
+    if cfg.mem_persistent:
+        assert np.abs(grads["blocks.0.mag.persist"]).max() > 0  # the persistent tokens are trained
+
+
+@given(cuts=st.lists(st.integers(1, 10), min_size=1, max_size=4, unique=True), seed=st.integers(0, 2**16))
+def test_streaming_equals_one_call(cuts, seed):
+    """forward over T tokens == chained calls carrying the state at any split points (the window of 3
+    slides, the memory's 2-token chunks split): logits and the memory states; every KV cache holds the
+    persistent keys and the last window - 1 keys only."""
+    cfg = config.preset(TINY)
+    params = R.init_params(cfg, seed=seed % 7)
+    tokens = _tokens(cfg, 2, 11, seed)
+    logits, state = R.forward(params, tokens, cfg)
+    pieces, st_ = [], None
+    for a, b in zip([0] + sorted(cuts), sorted(cuts) + [11], strict=True):
+        lg, st_ = R.forward(params, tokens[:, a:b], cfg, st_)
+        pieces.append(lg)
+        want = cfg.mem_persistent + min(cfg.attn_window - 1, b)
+        assert all(K.shape[2] == V.shape[2] == want for K, V in st_["past"])
+    assert_close(np.concatenate(pieces, axis=1), logits, "float64", "rewrite", "logits")
+    for i in range(cfg.n_layers):
+        for key, w in state["mem"][i].items():
+            if isinstance(w, np.ndarray):
+                assert_close(st_["mem"][i][key], w, "float64", "rewrite", f"mem {i} {key}")
+            else:
+                assert st_["mem"][i][key] == w
+        for j in range(2):
+            assert_close(st_["past"][i][j], state["past"][i][j], "float64", "rewrite", f"past {i}")
+
+
+def test_state_holds_the_persistent_keys_and_the_memory_after_them():
+    """After a fresh call, block i's cache begins with the keys of its persistent tokens (at x~'s
+    positions 0..N_p-1, the same for every sequence) and its memory has read N_p + T tokens;
+    state_size counts the state exactly (window cache + the Titans state)."""
+    cfg = config.preset(TINY)
+    params = R.init_params(cfg, seed=1)
+    T = 5
+    _, state = R.forward(params, _tokens(cfg, 2, T, seed=2), cfg)
+    _, other = R.forward(params, _tokens(cfg, 2, T, seed=9), cfg)
+    Np = cfg.mem_persistent
+    for i in range(cfg.n_layers):
+        np.testing.assert_array_equal(state["past"][i][0][:, :, :Np], other["past"][i][0][:, :, :Np])
+        np.testing.assert_array_equal(state["past"][i][0][0, :, :Np], state["past"][i][0][1, :, :Np])
+        assert state["mem"][i]["pos"] == (Np + T) % cfg.mem_chunk
+    floats = sum(K.size + V.size for K, V in state["past"]) // 2
+    floats += sum(int(np.size(w)) for m in state["mem"] for w in m.values() if isinstance(w, np.ndarray)) // 2
+    size = R.state_size(cfg)
+    assert size["per_token"] == 0 and size["fixed"] == floats
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets, ports, the command line
+# ---------------------------------------------------------------------------------------------
+
+
+def test_presets_and_validation():
+    """titans-mag-small within 10 % of transformer-small's parameter count (measured 0.3 %); the tiny
+    preset is float64; the window and N_p are validated and belong to this family alone."""
+    base = sum(R.param_counts(config.preset("transformer-small")).values())
+    n = sum(R.param_counts(config.preset("titans-mag-small")).values())
+    assert abs(n - base) <= 0.1 * base, (n, base)
+    tiny = config.preset(TINY)
+    assert tiny.dtype == "float64" and tiny.family == "titans-mag" and config.preset("titans-mag-small").dtype == "float32"
+    assert config.from_dict(tiny.to_dict()) == tiny
+    for key, bad in (("attn_window", 0), ("attn_window", 2.5), ("mem_persistent", -1), ("mem_persistent", True)):
+        with pytest.raises(ValueError, match=f"{key} must be an int"):
+            dataclasses.replace(tiny, **{key: bad})
+    with pytest.raises(ValueError, match="attn_window is a field of the Titans hybrid families"):
+        dataclasses.replace(config.preset("transformer-tiny"), attn_window=3)
+    with pytest.raises(ValueError, match="mem_persistent is a field of the Titans hybrid families"):
+        dataclasses.replace(config.preset("titans-tiny"), mem_persistent=2)
+    with pytest.raises(ValueError, match="mlp_hidden must be a positive int"):
+        dataclasses.replace(tiny, mlp_hidden=0)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@settings(max_examples=6)
+@given(seed=st.integers(0, 2**16), B=st.integers(1, 3), T=st.integers(2, 10), data=st.data())
+def test_cpu_port_matches_reference(dtype, seed, B, T, data):
+    """fast/cpu's model (the driver with its compiled Titans layer and attention: no fallback, not even
+    the counted model-layer one) = the reference within the "port" rows: loss, every gradient,
+    logits, the state, a two-call stream, and a CPU state continued on the reference."""
+    overrides = data.draw(st.sampled_from([{}, {"mem_persistent": 0}, {"mem_kind": "matrix"}, {"attn_window": 5}]))
+    cfg = dataclasses.replace(config.preset(TINY), dtype=dtype, **overrides)
+    assert F.PORTED_LAYERS[cfg.family] == "titans"
+    split = data.draw(st.integers(1, T - 1), label="split")
+    note(f"{overrides} B={B} T={T} split={split}")
+    params = R.init_params(cfg, seed % 100)
+    tokens = _tokens(cfg, B, T, seed)
+    before = dict(FP.FALLBACKS)
+    lf, gf = F.loss_and_grads(params, tokens, cfg)
+    lr, gr = R.loss_and_grads(params, tokens, cfg)
+    assert_close(lf, lr, dtype, "port", "loss")
+    assert list(gf) == list(gr)
+    _assert_grads_close(gf, gr, dtype)
+    yf, sf = F.forward(params, tokens, cfg)
+    yr, sr = R.forward(params, tokens, cfg)
+    assert yf.dtype == np.dtype(dtype)
+    assert_close(yf, yr, dtype, "port", "logits")
+    _assert_state_close(sf, sr, dtype)
+    y1, s1 = F.forward(params, tokens[:, :split], cfg)
+    y2, _ = F.forward(params, tokens[:, split:], cfg, s1)
+    assert_close(np.concatenate([y1, y2], axis=1), yr, dtype, "port", "streamed logits")
+    y2r, _ = R.forward(params, tokens[:, split:], cfg, s1)
+    assert_close(y2r, yr[:, split:], dtype, "port", "CPU state on the reference")
+    assert FP.FALLBACKS == before, "the CPU port took a reference fallback"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("mag") / "corpus", n_docs=4, n_words=200)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_preset_trains_from_the_cli(backend, corpus, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", "--preset", TINY, "--backend", backend, "--data", str(corpus),
+                                      "--steps", "2", "--seq-len", "8", "--batch-size", "2", "--out", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and np.isfinite(summary["final_train_loss"])
+    assert json.loads((out / "config.json").read_text())["model"]["family"] == "titans-mag"
+
+
+def test_gpu_backend_and_torch_oracle_refuse_the_family(tmp_path, monkeypatch):
+    """The GPU port does not compute titans-mag: one clear error before anything is written (the CLI)
+    and a ValueError from its API; the torch oracle raises NotImplementedError, never computes
+    another family's block."""
+    from nlref.fast.gpu import model as gpu
+
+    monkeypatch.setattr(gpu, "NAMESPACE", "numpy")
+    cfg = config.preset(TINY)
+    with pytest.raises(ValueError, match="does not compute the 'titans-mag' family"):
+        gpu.loss_and_grads(R.init_params(cfg, 0), np.zeros((1, 4), dtype=np.int64), cfg)
+    data = tmp_path / "d.txt"
+    data.write_text("some text for a tiny corpus\n" * 200)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", "--preset", TINY, "--backend", "gpu", "--data", str(data),
+                                      "--steps", "1", "--seq-len", "8", "--out", str(out)])
+    assert result.exit_code == 1 and "does not compute the 'titans-mag' family" in result.output, result.output
+    assert not out.exists()
+    torch_model = pytest.importorskip("nlref.torch_model")
+    for call in (lambda p: torch_model.forward(p, np.zeros((1, 3), dtype=np.int64), cfg),
+                 lambda p: torch_model.loss_and_grads(p, np.zeros((1, 3), dtype=np.int64), cfg)):
+        with pytest.raises(NotImplementedError, match="does not compute the 'titans-mag' family"):
+            call(R.init_params(cfg, 0))
