@@ -139,9 +139,11 @@ def _rule(cfg):
     return MEM.delta_chunked_forward, MEM.delta_chunked_backward
 
 
-def forward(x, params, cfg: LinearLayerConfig, state=None):
+def forward(x, params, cfg: LinearLayerConfig, state=None, *, rule=_rule):
     """The layer over x (B, T, D). Returns (y, cache, new_state); ``state=None`` starts from the
-    zero memory, the returned state continues the sequence in a later call. Inputs are not mutated."""
+    zero memory, the returned state continues the sequence in a later call. Inputs are not mutated.
+    ``rule``: cfg -> (forward, backward) of the memory rule (default: memory.py's chunk forms; the
+    CPU port passes its compiled token loops, the same function)."""
     x = _check_inputs(x, params, cfg, state)
     B, T, D = x.shape
     H, dh = cfg.n_heads, cfg.head_dim
@@ -166,7 +168,7 @@ def forward(x, params, cfg: LinearLayerConfig, state=None):
     if cfg.rule in ("gated_delta", "dgd"):
         a, c_alpha = _gate_forward(x, params["w_alpha"], params["b_alpha"])
         alpha = a.reshape(B * H, T)
-    fwd, _ = _rule(cfg)
+    fwd, _ = rule(cfg)
     o, M_T, c_mem = fwd(heads["q"], heads["k"], heads["v"], eta, alpha, M0, cfg.chunk)  # Eqs. (15), (64)/(65)
     o = o.reshape(B, H, T, dh).transpose(0, 2, 1, 3)  # (B, T, H, dh)
     o_n, c_rms = P.rmsnorm_forward(o, params["g_o"], cfg.eps)
@@ -177,8 +179,8 @@ def forward(x, params, cfg: LinearLayerConfig, state=None):
     return y, cache, new_state
 
 
-def backward(dy, cache, dstate=None):
-    """Hand-written VJP of ``forward``: (dx, dparams, dstate0).
+def backward(dy, cache, dstate=None, *, rule=_rule):
+    """Hand-written VJP of ``forward``: (dx, dparams, dstate0); ``rule`` as the forward's.
 
     ``dstate`` (optional): {"M": gradient reaching the returned state}. ``dstate0``: the gradient
     w.r.t. the state passed in (None for a fresh sequence: its zero memory is a constant)."""
@@ -192,7 +194,7 @@ def backward(dy, cache, dstate=None):
     grads = {}
     dh_, grads["W_o"], _ = P.linear_backward(dy, cache["c_o"])
     do, grads["g_o"] = P.rmsnorm_backward(dh_.reshape(B, T, H, dh), cache["c_rms"])
-    _, bwd = _rule(cfg)
+    _, bwd = rule(cfg)
     g = bwd(do.transpose(0, 2, 1, 3).reshape(B * H, T, dh), dM_T, cache["c_mem"])
     dx = np.zeros_like(x)
     for name, c in (("beta", cache["c_beta"]), ("alpha", cache["c_alpha"])):

@@ -70,9 +70,9 @@ def _blas_limited(fn):
 
 PORTED_LAYERS: dict[str, str | None] = {"titans": "titans", "hope": "selfmod",
                                         "titans-mag": "titans",  # MAG's memory branch: the compiled Titans layer
-                                        # not yet ported: reference/linear_layers.py, a counted fallback
-                                        "linear-attention": None, "deltanet": None, "gated-deltanet": None,
-                                        "dgd": None}
+                                        # the reference's layer over the compiled token-loop rules
+                                        "linear-attention": "linear_layers", "deltanet": "linear_layers",
+                                        "gated-deltanet": "linear_layers", "dgd": "linear_layers"}
 """family -> the fast.cpu module of its sequence-memory layer (None: the reference's layer, an
 explicit fallback). Set once the port has landed and its equivalence tests pass."""
 
