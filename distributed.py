@@ -531,6 +531,9 @@ def _fail(w: World, exc: BaseException, scratch: Path | None = None, code: int =
     sys.stderr.write(f"Error{who}: {msg}; every rank stopped (MPI_Abort)\n")
     sys.stderr.flush()
     w.comm.Abort(code)
+    # MPI_Abort "does not return" by the standard, but MPICH's can return before the launcher's
+    # kill lands (seen under load: the CLI then printed the error a second time): end here
+    os._exit(code)
 
 
 def train(rc, run_dir, resume: bool = False, echo: Callable[[str], None] = print, tty: bool = False,
