@@ -87,7 +87,10 @@ def heldout_loss(params, rc, domain, stream, used, *, seq_len: int, n_windows: i
 
 
 def train_curve(run_dir, tokens_per_step: int) -> list:
-    """[(training tokens, training loss)] of a run, from its metrics.jsonl's training rows."""
+    """[(training tokens, training loss)] of a run, from its metrics.jsonl's training rows (none
+    when the run wrote none)."""
+    if not (run_dir / "metrics.jsonl").is_file():
+        return []
     return [(r["step"] * tokens_per_step, r["loss"])
             for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
             if "loss" in r and "step" in r]
@@ -130,9 +133,15 @@ def run(out, *, scale_name: str = "quick", n_seeds: int = 3, backend: str | None
         for spec in specs:
             for seed in seed_list:
                 run_dir = out / "runs" / common.slug(domain.name) / common.slug(spec.label) / f"seed{seed}"
-                params, summary, rc = common.train_phase(spec, data_dir=train_dir, run_dir=run_dir, seed=seed,
-                                                         steps=scale.steps, batch_size=scale.batch_size,
-                                                         seq_len=scale.seq_len, lr=scale.lr, backend=backend)
+                try:
+                    params, summary, rc = common.train_phase(spec, data_dir=train_dir, run_dir=run_dir, seed=seed,
+                                                             steps=scale.steps, batch_size=scale.batch_size,
+                                                             seq_len=scale.seq_len, lr=scale.lr, backend=backend)
+                except common.Diverged as exc:  # recorded and counted, never averaged in or dropped silently
+                    rows.append({"domain": domain.name, "model": spec.label, "seed": seed, "heldout_loss": None,
+                                 "diverged": str(exc), "train_curve": train_curve(run_dir, scale.batch_size * scale.seq_len)})
+                    echo(f"  {domain.name} {spec.label} seed {seed}: DIVERGED ({exc})")
+                    continue
                 loss = heldout_loss(params, rc, domain, stream, used, seq_len=scale.seq_len,
                                     n_windows=scale.eval_windows, backend=backend)
                 rows.append({"domain": domain.name, "model": spec.label, "seed": seed, "heldout_loss": loss,
@@ -144,9 +153,18 @@ def run(out, *, scale_name: str = "quick", n_seeds: int = 3, backend: str | None
         runs += rows
         per_model = {s.label: [r["heldout_loss"] for r in rows if r["model"] == s.label] for s in specs}
         ref = specs[0].label
+
+        def finite(v):
+            return [x for x in v if x is not None]
+
+        def paired(a, b):  # the seeds where both models finished
+            both = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+            return common.paired_difference([x for x, _ in both], [y for _, y in both])
+
         by_domain[domain.name] = {
-            "summary": {label: common.mean_sd(v) for label, v in per_model.items()},
-            "vs_first": {s.label: common.paired_difference(per_model[s.label], per_model[ref]) for s in specs[1:]}}
+            "summary": {label: common.mean_sd(finite(v)) for label, v in per_model.items()},
+            "diverged": {label: sum(x is None for x in v) for label, v in per_model.items()},
+            "vs_first": {s.label: paired(per_model[s.label], per_model[ref]) for s in specs[1:]}}
     first = by_domain[domain_list[0].name]
     results = {"experiment": name, "scale": scale_name, "scale_config": scale.__dict__, "backend": backend,
                "seeds": seed_list, "tokens_per_run": tokens, "models": facts,
@@ -194,11 +212,17 @@ def report(res) -> str:
             f"{res['wall_time_s']:.0f} s on {common.machine_line(res['machine'])}.\n")
     for d in res["domains"]:
         bd = res["by_domain"][d["name"]]
+        div = bd.get("diverged", {})
         rows = [[f["label"], f"{f['parameters']:,}", "yes" if f["matched"] else "NO", common.fmt(bd["summary"][f["label"]]),
-                 bd["vs_first"].get(f["label"], {}).get("call", "reference")] for f in res["models"]]
+                 str(div.get(f["label"], 0)), bd["vs_first"].get(f["label"], {}).get("call", "reference")]
+                for f in res["models"]]
         text += (f"\n## domain {d['name']}\n\n"
                  + common.md_table(["model", "parameters", "within 10 %", "held-out loss (mean ± sd)",
-                                    f"vs {res['models'][0]['label']}"], rows))
+                                    "diverged seeds", f"vs {res['models'][0]['label']}"], rows))
+    if any(r.get("diverged") for r in res["runs"]):
+        text += ("\nA diverged seed (a non-finite loss or gradient: the run stopped) is counted, left out of its "
+                 "model's mean, and its pair left out of the paired difference; the runs table in results.json "
+                 "names each with its message.\n")
     return text + ("\nA difference is called only beyond two standard errors of the per-seed differences; with 3 "
                    "seeds this is rough, and at this scale it does not speak to the paper's Table 2 (760M-1.3B "
                    "models).\n")

@@ -76,6 +76,33 @@ def test_compare_smoke_end_to_end(tmp_path):
     assert not data["figures"] or (out / "loss_vs_tokens.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_compare_records_a_diverged_seed_and_goes_on(tmp_path, monkeypatch):
+    """A run that stops on a non-finite loss is counted and named, left out of the mean and of the
+    paired difference, and the other runs still finish (seen at full scale: hope-small seed 1 NaN)."""
+    from nlref.experiments import common
+
+    real = common.train_phase
+
+    def planted(spec, **kw):
+        if spec.label.startswith("transformer") and kw["seed"] == 1:
+            raise common.Diverged(f"{spec.label}, seed 1: step 2: the loss is not finite (planted)")
+        return real(spec, **kw)
+
+    monkeypatch.setattr(common, "train_phase", planted)
+    out = tmp_path / "div"
+    res = CliRunner().invoke(cli, ["experiment", "compare", "--smoke", "--seeds", "2", "--backend", "reference",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "DIVERGED" in res.output
+    data = json.loads((out / "results.json").read_text())
+    label = next(m["label"] for m in data["models"] if m["label"].startswith("transformer"))
+    assert data["by_domain"]["python"]["diverged"][label] == 1
+    assert data["summary"][label]["n"] == 1 and data["vs_first"][label]["n"] == 1
+    bad = [r for r in data["runs"] if r.get("diverged")]
+    assert len(bad) == 1 and bad[0]["heldout_loss"] is None and "planted" in bad[0]["diverged"]
+    assert "diverged seeds" in (out / "report.md").read_text()
+
+
 def test_compare_evaluating_on_the_training_split_is_caught(tmp_path, monkeypatch):
     from nlref.experiments import domains
 
