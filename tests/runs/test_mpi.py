@@ -7,6 +7,7 @@ are skipped, with the reason, where mpi4py or an ``mpiexec`` is missing (``pip i
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -272,8 +273,10 @@ def test_a_rank_that_never_joins_the_all_reduce_stops_the_run_after_the_timeout(
     t0 = time.perf_counter()
     r = mpirun(2, [sys.executable, str(script), "transformer-tiny", "reference", "float64", "4",
                    str(tmp_path / "x.npz")], _env(tmp_path, NL_TEST_HANG="1", NL_MPI_TIMEOUT="2"), timeout=50)
-    assert r.returncode != 0
-    assert "rank 0 of 2 waited 2 s in the all-reduce" in r.stdout and "--resume RUN_DIR" in r.stdout, r.stdout
+    assert r.returncode != 0, r.stdout + r.stderr
+    # "waited 2 s" (3 on a loaded machine: the first poll after the limit may come late)
+    assert re.search(r"rank 0 of 2 waited [23] s in the all-reduce", r.stdout) and "--resume RUN_DIR" in r.stdout, (
+        f"stdout: {r.stdout!r}\nstderr: {r.stderr[-3000:]}")
     assert time.perf_counter() - t0 < 40  # not the 60 s the other rank sleeps
 
 
