@@ -513,6 +513,12 @@ def _snapshot(run_dir: Path) -> dict[str, bytes]:
     return out
 
 
+ABORT_FLUSH_S = 0.3
+"""Seconds ``_fail`` waits between writing its line and MPI_Abort: the launcher (hydra) relays each
+rank's output through a pipe, and an abort that lands first can drop the line (seen on a loaded
+machine: a test's expected message never arrived)."""
+
+
 def _fail(w: World, exc: BaseException, scratch: Path | None = None, code: int = 1) -> None:
     """Report ``exc`` once and end every rank (MPI_Abort): rank 0 at once; another rank after
     ``FOLLOWER_GRACE_S``, so that rank 0 reports an error every rank met. A run error (TrainingError:
@@ -530,6 +536,7 @@ def _fail(w: World, exc: BaseException, scratch: Path | None = None, code: int =
         traceback.print_exception(exc, file=sys.stderr)
     sys.stderr.write(f"Error{who}: {msg}; every rank stopped (MPI_Abort)\n")
     sys.stderr.flush()
+    time.sleep(ABORT_FLUSH_S)  # the launcher relays a rank's output through a pipe: let the line through first
     w.comm.Abort(code)
     # MPI_Abort "does not return" by the standard, but MPICH's can return before the launcher's
     # kill lands (seen under load: the CLI then printed the error a second time): end here

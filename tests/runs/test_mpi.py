@@ -157,6 +157,7 @@ def mpirun(n: int, args: list[str], env: dict, timeout: float = 120) -> subproce
 GRADS_SCRIPT = textwrap.dedent("""
     import os
     import sys
+    import time
     import numpy as np
     from nlref import backends, config, distributed
     preset, backend, dtype, B, out = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
@@ -174,6 +175,7 @@ GRADS_SCRIPT = textwrap.dedent("""
     except distributed.DistributedError as exc:
         print(f"rank {w.rank}: {exc}", flush=True)
         if "NL_TEST_HANG" in os.environ:
+            time.sleep(distributed.ABORT_FLUSH_S)  # as distributed._fail: let the launcher relay the line
             w.comm.Abort(3)  # as distributed.train does: the other rank never comes
         sys.exit(3)
     stop = distributed.any_rank(w.rank == w.size - 1)  # only the last rank asks: every rank agrees
