@@ -33,3 +33,19 @@ def spot_check(f, params, grads, rng, n_spots=1, eps=1e-6):
             names.append(key)
     num, ana = np.array(num), np.array(ana)
     return rel_error(ana, num), names[int(np.argmax(np.abs(num - ana)))]
+
+
+def check_model_gradients(f, loss, params, grads, rng, n_dot: int = 3) -> None:
+    """The whole-model gradient check every family's test runs: ``f(params)`` (the loss the
+    gradients are of) reproduces ``loss``, ``n_dot`` random-direction central-difference dot-product
+    tests and a spot check of single entries, all within the ("float64", "gradcheck") row."""
+    from tolerances import tol
+
+    from nlref.reference.gradcheck import dot_product_test
+
+    assert abs(loss - float(f(params))) <= 1e-12 * max(1.0, abs(loss))
+    t = tol("float64", "gradcheck")
+    for _ in range(n_dot):
+        assert dot_product_test(f, params, grads, rng) <= t
+    error, worst = spot_check(f, params, grads, rng)
+    assert error <= t, (worst, error)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from model_checks import check_model_gradients
 from model_checks import plain_loss as _plain_loss
-from model_checks import spot_check as _spot_check
 from tolerances import assert_close, tol
 
 from nlref import config
@@ -58,12 +58,7 @@ def test_whole_model_gradients(name, in_context):
     else:
         def f(a):
             return _plain_loss(a, tokens, cfg)
-    assert abs(loss - float(f(params))) <= 1e-12 * max(1.0, abs(loss))
-    t = tol("float64", "gradcheck")
-    for _ in range(3):
-        assert dot_product_test(f, params, grads, rng) <= t
-    error, worst = _spot_check(f, params, grads, rng)
-    assert error <= t, (worst, error)
+    check_model_gradients(f, loss, params, grads, rng)
 
 
 def test_first_order_gap_shrinks_with_inner_lr():
