@@ -62,3 +62,25 @@ def assert_grads_close(gf, gr, dtype):
         assert gf[k].shape == gr[k].shape, k
         diff = float(np.max(np.abs(gf[k].astype(np.float64) - gr[k]))) if gr[k].size else 0.0
         assert diff <= tol(dtype, "port") * whole, f"{k}: max abs {diff:.3e} > {tol(dtype, 'port')} x {whole:.3e}"
+
+
+def assert_model_port_matches(F, R, params, tokens, cfg, dtype, split):
+    """A port's model API (``F``: fast.cpu.model, ...) against the reference's (``R``): the loss and
+    every gradient, the logits and the returned state, the stream cut at ``split`` (the port's
+    state carried on the port and on the reference), each within the ("port") rows."""
+    lf, gf = F.loss_and_grads(params, tokens, cfg)
+    lr, gr = R.loss_and_grads(params, tokens, cfg)
+    assert isinstance(lf, float)
+    assert_close(lf, lr, dtype, "port", "loss")
+    assert list(gf) == list(gr)
+    assert_grads_close(gf, gr, dtype)
+    yf, sf = F.forward(params, tokens, cfg)
+    yr, sr = R.forward(params, tokens, cfg)
+    assert yf.dtype == np.dtype(dtype)
+    assert_close(yf, yr, dtype, "port", "logits")
+    assert_state_close(sf, sr, dtype)
+    y1, s1 = F.forward(params, tokens[:, :split], cfg)
+    y2, _ = F.forward(params, tokens[:, split:], cfg, s1)
+    assert_close(np.concatenate([y1, y2], axis=1), yr, dtype, "port", "streamed logits")
+    y2r, _ = R.forward(params, tokens[:, split:], cfg, s1)  # a port's state continues on the reference
+    assert_close(y2r, yr[:, split:], dtype, "port", "port state on the reference")

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 from port_helpers import assert_grads_close as _assert_grads_close
-from port_helpers import assert_state_close as _assert_state_close
+from port_helpers import assert_model_port_matches
 from strategies import FAMILIES
 from strategies import model_configs as configs
 from tolerances import assert_close
@@ -63,23 +63,7 @@ def test_model_matches_reference(family, data):
     fallbacks = _compiled_fallbacks()
     layer_fb = FP.FALLBACKS.get(f"model.{family}_layer", 0)
 
-    lf, gf = F.loss_and_grads(params, tokens, cfg)
-    lr, gr = R.loss_and_grads(params, tokens, cfg)
-    assert isinstance(lf, float)
-    assert_close(lf, lr, dtype, "port", "loss")
-    assert list(gf) == list(gr)
-    _assert_grads_close(gf, gr, dtype)
-
-    yf, sf = F.forward(params, tokens, cfg)
-    yr, sr = R.forward(params, tokens, cfg)
-    assert yf.dtype == np.dtype(dtype)
-    assert_close(yf, yr, dtype, "port", "logits")
-    _assert_state_close(sf, sr, dtype)
-    y1, s1 = F.forward(params, tokens[:, :split], cfg)
-    y2, _ = F.forward(params, tokens[:, split:], cfg, s1)
-    assert_close(np.concatenate([y1, y2], axis=1), yr, dtype, "port", "streamed logits")
-    y2r, _ = R.forward(params, tokens[:, split:], cfg, s1)  # a fast state continues on the reference
-    assert_close(y2r, yr[:, split:], dtype, "port", "fast state on the reference")
+    assert_model_port_matches(F, R, params, tokens, cfg, dtype, split)
 
     assert _compiled_fallbacks() == fallbacks, "a compiled op took the reference fallback"
     if F.PORTED_LAYERS.get(family) is not None:

@@ -24,8 +24,7 @@ from hypothesis import given, note, settings
 from hypothesis import strategies as st
 from model_checks import check_model_gradients
 from model_checks import plain_loss as _plain_loss
-from port_helpers import assert_grads_close as _assert_grads_close
-from port_helpers import assert_state_close as _assert_state_close
+from port_helpers import assert_model_port_matches
 from tolerances import assert_close, tol
 
 from nlref import config
@@ -342,21 +341,7 @@ def test_cpu_port_matches_reference(dtype, seed, B, T, data):
     params = R.init_params(cfg, seed % 100)
     tokens = _tokens(cfg, B, T, seed)
     before = dict(FP.FALLBACKS)
-    lf, gf = F.loss_and_grads(params, tokens, cfg)
-    lr, gr = R.loss_and_grads(params, tokens, cfg)
-    assert_close(lf, lr, dtype, "port", "loss")
-    assert list(gf) == list(gr)
-    _assert_grads_close(gf, gr, dtype)
-    yf, sf = F.forward(params, tokens, cfg)
-    yr, sr = R.forward(params, tokens, cfg)
-    assert yf.dtype == np.dtype(dtype)
-    assert_close(yf, yr, dtype, "port", "logits")
-    _assert_state_close(sf, sr, dtype)
-    y1, s1 = F.forward(params, tokens[:, :split], cfg)
-    y2, _ = F.forward(params, tokens[:, split:], cfg, s1)
-    assert_close(np.concatenate([y1, y2], axis=1), yr, dtype, "port", "streamed logits")
-    y2r, _ = R.forward(params, tokens[:, split:], cfg, s1)
-    assert_close(y2r, yr[:, split:], dtype, "port", "CPU state on the reference")
+    assert_model_port_matches(F, R, params, tokens, cfg, dtype, split)
     assert FP.FALLBACKS == before, "the CPU port took a reference fallback"
 
 
