@@ -44,36 +44,27 @@ def point(preset: str, backend: str, batch: int, seq_len: int, repeats: int, dty
     import numpy as np
     from threadpoolctl import threadpool_limits
 
-    from nlref import backends, config
-    from nlref.reference import optimizers
+    from nlref import bench, config
 
-    be = backends.get(backend)
-    be.check()
+    timed = bench._backend(backend, batch)  # nested-learning bench's backend and AdamW step
     cfg = dataclasses.replace(config.preset(preset), dtype=dtype)
     with threadpool_limits(limits=1, user_api="blas"):
-        params = be.to_device(be.model.init_params(cfg, seed=0))
-        opt = (be.optimizers() if be.on_device else optimizers).make("adamw", lr=1e-3)
-        state = opt.init(params)
-        rng = np.random.default_rng(0)
-        tokens = rng.integers(0, cfg.vocab_size, size=(batch, seq_len + 1))
-
-        def step(toks):
-            nonlocal params, state
-            _, grads = be.loss_and_grads(params, be.to_device(toks), cfg)
-            params, state = opt.update(params, grads, state)
-            be.synchronize()
-
+        tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(batch, seq_len + 1))
         # the kernels compile per type, not per shape: a small step loads (or compiles) them all
         # before the baseline, so the peak below is the measured steps' own memory
+        step = timed.stepper(timed.params(cfg), tokens[:1, :min(seq_len, 48) + 1], cfg)
         t0 = time.perf_counter()
-        step(tokens[:1, :min(seq_len, 48) + 1])
+        step()
+        timed.synchronize()
         first = time.perf_counter() - t0
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        step(tokens)  # untimed: first use of this shape's buffers
+        step.tokens = timed.be.to_device(tokens)
+        step()  # untimed: first use of this shape's buffers
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            step(tokens)
+            step()
+            timed.synchronize()
             times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     median = statistics.median(times)

@@ -34,7 +34,7 @@ class StepProgress:
     """Training progress from step ``start`` to ``total``."""
 
     def __init__(self, total: int, start: int, every: int, echo: Callable[[str], None], tty: bool):
-        self.total, self.every, self.echo, self.tty = total, every, echo, tty
+        self.total, self.start, self.every, self.echo, self.tty = total, start, every, echo, tty
         self.t0 = time.perf_counter()
         self.bar = None
         if tty:
@@ -43,14 +43,14 @@ class StepProgress:
             self.bar = tqdm(total=total, initial=start, unit="step", file=sys.stdout, dynamic_ncols=True,
                             leave=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
 
-    def update(self, step: int, loss: float, tokens_per_s: float, start_step: int) -> None:
+    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
         if self.bar is not None:
             self.bar.set_postfix_str(f"loss {loss:.4f}, {tokens_per_s:,.0f} tok/s", refresh=False)
             self.bar.update(step - self.bar.n)
             return
         if step % self.every == 0 or step == self.total:
             elapsed = time.perf_counter() - self.t0
-            done = step - start_step
+            done = step - self.start
             eta = elapsed / done * (self.total - step) if done else 0.0
             self.echo(f"step {step}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  "
                       f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")

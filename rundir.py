@@ -147,8 +147,8 @@ class StopOnSignal:
         self.echo(f"\n{self.name}: stopping after this step and writing a checkpoint "
                   "(Ctrl-C again to abort without it)")
 
-    def asked(self, step: int) -> bool:
-        """Whether to stop after ``step``: on every rank when any rank got the signal (collective).
+    def asked(self) -> bool:
+        """Whether to stop after the step just done: on every rank when any rank got the signal (collective).
         A rank that got none stops as if by SIGINT (exit 130), named as another rank's signal."""
         from nlref import distributed
 

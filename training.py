@@ -1011,7 +1011,7 @@ def _train_locked(rc: RunConfig, run_dir: Path, corpus, resume: bool, echo, tty:
                       "tokens": step * tokens[:, 1:].size, "step_time_s": round(dt, 6), "time": round(time.time(), 3)}
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
-            progress.update(step, loss, tok_s, start_step)
+            progress.update(step, loss, tok_s)
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                 ev = evaluate(params, mc, corpus.val.stream, tc.batch_size, tc.seq_len, tc.eval_batches,
                               backend=tc.backend, tokenizer=corpus.tokenizer)
@@ -1028,7 +1028,7 @@ def _train_locked(rc: RunConfig, run_dir: Path, corpus, resume: bool, echo, tty:
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
                 metrics.flush()
                 save(step)
-            if stop.asked(step):
+            if stop.asked():
                 metrics.flush()
                 save(step)
                 progress.close()

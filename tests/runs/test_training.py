@@ -277,12 +277,12 @@ def test_progress_bar_on_a_terminal_and_lines_otherwise(capsys):
     lines = []
     bar = progress.StepProgress(total=8, start=0, every=4, echo=lines.append, tty=False)
     for step in range(1, 9):
-        bar.update(step, 2.5, 1000.0, start_step=0)
+        bar.update(step, 2.5, 1000.0)
     assert [ln.split()[1] for ln in lines] == ["4/8", "8/8"]
     assert all("loss 2.5000" in ln and "tok/s" in ln and "ETA" in ln for ln in lines)
     bar = progress.StepProgress(total=3, start=0, every=4, echo=lines.append, tty=True)  # tqdm
     for step in range(1, 4):
-        bar.update(step, 1.0, 10.0, start_step=0)
+        bar.update(step, 1.0, 10.0)
     bar.note("step 3: validation loss 1.0")
     bar.close()
     out = capsys.readouterr().out
