@@ -215,6 +215,30 @@ def fmt(stat: dict, digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f}"
 
 
+def paired_finished(a, b) -> dict:
+    """``paired_difference`` over the seeds where both runs finished: ``a`` and ``b`` are per-seed
+    values in the same seed order, None for a run that diverged (that seed's pair is left out)."""
+    both = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+    return paired_difference([x for x, _ in both], [y for _, y in both])
+
+
+def fmt_or_na(stat: dict, digits: int = 3) -> str:
+    """``fmt(stat)``, or "not available" when no seed finished (``stat["n"] == 0``)."""
+    return fmt(stat, digits) if stat["n"] else "not available"
+
+
+def fmt_finished(stat: dict, n_seeds: int, digits: int = 3) -> str:
+    """``fmt_or_na(stat)`` and, when fewer than ``n_seeds`` seeds finished, how many did:
+    '2.345 ± 0.000 (1 of 2 seeds)', 'not available (0 of 2 seeds)'."""
+    return fmt_or_na(stat, digits) + ("" if stat["n"] == n_seeds else f" ({stat['n']} of {n_seeds} seeds)")
+
+
+def diverged_step(exc: Diverged) -> int | None:
+    """The training step at which the run behind ``exc`` stopped (the ``training.NonFiniteLoss`` that
+    ``train_phase`` raised it from), or None when that is not known."""
+    return getattr(exc.__context__, "step", None)
+
+
 # ------------------------------------------------------------------------------------------------
 # Output
 # ------------------------------------------------------------------------------------------------

@@ -22,6 +22,12 @@ Protocol (docs/experiments.md#continual):
    in-context CMS levels, the attention cache) carried across the whole stream and once reset
    before every document (``training.evaluate_continual``). The difference per domain is what
    in-context learning alone does across a domain shift.
+4. **A phase that diverges** (``common.Diverged``: a non-finite loss or gradient, or diverged
+   parameters) is recorded (model, seed, phase, step, message) and ends that (model, seed)
+   stream: its later phases are skipped, their matrix rows are None, and the run has no BWT,
+   forgetting or final average. Every other stream goes on. Summaries and verdicts are over the
+   seeds that finished (the matrix row by row over the seeds that reached it; the test-time
+   stream over the seeds whose first phase finished), with "not available" where none did.
 
 Models side by side (the defaults): Hope with in-context CMS, Hope with CMS frozen in context
 (``cms_in_context=false``), Titans, Transformer++.
@@ -34,7 +40,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nlref.experiments import common
+from nlref.experiments import common, compare
 from nlref.experiments import domains as dom
 from nlref.experiments.common import ModelSpec
 
@@ -88,9 +94,15 @@ SCALES = {
 # ------------------------------------------------------------------------------------------------
 
 
-def summarise(matrix: list[list[float]]) -> dict:
-    """BWT, forgetting (both per earlier domain and their means) and the final average loss."""
+def summarise(matrix: list[list[float] | None]) -> dict:
+    """BWT, forgetting (both per earlier domain and their means) and the final average loss. A
+    matrix with a missing row (None: a phase that diverged and the phases after it) has none of
+    them (None); its learned losses are those of the phases that finished."""
     T = len(matrix)
+    if any(row is None for row in matrix):
+        return {"bwt": None, "bwt_per_domain": None, "forgetting": None, "forgetting_per_domain": None,
+                "final_average_loss": None, "learned_loss": [None if row is None else row[j]
+                                                             for j, row in enumerate(matrix)]}
     last = matrix[-1]
     bwt = [last[j] - matrix[j][j] for j in range(T - 1)]
     forgetting = [last[j] - min(matrix[i][j] for i in range(j, T - 1)) for j in range(T - 1)]
@@ -190,38 +202,57 @@ def run(out, *, scale_name: str = "quick", n_seeds: int = 3, backend: str | None
             rc0 = common.run_config(spec, steps=scale.steps, batch_size=scale.batch_size, seq_len=scale.seq_len,
                                     lr=scale.lr, backend=backend, seed=seed, data=None)
             initial = scores(be.model.init_params(rc0.model, seed=seed), rc0.model)
-            matrix, params, phases, test_time = [], None, [], None
+            matrix, params, phases, test_time, diverged = [None] * len(domain_list), None, [], None, None
             for i, d in enumerate(domain_list):
                 run_dir = out / "runs" / common.slug(spec.label) / f"seed{seed}" / f"phase{i + 1}-{d.name}"
-                params, summary, rc = common.train_phase(
-                    spec, data_dir=train_dirs[d.name], run_dir=run_dir, seed=seed, steps=scale.steps,
-                    batch_size=scale.batch_size, seq_len=scale.seq_len, lr=scale.lr, backend=backend,
-                    init_params=params, data_seed=[seed, 1, i])
-                matrix.append(scores(params, rc.model))
+                try:
+                    params, summary, rc = common.train_phase(
+                        spec, data_dir=train_dirs[d.name], run_dir=run_dir, seed=seed, steps=scale.steps,
+                        batch_size=scale.batch_size, seq_len=scale.seq_len, lr=scale.lr, backend=backend,
+                        init_params=params, data_seed=[seed, 1, i])
+                except common.Diverged as exc:  # recorded; this stream's later phases are skipped (rows None)
+                    diverged = {"phase": i + 1, "domain": d.name, "step": common.diverged_step(exc), "error": str(exc)}
+                    phases.append({"domain": d.name, "run_dir": str(run_dir), "diverged": str(exc),
+                                   "train_curve": compare.train_curve(run_dir, scale.batch_size * scale.seq_len)})
+                    echo(f"  {spec.label} seed {seed}: DIVERGED in phase {i + 1} ({d.name}), its later phases "
+                         f"skipped ({exc})")
+                    break
+                matrix[i] = scores(params, rc.model)
                 phases.append({"domain": d.name, "run_dir": str(run_dir), "final_train_loss": summary["final_train_loss"],
                                "wall_time_s": summary["wall_time_s"]})
                 if i == 0:
                     test_time = _test_time(params, rc.model, domain_list, scale, backend)
             summ = summarise(matrix)
             runs.append({"model": spec.label, "seed": seed, "initial": initial, "matrix": matrix, **summ,
-                         "phases": phases, "test_time": test_time, "wall_time_s": time.perf_counter() - t0})
-            echo(f"  {spec.label} seed {seed}: final average loss {summ['final_average_loss']:.3f}, BWT "
-                 f"{summ['bwt']:+.3f}, forgetting {summ['forgetting']:+.3f}, test-time carried - reset "
-                 f"{test_time['carried'] - test_time['reset']:+.3f} ({time.perf_counter() - t0:.1f} s)")
+                         "phases": phases, "test_time": test_time, "diverged": diverged,
+                         "wall_time_s": time.perf_counter() - t0})
+            if diverged is None:
+                echo(f"  {spec.label} seed {seed}: final average loss {summ['final_average_loss']:.3f}, BWT "
+                     f"{summ['bwt']:+.3f}, forgetting {summ['forgetting']:+.3f}, test-time carried - reset "
+                     f"{test_time['carried'] - test_time['reset']:+.3f} ({time.perf_counter() - t0:.1f} s)")
 
     summary = {}
     for spec in specs:
         rs = [r for r in runs if r["model"] == spec.label]
-        mats = np.array([r["matrix"] for r in rs])  # (seeds, phases, domains)
-        fin = [r for r in rs if math.isfinite(r["test_time"]["carried"]) and math.isfinite(r["test_time"]["reset"])]
+        done = [r for r in rs if r["diverged"] is None]  # every phase finished
+        rows = [np.array([r["matrix"][i] for r in rs if r["matrix"][i] is not None]) for i in range(len(domain_list))]
+        read = [r for r in rs if r["test_time"] is not None]  # the first phase finished
+        fin = [r for r in read
+               if math.isfinite(r["test_time"]["carried"]) and math.isfinite(r["test_time"]["reset"])]
         summary[spec.label] = {
-            "matrix_mean": mats.mean(axis=0).tolist(),
-            "matrix_sd": (mats.std(axis=0, ddof=1) if len(rs) > 1 else np.zeros_like(mats[0])).tolist(),
-            "bwt": common.mean_sd([r["bwt"] for r in rs]),
-            "forgetting": common.mean_sd([r["forgetting"] for r in rs]),
-            "final_average_loss": common.mean_sd([r["final_average_loss"] for r in rs]),
+            "finished_seeds": [r["seed"] for r in done],
+            "diverged_seeds": [r["seed"] for r in rs if r["diverged"] is not None],
+            # row i over the matrix_n[i] seeds that reached phase i + 1 (None when none did)
+            "matrix_n": [len(x) for x in rows],
+            "matrix_mean": [x.mean(axis=0).tolist() if len(x) else None for x in rows],
+            "matrix_sd": [(x.std(axis=0, ddof=1) if len(x) > 1 else np.zeros(len(domain_list))).tolist()
+                          if len(x) else None for x in rows],
+            "bwt": common.mean_sd([r["bwt"] for r in done]),
+            "forgetting": common.mean_sd([r["forgetting"] for r in done]),
+            "final_average_loss": common.mean_sd([r["final_average_loss"] for r in done]),
             "test_time": {  # over the seeds whose streams stayed finite; the others are named
-                "non_finite_seeds": [r["seed"] for r in rs if r not in fin],
+                "non_finite_seeds": [r["seed"] for r in read if r not in fin],
+                "diverged_seeds": [r["seed"] for r in rs if r["test_time"] is None],  # the first phase diverged
                 "carried": common.mean_sd([r["test_time"]["carried"] for r in fin]),
                 "reset": common.mean_sd([r["test_time"]["reset"] for r in fin]),
                 "carried_minus_reset": common.paired_difference([r["test_time"]["carried"] for r in fin],
@@ -238,6 +269,7 @@ def run(out, *, scale_name: str = "quick", n_seeds: int = 3, backend: str | None
         "domains": [d.info() for d in domain_list], "domain_order": [d.name for d in domain_list],
         "missing_domains": missing, "eval_files": {k: v[1] for k, v in streams.items()},
         "models": facts, "runs": runs, "summary": summary, "verdicts": verdicts, "machine": machine,
+        "diverged_runs": [{"model": r["model"], "seed": r["seed"], **r["diverged"]} for r in runs if r["diverged"]],
         "wall_time_s": time.perf_counter() - t_start,
     }
     figures = _figures(out, results)
@@ -258,27 +290,37 @@ def _verdicts(specs, facts, runs, summary) -> list[dict]:
     out = []
     hope = by_family.get("hope")
 
-    def per_seed(label, key):
+    def per_seed(label, key):  # in seed order; None for a run that diverged
         return [r[key] for r in runs if r["model"] == label]
 
     if hope is not None:
         for other in specs:
             if other.label == hope:
                 continue
-            d = common.paired_difference(per_seed(other.label, "forgetting"), per_seed(hope, "forgetting"))
-            if d["call"] == "higher":
+            d = common.paired_finished(per_seed(other.label, "forgetting"), per_seed(hope, "forgetting"))
+            n_seeds = len(per_seed(hope, "forgetting"))
+            if d["n"] == 0:
+                word = "not available: no seed finished every phase for both models"
+            elif d["call"] == "higher":
                 word = "reproduced at this scale"
             elif d["call"] == "lower":
                 word = "not reproduced: the opposite (Hope forgets more)"
             else:
                 word = "not reproduced: the difference is within the seed noise"
+            if 0 < d["n"] < n_seeds:
+                word += f"; over the {d['n']} of {n_seeds} seeds where both finished (the others diverged)"
             out.append({"claim": f"{hope} forgets less than {other.label}", "measure": "forgetting (nats/byte)",
                         "other_minus_hope": d, "verdict": word})
     for spec in specs:
-        d = summary[spec.label]["test_time"]["carried_minus_reset"]
+        tt = summary[spec.label]["test_time"]
+        d = tt["carried_minus_reset"]
         word = {"lower": "carrying the fast states helps", "higher": "carrying the fast states hurts"}.get(
             d["call"], "no difference beyond the seed noise")
-        bad = summary[spec.label]["test_time"]["non_finite_seeds"]
+        if d["n"] == 0 and tt["diverged_seeds"]:
+            word = f"not available: the first phase diverged in seed(s) {tt['diverged_seeds']}"
+        elif tt["diverged_seeds"]:
+            word += f" (the first phase diverged in seed(s) {tt['diverged_seeds']}: no stream there)"
+        bad = tt["non_finite_seeds"]
         if bad:
             word = (f"the loss became non-finite (the fast states diverged) in seed(s) {bad}; over the other "
                     f"seeds: {word}")
@@ -293,27 +335,45 @@ def _verdicts(specs, facts, runs, summary) -> list[dict]:
 
 
 def _caption(results: dict, fact: dict) -> str:
+    n, done = len(results["seeds"]), len(results["summary"][fact["label"]]["finished_seeds"])
+    seeds = f"{n} seeds" if done == n else f"\n{done} of {n} seeds finished every phase ({n - done} diverged)"
     return (f"{fact['label']} ({fact['parameters']:,} params), {results['tokens_per_phase']:,} tokens/phase, "
-            f"{len(results['seeds'])} seeds, {results['scale']} scale, run {results['wall_time_s']:.0f} s")
+            f"{seeds}, {results['scale']} scale, run {results['wall_time_s']:.0f} s")
+
+
+def _row_label(name: str, n: int, n_seeds: int, sep: str = " ") -> str:
+    """'after python', or with the seeds that reached the phase when some diverged before it."""
+    return f"after {name}" + ("" if n == n_seeds else f"{sep}({n} of {n_seeds} seeds)")
 
 
 def _figures(out: Path, results: dict) -> list[Path]:
+    import numpy as np
+
     plt = common.pyplot()
     if plt is None:
         return []
     names = results["domain_order"]
+    n_seeds = len(results["seeds"])
     paths = []
     for fact in results["models"]:
         s = results["summary"][fact["label"]]
-        mean, sd = s["matrix_mean"], s["matrix_sd"]
+        missing = [math.nan] * len(names)  # a row no seed reached (every seed diverged before it)
+        mean = np.array([missing if row is None else row for row in s["matrix_mean"]], dtype=float)
+        sd = np.array([missing if row is None else row for row in s["matrix_sd"]], dtype=float)
+        seen = mean[np.isfinite(mean)]
+        lo, hi = (float(seen.min()), float(seen.max())) if seen.size else (0.0, 1.0)
         fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(names), 1.4 + 0.9 * len(names)))
-        im = ax.imshow(mean, cmap="viridis_r")
+        im = ax.imshow(np.ma.masked_invalid(mean), cmap="viridis_r", vmin=lo, vmax=hi)
         for i in range(len(mean)):
             for j in range(len(names)):
+                if not np.isfinite(mean[i][j]):
+                    ax.text(j, i, "not\navailable", ha="center", va="center", fontsize=6, color="grey")
+                    continue
                 ax.text(j, i, f"{mean[i][j]:.2f}\n±{sd[i][j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if mean[i][j] > (min(map(min, mean)) + max(map(max, mean))) / 2 else "black")
+                        color="white" if mean[i][j] > (lo + hi) / 2 else "black")
         ax.set_xticks(range(len(names)), names, fontsize=8)
-        ax.set_yticks(range(len(names)), [f"after {n}" for n in names], fontsize=8)
+        ax.set_yticks(range(len(names)), [_row_label(n, k, n_seeds, "\n") for n, k in zip(names, s["matrix_n"], strict=True)],
+                      fontsize=8)
         ax.set_xlabel("held-out domain")
         ax.set_title("loss (nats/byte), mean ± sd\n" + _caption(results, fact), fontsize=7)
         fig.colorbar(im, ax=ax, fraction=0.046)
@@ -347,24 +407,39 @@ def report(results: dict) -> str:
                                   for d in results["domains"]]))
     if results["missing_domains"]:
         lines += [f"- Missing here: {m['name']} ({m['why']})" for m in results["missing_domains"]] + [""]
+    n_seeds = len(results["seeds"])
     lines += ["## Results", "", "Loss in nats per byte (lower is better), mean ± sd over seeds. BWT and forgetting: "
               "positive = the earlier domains got worse by the end.", ""]
     rows = []
     for f in results["models"]:
         s = results["summary"][f["label"]]
-        rows.append([f["label"], common.fmt(s["final_average_loss"]), common.fmt(s["bwt"]), common.fmt(s["forgetting"]),
-                     common.fmt(s["test_time"]["carried"]), common.fmt(s["test_time"]["reset"])])
-    lines.append(common.md_table(["model", "final avg loss", "BWT", "forgetting", "test-time carried", "test-time reset"],
-                                 rows))
+        rows.append([f["label"], f"{len(s['finished_seeds'])} of {n_seeds}"]
+                    + [common.fmt_finished(x, n_seeds) for x in (s["final_average_loss"], s["bwt"], s["forgetting"],
+                                                                s["test_time"]["carried"], s["test_time"]["reset"])])
+    lines.append(common.md_table(["model", "seeds finished", "final avg loss", "BWT", "forgetting", "test-time carried",
+                                  "test-time reset"], rows))
     for f in results["models"]:
         s = results["summary"][f["label"]]
         lines += [f"Forgetting matrix of {f['label']} (row: after training on; column: held-out domain):", ""]
-        lines.append(common.md_table(["after \\ on"] + names,
-                                     [[n] + [f"{s['matrix_mean'][i][j]:.3f} ± {s['matrix_sd'][i][j]:.3f}"
-                                             for j in range(len(names))] for i, n in enumerate(names)]))
+        lines.append(common.md_table(["after \\ on"] + names, [
+            [_row_label(n, s["matrix_n"][i], n_seeds)]
+            + (["not available"] * len(names) if s["matrix_mean"][i] is None else
+               [f"{s['matrix_mean'][i][j]:.3f} ± {s['matrix_sd'][i][j]:.3f}" for j in range(len(names))])
+            for i, n in enumerate(names)]))
+    if results["diverged_runs"]:
+        lines += ["**Diverged runs.** A phase whose loss, gradient or parameters became non-finite or diverged "
+                  "stopped (training.train's check). That stream's later phases were skipped (their matrix rows are "
+                  "missing); the run is left out of the BWT, forgetting and final-average means and of the paired "
+                  "differences, and its test-time stream counts only when its first phase finished:", ""]
+        lines += [f"- {d['model']} seed {d['seed']}, phase {d['phase']} ({d['domain']})"
+                  + ("" if d["step"] is None else f", step {d['step']}") + f": {d['error']}"
+                  for d in results["diverged_runs"]] + [""]
     lines += ["## Answer at this scale", ""]
     for v in results["verdicts"]:
         d = v.get("other_minus_hope") or v.get("carried_minus_reset")
+        if not d["n"]:
+            lines.append(f"- {v['claim']}: **{v['verdict']}**.")
+            continue
         lines.append(f"- {v['claim']}: **{v['verdict']}** ({v['measure']}: difference {d['mean']:+.4f}, "
                      f"sd {d['sd']:.4f} over {d['n']} seeds, per seed {[round(x, 4) for x in d['values']]}).")
     lines += ["", "A difference is called only when its mean exceeds two standard errors of the per-seed differences; "

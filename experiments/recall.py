@@ -11,6 +11,11 @@ one of its bytes is the model's most likely next byte given the true prefix (for
 this is exactly greedy decoding of the answer). Lengths above the training length test length
 generalisation. The attention families are scored up to ``attention_max_len`` (their KV cache
 grows with the context; the memory families' state does not), stated in the report.
+
+A training run that diverges (``common.Diverged``: a non-finite loss or gradient, or diverged
+parameters) is recorded with its step and message; its accuracy is missing (None, not 0), it is
+left out of the means and of the paired differences, and the other runs go on. A summary no seed
+finished is "not available".
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nlref.experiments import common, tasks
+from nlref.experiments import common, compare, tasks
 from nlref.experiments.common import ModelSpec
 
 QUESTION = ("Trained briefly on a synthetic recall task at one context length, how exactly do Hope, Titans and "
@@ -85,6 +90,11 @@ def write_training_data(task: str, seed: int, n: int, length: int, where: Path, 
     return digests
 
 
+def _max_len(fact: dict, scale: Scale) -> int:
+    """The longest context a model is scored at: ``attention_max_len`` for the attention families."""
+    return scale.attention_max_len if fact["family"] in ATTENTION_FAMILIES else max(scale.lengths)
+
+
 def answer_scores(be, params, mc, exs, piece: int) -> tuple[float, float]:
     """(exact-match accuracy over answers, accuracy over answer bytes) of examples of one length,
     teacher-forced: the logits at position p - 1 predict byte p; the context is read in pieces
@@ -141,34 +151,46 @@ def run(out, *, scale_name: str = "quick", n_seeds: int = 3, backend: str | None
             for spec, fact in zip(specs, facts, strict=True):
                 t0 = time.perf_counter()
                 run_dir = out / "runs" / task / common.slug(spec.label) / f"seed{seed}"
-                params, summary, rc = common.train_phase(
-                    spec, data_dir=data_dir, run_dir=run_dir, seed=seed, steps=scale.steps, batch_size=scale.batch_size,
-                    seq_len=scale.train_len - 1, lr=scale.lr, backend=backend)
-                cap = scale.attention_max_len if fact["family"] in ATTENTION_FAMILIES else max(scale.lengths)
+                try:
+                    params, summary, rc = common.train_phase(
+                        spec, data_dir=data_dir, run_dir=run_dir, seed=seed, steps=scale.steps,
+                        batch_size=scale.batch_size, seq_len=scale.train_len - 1, lr=scale.lr, backend=backend)
+                except common.Diverged as exc:  # recorded; its accuracy is missing, never 0 or dropped silently
+                    runs.append({"task": task, "model": spec.label, "seed": seed, "accuracy": None,
+                                 "diverged": str(exc), "diverged_step": common.diverged_step(exc),
+                                 "train_curve": compare.train_curve(run_dir, scale.batch_size * (scale.train_len - 1)),
+                                 "run_dir": str(run_dir), "wall_time_s": time.perf_counter() - t0})
+                    echo(f"  {task} {spec.label} seed {seed}: DIVERGED ({exc})")
+                    continue
                 acc = {}
                 for L in scale.lengths:
-                    if L > cap:
+                    if L > _max_len(fact, scale):
                         continue
                     exact, per_byte = answer_scores(be, params, rc.model, evals[L], scale.piece)
                     acc[L] = {"exact": exact, "byte": per_byte}
-                runs.append({"task": task, "model": spec.label, "seed": seed, "accuracy": acc,
+                runs.append({"task": task, "model": spec.label, "seed": seed, "accuracy": acc, "diverged": None,
                              "final_train_loss": summary["final_train_loss"], "run_dir": str(run_dir),
                              "wall_time_s": time.perf_counter() - t0})
                 echo(f"  {task} {spec.label} seed {seed}: exact " +
                      ", ".join(f"{L}: {a['exact']:.2f}" for L, a in acc.items()) + f" ({time.perf_counter() - t0:.1f} s)")
-    summary = {}
+    summary, diverged_seeds = {}, {}
     for task in task_names:
-        for spec in specs:
+        for spec, fact in zip(specs, facts, strict=True):
             rs = [r for r in runs if r["task"] == task and r["model"] == spec.label]
+            done = [r for r in rs if r["accuracy"] is not None]  # over the seeds that finished training
+            diverged_seeds.setdefault(task, {})[spec.label] = [r["seed"] for r in rs if r["accuracy"] is None]
             summary.setdefault(task, {})[spec.label] = {
-                str(L): {"exact": common.mean_sd([r["accuracy"][L]["exact"] for r in rs]),
-                         "byte": common.mean_sd([r["accuracy"][L]["byte"] for r in rs])}
-                for L in scale.lengths if L in rs[0]["accuracy"]}
+                str(L): {"exact": common.mean_sd([r["accuracy"][L]["exact"] for r in done]),
+                         "byte": common.mean_sd([r["accuracy"][L]["byte"] for r in done])}
+                for L in scale.lengths if L <= _max_len(fact, scale)}
     results = {"experiment": "recall", "question": QUESTION, "scale": scale_name,
                "settings": {**scale.__dict__, "lengths": list(scale.lengths)}, "backend": backend, "seeds": seed_list,
                "tasks": {t: {"chance_exact": tasks.chance(t), "train_examples": n_train,
                              "train_tokens": n_train * scale.train_len} for t in task_names},
-               "models": facts, "runs": runs, "summary": summary, "machine": machine}
+               "models": facts, "runs": runs, "summary": summary, "diverged_seeds": diverged_seeds,
+               "diverged_runs": [{"task": r["task"], "model": r["model"], "seed": r["seed"], "step": r["diverged_step"],
+                                  "error": r["diverged"]} for r in runs if r["diverged"]],
+               "machine": machine}
     results["verdicts"] = _verdicts(results, specs, facts)
     results["wall_time_s"] = time.perf_counter() - t_start
     figures = _figures(out, results)
@@ -193,13 +215,20 @@ def _verdicts(results, specs, facts) -> list[dict]:
     for task, a, b, text in claims:
         if task not in results["summary"] or a not in first or b not in first:
             continue
-        ra = [r for r in results["runs"] if r["task"] == task and r["model"] == first[a]]
+        ra = [r for r in results["runs"] if r["task"] == task and r["model"] == first[a]]  # in seed order
         rb = [r for r in results["runs"] if r["task"] == task and r["model"] == first[b]]
-        common_lengths = [L for L in ra[0]["accuracy"] if L in rb[0]["accuracy"]]
-        L = max(common_lengths)
-        d = common.paired_difference([r["accuracy"][L]["exact"] for r in ra], [r["accuracy"][L]["exact"] for r in rb])
-        best = max(max(r["accuracy"][x]["exact"] for x in r["accuracy"]) for r in ra + rb)
-        if best <= 2 * results["tasks"][task]["chance_exact"] + 1e-12:
+        per_len = results["summary"][task]
+        L = max(int(x) for x in per_len[first[a]] if x in per_len[first[b]])
+
+        def exact(rs, L=L):  # per seed; None where training diverged
+            return [None if r["accuracy"] is None else r["accuracy"][L]["exact"] for r in rs]
+
+        d = common.paired_finished(exact(ra), exact(rb))
+        done = [r for r in ra + rb if r["accuracy"] is not None]
+        best = max((max(r["accuracy"][x]["exact"] for x in r["accuracy"]) for r in done), default=None)
+        if d["n"] == 0:
+            word = "not available: no seed finished training for both models"
+        elif best <= 2 * results["tasks"][task]["chance_exact"] + 1e-12:
             word = "not reproduced: neither model learned the task at this scale (accuracy at chance)"
         elif d["call"] == "higher":
             word = "reproduced at this scale"
@@ -209,6 +238,8 @@ def _verdicts(results, specs, facts) -> list[dict]:
             word = "consistent with the claim: no difference beyond the seed noise"
         else:
             word = "not reproduced: the difference is within the seed noise"
+        if 0 < d["n"] < len(ra):
+            word += f"; over the {d['n']} of {len(ra)} seeds where both finished (the others diverged)"
         out.append({"claim": f"{text} [{first[a]} vs {first[b]}, {task} at {L} bytes]", "length": L,
                     "difference": d, "verdict": word})
     return out
@@ -221,12 +252,18 @@ def _figures(out: Path, results: dict) -> list[Path]:
     paths = []
     sc = results["settings"]
     sizes = ", ".join(f"{f['label']} {f['parameters']:,}" for f in results["models"])
+    n_seeds = len(results["seeds"])
     for task, per_model in results["summary"].items():
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, per_len in per_model.items():
+            n_done = n_seeds - len(results["diverged_seeds"][task][label])
+            if not n_done:  # every seed diverged: a legend entry, no points
+                ax.plot([], [], marker="o", label=f"{label}: not available (every seed diverged)")
+                continue
             Ls = [int(x) for x in per_len]
             ax.errorbar(Ls, [per_len[str(L)]["exact"]["mean"] for L in Ls],
-                        yerr=[per_len[str(L)]["exact"]["sd"] for L in Ls], marker="o", capsize=3, label=label)
+                        yerr=[per_len[str(L)]["exact"]["sd"] for L in Ls], marker="o", capsize=3,
+                        label=label + ("" if n_done == n_seeds else f" ({n_done} of {n_seeds} seeds; the others diverged)"))
         ax.axvline(sc["train_len"], color="grey", ls="--", lw=1, label="training length")
         ax.axhline(results["tasks"][task]["chance_exact"], color="k", ls=":", lw=1, label="chance")
         ax.set_xscale("log", base=2)
@@ -263,18 +300,34 @@ def report(results: dict) -> str:
     lines.append(common.md_table(["model", "family", "parameters", "overrides"],
                                  [[f["label"], f["family"], f"{f['parameters']:,}", f["overrides"] or "-"]
                                   for f in results["models"]]))
-    lines += ["## Results", "", "Exact-match accuracy, mean ± sd over seeds (per answer byte in brackets); "
-              "- = not evaluated.", ""]
+    n_seeds = len(results["seeds"])
+
+    def cell(stat):
+        if not stat["exact"]["n"]:
+            return common.fmt_or_na(stat["exact"])
+        return f"{common.fmt(stat['exact'], 2)} ({stat['byte']['mean']:.2f})"
+
+    lines += ["## Results", "", "Exact-match accuracy, mean ± sd over the seeds that finished training (per answer "
+              "byte in brackets); - = not evaluated.", ""]
     for task, per_model in results["summary"].items():
         lines.append(f"**{task}**:\n")
         rows = []
         for label, per_len in per_model.items():
-            rows.append([label] + [f"{common.fmt(per_len[str(L)]['exact'], 2)} ({per_len[str(L)]['byte']['mean']:.2f})"
-                                   if str(L) in per_len else "-" for L in sc["lengths"]])
-        lines.append(common.md_table(["model"] + [f"{L} B" for L in sc["lengths"]], rows))
+            rows.append([label, f"{n_seeds - len(results['diverged_seeds'][task][label])} of {n_seeds}"]
+                        + [cell(per_len[str(L)]) if str(L) in per_len else "-" for L in sc["lengths"]])
+        lines.append(common.md_table(["model", "seeds finished"] + [f"{L} B" for L in sc["lengths"]], rows))
+    if results["diverged_runs"]:
+        lines += ["**Diverged runs.** A training run whose loss, gradient or parameters became non-finite or diverged "
+                  "stopped (training.train's check); it was not scored (its accuracy is missing, not 0) and is left "
+                  "out of the means and of the paired differences:", ""]
+        lines += [f"- {d['task']} {d['model']} seed {d['seed']}" + ("" if d["step"] is None else f", step {d['step']}")
+                  + f": {d['error']}" for d in results["diverged_runs"]] + [""]
     lines += ["## Answer at this scale", ""]
     for v in results["verdicts"]:
         d = v["difference"]
+        if not d["n"]:
+            lines.append(f"- {v['claim']}: **{v['verdict']}**.")
+            continue
         lines.append(f"- {v['claim']}: **{v['verdict']}** (accuracy difference {d['mean']:+.3f}, sd {d['sd']:.3f} over "
                      f"{d['n']} seeds).")
     if not results["verdicts"]:

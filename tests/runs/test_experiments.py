@@ -48,6 +48,90 @@ def test_continual_end_to_end(tmp_path):
     assert len(r["figures"]) == len(r["models"])
 
 
+def _blow_up(monkeypatch, when):
+    """common.train_phase, except that the runs where ``when(spec, kw)`` holds train at lr 1e12: a real
+    divergence (training.NonFiniteLoss at step 1: the parameters pass 1e6), as seen at full scale."""
+    from nlref.experiments import common
+
+    real = common.train_phase
+
+    def planted(spec, **kw):
+        return real(spec, **{**kw, "lr": 1e12} if when(spec, kw) else kw)
+
+    monkeypatch.setattr(common, "train_phase", planted)
+
+
+def _is_png(path):
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_continual_records_a_diverged_phase_and_goes_on(tmp_path, monkeypatch):
+    """transformer-tiny seed 1 diverges in phase 2: recorded (phase, domain, step, message), its later
+    phases skipped (rows None), every other run finished and finite, summaries over the finished seeds."""
+    _blow_up(monkeypatch, lambda spec, kw: spec.label == "transformer-tiny" and kw["seed"] == 1
+             and kw["data_seed"][2] == 1)
+    out = tmp_path / "cont"
+    res = _invoke(["experiment", "continual", "--smoke", "--seeds", "2", "--backend", "cpu", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "DIVERGED" in res.output
+    r = json.loads((out / "results.json").read_text())
+    names = r["domain_order"]
+    assert len(r["runs"]) == 2 * len(r["models"])
+    bad = [run for run in r["runs"] if run["diverged"]]
+    assert [(b["model"], b["seed"]) for b in bad] == [("transformer-tiny", 1)]
+    d = bad[0]["diverged"]
+    assert d["phase"] == 2 and d["domain"] == names[1] and d["step"] == 1 and "diverged" in d["error"]
+    assert r["diverged_runs"] == [{"model": "transformer-tiny", "seed": 1, **d}]
+    assert bad[0]["matrix"][0] is not None and bad[0]["matrix"][1:] == [None] * (len(names) - 1)
+    assert bad[0]["bwt"] is None and bad[0]["forgetting"] is None and bad[0]["final_average_loss"] is None
+    assert len(bad[0]["phases"]) == 2 and bad[0]["phases"][1]["diverged"] == d["error"]
+    assert bad[0]["test_time"] is not None  # phase 1 finished: its test-time stream stands
+    for run in r["runs"]:
+        if run is not bad[0]:
+            assert all(np.isfinite(run["matrix"]).ravel()) and np.isfinite(run["bwt"])
+    s = r["summary"]["transformer-tiny"]
+    assert s["finished_seeds"] == [0] and s["diverged_seeds"] == [1]
+    assert s["bwt"]["n"] == s["forgetting"]["n"] == s["final_average_loss"]["n"] == 1
+    (good,) = [run for run in r["runs"] if run["model"] == "transformer-tiny" and run["seed"] == 0]
+    assert s["bwt"]["values"] == [good["bwt"]]
+    assert s["matrix_n"] == [2] + [1] * (len(names) - 1)
+    assert all(np.isfinite(s["matrix_mean"]).ravel())
+    assert s["test_time"]["carried"]["n"] == 2
+    assert r["summary"]["hope-tiny"]["bwt"]["n"] == 2 and r["summary"]["hope-tiny"]["diverged_seeds"] == []
+    v = next(v for v in r["verdicts"] if "forgets less than transformer-tiny" in v["claim"])
+    assert v["other_minus_hope"]["n"] == 1
+    report = (out / "report.md").read_text()
+    assert "1 of 2" in report and "diverged" in report and d["error"] in report
+    assert len(r["figures"]) == len(r["models"]) and all(_is_png(out / f) for f in r["figures"])
+
+
+def test_continual_with_every_seed_diverged_says_not_available(tmp_path, monkeypatch):
+    from nlref.experiments import common
+
+    real = common.train_phase
+
+    def planted(spec, **kw):
+        if spec.label == "transformer-tiny":
+            raise common.Diverged(f"{spec.label}, seed {kw['seed']}: step 2: the loss is not finite (planted)")
+        return real(spec, **kw)
+
+    monkeypatch.setattr(common, "train_phase", planted)
+    out = tmp_path / "cont"
+    res = _invoke(["experiment", "continual", "--smoke", "--seeds", "1", "--backend", "cpu", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "results.json").read_text())
+    (bad,) = [run for run in r["runs"] if run["diverged"]]
+    assert bad["diverged"]["phase"] == 1 and bad["matrix"] == [None] * len(r["domain_order"])
+    assert bad["test_time"] is None and "planted" in bad["diverged"]["error"]
+    s = r["summary"]["transformer-tiny"]
+    assert s["finished_seeds"] == [] and s["bwt"]["n"] == 0 and s["bwt"]["mean"] is None
+    assert s["matrix_n"] == [0] * len(r["domain_order"]) and s["test_time"]["carried"]["n"] == 0
+    assert all(v["verdict"].startswith("not available") for v in r["verdicts"] if "transformer-tiny" in v["claim"])
+    assert all(np.isfinite(r["summary"]["hope-tiny"]["matrix_mean"]).ravel())
+    assert "not available" in (out / "report.md").read_text()
+    assert len(r["figures"]) == len(r["models"]) and all(_is_png(out / f) for f in r["figures"])
+
+
 def test_evaluating_on_the_training_split_is_caught(tmp_path, monkeypatch):
     """A planted bug: the evaluation reads the training files. The run-time check stops the run."""
     monkeypatch.setattr(domains, "eval_documents", lambda d: list(d.train))
@@ -97,6 +181,53 @@ def test_recall_end_to_end(tmp_path):
     assert all(a != b for a, b in losses.values())  # the seeds differ
     assert {f for f in r["figures"]} == {"recall-passkey.png", "recall-mqar.png"}
     assert "**Question.**" in (out / "report.md").read_text()
+
+
+def test_recall_records_a_diverged_run_and_goes_on(tmp_path, monkeypatch):
+    """passkey transformer-tiny seed 1 diverges (a real NonFiniteLoss), mqar transformer-tiny on every
+    seed (planted): recorded, their accuracy missing (not 0), the other runs finished; summaries over
+    the finished seeds, "not available" where none finished."""
+    from nlref.experiments import common
+
+    real = common.train_phase
+
+    def planted(spec, **kw):
+        if spec.label == "transformer-tiny" and "mqar" in str(kw["data_dir"]):
+            raise common.Diverged(f"{spec.label}, seed {kw['seed']}: step 2: the loss is not finite (planted)")
+        if spec.label == "transformer-tiny" and "passkey" in str(kw["data_dir"]) and kw["seed"] == 1:
+            kw = {**kw, "lr": 1e12}
+        return real(spec, **kw)
+
+    monkeypatch.setattr(common, "train_phase", planted)
+    out = tmp_path / "rec"
+    res = _invoke(["experiment", "recall", "--smoke", "--seeds", "2", "--backend", "cpu", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "DIVERGED" in res.output
+    r = json.loads((out / "results.json").read_text())
+    bad = [run for run in r["runs"] if run.get("diverged")]
+    assert sorted((b["task"], b["seed"]) for b in bad) == [("mqar", 0), ("mqar", 1), ("passkey", 1)]
+    assert all(b["model"] == "transformer-tiny" and b["accuracy"] is None for b in bad)
+    (pk,) = [b for b in bad if b["task"] == "passkey"]
+    assert pk["diverged_step"] == 1 and "diverged" in pk["diverged"]
+    assert len(r["diverged_runs"]) == 3
+    for run in r["runs"]:
+        if not run.get("diverged"):
+            assert run["accuracy"] and all(0.0 <= a["exact"] <= 1.0 for a in run["accuracy"].values())
+    lengths = [str(L) for L in r["settings"]["lengths"]]
+    assert r["diverged_seeds"] == {"passkey": {"hope-tiny": [], "transformer-tiny": [1]},
+                                   "mqar": {"hope-tiny": [], "transformer-tiny": [0, 1]}}
+    assert list(r["summary"]["passkey"]["transformer-tiny"]) == lengths
+    for L in lengths:
+        assert r["summary"]["passkey"]["transformer-tiny"][L]["exact"]["n"] == 1
+        assert r["summary"]["passkey"]["hope-tiny"][L]["exact"]["n"] == 2
+        assert r["summary"]["mqar"]["transformer-tiny"][L]["exact"]["n"] == 0
+        assert r["summary"]["mqar"]["transformer-tiny"][L]["exact"]["mean"] is None
+    (v,) = [v for v in r["verdicts"] if "passkey" in v["claim"]]
+    assert v["difference"]["n"] == 1
+    report = (out / "report.md").read_text()
+    assert "not available" in report and "1 of 2" in report and pk["diverged"] in report
+    assert {f for f in r["figures"]} == {"recall-passkey.png", "recall-mqar.png"}
+    assert all(_is_png(out / f) for f in r["figures"])
 
 
 def test_training_windows_are_whole_examples(tmp_path):
