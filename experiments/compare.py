@@ -154,17 +154,10 @@ def run(out, *, scale_name: str = "quick", n_seeds: int = 3, backend: str | None
         per_model = {s.label: [r["heldout_loss"] for r in rows if r["model"] == s.label] for s in specs}
         ref = specs[0].label
 
-        def finite(v):
-            return [x for x in v if x is not None]
-
-        def paired(a, b):  # the seeds where both models finished
-            both = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
-            return common.paired_difference([x for x, _ in both], [y for _, y in both])
-
         by_domain[domain.name] = {
-            "summary": {label: common.mean_sd(finite(v)) for label, v in per_model.items()},
+            "summary": {label: common.mean_sd([x for x in v if x is not None]) for label, v in per_model.items()},
             "diverged": {label: sum(x is None for x in v) for label, v in per_model.items()},
-            "vs_first": {s.label: paired(per_model[s.label], per_model[ref]) for s in specs[1:]}}
+            "vs_first": {s.label: common.paired_finished(per_model[s.label], per_model[ref]) for s in specs[1:]}}
     first = by_domain[domain_list[0].name]
     results = {"experiment": name, "scale": scale_name, "scale_config": scale.__dict__, "backend": backend,
                "seeds": seed_list, "tokens_per_run": tokens, "models": facts,
