@@ -196,7 +196,8 @@ __all__ = ["NAMES", "PEERS", "PORTS", "Backend", "BackendError", "default", "get
 
 
 WARM_PRESETS = ("hope-small", "transformer-tiny", "hope-attention-tiny", "titans-tiny", "hope-tiny",
-                "linear-attention-tiny", "deltanet-tiny", "gated-deltanet-tiny", "dgd-tiny", "titans-mag-tiny")
+                "linear-attention-tiny", "deltanet-tiny", "gated-deltanet-tiny", "dgd-tiny", "titans-mag-tiny",
+                "titans-mal-tiny")
 """``nested-learning warmup``'s default: the default run's preset and one of every family (the
 kernels compile per argument type, not per size, so a tiny preset warms its family's small and
 medium presets too)."""

@@ -69,6 +69,7 @@ MODEL_CASES: dict[str, tuple[str, dict]] = {
     "hope-tiny-static-kv": ("hope-tiny", {"mem_adaptive_k": False, "mem_adaptive_v": False}),
     "hope-tiny-no-retention": ("hope-tiny", {"mem_retention": False}),  # Table 6 "w/o weight decay"
     "titans-mag-tiny": ("titans-mag-tiny", {}),  # Titans' memory as a gate (SPEC.md#titans-mag)
+    "titans-mal-tiny": ("titans-mal-tiny", {}),  # Titans' memory as a layer (SPEC.md#titans-mal)
 }
 
 

@@ -88,6 +88,11 @@ def _rule_text(cfg) -> tuple[str, str]:
         return ("||M(k) - v||^2 (Titans Eq. 12)",
                 f"Titans memory, MAG's gate branch (SPEC.md#titans-mag): GD on its surprise with momentum and "
                 f"retention (Titans Eqs. 9-18) over the {cfg.mem_persistent} persistent tokens and the sequence")
+    if cfg.family == "titans-mal":
+        return ("||M(k) - v||^2 (Titans Eq. 12)",
+                f"Titans memory, MAL's first layer (SPEC.md#titans-mal): GD on its surprise with momentum and "
+                f"retention (Titans Eqs. 9-18) over the {cfg.mem_persistent} persistent tokens and the sequence; "
+                f"the sliding-window attention reads its output")
     if cfg.family == "linear-attention":
         return "-<M k, v> (Eqs. 14-18)", "linear attention: one GD step of rate 1 on the dot product; M_0 = 0"
     if cfg.family == "deltanet":
@@ -169,6 +174,8 @@ def levels(cfg, batch_size: int | None = None, seq_len: int | None = None,
             ctx = seq + " (KV cache)"
             if cfg.family == "titans-mag":  # SW-Attn*: the window and the persistent tokens (SPEC.md#titans-mag)
                 ctx = f"the last {cfg.attn_window} tokens and {cfg.mem_persistent} persistent ones (KV cache)"
+            if cfg.family == "titans-mal":  # SW-Attn over the memory's output (SPEC.md#titans-mal)
+                ctx = f"the memory's output at the last {cfg.attn_window} tokens (KV cache)"
             add((1, i), f"{b}attn", attn, kind="attention", every="1 token", period=1, unit="tokens",
                 context=ctx, objective="none written (Eqs. 62-63)", state=2 * D,
                 spec="SPEC.md#primitives",
@@ -178,8 +185,8 @@ def levels(cfg, batch_size: int | None = None, seq_len: int | None = None,
         if mem:
             objective, detail = _rule_text(cfg)
             st = _memory_state(cfg)
-            if cfg.family in ("titans", "hope", "titans-mag"):
-                spec = "SPEC.md#" + {"hope": "selfmod", "titans": "titans"}.get(cfg.family, "titans-mag")
+            if cfg.family in ("titans", "hope", "titans-mag", "titans-mal"):
+                spec = "SPEC.md#" + {"hope": "selfmod", "titans": "titans"}.get(cfg.family, cfg.family)
                 if cfg.family == "hope" and cfg.mem_chunk != cfg.mem_chunk_other:
                     # two clocks (Eq. 90): M_memory and the other memories are two levels
                     mm = [k for k in mem if k.startswith(b + "mem.memory.")]
@@ -246,6 +253,7 @@ def levels(cfg, batch_size: int | None = None, seq_len: int | None = None,
                f"cross-entropy, the rows above included (their initial states and static weights); this "
                f"row's own are those no faster level has (embedding, norms, head"
                + (", MAG's persistent tokens and gate" if cfg.family == "titans-mag" else "")
+               + (", MAL's persistent tokens and norm" if cfg.family == "titans-mal" else "")
                + (", CMS aggregation weights" if cfg.cms_variant == "independent" and cfg.cms_levels else "") + ")")
     return [lv for _, lv in sorted(rows, key=lambda r: r[0])]
 

@@ -20,8 +20,9 @@ dh = D / H, V vocabulary, G_l level l's weight groups in the segment):
     logits               logits                 (B, n, V)
 
 Decisions (SPEC.md#hope): every block is pre-norm residual with RMSNorm, h = x + mixer(norm1(x)),
-then y = h + SwiGLU(norm2(h)) (transformer, titans, linear families, titans-mag: its mixer is
-``mag_forward``, SPEC.md#titans-mag) or y = h + (CMS(u) - u) with
+then y = h + SwiGLU(norm2(h)) (transformer, titans, linear families, titans-mag and titans-mal:
+their mixers are ``mag_forward``, SPEC.md#titans-mag, and ``mal_forward``, SPEC.md#titans-mal) or
+y = h + (CMS(u) - u) with
 u = norm2(h) (hope, hope-attention); a final RMSNorm and an untied head.
 """
 
@@ -142,6 +143,55 @@ def mag_backward(ops, do, cache, b, cfg):
     return dxt[:, Np:], grads
 
 
+def mal_forward(ops, a, params, b, cfg, p0, past, mem_state):
+    """Titans' memory as a layer (MAL, Titans §4.3; SPEC.md#titans-mal) over tokens at positions
+    [p0, p0 + n) of the sequence. Returns (o, cache, new_past, new_mem).
+
+    At the sequence start (p0 = 0) the N_p persistent tokens are prepended, x~ = [p] || a; the
+    Titans layer reads x~, m = M(x~); the sliding-window attention reads its RMS-normalised output,
+    y = SW-Attn(RMSNorm(m)) (window ``attn_window``, no key exempt from it; RoPE at the positions of
+    x~). The outputs at the persistent positions are dropped, o = y at the positions of a. Later
+    calls continue both states: the memory layer's (which has read the persistent tokens) and the
+    KV cache of the last window - 1 positions of x~."""
+    P, np = ops.primitives, ops.np
+    Bn, n, D = a.shape
+    Np = cfg.mem_persistent if p0 == 0 else 0  # prepended once, at the sequence start
+    xt = a
+    if Np:
+        xt = np.concatenate([np.broadcast_to(params[b + "mal.persist"], (Bn, Np, D)), a], axis=1)  # x~
+    layer = layer_of(ops, cfg)
+    lp = {k[len(b) + 4:]: v for k, v in params.items() if k.startswith(b + "mem.")}
+    m, c_mem, new_mem = layer.forward(xt, lp, layer.cfg, mem_state)  # y = M(x~) (Titans §4.3)
+    u, c_n = P.rmsnorm_forward(m, params[b + "mal.norm.g"], cfg.norm_eps)
+    start = 0 if p0 == 0 else p0 + cfg.mem_persistent  # x~'s position of xt's first token
+    y, c_att, new_past = attn_forward(ops, u, params, b, cfg, start, past, cfg.attn_window, 0)  # SW-Attn(.)
+    return y[:, Np:], (Np, c_mem, c_n, c_att), new_past, new_mem
+
+
+def mal_backward(ops, do, cache, b, cfg):
+    """(da, grads) of ``mal_forward``; the incoming caches are constants."""
+    P, np = ops.primitives, ops.np
+    Np, c_mem, c_n, c_att = cache
+    grads = {}
+    Bn, n, D = do.shape
+    dy = do
+    if Np:  # the dropped persistent outputs: no gradient
+        dy = np.concatenate([np.zeros((Bn, Np, D), dtype=do.dtype), do], axis=1)
+    du, g = attn_backward(ops, dy, c_att, b)
+    grads.update(g)
+    dm, grads[b + "mal.norm.g"] = P.rmsnorm_backward(du, c_n)
+    dxt, g, _ = layer_of(ops, cfg).backward(dm, c_mem)
+    grads.update({b + "mem." + k: v for k, v in g.items()})
+    if cfg.mem_persistent:
+        grads[b + "mal.persist"] = (dxt[:, :Np].sum(axis=0) if Np else
+                                    np.zeros((cfg.mem_persistent, D), dtype=dxt.dtype))  # a later call: constant
+    return dxt[:, Np:], grads
+
+
+HYBRID_MIXERS = {"titans-mag": (mag_forward, mag_backward), "titans-mal": (mal_forward, mal_backward)}
+"""family -> (forward, backward) of a Titans hybrid's mixer (SPEC.md#titans-mag, SPEC.md#titans-mal)."""
+
+
 def block_forward(ops, x, params, i, cfg, p0, past, mem_state, cms_w, cms_groups, mixer=None):
     """One block over a segment. Returns (y, cache, new_past, new_mem_state).
 
@@ -154,7 +204,7 @@ def block_forward(ops, x, params, i, cfg, p0, past, mem_state, cms_w, cms_groups
     if mixer is not None:
         o, c_mix = mixer
     elif is_hybrid(cfg):
-        o, c_mix, new_past, new_mem = mag_forward(ops, a, params, b, cfg, p0, past, mem_state)
+        o, c_mix, new_past, new_mem = HYBRID_MIXERS[cfg.family][0](ops, a, params, b, cfg, p0, past, mem_state)
     elif has_attention(cfg):
         o, c_mix, new_past = attn_forward(ops, a, params, b, cfg, p0, past)
     else:
@@ -192,7 +242,7 @@ def block_backward(ops, dy, cache, i, cfg, cms_only=False):
     dh, grads[b + "norm2.g"] = P.rmsnorm_backward(du, c_n2)
     dh = dh + dy
     if is_hybrid(cfg):
-        da, g = mag_backward(ops, dh, c_mix, b, cfg)
+        da, g = HYBRID_MIXERS[cfg.family][1](ops, dh, c_mix, b, cfg)
     elif has_attention(cfg):
         da, g = attn_backward(ops, dh, c_mix, b)
     else:

@@ -71,7 +71,7 @@ class Ops:
 
 LAYER_MODULES: dict[str, str] = {"titans": "titans", "hope": "selfmod", "linear-attention": "linear_layers",
                                  "deltanet": "linear_layers", "gated-deltanet": "linear_layers",
-                                 "dgd": "linear_layers", "titans-mag": "titans"}
+                                 "dgd": "linear_layers", "titans-mag": "titans", "titans-mal": "titans"}
 """family -> the reference module of its sequence-memory layer (the attention families have none)."""
 
 
@@ -99,7 +99,8 @@ def has_attention(cfg: ModelConfig) -> bool:
 
 def is_hybrid(cfg: ModelConfig) -> bool:
     """Whether the blocks' mixer is a Titans hybrid (titans-mag: sliding-window attention gated by
-    the Titans memory layer, SPEC.md#titans-mag): attention parameters and a memory layer both."""
+    the Titans memory layer, SPEC.md#titans-mag; titans-mal: the Titans layer, then sliding-window
+    attention over its output, SPEC.md#titans-mal): attention parameters and a memory layer both."""
     return cfg.family in HYBRID_FAMILIES
 
 
@@ -196,10 +197,14 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             module = reference_layer(cfg.family)
             for n, s in module.param_shapes(layer_config(module, cfg)).items():
                 shapes[b + "mem." + n] = tuple(s)
-        if is_hybrid(cfg):  # the gate (SPEC.md#titans-mag): persistent tokens, the branch norms, W_out
+        if cfg.family == "titans-mag":  # the gate (SPEC.md#titans-mag): persistent tokens, the branch norms, W_out
             if cfg.mem_persistent:
                 shapes[b + "mag.persist"] = (cfg.mem_persistent, D)
             shapes.update({b + "mag.norm_a.g": (D,), b + "mag.norm_m.g": (D,), b + "mag.W_out": (D, D)})
+        if cfg.family == "titans-mal":  # SPEC.md#titans-mal: persistent tokens, the attention's input norm
+            if cfg.mem_persistent:
+                shapes[b + "mal.persist"] = (cfg.mem_persistent, D)
+            shapes[b + "mal.norm.g"] = (D,)
         shapes[b + "norm2.g"] = (D,)
         if has_cms(cfg):
             for n, s in cms.param_shapes(D, cfg.cms_levels, cfg.cms_variant).items():

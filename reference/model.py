@@ -85,9 +85,9 @@ def init_params(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
 
     One generator per component from ``SeedSequence(seed).spawn`` (embedding, each block, head),
     drawn in float64: N(0, init_std^2) for matrices, output projections (attention Wo, SwiGLU
-    W_down, CMS W1, MAG's W_out) scaled by 1/sqrt(2 n_layers), norm gains 1, CMS ``agg`` 1, MAG's
-    persistent tokens N(0, 1); the memory layer uses its own module's initialisation (SPEC.md#hope,
-    SPEC.md#titans-mag).
+    W_down, CMS W1, MAG's W_out) scaled by 1/sqrt(2 n_layers), norm gains 1, CMS ``agg`` 1, the
+    persistent tokens (MAG's, MAL's) N(0, 1); the memory layer uses its own module's initialisation
+    (SPEC.md#hope, SPEC.md#titans-mag, SPEC.md#titans-mal).
     """
     if not isinstance(cfg, ModelConfig):
         raise ValueError(f"cfg must be a ModelConfig (config.preset(name)), got {type(cfg).__name__}")
@@ -111,7 +111,7 @@ def init_params(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
             name = key[len(b):]
             if name.endswith(".g") or name.endswith("agg"):
                 params[key] = np.ones(shape)
-            elif name == "mag.persist":  # N(0, 1): the scale of the RMS-normalised tokens beside them
+            elif name in ("mag.persist", "mal.persist"):  # N(0, 1): the scale of the RMS-normalised tokens beside them
                 params[key] = rng.standard_normal(shape)
             elif name in ("attn.Wo", "mlp.W_down", "mag.W_out") or name.endswith(".W1"):
                 params[key] = out_std * rng.standard_normal(shape)
@@ -479,7 +479,7 @@ def state_size(cfg: ModelConfig) -> dict[str, int]:
     """Floats of state per sequence, at their largest (when writes are due at the longest in-context
     period's end): ``fixed`` (the in-context CMS weights, with the versions the open level chunks'
     re-runs need, ceil(C_max / C^(l)) per level; the memory layers' states, with one copy per
-    processing chunk of the open chunks, C_max / C; titans-mag's window cache), ``per_token`` (the attention cache grows by this
+    processing chunk of the open chunks, C_max / C; the Titans hybrids' window cache), ``per_token`` (the attention cache grows by this
     much per token) and ``chunk_tokens`` (the tokens of the open level chunks kept, at most C_max)."""
     live = in_context_levels(cfg)
     longest = max((cfg.cms_levels[l].period for l in live), default=0)
@@ -494,7 +494,9 @@ def state_size(cfg: ModelConfig) -> dict[str, int]:
         st = module.init_state(module.init_params(lcfg, np.random.default_rng(0)), lcfg, 1)
         mem = cfg.n_layers * sum(int(np.size(v)) for v in st.values() if isinstance(v, np.ndarray))
         fixed += mem * (1 + (longest // cfg.cms_chunk if live else 0))  # + the chunk-start copies
-    if is_hybrid(cfg):  # SW-Attn*'s cache: the persistent keys and the last window - 1 (SPEC.md#titans-mag)
-        fixed += 2 * cfg.d_model * cfg.n_layers * (cfg.mem_persistent + cfg.attn_window - 1)
+    if is_hybrid(cfg):  # the window's cache: the last window - 1 keys, and MAG's persistent keys (SW-Attn*,
+        # SPEC.md#titans-mag; MAL's window has no persistent keys, SPEC.md#titans-mal)
+        kept = cfg.attn_window - 1 + (cfg.mem_persistent if cfg.family == "titans-mag" else 0)
+        fixed += 2 * cfg.d_model * cfg.n_layers * kept
     per_token = 2 * cfg.d_model * cfg.n_layers if has_attention(cfg) else 0
     return {"fixed": fixed, "per_token": per_token, "chunk_tokens": longest}

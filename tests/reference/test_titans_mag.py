@@ -20,6 +20,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from corpus import write_corpus
+from hybrid_oracles import rms as _rms
+from hybrid_oracles import sw_attention, titans_alone, with_persistent
+from hybrid_oracles import window_oracle as _window_oracle
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 from model_checks import check_model_gradients
@@ -34,7 +37,6 @@ from nlref.fast.cpu import primitives as FP
 from nlref.reference import blocks
 from nlref.reference import model as R
 from nlref.reference import primitives as P
-from nlref.reference import titans as RT
 from nlref.reference.cases import primitives as P_cases
 from nlref.reference.gradcheck import check_gradients, numerical_gradient, rel_error
 
@@ -47,23 +49,6 @@ TINY = "titans-mag-tiny"
 
 def _qkv(rng, b=2, h=2, tq=5, tk=7, dh=3, dv=2, dtype=np.float64):
     return tuple(rng.standard_normal(s).astype(dtype) for s in ((b, h, tq, dh), (b, h, tk, dh), (b, h, tk, dv)))
-
-
-def _window_oracle(q, k, v, window, persistent):
-    """Query t at key index i_t = T_k - T_q + t attends to the persistent keys i < persistent with
-    i <= i_t and to the keys i_t - window < i <= i_t: the softmax over those alone, by loops."""
-    B, H, Tq, dh = q.shape
-    Tk = k.shape[2]
-    y = np.zeros(q.shape[:3] + v.shape[3:])
-    for b in range(B):
-        for h in range(H):
-            for t in range(Tq):
-                it = Tk - Tq + t
-                seen = [i for i in range(Tk) if i <= it and (i < persistent or it - i < window)]
-                s = np.array([q[b, h, t] @ k[b, h, i] / np.sqrt(dh) for i in seen])
-                w = np.exp(s - s.max())
-                y[b, h, t] = (w[:, None] * v[b, h, seen]).sum(0) / w.sum()
-    return y
 
 
 @given(seed=st.integers(0, 2**16), tq=st.integers(1, 6), extra=st.integers(0, 4), window=st.integers(1, 8),
@@ -150,41 +135,14 @@ def test_cpu_port_window_attention_matches_reference(dtype, seed, tq, extra, win
 # ---------------------------------------------------------------------------------------------
 
 
-def _rms(x, g, eps):
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * g
-
-
-def _rope(z, pos, base):  # z (B, H, T, dh): interleaved pairs (SPEC.md#primitives)
-    dh = z.shape[-1]
-    ang = pos[:, None] * base ** (-2.0 * np.arange(dh // 2) / dh)
-    c, s_ = np.cos(ang), np.sin(ang)
-    out = np.empty_like(z)
-    out[..., 0::2] = z[..., 0::2] * c - z[..., 1::2] * s_
-    out[..., 1::2] = z[..., 0::2] * s_ + z[..., 1::2] * c
-    return out
-
-
 def _mag_oracle(a, params, cfg, b="blocks.0."):
     """The MAG mixer from its definition, at a sequence start: x~ = [p] || a; y = SW-Attn*(x~) (the
     projections, RoPE at x~'s positions, the window by loops); m = the Titans layer alone over x~;
     o = W_out (RMSNorm_a(y) * sigmoid(RMSNorm_m(m))) at the positions of a."""
-    B, n, D = a.shape
-    Np, H = cfg.mem_persistent, cfg.n_heads
-    xt = np.concatenate([np.broadcast_to(params[b + "mag.persist"], (B, Np, D)), a], axis=1) if Np else a
-    T = xt.shape[1]
-
-    def heads(W):
-        return (xt @ W.T).reshape(B, T, H, D // H).transpose(0, 2, 1, 3)
-
-    pos = np.arange(T, dtype=np.float64)
-    q = _rope(heads(params[b + "attn.Wq"]), pos, cfg.rope_base)
-    k = _rope(heads(params[b + "attn.Wk"]), pos, cfg.rope_base)
-    v = heads(params[b + "attn.Wv"])
-    y = _window_oracle(q, k, v, cfg.attn_window, Np).transpose(0, 2, 1, 3).reshape(B, T, D) @ params[b + "attn.Wo"].T
-    lp = {key[len(b) + 4:]: w for key, w in params.items() if key.startswith(b + "mem.")}
-    lcfg = RT.TitansConfig(d_model=D, n_heads=H, chunk=cfg.mem_chunk, memory=cfg.mem_kind, hidden=cfg.mem_hidden,
-                           eta_max=cfg.mem_eta_max, eps=cfg.norm_eps)
-    m = RT.titans_forward(xt, lp, lcfg)[0]
+    Np = cfg.mem_persistent
+    xt = with_persistent(a, params, b + "mag.persist", Np)
+    y = sw_attention(xt, params, b, cfg, Np)
+    m = titans_alone(xt, params, b, cfg)
     ya = _rms(y[:, Np:], params[b + "mag.norm_a.g"], cfg.norm_eps)
     ym = _rms(m[:, Np:], params[b + "mag.norm_m.g"], cfg.norm_eps)
     return (ya / (1 + np.exp(-ym))) @ params[b + "mag.W_out"].T
