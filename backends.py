@@ -197,7 +197,7 @@ __all__ = ["NAMES", "PEERS", "PORTS", "Backend", "BackendError", "default", "get
 
 WARM_PRESETS = ("hope-small", "transformer-tiny", "hope-attention-tiny", "titans-tiny", "hope-tiny",
                 "linear-attention-tiny", "deltanet-tiny", "gated-deltanet-tiny", "dgd-tiny", "titans-mag-tiny",
-                "titans-mal-tiny")
+                "titans-mal-tiny", "titans-mac-tiny")
 """``nested-learning warmup``'s default: the default run's preset and one of every family (the
 kernels compile per argument type, not per size, so a tiny preset warms its family's small and
 medium presets too)."""

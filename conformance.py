@@ -70,6 +70,7 @@ MODEL_CASES: dict[str, tuple[str, dict]] = {
     "hope-tiny-no-retention": ("hope-tiny", {"mem_retention": False}),  # Table 6 "w/o weight decay"
     "titans-mag-tiny": ("titans-mag-tiny", {}),  # Titans' memory as a gate (SPEC.md#titans-mag)
     "titans-mal-tiny": ("titans-mal-tiny", {}),  # Titans' memory as a layer (SPEC.md#titans-mal)
+    "titans-mac-tiny": ("titans-mac-tiny", {}),  # Titans' memory as context (SPEC.md#titans-mac)
 }
 
 

@@ -93,6 +93,11 @@ def _rule_text(cfg) -> tuple[str, str]:
                 f"Titans memory, MAL's first layer (SPEC.md#titans-mal): GD on its surprise with momentum and "
                 f"retention (Titans Eqs. 9-18) over the {cfg.mem_persistent} persistent tokens and the sequence; "
                 f"the sliding-window attention reads its output")
+    if cfg.family == "titans-mac":
+        return ("||M(k) - v||^2 (Titans Eq. 12)",
+                f"Titans memory, MAC's context (SPEC.md#titans-mac): GD on its surprise with momentum and "
+                f"retention (Titans Eqs. 9-18), written with the attention's outputs; read at each "
+                f"{cfg.attn_window}-token segment's start for the attention's retrieved tokens, and to gate its output")
     if cfg.family == "linear-attention":
         return "-<M k, v> (Eqs. 14-18)", "linear attention: one GD step of rate 1 on the dot product; M_0 = 0"
     if cfg.family == "deltanet":
@@ -176,6 +181,9 @@ def levels(cfg, batch_size: int | None = None, seq_len: int | None = None,
                 ctx = f"the last {cfg.attn_window} tokens and {cfg.mem_persistent} persistent ones (KV cache)"
             if cfg.family == "titans-mal":  # SW-Attn over the memory's output (SPEC.md#titans-mal)
                 ctx = f"the memory's output at the last {cfg.attn_window} tokens (KV cache)"
+            if cfg.family == "titans-mac":  # attention inside each segment (SPEC.md#titans-mac)
+                ctx = (f"its {cfg.attn_window}-token segment so far, the memory's retrieval for it and "
+                       f"{cfg.mem_persistent} persistent tokens (KV cache)")
             add((1, i), f"{b}attn", attn, kind="attention", every="1 token", period=1, unit="tokens",
                 context=ctx, objective="none written (Eqs. 62-63)", state=2 * D,
                 spec="SPEC.md#primitives",
@@ -185,7 +193,7 @@ def levels(cfg, batch_size: int | None = None, seq_len: int | None = None,
         if mem:
             objective, detail = _rule_text(cfg)
             st = _memory_state(cfg)
-            if cfg.family in ("titans", "hope", "titans-mag", "titans-mal"):
+            if cfg.family in ("titans", "hope", "titans-mag", "titans-mal", "titans-mac"):
                 spec = "SPEC.md#" + {"hope": "selfmod", "titans": "titans"}.get(cfg.family, cfg.family)
                 if cfg.family == "hope" and cfg.mem_chunk != cfg.mem_chunk_other:
                     # two clocks (Eq. 90): M_memory and the other memories are two levels
@@ -254,6 +262,7 @@ def levels(cfg, batch_size: int | None = None, seq_len: int | None = None,
                f"row's own are those no faster level has (embedding, norms, head"
                + (", MAG's persistent tokens and gate" if cfg.family == "titans-mag" else "")
                + (", MAL's persistent tokens and norm" if cfg.family == "titans-mal" else "")
+               + (", MAC's persistent tokens, retrieval query and gate" if cfg.family == "titans-mac" else "")
                + (", CMS aggregation weights" if cfg.cms_variant == "independent" and cfg.cms_levels else "") + ")")
     return [lv for _, lv in sorted(rows, key=lambda r: r[0])]
 

@@ -20,9 +20,9 @@ dh = D / H, V vocabulary, G_l level l's weight groups in the segment):
     logits               logits                 (B, n, V)
 
 Decisions (SPEC.md#hope): every block is pre-norm residual with RMSNorm, h = x + mixer(norm1(x)),
-then y = h + SwiGLU(norm2(h)) (transformer, titans, linear families, titans-mag and titans-mal:
-their mixers are ``mag_forward``, SPEC.md#titans-mag, and ``mal_forward``, SPEC.md#titans-mal) or
-y = h + (CMS(u) - u) with
+then y = h + SwiGLU(norm2(h)) (transformer, titans, linear families, titans-mag, titans-mal and
+titans-mac: their mixers are ``mag_forward``, SPEC.md#titans-mag, ``mal_forward``,
+SPEC.md#titans-mal, and ``mac_forward``, SPEC.md#titans-mac) or y = h + (CMS(u) - u) with
 u = norm2(h) (hope, hope-attention); a final RMSNorm and an untied head.
 """
 
@@ -188,8 +188,118 @@ def mal_backward(ops, do, cache, b, cfg):
     return dxt[:, Np:], grads
 
 
-HYBRID_MIXERS = {"titans-mag": (mag_forward, mag_backward), "titans-mal": (mal_forward, mal_backward)}
-"""family -> (forward, backward) of a Titans hybrid's mixer (SPEC.md#titans-mag, SPEC.md#titans-mal)."""
+def mac_forward(ops, a, params, b, cfg, p0, past, mem_state):
+    """Titans' memory as context (MAC, Titans §4.1; SPEC.md#titans-mac) over tokens at positions
+    [p0, p0 + n) of the sequence. Returns (o, cache, new_past, new_mem).
+
+    The sequence is cut into segments of C = ``attn_window`` tokens; the call is processed in pieces,
+    each inside one segment. Per piece, with M_s the memory's fast weights at its segment's start:
+    the retrieval h_i = RMSNorm_h(M_s*(l2(W_q a_i))) (a read, no write); causal attention over the
+    segment's [p, h_1, a_1, h_2, a_2, ...] (the persistent tokens opening each segment; a_i sees
+    h_j, a_j for j <= i; RoPE at those positions); y_i = its output at a_i; the Titans layer over y
+    (written with y, read at its chunk starts), m = M(y); o = W_out (RMSNorm_a(y) * sigmoid(RMSNorm_m(m))).
+    ``past``: None at a segment's start, else (K, V, M_s) of the open segment."""
+    P, np = ops.primitives, ops.np
+    Bn, n, D = a.shape
+    H, dh, C, Np = cfg.n_heads, cfg.d_head, cfg.attn_window, cfg.mem_persistent
+    layer = layer_of(ops, cfg)
+    names = layer.module.weight_names(layer.cfg)
+    lp = {k[len(b) + 4:]: v for k, v in params.items() if k.startswith(b + "mem.")}
+    kv, snap = (None, None) if past is None else ((past[0], past[1]), past[2])
+    pieces, ys, ms, t = [], [], [], 0
+    while t < n:
+        j0 = (p0 + t) % C  # the piece's first token's place in its segment
+        w = min(n - t, C - j0)
+        x = a[:, t:t + w]  # (B, w, D)
+        if j0 == 0:  # a new segment: its attention starts empty, its retrieval reads M_{s-1} (Titans Eq. 21)
+            kv, src = None, ("init" if mem_state is None else "state")
+            snap = ({m: np.broadcast_to(lp[layer.module.init_name(m)], (Bn,) + lp[layer.module.init_name(m)].shape)
+                     for m in names} if mem_state is None else {m: mem_state[m] for m in names})
+        else:
+            src = "const"  # the open segment's M_s from the incoming state: a constant, as every cache
+        zq, c_q = P.linear_forward(x, params[b + "mac.W_q"])  # q = a W_q^T
+        qn, c_l2 = P.l2norm_forward(zq.reshape(Bn, w, H, dh), cfg.norm_eps)  # per head
+        r, c_read = layer.module.read_forward(layer.cfg, snap, qn.transpose(0, 2, 1, 3))  # M_s*(q) (Eq. 21)
+        h, c_nh = P.rmsnorm_forward(r.transpose(0, 2, 1, 3).reshape(Bn, w, D), params[b + "mac.norm_h.g"],
+                                    cfg.norm_eps)
+        z = np.stack([h, x], axis=2).reshape(Bn, 2 * w, D)  # h_1, a_1, h_2, a_2, ...
+        lead = Np if j0 == 0 else 0
+        if lead:
+            z = np.concatenate([np.broadcast_to(params[b + "mac.persist"], (Bn, Np, D)), z], axis=1)  # Eq. 22
+        start = 0 if j0 == 0 else Np + 2 * j0  # the segment's position of z's first entry
+        yz, c_att, kv = attn_forward(ops, z, params, b, cfg, start, kv)  # Attn(S~) (Eq. 23)
+        y = yz[:, lead + 1::2]  # (B, w, D): the outputs at the segment's tokens
+        m, c_mem, new_mem = layer.forward(y, lp, layer.cfg, mem_state)  # written with y (Eq. 24), M*(y)
+        pieces.append((t, w, lead, src, c_q, c_l2, c_read, c_nh, c_att, c_mem))
+        ys.append(y)
+        ms.append(m)
+        mem_state = new_mem
+        t += w
+    y, m = np.concatenate(ys, axis=1), np.concatenate(ms, axis=1)
+    ya, c_na = P.rmsnorm_forward(y, params[b + "mac.norm_a.g"], cfg.norm_eps)
+    ym, c_nm = P.rmsnorm_forward(m, params[b + "mac.norm_m.g"], cfg.norm_eps)
+    gate, c_s = P.sigmoid_forward(ym)
+    o, c_o = P.linear_forward(ya * gate, params[b + "mac.W_out"])  # y (x) M*(y) (Eq. 25)
+    new_past = None if (p0 + n) % C == 0 else (kv[0], kv[1], snap)
+    return o, (pieces, names, ya, c_na, c_nm, gate, c_s, c_o), new_past, mem_state
+
+
+def mac_backward(ops, do, cache, b, cfg):
+    """(da, grads) of ``mac_forward``; the incoming caches (the open segment's K, V and M_s) are
+    constants. The pieces run backward in reverse, the memory's state adjoint carried between them;
+    M_s's adjoint from the retrieval joins the state's (or the initial memory's, at a fresh start)."""
+    P, np = ops.primitives, ops.np
+    pieces, names, ya, c_na, c_nm, gate, c_s, c_o = cache
+    Bn, n, D = do.shape
+    H, dh, Np = cfg.n_heads, cfg.d_head, cfg.mem_persistent
+    layer = layer_of(ops, cfg)
+    grads = {}
+
+    def add(key, g):
+        grads[key] = g if key not in grads else grads[key] + g
+
+    dg, grads[b + "mac.W_out"], _ = P.linear_backward(do, c_o)
+    dy_all, grads[b + "mac.norm_a.g"] = P.rmsnorm_backward(dg * gate, c_na)
+    dm_all, grads[b + "mac.norm_m.g"] = P.rmsnorm_backward(P.sigmoid_backward(dg * ya, c_s), c_nm)
+    da = np.zeros((Bn, n, D), dtype=do.dtype)
+    dpersist = np.zeros((Np, D), dtype=do.dtype)
+    dstate = None  # the adjoint of the memory state after the piece being differentiated
+    for t, w, lead, src, c_q, c_l2, c_read, c_nh, c_att, c_mem in reversed(pieces):
+        dy, g, dstate0 = layer.backward(dm_all[:, t:t + w], c_mem, dstate)
+        for k, v in g.items():
+            add(b + "mem." + k, v)
+        dy = dy + dy_all[:, t:t + w]
+        dyz = np.zeros((Bn, lead + 2 * w, D), dtype=do.dtype)
+        dyz[:, lead + 1::2] = dy  # the outputs at the persistent and retrieval positions are dropped
+        dz, g = attn_backward(ops, dyz, c_att, b)
+        for k, v in g.items():
+            add(k, v)
+        if lead:
+            dpersist = dpersist + dz[:, :lead].sum(axis=0)
+        dz = dz[:, lead:].reshape(Bn, w, 2, D)
+        dr, g_nh = P.rmsnorm_backward(dz[:, :, 0], c_nh)
+        add(b + "mac.norm_h.g", g_nh)
+        dsnap, dqn = layer.module.read_backward(layer.cfg, dr.reshape(Bn, w, H, dh).transpose(0, 2, 1, 3), c_read)
+        dzq = P.l2norm_backward(dqn.transpose(0, 2, 1, 3), c_l2).reshape(Bn, w, D)
+        dx, g_q, _ = P.linear_backward(dzq, c_q)
+        add(b + "mac.W_q", g_q)
+        da[:, t:t + w] = dz[:, :, 1] + dx
+        if src == "state":  # M_s is the running memory entering this piece's layer call
+            dstate0 = dict(dstate0)
+            for m in names:
+                dstate0[m] = dstate0[m] + dsnap[m]
+        elif src == "init":  # M_s is the meta-learned initial memory, broadcast to the batch
+            for m in names:
+                add(b + "mem." + layer.module.init_name(m), dsnap[m].sum(axis=0))
+        dstate = dstate0
+    if Np:
+        grads[b + "mac.persist"] = dpersist
+    return da, grads
+
+
+HYBRID_MIXERS = {"titans-mag": (mag_forward, mag_backward), "titans-mal": (mal_forward, mal_backward),
+                 "titans-mac": (mac_forward, mac_backward)}
+"""family -> (forward, backward) of a Titans hybrid's mixer (SPEC.md#titans-mag, #titans-mal, #titans-mac)."""
 
 
 def block_forward(ops, x, params, i, cfg, p0, past, mem_state, cms_w, cms_groups, mixer=None):

@@ -28,10 +28,10 @@ import dataclasses
 from dataclasses import dataclass
 
 FAMILIES = ("hope", "hope-attention", "titans", "transformer", "linear-attention", "deltanet", "gated-deltanet",
-            "dgd", "titans-mag", "titans-mal")
+            "dgd", "titans-mag", "titans-mal", "titans-mac")
 LINEAR_FAMILIES = ("linear-attention", "deltanet", "gated-deltanet", "dgd")  # reference/linear_layers.py
 # Titans' attention + memory hybrids (reference/blocks.py, SPEC.md#titans-mag, SPEC.md#titans-mal)
-HYBRID_FAMILIES = ("titans-mag", "titans-mal")
+HYBRID_FAMILIES = ("titans-mag", "titans-mal", "titans-mac")  # + SPEC.md#titans-mac
 # ModelConfig field -> its default: the fields of the Titans hybrids only (SPEC.md#titans-mag, #titans-mal)
 HYBRID_FIELDS = {"attn_window": 64, "mem_persistent": 16}
 CMS_VARIANTS = ("sequential", "independent")
@@ -76,7 +76,10 @@ class ModelConfig:
     (Titans' memory as a gate: sliding-window attention gated by the Titans layer, both over the
     persistent tokens and the input, then SwiGLU; SPEC.md#titans-mag), ``titans-mal`` (Titans' memory
     as a layer: the Titans layer over the persistent tokens and the input, then sliding-window
-    attention over its output, then SwiGLU; SPEC.md#titans-mal). Every block is pre-norm
+    attention over its output, then SwiGLU; SPEC.md#titans-mal), ``titans-mac`` (Titans' memory as
+    context: per segment, attention over the persistent tokens, the memory's retrieval and the
+    segment, the memory written with its output and gating it, then SwiGLU; SPEC.md#titans-mac).
+    Every block is pre-norm
     residual with RMSNorm.
     """
 
@@ -119,7 +122,8 @@ class ModelConfig:
     mem_adaptive_k: bool = True  # k from the memory M_k; False: Table 6 "w/o inner-projection k" (static W_k)
     mem_adaptive_v: bool = True  # v from the memory M_v; False: Table 6 "w/o inner-projection v" (static W_v)
     # the Titans hybrids (SPEC.md#titans-mag, SPEC.md#titans-mal): the sliding window of the attention
-    # (keys a query sees, itself included) and N_p, the persistent tokens prepended to each block's mixer input
+    # (keys a query sees, itself included; MAC: the segment length C) and N_p, the persistent tokens prepended
+    # to each block's mixer input (MAC: to each segment's attention)
     attn_window: int = 64
     mem_persistent: int = 16
 
@@ -303,6 +307,9 @@ PRESETS: dict[str, ModelConfig] = {
     "titans-mag-tiny": _tiny("titans-mag", attn_window=3, mem_persistent=2),
     # Titans MAL (SPEC.md#titans-mal): the same window and persistent tokens as titans-mag-tiny
     "titans-mal-tiny": _tiny("titans-mal", attn_window=3, mem_persistent=2),
+    # Titans MAC (SPEC.md#titans-mac): 4-token segments (attn_window) and 2 persistent tokens, so that a test
+    # sequence of ~10 tokens crosses segments and the memory's 2-token chunks
+    "titans-mac-tiny": _tiny("titans-mac", attn_window=4, mem_persistent=2),
     "transformer-small": _small("transformer"),
     "hope-attention-small": _small("hope-attention", cms_levels=_SMALL_CMS),
     "titans-small": _small("titans", mlp_hidden=896),
@@ -314,6 +321,7 @@ PRESETS: dict[str, ModelConfig] = {
     "titans-mag-small": _small("titans-mag", mlp_hidden=672, attn_window=64, mem_persistent=16),
     # mem_eta_max 0.01 (hope-small's): at the Titans layer's 0.1 the loss is NaN at step 2 of the default run
     # (as titans-small's, docs/results.md#compare); at 0.01 the default 300 steps train (SPEC.md#titans-mal)
+    "titans-mac-small": _small("titans-mac", mlp_hidden=624, attn_window=64, mem_persistent=16, mem_eta_max=0.01),
     "titans-mal-small": _small("titans-mal", mlp_hidden=712, attn_window=64, mem_persistent=16, mem_eta_max=0.01),
     "transformer-medium": _medium("transformer"),
     "hope-attention-medium": _medium("hope-attention", cms_levels=_MEDIUM_CMS),

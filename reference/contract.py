@@ -71,7 +71,8 @@ class Ops:
 
 LAYER_MODULES: dict[str, str] = {"titans": "titans", "hope": "selfmod", "linear-attention": "linear_layers",
                                  "deltanet": "linear_layers", "gated-deltanet": "linear_layers",
-                                 "dgd": "linear_layers", "titans-mag": "titans", "titans-mal": "titans"}
+                                 "dgd": "linear_layers", "titans-mag": "titans", "titans-mal": "titans",
+                                 "titans-mac": "titans"}
 """family -> the reference module of its sequence-memory layer (the attention families have none)."""
 
 
@@ -100,7 +101,9 @@ def has_attention(cfg: ModelConfig) -> bool:
 def is_hybrid(cfg: ModelConfig) -> bool:
     """Whether the blocks' mixer is a Titans hybrid (titans-mag: sliding-window attention gated by
     the Titans memory layer, SPEC.md#titans-mag; titans-mal: the Titans layer, then sliding-window
-    attention over its output, SPEC.md#titans-mal): attention parameters and a memory layer both."""
+    attention over its output, SPEC.md#titans-mal; titans-mac: attention over the memory's retrieval
+    per segment, the memory written with its output, SPEC.md#titans-mac): attention parameters and a
+    memory layer both."""
     return cfg.family in HYBRID_FAMILIES
 
 
@@ -205,6 +208,11 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             if cfg.mem_persistent:
                 shapes[b + "mal.persist"] = (cfg.mem_persistent, D)
             shapes[b + "mal.norm.g"] = (D,)
+        if cfg.family == "titans-mac":  # SPEC.md#titans-mac: persistent tokens, the retrieval's query and
+            if cfg.mem_persistent:  # norm, the gate's norms and W_out
+                shapes[b + "mac.persist"] = (cfg.mem_persistent, D)
+            shapes.update({b + "mac.W_q": (D, D), b + "mac.norm_h.g": (D,), b + "mac.norm_a.g": (D,),
+                           b + "mac.norm_m.g": (D,), b + "mac.W_out": (D, D)})
         shapes[b + "norm2.g"] = (D,)
         if has_cms(cfg):
             for n, s in cms.param_shapes(D, cfg.cms_levels, cfg.cms_variant).items():

@@ -85,9 +85,9 @@ def init_params(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
 
     One generator per component from ``SeedSequence(seed).spawn`` (embedding, each block, head),
     drawn in float64: N(0, init_std^2) for matrices, output projections (attention Wo, SwiGLU
-    W_down, CMS W1, MAG's W_out) scaled by 1/sqrt(2 n_layers), norm gains 1, CMS ``agg`` 1, the
-    persistent tokens (MAG's, MAL's) N(0, 1); the memory layer uses its own module's initialisation
-    (SPEC.md#hope, SPEC.md#titans-mag, SPEC.md#titans-mal).
+    W_down, CMS W1, MAG's and MAC's W_out) scaled by 1/sqrt(2 n_layers), norm gains 1, CMS ``agg`` 1,
+    the persistent tokens (MAG's, MAL's, MAC's) N(0, 1); the memory layer uses its own module's initialisation
+    (SPEC.md#hope, SPEC.md#titans-mag, SPEC.md#titans-mal, SPEC.md#titans-mac).
     """
     if not isinstance(cfg, ModelConfig):
         raise ValueError(f"cfg must be a ModelConfig (config.preset(name)), got {type(cfg).__name__}")
@@ -111,9 +111,9 @@ def init_params(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
             name = key[len(b):]
             if name.endswith(".g") or name.endswith("agg"):
                 params[key] = np.ones(shape)
-            elif name in ("mag.persist", "mal.persist"):  # N(0, 1): the scale of the RMS-normalised tokens beside them
+            elif name in ("mag.persist", "mal.persist", "mac.persist"):  # N(0, 1): the scale of the RMS-normalised tokens beside them
                 params[key] = rng.standard_normal(shape)
-            elif name in ("attn.Wo", "mlp.W_down", "mag.W_out") or name.endswith(".W1"):
+            elif name in ("attn.Wo", "mlp.W_down", "mag.W_out", "mac.W_out") or name.endswith(".W1"):
                 params[key] = out_std * rng.standard_normal(shape)
             else:
                 params[key] = std * rng.standard_normal(shape)
@@ -497,6 +497,13 @@ def state_size(cfg: ModelConfig) -> dict[str, int]:
     if is_hybrid(cfg):  # the window's cache: the last window - 1 keys, and MAG's persistent keys (SW-Attn*,
         # SPEC.md#titans-mag; MAL's window has no persistent keys, SPEC.md#titans-mal)
         kept = cfg.attn_window - 1 + (cfg.mem_persistent if cfg.family == "titans-mag" else 0)
+        if cfg.family == "titans-mac":  # the open segment's attention cache: [p, h_1, a_1, ... h_{C-1}, a_{C-1}],
+            # and the memory's fast weights at the segment's start, which its retrieval reads (SPEC.md#titans-mac)
+            kept = cfg.mem_persistent + 2 * (cfg.attn_window - 1)
+            module = reference_layer(cfg.family)
+            lcfg = layer_config(module, cfg)
+            st = module.init_state(module.init_params(lcfg, np.random.default_rng(0)), lcfg, 1)
+            fixed += cfg.n_layers * sum(int(np.size(st[n])) for n in module.weight_names(lcfg))
         fixed += 2 * cfg.d_model * cfg.n_layers * kept
     per_token = 2 * cfg.d_model * cfg.n_layers if has_attention(cfg) else 0
     return {"fixed": fixed, "per_token": per_token, "chunk_tokens": longest}

@@ -205,6 +205,19 @@ def _read_backward(cfg, do, cache):
     return {"W1": dW1, "W2": dW2}, dq
 
 
+def read_forward(cfg, W, q):
+    """A read-only retrieval M*(q) at fast weights ``W`` ({name: (B, H, ., .)}, the keys of
+    ``weight_names``), q (B, H, n, dh): the layer's read, without a write. Returns (o, cache).
+    Public: Titans' memory as context reads the memory so at each segment's start (reference/blocks.py
+    ``mac_forward``, SPEC.md#titans-mac); the CPU port has the same function."""
+    return _read_forward(cfg, W, q)
+
+
+def read_backward(cfg, do, cache):
+    """VJP of ``read_forward``: ({name: dW}, dq)."""
+    return _read_backward(cfg, do, cache)
+
+
 def inner_grad(cfg, Wb, k, v):
     """Per-token gradients of l_n = ||M_b(k_n) - v_n||^2 at the chunk-start state (Titans Eq. 12)
     as rank-1 factors: grad_n = L_n R_n^T per memory weight. Returns ({name: (L, R)}, cache)."""

@@ -71,6 +71,7 @@ def _blas_limited(fn):
 PORTED_LAYERS: dict[str, str | None] = {"titans": "titans", "hope": "selfmod",
                                         "titans-mag": "titans",  # MAG's memory branch: the compiled Titans layer
                                         "titans-mal": "titans",  # MAL's memory layer: the compiled Titans layer
+                                        "titans-mac": "titans",  # MAC's memory and its retrieval (read_forward)
                                         # the reference's layer over the compiled token-loop rules
                                         "linear-attention": "linear_layers", "deltanet": "linear_layers",
                                         "gated-deltanet": "linear_layers", "dgd": "linear_layers"}

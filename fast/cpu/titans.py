@@ -54,7 +54,14 @@ import numpy as np
 from numba import njit
 
 from ...reference import titans as RT
-from ...reference.titans import TitansConfig, init_params, init_state, param_shapes  # noqa: F401  (same API)
+from ...reference.titans import (  # noqa: F401  (same API)
+    TitansConfig,
+    init_name,
+    init_params,
+    init_state,
+    param_shapes,
+    weight_names,
+)
 from . import mlp_memory as FM
 from . import primitives as P  # the compiled glue (same functions and cache layouts as reference.primitives)
 
@@ -195,6 +202,16 @@ def _read_backward(cfg, do, cache):
         return {"M": dM}, dq
     dW1, dW2, dq = FM.mlp_memory_backward(do, cache)
     return {"W1": dW1, "W2": dW2}, dq
+
+
+def read_forward(cfg, W, q):
+    """reference.titans.read_forward (a read-only retrieval at fast weights W, SPEC.md#titans-mac), compiled."""
+    return _read_forward(cfg, W, q)
+
+
+def read_backward(cfg, do, cache):
+    """reference.titans.read_backward."""
+    return _read_backward(cfg, do, cache)
 
 
 def inner_grad(cfg, Wb, k, v):

@@ -64,9 +64,10 @@ def test_memory_and_attention_rows_follow_the_family():
         if cfg.family in ("transformer", "hope-attention"):
             assert len(attn) == cfg.n_layers and not mem
             assert all(lv.period == 1 and lv.state == 2 * cfg.d_model for lv in attn)
-        elif cfg.family in ("titans-mag", "titans-mal"):  # both halves of the hybrid (SPEC.md#titans-mag, #titans-mal)
+        elif cfg.family in ("titans-mag", "titans-mal", "titans-mac"):  # both halves of the hybrid (SPEC.md#titans-mag)
             assert len(attn) == len(mem) == cfg.n_layers
-            assert all(lv.period == 1 and f"last {cfg.attn_window} tokens" in lv.context for lv in attn)
+            reach = f"{cfg.attn_window}-token segment" if cfg.family == "titans-mac" else f"last {cfg.attn_window} tokens"
+            assert all(lv.period == 1 and reach in lv.context for lv in attn)
             assert all(lv.period == cfg.mem_chunk and lv.state > 0 for lv in mem)
         else:
             assert len(mem) == cfg.n_layers and not attn
