@@ -223,17 +223,19 @@ def _detach(obj):
 # ---------------------------------------------------------------------------------------------
 
 
-def _read(W, z, per_token=False):
-    """M(z) for z (B, H, n, dh): matrix ``M z`` or residual MLP ``z + W1 gelu(W2 z)`` (Eqs. 89, 91).
+def _read(W, z, per_token=False, ln=False):
+    """M(z) for z (B, H, n, dh): matrix ``M z`` or residual MLP ``z + W1 gelu(W2 z)`` (Eqs. 89, 91), with
+    ``ln`` ``z + LN(W1 gelu(W2 z))`` (Titans §3.3, SPEC.md#mlp-memory: no affine, eps 1e-5).
     ``per_token``: the weights carry a token axis (B, H, n, ., .)."""
     t = "n" if per_token else ""
     if "M" in W:
         return torch.einsum(f"bhnk,bh{t}vk->bhnv", z, W["M"])
     h = torch.einsum(f"bhnd,bh{t}md->bhnm", z, W["W2"])  # W2 z
-    return z + torch.einsum(f"bhnm,bh{t}dm->bhnd", F.gelu(h), W["W1"])
+    b = torch.einsum(f"bhnm,bh{t}dm->bhnd", F.gelu(h), W["W1"])
+    return z + (F.layer_norm(b, (b.shape[-1],), eps=1e-5) if ln else b)
 
 
-def _inner_grads(Wb, k, target):
+def _inner_grads(Wb, k, target, ln=False):
     """G[w] (B, H, n, ., .) = grad_w ||M(Wb; k_n) - target_n||^2 per token, at the chunk start.
 
     Autograd of the inner loss w.r.t. a per-token copy of ``Wb``; ``create_graph`` whenever the
@@ -251,7 +253,7 @@ def _inner_grads(Wb, k, target):
             if not r.requires_grad:
                 r.requires_grad_()
             rep[name] = r
-        diff = _read(rep, k if need else k.detach(), per_token=True) - (target if need else target.detach())
+        diff = _read(rep, k if need else k.detach(), per_token=True, ln=ln) - (target if need else target.detach())
         loss = (diff * diff).sum()  # Titans Eq. (12) / NL Eq. (86): ||M(k) - v||^2, summed over tokens
         grads = torch.autograd.grad(loss, list(rep.values()), create_graph=need)
     return dict(zip(rep, grads, strict=True))
@@ -293,13 +295,14 @@ def _titans(x, P, b, cfg, st):
                              + P[b + f"mem.b_{name}"][:, None])  # (B, H, n)
 
     eta, alpha, beta = cfg.mem_eta_max * gate("eta"), gate("alpha"), gate("beta")
+    ln = cfg.mem_layernorm and cfg.mem_kind == "mlp"  # Titans §3.3's memory (SPEC.md#titans)
     W, Wb, S, pos = dict(st["W"]), dict(st["Wb"]), dict(st["S"]), st["pos"]
     outs, t0, C = [], 0, cfg.mem_chunk
     while t0 < n:
         t1 = min(n, t0 + C - pos)
         q, k, v = (heads[c][:, :, t0:t1] for c in "qkv")
-        outs.append(_read(Wb, q))  # o_t = M_b(q_t), read before write   # Titans Eq. (15)
-        G = {name: g.unbind(2) for name, g in _inner_grads(Wb, k, v).items()}  # at M_b   # Titans Eq. (12)
+        outs.append(_read(Wb, q, ln=ln))  # o_t = M_b(q_t), read before write   # Titans Eq. (15)
+        G = {name: g.unbind(2) for name, g in _inner_grads(Wb, k, v, ln).items()}  # at M_b   # Titans Eq. (12)
         for j in range(t1 - t0):
             a_t, b_t, e_t = (g[:, :, t0 + j, None, None] for g in (alpha, beta, eta))
             for name in W:

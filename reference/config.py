@@ -42,6 +42,9 @@ DTYPES = ("float32", "float64")
 SELFMOD_SWITCHES = {"mem_momentum": True, "mem_adaptive_q": False, "mem_normalize_v": True,
                     "mem_single_shrink": False, "mem_stop_grad_writes": False, "mem_layernorm": False,
                     "mem_dgd": True, "mem_retention": True, "mem_adaptive_k": True, "mem_adaptive_v": True}
+# The switches of SELFMOD_SWITCHES that the Titans memory layer has too (TitansConfig, same names without
+# ``mem_``), so the titans families take them: mem_layernorm, Titans §3.3's z + LN(W1 s(W2 z)) (SPEC.md#titans-stability)
+TITANS_SWITCHES = ("mem_layernorm",)
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,8 @@ class ModelConfig:
     mem_normalize_v: bool = True  # l2-normalised v (False: the paper's literal reading)
     mem_single_shrink: bool = False  # normalised delta rule onto v_hat (mem_kind="matrix" only)
     mem_stop_grad_writes: bool = False  # first-order outer gradient through the writes
-    mem_layernorm: bool = False  # z + LN(W1 s(W2 z)) in every memory (not in NL's equations)
+    mem_layernorm: bool = False  # z + LN(W1 s(W2 z)) in every memory (not in NL's equations; Titans §3.3's,
+    # so the titans families take it too and their presets from small up set it, SPEC.md#titans)
     mem_dgd: bool = True  # DGD writes (Eq. 88); False: Table 6 "w/o DGD", alpha W - eta grad (+ momentum)
     mem_retention: bool = True  # the alpha gate; False: Table 6 "w/o weight decay", alpha = 1
     mem_adaptive_k: bool = True  # k from the memory M_k; False: Table 6 "w/o inner-projection k" (static W_k)
@@ -191,8 +195,10 @@ class ModelConfig:
             v = getattr(self, key)
             if not isinstance(v, bool):
                 bad(f"{key} must be true or false, got {v!r}")
-            if v != default and self.family != "hope":
-                bad(f"{key} is a switch of the hope family's self-modifying layer; family {self.family!r} "
+            titans = key in TITANS_SWITCHES and self.family in ("titans", *HYBRID_FAMILIES)
+            if v != default and self.family != "hope" and not titans:
+                also = " and of the Titans memory families" if key in TITANS_SWITCHES else ""
+                bad(f"{key} is a switch of the hope family's self-modifying layer{also}; family {self.family!r} "
                     f"has none (leave it at {default})")
         for key, default in HYBRID_FIELDS.items():  # SPEC.md#titans-mag
             v = getattr(self, key)
@@ -202,6 +208,9 @@ class ModelConfig:
             if v != default and self.family not in HYBRID_FAMILIES:
                 bad(f"{key} is a field of the Titans hybrid families {HYBRID_FAMILIES}; family {self.family!r} "
                     f"has none (leave it at {default})")
+        if self.mem_layernorm and self.mem_kind != "mlp" and self.family != "hope":
+            bad(f"mem_layernorm is the LayerNorm of an MLP memory (SPEC.md#titans); family {self.family!r} with "
+                f"mem_kind={self.mem_kind!r} has none")
         if self.mem_single_shrink and self.mem_kind != "matrix":
             bad(f"mem_single_shrink needs mem_kind='matrix' (SPEC.md#selfmod), got {self.mem_kind!r}")
 
@@ -289,6 +298,10 @@ def _gpu(family: str, size: str, **kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+# The memory of the Titans presets from small up (SPEC.md#titans-stability): Titans §3.3's LayerNorm memory, eta_max 0.01
+_TITANS_MEMORY = dict(mem_layernorm=True, mem_eta_max=0.01)
+
+
 def _gpu_cms(hidden: int) -> tuple[CMSLevel, ...]:
     return tuple(dataclasses.replace(lv, hidden=hidden) for lv in _SMALL_CMS)
 
@@ -312,28 +325,29 @@ PRESETS: dict[str, ModelConfig] = {
     "titans-mac-tiny": _tiny("titans-mac", attn_window=4, mem_persistent=2),
     "transformer-small": _small("transformer"),
     "hope-attention-small": _small("hope-attention", cms_levels=_SMALL_CMS),
-    "titans-small": _small("titans", mlp_hidden=896),
+    # the Titans presets from small up: Titans §3.3's memory z + LN(W1 s(W2 z)) and hope-small's eta_max 0.01;
+    # without both the default run's loss is NaN within a few steps (a 16-token chunk of repeated keys
+    # overshoots and the MLP memory's weights grow without bound, SPEC.md#titans-stability)
+    "titans-small": _small("titans", mlp_hidden=896, **_TITANS_MEMORY),
     "hope-small": _small("hope", cms_levels=_SMALL_HOPE_CMS, mem_eta_max=0.01),
     "linear-attention-small": _small("linear-attention"),  # the transformer-small's SwiGLU width
     "deltanet-small": _small("deltanet"),
     "gated-deltanet-small": _small("gated-deltanet"),
     "dgd-small": _small("dgd"),
-    "titans-mag-small": _small("titans-mag", mlp_hidden=672, attn_window=64, mem_persistent=16),
-    # mem_eta_max 0.01 (hope-small's): at the Titans layer's 0.1 the loss is NaN at step 2 of the default run
-    # (as titans-small's, docs/results.md#compare); at 0.01 the default 300 steps train (SPEC.md#titans-mal)
-    "titans-mac-small": _small("titans-mac", mlp_hidden=624, attn_window=64, mem_persistent=16, mem_eta_max=0.01),
-    "titans-mal-small": _small("titans-mal", mlp_hidden=712, attn_window=64, mem_persistent=16, mem_eta_max=0.01),
+    "titans-mag-small": _small("titans-mag", mlp_hidden=672, attn_window=64, mem_persistent=16, **_TITANS_MEMORY),
+    "titans-mac-small": _small("titans-mac", mlp_hidden=624, attn_window=64, mem_persistent=16, **_TITANS_MEMORY),
+    "titans-mal-small": _small("titans-mal", mlp_hidden=712, attn_window=64, mem_persistent=16, **_TITANS_MEMORY),
     "transformer-medium": _medium("transformer"),
     "hope-attention-medium": _medium("hope-attention", cms_levels=_MEDIUM_CMS),
-    "titans-medium": _medium("titans", mlp_hidden=1792),
+    "titans-medium": _medium("titans", mlp_hidden=1792, **_TITANS_MEMORY),
     "hope-medium": _medium("hope", cms_levels=_MEDIUM_HOPE_CMS, mem_eta_max=0.01, mem_hidden=64),
     "transformer-50m": _gpu("transformer", "50m"),  # 50,606,592 parameters
     "hope-attention-50m": _gpu("hope-attention", "50m", cms_levels=_gpu_cms(1024)),  # 50,606,592
-    "titans-50m": _gpu("titans", "50m", mlp_hidden=1664),  # 50,042,400
+    "titans-50m": _gpu("titans", "50m", mlp_hidden=1664, **_TITANS_MEMORY),  # 50,042,400
     "hope-50m": _gpu("hope", "50m", cms_levels=_gpu_cms(896), mem_eta_max=0.01, mem_hidden=128),  # 50,694,048
     "transformer-125m": _gpu("transformer", "125m"),  # 123,097,344
     "hope-attention-125m": _gpu("hope-attention", "125m", cms_levels=_gpu_cms(1536)),  # 123,097,344
-    "titans-125m": _gpu("titans", "125m", mlp_hidden=2560),  # 121,021,972
+    "titans-125m": _gpu("titans", "125m", mlp_hidden=2560, **_TITANS_MEMORY),  # 121,021,972
     "hope-125m": _gpu("hope", "125m", cms_levels=_gpu_cms(1536), mem_eta_max=0.01, mem_hidden=128),  # 128,350,852
     # Table 6's ablations that the existing switches build (SPEC.md#hope, "Ablation presets")
     "hope-small-no-momentum": _small("hope", name="hope-small-no-momentum", cms_levels=_SMALL_HOPE_CMS,

@@ -153,7 +153,7 @@ def layer_config(module: types.ModuleType, cfg: ModelConfig):
     if cfg.family in ("titans", *HYBRID_FAMILIES):
         return module.TitansConfig(d_model=cfg.d_model, n_heads=cfg.n_heads, chunk=cfg.mem_chunk,
                                    memory=cfg.mem_kind, hidden=cfg.mem_hidden, eta_max=cfg.mem_eta_max,
-                                   eps=cfg.norm_eps)
+                                   layernorm=cfg.mem_layernorm, eps=cfg.norm_eps)
     if cfg.family in LINEAR_FAMILIES:  # SPEC.md#linear-families
         return module.LinearLayerConfig(d_model=cfg.d_model, n_heads=cfg.n_heads,
                                         rule=module.FAMILY_RULES[cfg.family], chunk=cfg.mem_chunk,

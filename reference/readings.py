@@ -76,9 +76,18 @@ def _cms(cfg) -> list[Reading]:
                     "Eq. 71's range t = i - C .. i has C + 1 terms (an off-by-one)", "cms")]
 
 
+def _titans(cfg) -> list[Reading]:
+    if cfg.mem_kind != "mlp" or cfg.mem_layernorm:
+        return []
+    return [Reading("titans-memory-no-layernorm", "the MLP memory is z + W1 s(W2 z), no LayerNorm "
+                    "(mem_layernorm = false; the tiny presets)", "z + LN(W1 s(W2 z)) (Titans §3.3)", "titans-stability")]
+
+
 def model_readings(cfg) -> list[Reading]:
     """The readings that apply to ``cfg`` (a ``ModelConfig``), in a fixed order."""
     out = []
+    if cfg.family in ("titans", "titans-mag", "titans-mal", "titans-mac"):
+        out += _titans(cfg)
     if cfg.family == "hope":
         out += _selfmod(cfg)
     if cfg.family in ("hope", "hope-attention"):

@@ -114,6 +114,10 @@ def model_configs(draw, family):
                                        eta=draw(st.sampled_from([0.0, 0.05, 0.2]))) for _ in range(n_levels))
         kw.update(cms_levels=levels, cms_variant=draw(st.sampled_from(["sequential", "independent"])),
                   cms_activation=draw(st.sampled_from(["gelu", "silu"])), cms_in_context=draw(st.booleans()))
+    if family in ("titans", "titans-mag", "titans-mal", "titans-mac") and kw["mem_kind"] == "mlp" and dh == 4 and dtype == "float64":
+        # Titans §3.3's LayerNorm memory (the presets from small up, SPEC.md#titans); dh = 4: over 2 entries the
+        # normalised branch is the constant +-1 (see mlp_memory_reference_configs); float64 as the selfmod LN draws
+        kw.update(mem_layernorm=draw(st.booleans()))
     return config.ModelConfig(**kw)
 
 

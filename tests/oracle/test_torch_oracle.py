@@ -64,11 +64,12 @@ def _compare(cfg, params, tokens, note=lambda msg: None):
     return errs
 
 
-@pytest.mark.parametrize("name,in_context", [("transformer-tiny", False), ("hope-attention-tiny", True),
-                                             ("hope-attention-tiny", False), ("titans-tiny", False),
-                                             ("hope-tiny", True), ("hope-tiny", False)])
-def test_tiny_presets_match_reference(name, in_context):
-    cfg = dataclasses.replace(config.preset(name), cms_in_context=in_context)
+@pytest.mark.parametrize("name,in_context,over", [("transformer-tiny", False, {}), ("hope-attention-tiny", True, {}),
+                                                  ("hope-attention-tiny", False, {}), ("titans-tiny", False, {}),
+                                                  ("titans-tiny", False, {"mem_layernorm": True}),  # Titans §3.3
+                                                  ("hope-tiny", True, {}), ("hope-tiny", False, {})])
+def test_tiny_presets_match_reference(name, in_context, over):
+    cfg = dataclasses.replace(config.preset(name), cms_in_context=in_context, **over)
     params = R.init_params(cfg, seed=3)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 11))  # 11: periods 2, 4 do not divide
     _compare(cfg, params, tokens)
@@ -93,6 +94,8 @@ def configs(draw, family):
                        for _ in range(draw(st.integers(1, 3))))
         kw.update(cms_levels=levels, cms_variant=draw(st.sampled_from(["sequential", "independent"])),
                   cms_activation=draw(st.sampled_from(["gelu", "silu"])), cms_in_context=draw(st.booleans()))
+    if family == "titans" and kw["mem_kind"] == "mlp":
+        kw.update(mem_layernorm=draw(st.booleans()))  # Titans §3.3's z + LN(W1 s(W2 z)) (SPEC.md#titans)
     return config.ModelConfig(**kw)
 
 

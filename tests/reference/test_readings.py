@@ -58,6 +58,17 @@ def test_families_without_nl_readings_list_none():
     assert _keys(hope_attention) == ["cms-chunk-sum"]
 
 
+def test_titans_memory_without_layernorm_is_a_reading():
+    """Titans §3.3's memory has a LayerNorm; the tiny presets (and mem_layernorm = false) leave it out."""
+    for name in ("titans-tiny", "titans-mag-tiny"):
+        assert _keys(readings.model_readings(config.preset(name))) == ["titans-memory-no-layernorm"]
+    small = config.preset("titans-small")
+    assert small.mem_layernorm and readings.model_readings(small) == []
+    assert _keys(readings.model_readings(dataclasses.replace(small, mem_layernorm=False))) == [
+        "titans-memory-no-layernorm"]
+    assert readings.model_readings(dataclasses.replace(small, mem_layernorm=False, mem_kind="matrix")) == []
+
+
 def test_optimizer_readings_follow_the_hyperparameters():
     assert _keys(readings.optimizer_readings("delta_momentum")) == ["delta-normalised"]
     assert readings.optimizer_readings("delta_momentum", {"normalize": False}) == []
