@@ -51,13 +51,20 @@ def report(res) -> str:
             f"{res['wall_time_s']:.0f} s on {common.machine_line(res['machine'])}.\n")
     for d in res["domains"]:
         bd = res["by_domain"][d["name"]]
-        rows = [[f["label"], f"{f['parameters']:,}", common.fmt(bd["summary"][f["label"]]),
-                 common.fmt(bd["vs_first"][f["label"]]) if f["label"] in bd["vs_first"] else "-",
+        div = bd.get("diverged", {})
+        rows = [[f["label"], f"{f['parameters']:,}", common.fmt_finished(bd["summary"][f["label"]], len(res["seeds"])),
+                 str(div.get(f["label"], 0)),
+                 common.fmt_finished(bd["vs_first"][f["label"]], len(res["seeds"])) if f["label"] in bd["vs_first"] else "-",
                  bd["vs_first"].get(f["label"], {}).get("call", "reference")] for f in res["models"]]
         text += (f"\n## domain {d['name']}\n\n"
-                 + common.md_table(["model", "parameters", "held-out loss", f"minus {first}", "call"], rows))
+                 + common.md_table(["model", "parameters", "held-out loss", "diverged seeds",
+                                    f"minus {first} (seeds where both finished)", "call"], rows))
     missing = [label for label, over, _ in TABLE6 if over is None]
     if missing:
         text += "\n**Not available** (no ModelConfig switch yet, so not run): " + "; ".join(missing) + ".\n"
+    if any(r.get("diverged") for r in res["runs"]):
+        text += ("\nA diverged seed (a non-finite loss or gradient: the run stopped) is counted, left out of its "
+                 "row's mean, and its pair left out of the difference; results.json's runs name each with its "
+                 "message.\n")
     return (text + "\nIn Table 6 every ablation raises perplexity except w/o q. A variant whose call here is 'within the "
             "seed noise' does not reproduce that row at this scale (3 seeds: a rough test).\n")

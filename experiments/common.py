@@ -197,13 +197,16 @@ def mean_sd(values) -> dict:
 
 def paired_difference(a, b) -> dict:
     """Per-seed differences a - b: mean, sd, standard error and a word: "higher", "lower" or
-    "within the seed noise" (|mean| <= 2 standard errors; with one seed nothing is called)."""
+    "within the seed noise" (|mean| <= 2 standard errors); with one seed, "one seed: not called"
+    (no spread to judge it by); with none, "no finite seeds"."""
     d = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
     s = mean_sd(d)
     if s["n"] == 0:
         return {**s, "se": float("nan"), "call": "no finite seeds"}
-    se = s["sd"] / math.sqrt(s["n"]) if s["n"] > 1 else float("inf")
-    if s["n"] > 1 and abs(s["mean"]) > 2 * se:
+    if s["n"] == 1:
+        return {**s, "se": float("inf"), "call": "one seed: not called"}
+    se = s["sd"] / math.sqrt(s["n"])
+    if abs(s["mean"]) > 2 * se:
         word = "higher" if s["mean"] > 0 else "lower"
     else:
         word = "within the seed noise"

@@ -206,7 +206,8 @@ def report(res) -> str:
     for d in res["domains"]:
         bd = res["by_domain"][d["name"]]
         div = bd.get("diverged", {})
-        rows = [[f["label"], f"{f['parameters']:,}", "yes" if f["matched"] else "NO", common.fmt(bd["summary"][f["label"]]),
+        rows = [[f["label"], f"{f['parameters']:,}", "yes" if f["matched"] else "NO",
+                 common.fmt_finished(bd["summary"][f["label"]], len(res["seeds"])),
                  str(div.get(f["label"], 0)), bd["vs_first"].get(f["label"], {}).get("call", "reference")]
                 for f in res["models"]]
         text += (f"\n## domain {d['name']}\n\n"

@@ -301,6 +301,8 @@ def _verdicts(specs, facts, runs, summary) -> list[dict]:
             n_seeds = len(per_seed(hope, "forgetting"))
             if d["n"] == 0:
                 word = "not available: no seed finished every phase for both models"
+            elif d["n"] == 1:
+                word = "not decided: one seed finished every phase for both models (no spread to judge by)"
             elif d["call"] == "higher":
                 word = "reproduced at this scale"
             elif d["call"] == "lower":
@@ -314,7 +316,8 @@ def _verdicts(specs, facts, runs, summary) -> list[dict]:
     for spec in specs:
         tt = summary[spec.label]["test_time"]
         d = tt["carried_minus_reset"]
-        word = {"lower": "carrying the fast states helps", "higher": "carrying the fast states hurts"}.get(
+        word = {"lower": "carrying the fast states helps", "higher": "carrying the fast states hurts",
+                "one seed: not called": "not decided: one seed (no spread to judge by)"}.get(
             d["call"], "no difference beyond the seed noise")
         if d["n"] == 0 and tt["diverged_seeds"]:
             word = f"not available: the first phase diverged in seed(s) {tt['diverged_seeds']}"

@@ -228,6 +228,8 @@ def _verdicts(results, specs, facts) -> list[dict]:
         best = max((max(r["accuracy"][x]["exact"] for x in r["accuracy"]) for r in done), default=None)
         if d["n"] == 0:
             word = "not available: no seed finished training for both models"
+        elif d["n"] == 1:
+            word = "not decided: one seed finished for both models (no spread to judge by)"
         elif best <= 2 * results["tasks"][task]["chance_exact"] + 1e-12:
             word = "not reproduced: neither model learned the task at this scale (accuracy at chance)"
         elif d["call"] == "higher":

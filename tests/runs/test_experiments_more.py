@@ -134,6 +134,42 @@ def test_ablate_smoke_end_to_end(tmp_path):
     assert "Not available" not in (out / "report.md").read_text()  # every Table 6 row has its switch now
 
 
+def test_ablate_report_counts_diverged_seeds_and_calls_nothing_on_one_seed(tmp_path, monkeypatch):
+    """Seen at full scale: a Hope variant finished 1 of 3 seeds; its row must say so, and a paired
+    difference over one seed is not called (no spread), not 'within the seed noise'."""
+    from nlref.experiments import common
+
+    real = common.train_phase
+
+    def planted(spec, **kw):
+        if spec.label != "hope-tiny" and kw["seed"] == 1:
+            raise common.Diverged(f"{spec.label}, seed 1: step 2: the loss is not finite (planted)")
+        return real(spec, **kw)
+
+    monkeypatch.setattr(common, "train_phase", planted)
+    out = tmp_path / "abl"
+    res = CliRunner().invoke(cli, ["experiment", "ablate", "--smoke", "--seeds", "2", "--backend", "reference",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "results.json").read_text())
+    variant = "hope-tiny:cms_in_context=false"
+    assert data["by_domain"]["python"]["diverged"] == {"hope-tiny": 0, variant: 1}
+    assert data["vs_first"][variant]["n"] == 1 and data["vs_first"][variant]["call"] == "one seed: not called"
+    row = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith(f"| {variant} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2].endswith("(1 of 2 seeds)") and cells[3] == "1" and cells[5] == "one seed: not called", cells
+
+
+def test_paired_difference_calls():
+    from nlref.experiments import common
+
+    assert common.paired_difference([], [])["call"] == "no finite seeds"
+    assert common.paired_difference([3.0], [1.0])["call"] == "one seed: not called"
+    assert common.paired_difference([3.0, 3.1, 2.9], [1.0, 1.0, 1.0])["call"] == "higher"
+    assert common.paired_difference([1.0, 1.0, 1.0], [3.0, 3.1, 2.9])["call"] == "lower"
+    assert common.paired_difference([1.0, 2.0, 3.0], [2.0, 1.0, 3.0])["call"] == "within the seed noise"
+
+
 def test_ablate_defaults_cover_every_switch():
     from nlref.experiments import ablate
 
