@@ -169,18 +169,41 @@ def run(out, *, scale_name: str = "quick", n_seeds: int = 3, backend: str | None
     return results
 
 
+def _smooth(ys, window: int = 20) -> list:
+    """The trailing moving average over ``window`` steps (fewer at the start): the per-batch training
+    loss is noisy enough that seeds and models overlap without it."""
+    out, total = [], 0.0
+    for i, y in enumerate(ys):
+        total += y
+        if i >= window:
+            total -= ys[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def _figure(out, results):
+    """One panel per domain: each model in one colour, a line per seed (its training loss, a 20-step
+    moving average), an x where a diverged seed stopped; the title gives sizes, budget, seeds, time."""
     plt = common.pyplot()
     if plt is None:
         return []
     names = [d["name"] for d in results["domains"]]
-    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(7 * len(names), 4.6), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, dname in zip(axes[0], names, strict=True):
-        for f in results["models"]:
-            for r in (r for r in results["runs"] if r["model"] == f["label"] and r["domain"] == dname):
-                xs, ys = zip(*r["train_curve"], strict=True) if r["train_curve"] else ((), ())
-                ax.plot(xs, ys, lw=0.8, label=f"{f['label']} seed {r['seed']}")
-        ax.set_title(f"domain {dname}", fontsize=9)
+        for i, f in enumerate(results["models"]):
+            colour = colours[i % len(colours)]
+            for j, r in enumerate(r for r in results["runs"] if r["model"] == f["label"] and r["domain"] == dname):
+                if not r["train_curve"]:
+                    continue
+                xs, ys = zip(*r["train_curve"], strict=True)
+                label = f"{f['label']} ({f['parameters'] / 1e6:.2f}M)" if j == 0 else None
+                ax.plot(xs, _smooth(list(ys)), lw=0.9, color=colour, label=label)
+                if r.get("diverged"):
+                    ax.plot(xs[-1], _smooth(list(ys))[-1], "x", color=colour, ms=7)
+        ax.set_title(f"domain {dname}: {results['tokens_per_run']:,} bytes per run, seeds {results['seeds']}, "
+                     f"{results['wall_time_s']:.0f} s in all\n(lines: seeds, 20-step moving average; x: a seed "
+                     "that diverged there)", fontsize=8)
         ax.set_xlabel("training tokens (bytes)")
         ax.set_ylabel("training loss (nats/byte)")
         ax.legend(fontsize=6)
