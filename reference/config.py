@@ -302,6 +302,12 @@ def _gpu(family: str, size: str, **kw) -> ModelConfig:
 _TITANS_MEMORY = dict(mem_layernorm=True, mem_eta_max=0.01)
 
 
+# The self-modifying layer's inner step bound of the hope presets from small up (SPEC.md#hope-stability):
+# at 0.01 the full ablate run diverged in 11 of 24 runs (repeated keys overshoot, as Titans' memory)
+_HOPE_ETA = 0.003
+_HOPE_SMALL = dict(cms_levels=_SMALL_HOPE_CMS, mem_eta_max=_HOPE_ETA)
+
+
 def _gpu_cms(hidden: int) -> tuple[CMSLevel, ...]:
     return tuple(dataclasses.replace(lv, hidden=hidden) for lv in _SMALL_CMS)
 
@@ -325,11 +331,11 @@ PRESETS: dict[str, ModelConfig] = {
     "titans-mac-tiny": _tiny("titans-mac", attn_window=4, mem_persistent=2),
     "transformer-small": _small("transformer"),
     "hope-attention-small": _small("hope-attention", cms_levels=_SMALL_CMS),
-    # the Titans presets from small up: Titans §3.3's memory z + LN(W1 s(W2 z)) and hope-small's eta_max 0.01;
+    # the Titans presets from small up: Titans §3.3's memory z + LN(W1 s(W2 z)) and eta_max 0.01;
     # without both the default run's loss is NaN within a few steps (a 16-token chunk of repeated keys
     # overshoots and the MLP memory's weights grow without bound, SPEC.md#titans-stability)
     "titans-small": _small("titans", mlp_hidden=896, **_TITANS_MEMORY),
-    "hope-small": _small("hope", cms_levels=_SMALL_HOPE_CMS, mem_eta_max=0.01),
+    "hope-small": _small("hope", **_HOPE_SMALL),
     "linear-attention-small": _small("linear-attention"),  # the transformer-small's SwiGLU width
     "deltanet-small": _small("deltanet"),
     "gated-deltanet-small": _small("gated-deltanet"),
@@ -340,33 +346,25 @@ PRESETS: dict[str, ModelConfig] = {
     "transformer-medium": _medium("transformer"),
     "hope-attention-medium": _medium("hope-attention", cms_levels=_MEDIUM_CMS),
     "titans-medium": _medium("titans", mlp_hidden=1792, **_TITANS_MEMORY),
-    "hope-medium": _medium("hope", cms_levels=_MEDIUM_HOPE_CMS, mem_eta_max=0.01, mem_hidden=64),
+    "hope-medium": _medium("hope", cms_levels=_MEDIUM_HOPE_CMS, mem_eta_max=_HOPE_ETA, mem_hidden=64),
     "transformer-50m": _gpu("transformer", "50m"),  # 50,606,592 parameters
     "hope-attention-50m": _gpu("hope-attention", "50m", cms_levels=_gpu_cms(1024)),  # 50,606,592
     "titans-50m": _gpu("titans", "50m", mlp_hidden=1664, **_TITANS_MEMORY),  # 50,042,400
-    "hope-50m": _gpu("hope", "50m", cms_levels=_gpu_cms(896), mem_eta_max=0.01, mem_hidden=128),  # 50,694,048
+    "hope-50m": _gpu("hope", "50m", cms_levels=_gpu_cms(896), mem_eta_max=_HOPE_ETA, mem_hidden=128),  # 50,694,048
     "transformer-125m": _gpu("transformer", "125m"),  # 123,097,344
     "hope-attention-125m": _gpu("hope-attention", "125m", cms_levels=_gpu_cms(1536)),  # 123,097,344
     "titans-125m": _gpu("titans", "125m", mlp_hidden=2560, **_TITANS_MEMORY),  # 121,021,972
-    "hope-125m": _gpu("hope", "125m", cms_levels=_gpu_cms(1536), mem_eta_max=0.01, mem_hidden=128),  # 128,350,852
+    "hope-125m": _gpu("hope", "125m", cms_levels=_gpu_cms(1536), mem_eta_max=_HOPE_ETA, mem_hidden=128),  # 128,350,852
     # Table 6's ablations that the existing switches build (SPEC.md#hope, "Ablation presets")
-    "hope-small-no-momentum": _small("hope", name="hope-small-no-momentum", cms_levels=_SMALL_HOPE_CMS,
-                                     mem_eta_max=0.01, mem_momentum=False),
-    "hope-small-no-cms": _small("hope", name="hope-small-no-cms", cms_levels=_SMALL_HOPE_CMS, mem_eta_max=0.01,
-                                cms_in_context=False),
-    "hope-small-adaptive-q": _small("hope", name="hope-small-adaptive-q", cms_levels=_SMALL_HOPE_CMS,
-                                    mem_eta_max=0.01, mem_adaptive_q=True),
-    "hope-small-no-retention": _small("hope", name="hope-small-no-retention", cms_levels=_SMALL_HOPE_CMS,
-                                      mem_eta_max=0.01, mem_retention=False),  # Table 6 "w/o weight decay"
-    "hope-small-no-dgd": _small("hope", name="hope-small-no-dgd", cms_levels=_SMALL_HOPE_CMS, mem_eta_max=0.01,
-                                mem_dgd=False),
-    "hope-small-static-k": _small("hope", name="hope-small-static-k", cms_levels=_SMALL_HOPE_CMS, mem_eta_max=0.01,
-                                  mem_adaptive_k=False),
-    "hope-small-static-v": _small("hope", name="hope-small-static-v", cms_levels=_SMALL_HOPE_CMS, mem_eta_max=0.01,
-                                  mem_adaptive_v=False),
+    "hope-small-no-momentum": _small("hope", name="hope-small-no-momentum", **_HOPE_SMALL, mem_momentum=False),
+    "hope-small-no-cms": _small("hope", name="hope-small-no-cms", **_HOPE_SMALL, cms_in_context=False),
+    "hope-small-adaptive-q": _small("hope", name="hope-small-adaptive-q", **_HOPE_SMALL, mem_adaptive_q=True),
+    "hope-small-no-retention": _small("hope", name="hope-small-no-retention", **_HOPE_SMALL, mem_retention=False),  # Table 6 "w/o weight decay"
+    "hope-small-no-dgd": _small("hope", name="hope-small-no-dgd", **_HOPE_SMALL, mem_dgd=False),
+    "hope-small-static-k": _small("hope", name="hope-small-static-k", **_HOPE_SMALL, mem_adaptive_k=False),
+    "hope-small-static-v": _small("hope", name="hope-small-static-v", **_HOPE_SMALL, mem_adaptive_v=False),
     # nested CMS (Eq. 72, SPEC.md#cms): the 64-token level meta-learns the 16-token level's initial state
-    "hope-small-nested": _small("hope", name="hope-small-nested", cms_levels=_SMALL_HOPE_CMS, mem_eta_max=0.01,
-                                cms_nested=True),
+    "hope-small-nested": _small("hope", name="hope-small-nested", **_HOPE_SMALL, cms_nested=True),
 }
 
 

@@ -28,7 +28,7 @@ from nlref.fast.cpu import model as F
 from nlref.fast.cpu import primitives as FP
 from nlref.reference import model as R
 from nlref.reference.blocks import layer_of
-from nlref.reference.config import SELFMOD_SWITCHES
+from nlref.reference.config import SELFMOD_SWITCHES, TITANS_SWITCHES
 
 # each switch flipped from its default, with what it needs (single_shrink: a matrix memory)
 FLIPS = {
@@ -131,8 +131,10 @@ def test_round_trip_and_validation():
             dataclasses.replace(base, **{key: "no"})
         with pytest.raises(ValueError, match=f"{key} must be true or false, got 1"):
             config.from_dict({**base.to_dict(), key: 1})
+        # the Titans families take config.TITANS_SWITCHES too (SPEC.md#titans-stability), a transformer none
+        other = "transformer-tiny" if key in TITANS_SWITCHES else "titans-tiny"
         with pytest.raises(ValueError, match=f"{key} is a switch of the hope family's self-modifying layer"):
-            dataclasses.replace(config.preset("titans-tiny"), **{key: not SELFMOD_SWITCHES[key]})
+            dataclasses.replace(config.preset(other), **{key: not SELFMOD_SWITCHES[key]})
     assert dataclasses.replace(config.preset("titans-tiny"), mem_momentum=True).mem_momentum  # the default is fine
     with pytest.raises(ValueError, match="mem_single_shrink needs mem_kind='matrix'"):
         dataclasses.replace(base, mem_single_shrink=True)
