@@ -1,8 +1,9 @@
 """Numba/BLAS port of self-modifying Titans: the key, value, gate and output memories learn in context.
 
 Paper: §8.1-8.2, Eqs. (83)-(93), arXiv 2512.24695v1 (DGD: §4.5, Eqs. (56)-(57)). Specification:
-reference/selfmod.py, SPEC.md#selfmod (derivation: docs/selfmod-backward.md). Same functions,
-signatures, return structures and dtypes: ``forward(x, params, cfg, state=None) -> (y, cache, state)``,
+reference/selfmod.py, SPEC.md#selfmod (derivation: docs/selfmod-backward.md); the port's decisions:
+SPEC.md#fast-cpu. Same functions, signatures, return structures and dtypes:
+``forward(x, params, cfg, state=None) -> (y, cache, state)``,
 ``backward(dy, cache, dstate=None) -> (dx, dparams, dstate0)``.
 
 Symbols (per head; as in the reference):
@@ -35,6 +36,12 @@ products with np.einsum; its writes are ~90% of a hope-small training step):
   the key's and the gates' cotangents column-wise (measured 2.5 -> 1.3 ms per call at hope-small
   sizes against the former separate passes and per-(b, h) work arrays; keeping the replay's P k
   per token and not storing dS~ gains a few percent more, see the kernel's docstring);
+- or, by default where ``ut_is_accurate`` (head width >= 8, segment <= 64; the switch ``KEY_WRITES``,
+  env ``NL_CPU_KEY_WRITES``, SPEC.md#fast-cpu), the same writes in the chunk-parallel UT form
+  (fast.cpu.selfmod_chunk; docs/selfmod-chunk.md §§3, 7): BLAS products of the (n x a x b) sizes and
+  compiled O(n^2) kernels instead of n dependent passes over the state. hope-small training step
+  (float32, 4 x 256, interleaved in one process, medians of 15, scripts/bench_key_writes.py):
+  0.88-0.95x the sweep's (docs/performance.md#cpu-key-writes);
 - the W1 fold's full-size VJP terms (three inner products with the segment-start state, two scaled
   copies) run in one compiled pass (``_fold_state_backward``, 123-135 -> 37 us per call); its forward
   update takes both folds from one product and writes P and S in one compiled pass
@@ -66,6 +73,8 @@ Port decisions:
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from numba import njit
 
@@ -73,7 +82,44 @@ from ...reference import selfmod as RS
 from ...reference.selfmod import SelfModConfig, init_params, init_state, param_shapes  # noqa: F401  (same API)
 from . import mlp_memory as FM
 from . import primitives as P  # the compiled glue (same functions and cache layouts as reference.primitives)
+from . import selfmod_chunk as SC
 from . import titans as FT
+
+KEY_WRITE_FORMS = ("auto", "sweep", "ut")
+KEY_WRITES = os.environ.get("NL_CPU_KEY_WRITES", "auto")
+"""How ``key_write`` / ``key_write_backward`` compute a segment's key-side writes: ``sweep`` (the
+compiled token loop), ``ut`` (the chunk-parallel UT form, fast.cpu.selfmod_chunk, for every
+configuration) or ``auto`` (the default: the UT form where ``ut_is_accurate``, else the sweep).
+Read from ``NL_CPU_KEY_WRITES`` at import; a module attribute, so a measurement or a test may set
+it (SPEC.md#fast-cpu). Both forms compute the same function (tests/cpu/test_cpu_selfmod_chunk.py). A
+worker process (``NL_CPU_WORKERS=process``) reads the variable at its own import: setting the
+attribute changes the calling process only."""
+if KEY_WRITES not in KEY_WRITE_FORMS:
+    raise ValueError(f"NL_CPU_KEY_WRITES={KEY_WRITES!r}: must be one of {', '.join(KEY_WRITE_FORMS)}")
+
+UT_MIN_HEAD = 8
+UT_MAX_SEGMENT = 64
+
+
+def ut_is_accurate(b, n):
+    """The pinned rule for ``KEY_WRITES = "auto"``: the UT form at head width b >= 8 and segments of
+    at most n = 64 tokens, in both dtypes. Its chunk-start part (P's P_0 term, dP0, dS0) is accurate
+    only relative to the scalar decay D[n, 0] |P_0| (docs/selfmod-chunk.md §7.6), which the shrinks
+    outrun over long segments of few key directions. Measured against the float64 sweep (unit keys,
+    eta' < 0.5, alpha > 0.5, a = 16, 8 draws per cell; ``PYTHONPATH=tests python
+    tests/cpu/test_cpu_selfmod_chunk.py``): inside the rule the float32 UT form's worst error is at
+    most 3.1e-6, 2.9x the float32 sweep's own (the corner b = 8, n = 64; chunk-start tensors 5.9x),
+    the float64 UT form's 6.5e-15; just outside, b = 4 at n = 64 and b = 8 at n = 128, the chunk-start
+    tensors are 33x and 27x the sweep's error (1.8e-5); b = 2, n = 64 is 0.29 off in float32 and b = 1,
+    n = 64 3e-2 in float64. Conservative where the heads are wide (b >= 16 measured within 3x up to
+    n = 128) and at short segments (b = 4, n <= 32 within 3.4x); hope-small is b = 32, n = 16."""
+    return b >= UT_MIN_HEAD and n <= UT_MAX_SEGMENT
+
+
+def _use_ut(P0, L):
+    if KEY_WRITES == "auto":
+        return ut_is_accurate(P0.shape[3], L.shape[2])
+    return KEY_WRITES == "ut"
 
 # ---------------------------------------------------------------------------------------------
 # Compiled kernels: the key-side DGD writes of one segment and their backward
@@ -304,7 +350,10 @@ def _fold_state_backward(dPe, dSe, W0, S0, A, s, Bc, dP0, dS0, sums):
 
 
 def key_write(P0, S0, L, K, ep, alpha, beta):
-    """The key-side writes of one segment: (P_end, S_end). ``beta`` (H,) or None (no momentum)."""
+    """The key-side writes of one segment: (P_end, S_end). ``beta`` (H,) or None (no momentum). The
+    token sweep or the UT form (``KEY_WRITES``)."""
+    if _use_ut(P0, L):
+        return SC.key_write_ut(P0, S0, L, K, ep, alpha, beta)
     dt = P0.dtype
     b_ = np.zeros(P0.shape[1], dt) if beta is None else np.ascontiguousarray(beta, dtype=dt)
     S0 = np.zeros_like(P0) if S0 is None else S0
@@ -316,7 +365,10 @@ def key_write(P0, S0, L, K, ep, alpha, beta):
 
 def key_write_backward(dP_end, dS_end, P0, S0, L, K, ep, alpha, beta):
     """VJP of ``key_write``: (dP0, dS0, dL, dK, dep, dalpha, dbeta_dot (B, H)). Without momentum
-    (``beta`` None) dS_end must be zero (there is no momentum state)."""
+    (``beta`` None) dS_end must be zero (there is no momentum state). The token sweep's VJP or the UT
+    form's (``KEY_WRITES``)."""
+    if _use_ut(P0, L):
+        return SC.key_write_ut_backward(dP_end, dS_end, P0, S0, L, K, ep, alpha, beta)
     dt = P0.dtype
     b_ = np.zeros(P0.shape[1], dt) if beta is None else np.ascontiguousarray(beta, dtype=dt)
     S0 = np.zeros_like(P0) if S0 is None else S0
