@@ -198,9 +198,10 @@ def _figure(out, results):
                     continue
                 xs, ys = zip(*r["train_curve"], strict=True)
                 label = f"{f['label']} ({f['parameters'] / 1e6:.2f}M)" if j == 0 else None
-                ax.plot(xs, _smooth(list(ys)), lw=0.9, color=colour, label=label)
+                smooth = _smooth(list(ys))
+                ax.plot(xs, smooth, lw=0.9, color=colour, label=label)
                 if r.get("diverged"):
-                    ax.plot(xs[-1], _smooth(list(ys))[-1], "x", color=colour, ms=7)
+                    ax.plot(xs[-1], smooth[-1], "x", color=colour, ms=7)
         ax.set_title(f"domain {dname}: {results['tokens_per_run']:,} bytes per run, seeds {results['seeds']}, "
                      f"{results['wall_time_s']:.0f} s in all\n(lines: seeds, 20-step moving average; x: a seed "
                      "that diverged there)", fontsize=8)

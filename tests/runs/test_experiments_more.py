@@ -76,19 +76,24 @@ def test_compare_smoke_end_to_end(tmp_path):
     assert not data["figures"] or (out / "loss_vs_tokens.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_compare_records_a_diverged_seed_and_goes_on(tmp_path, monkeypatch):
-    """A run that stops on a non-finite loss is counted and named, left out of the mean and of the
-    paired difference, and the other runs still finish (seen at full scale: hope-small seed 1 NaN)."""
+def _plant_divergence(monkeypatch, hits):
+    """Make seed 1 of every model whose label ``hits`` stop as a diverged training run would."""
     from nlref.experiments import common
 
     real = common.train_phase
 
     def planted(spec, **kw):
-        if spec.label.startswith("transformer") and kw["seed"] == 1:
+        if hits(spec.label) and kw["seed"] == 1:
             raise common.Diverged(f"{spec.label}, seed 1: step 2: the loss is not finite (planted)")
         return real(spec, **kw)
 
     monkeypatch.setattr(common, "train_phase", planted)
+
+
+def test_compare_records_a_diverged_seed_and_goes_on(tmp_path, monkeypatch):
+    """A run that stops on a non-finite loss is counted and named, left out of the mean and of the
+    paired difference, and the other runs still finish (seen at full scale: hope-small seed 1 NaN)."""
+    _plant_divergence(monkeypatch, lambda label: label.startswith("transformer"))
     out = tmp_path / "div"
     res = CliRunner().invoke(cli, ["experiment", "compare", "--smoke", "--seeds", "2", "--backend", "reference",
                                    "--out", str(out)])
@@ -137,16 +142,7 @@ def test_ablate_smoke_end_to_end(tmp_path):
 def test_ablate_report_counts_diverged_seeds_and_calls_nothing_on_one_seed(tmp_path, monkeypatch):
     """Seen at full scale: a Hope variant finished 1 of 3 seeds; its row must say so, and a paired
     difference over one seed is not called (no spread), not 'within the seed noise'."""
-    from nlref.experiments import common
-
-    real = common.train_phase
-
-    def planted(spec, **kw):
-        if spec.label != "hope-tiny" and kw["seed"] == 1:
-            raise common.Diverged(f"{spec.label}, seed 1: step 2: the loss is not finite (planted)")
-        return real(spec, **kw)
-
-    monkeypatch.setattr(common, "train_phase", planted)
+    _plant_divergence(monkeypatch, lambda label: label != "hope-tiny")
     out = tmp_path / "abl"
     res = CliRunner().invoke(cli, ["experiment", "ablate", "--smoke", "--seeds", "2", "--backend", "reference",
                                    "--out", str(out)])
