@@ -4,32 +4,21 @@ SPEC.md#titans-mal. The block's mixer against its parts computed independently (
 alone over x~ = [p] || a, RMSNorm written out, the sliding window by loops with no key exempt
 from it), the reductions (no persistent tokens and a window over everything: the titans family's
 layer then Transformer++'s attention; a window of one token: the memory's output projected, every
-other position hidden), the whole-model float64 gradient check (as tests/reference/test_model.py),
-streaming equals one call at random split points with the KV cache cut to the last window - 1
-positions, the state after the persistent tokens, the CPU port (its compiled Titans layer and
-window attention) within the "port" rows, ``nested-learning train`` on the reference and CPU
-backends, and the clear refusals of the GPU port and the torch oracle. The window primitive
-itself is tested in test_titans_mag.py (SW-Attn* with any number of persistent keys, 0 included).
+other position hidden) and the state after the persistent tokens. The checks the three hybrid
+families share (the whole-model gradient check, streaming with the KV cache cut to the last
+window - 1 positions, the CPU port, training from the CLI, the refusals) are in
+test_titans_hybrids.py. The window primitive itself is tested in test_titans_mag.py (SW-Attn*
+with any number of persistent keys, 0 included).
 """
 
 import dataclasses
-import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from corpus import write_corpus
 from hybrid_oracles import rms, sw_attention, titans_alone, with_persistent
-from hypothesis import given, note, settings
-from hypothesis import strategies as st
-from model_checks import check_model_gradients, plain_loss
-from port_helpers import assert_model_port_matches
 from tolerances import assert_close
 
 from nlref import config
-from nlref.cli import cli
-from nlref.fast.cpu import model as F
-from nlref.fast.cpu import primitives as FP
 from nlref.reference import blocks
 from nlref.reference import model as R
 
@@ -110,53 +99,6 @@ def _tokens(cfg, B, T, seed=0):
     return np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(B, T))
 
 
-@pytest.mark.parametrize("overrides", [{}, {"mem_persistent": 0}, {"mem_kind": "matrix", "attn_window": 2}])
-def test_whole_model_gradients(overrides):
-    """float64: loss_and_grads's hand-written backward against directional finite differences along 3
-    random directions over every parameter and central differences at one entry of every key
-    (tests/model_checks.py, as test_model.py's check of the other families)."""
-    cfg = dataclasses.replace(config.preset(TINY), **overrides)
-    rng = np.random.default_rng(7)
-    params = R.init_params(cfg, seed=3)
-    tokens = _tokens(cfg, 2, 8, seed=1)
-    loss, grads = R.loss_and_grads(params, tokens, cfg)
-    assert list(grads) == list(params)
-    assert ("blocks.0.mal.persist" in params) == (cfg.mem_persistent > 0)
-
-    def f(a):
-        return plain_loss(a, tokens, cfg)
-
-    check_model_gradients(f, loss, params, grads, rng)
-    if cfg.mem_persistent:
-        assert np.abs(grads["blocks.0.mal.persist"]).max() > 0  # the persistent tokens are trained
-
-
-@given(cuts=st.lists(st.integers(1, 10), min_size=1, max_size=4, unique=True), seed=st.integers(0, 2**16))
-def test_streaming_equals_one_call(cuts, seed):
-    """forward over T tokens == chained calls carrying the state at any split points (the window of 3
-    slides, the memory's 2-token chunks split): logits and the memory states; every KV cache holds the
-    last window - 1 positions of x~ only (the persistent positions while they are among them)."""
-    cfg = config.preset(TINY)
-    params = R.init_params(cfg, seed=seed % 7)
-    tokens = _tokens(cfg, 2, 11, seed)
-    logits, state = R.forward(params, tokens, cfg)
-    pieces, st_ = [], None
-    for a, b in zip([0] + sorted(cuts), sorted(cuts) + [11], strict=True):
-        lg, st_ = R.forward(params, tokens[:, a:b], cfg, st_)
-        pieces.append(lg)
-        want = min(cfg.attn_window - 1, cfg.mem_persistent + b)
-        assert all(K.shape[2] == V.shape[2] == want for K, V in st_["past"])
-    assert_close(np.concatenate(pieces, axis=1), logits, "float64", "rewrite", "logits")
-    for i in range(cfg.n_layers):
-        for key, w in state["mem"][i].items():
-            if isinstance(w, np.ndarray):
-                assert_close(st_["mem"][i][key], w, "float64", "rewrite", f"mem {i} {key}")
-            else:
-                assert st_["mem"][i][key] == w
-        for j in range(2):
-            assert_close(st_["past"][i][j], state["past"][i][j], "float64", "rewrite", f"past {i}")
-
-
 def test_state_holds_the_memory_after_the_persistent_tokens():
     """After a fresh call over one token, block 0's cache holds x~'s last window - 1 = 2 positions: the
     second persistent token's key (input-independent: the same for every sequence) and the token's;
@@ -202,64 +144,3 @@ def test_presets_and_validation():
     assert shapes["blocks.0.mal.persist"] == (2, tiny.d_model) and shapes["blocks.0.mal.norm.g"] == (tiny.d_model,)
     assert not any(".mag." in k for k in shapes) and "blocks.0.mlp.W_up" in shapes
     assert "blocks.0.mal.persist" not in R.param_shapes(dataclasses.replace(tiny, mem_persistent=0))
-
-
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@settings(max_examples=6)
-@given(seed=st.integers(0, 2**16), B=st.integers(1, 3), T=st.integers(2, 10), data=st.data())
-def test_cpu_port_matches_reference(dtype, seed, B, T, data):
-    """fast/cpu's model (the driver with its compiled Titans layer and attention: no fallback, not even
-    the counted model-layer one) = the reference within the "port" rows: loss, every gradient,
-    logits, the state, a two-call stream, and a CPU state continued on the reference."""
-    overrides = data.draw(st.sampled_from([{}, {"mem_persistent": 0}, {"mem_kind": "matrix"}, {"attn_window": 5}]))
-    cfg = dataclasses.replace(config.preset(TINY), dtype=dtype, **overrides)
-    assert F.PORTED_LAYERS[cfg.family] == "titans"
-    split = data.draw(st.integers(1, T - 1), label="split")
-    note(f"{overrides} B={B} T={T} split={split}")
-    params = R.init_params(cfg, seed % 100)
-    tokens = _tokens(cfg, B, T, seed)
-    before = dict(FP.FALLBACKS)
-    assert_model_port_matches(F, R, params, tokens, cfg, dtype, split)
-    assert FP.FALLBACKS == before, "the CPU port took a reference fallback"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("mal") / "corpus", n_docs=4, n_words=200)
-
-
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_preset_trains_from_the_cli(backend, corpus, tmp_path):
-    out = tmp_path / "run"
-    result = CliRunner().invoke(cli, ["train", "--preset", TINY, "--backend", backend, "--data", str(corpus),
-                                      "--steps", "2", "--seq-len", "8", "--batch-size", "2", "--out", str(out)],
-                                catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 2 and np.isfinite(summary["final_train_loss"])
-    assert json.loads((out / "config.json").read_text())["model"]["family"] == "titans-mal"
-
-
-def test_gpu_backend_and_torch_oracle_refuse_the_family(tmp_path, monkeypatch):
-    """The GPU port does not compute titans-mal: one clear error before anything is written (the CLI)
-    and a ValueError from its API; the torch oracle raises NotImplementedError, never computes
-    another family's block."""
-    from nlref.fast.gpu import model as gpu
-
-    monkeypatch.setattr(gpu, "NAMESPACE", "numpy")
-    cfg = config.preset(TINY)
-    with pytest.raises(ValueError, match="does not compute the 'titans-mal' family"):
-        gpu.loss_and_grads(R.init_params(cfg, 0), np.zeros((1, 4), dtype=np.int64), cfg)
-    data = tmp_path / "d.txt"
-    data.write_text("some text for a tiny corpus\n" * 200)
-    out = tmp_path / "run"
-    result = CliRunner().invoke(cli, ["train", "--preset", TINY, "--backend", "gpu", "--data", str(data),
-                                      "--steps", "1", "--seq-len", "8", "--out", str(out)])
-    assert result.exit_code == 1 and "does not compute the 'titans-mal' family" in result.output, result.output
-    assert not out.exists()
-    pytest.importorskip("torch")  # the oracle extra (nlref.torch_model raises ImportError without it)
-    from nlref import torch_model
-    for call in (lambda p: torch_model.forward(p, np.zeros((1, 3), dtype=np.int64), cfg),
-                 lambda p: torch_model.loss_and_grads(p, np.zeros((1, 3), dtype=np.int64), cfg)):
-        with pytest.raises(NotImplementedError, match="does not compute the 'titans-mal' family"):
-            call(R.init_params(cfg, 0))
