@@ -41,7 +41,8 @@ DTYPES = ("float32", "float64")
 # SelfModConfig field of the same name without ``mem_``), SPEC.md#hope "Ablation switches"
 SELFMOD_SWITCHES = {"mem_momentum": True, "mem_adaptive_q": False, "mem_normalize_v": True,
                     "mem_single_shrink": False, "mem_stop_grad_writes": False, "mem_layernorm": False,
-                    "mem_dgd": True, "mem_retention": True, "mem_adaptive_k": True, "mem_adaptive_v": True}
+                    "mem_dgd": True, "mem_retention": True, "mem_adaptive_k": True, "mem_adaptive_v": True,
+                    "mem_step_norm": False}
 # The switches of SELFMOD_SWITCHES that the Titans memory layer has too (TitansConfig, same names without
 # ``mem_``), so the titans families take them: mem_layernorm, Titans §3.3's z + LN(W1 s(W2 z)) (SPEC.md#titans-stability)
 TITANS_SWITCHES = ("mem_layernorm",)
@@ -125,6 +126,7 @@ class ModelConfig:
     mem_retention: bool = True  # the alpha gate; False: Table 6 "w/o weight decay", alpha = 1
     mem_adaptive_k: bool = True  # k from the memory M_k; False: Table 6 "w/o inner-projection k" (static W_k)
     mem_adaptive_v: bool = True  # v from the memory M_v; False: Table 6 "w/o inner-projection v" (static W_v)
+    mem_step_norm: bool = False  # each inner gradient times 1 / (1 + eta C lambda): not in the paper, SPEC.md#hope-stability
     # the Titans hybrids (SPEC.md#titans-mag, SPEC.md#titans-mal): the sliding window of the attention
     # (keys a query sees, itself included; MAC: the segment length C) and N_p, the persistent tokens prepended
     # to each block's mixer input (MAC: to each segment's attention)
@@ -211,6 +213,9 @@ class ModelConfig:
         if self.mem_layernorm and self.mem_kind != "mlp" and self.family != "hope":
             bad(f"mem_layernorm is the LayerNorm of an MLP memory (SPEC.md#titans); family {self.family!r} with "
                 f"mem_kind={self.mem_kind!r} has none")
+        if self.mem_step_norm and self.mem_layernorm:
+            bad("mem_step_norm's curvature bound is that of the memory without LayerNorm; set one of "
+                "mem_step_norm and mem_layernorm (SPEC.md#hope-stability)")
         if self.mem_single_shrink and self.mem_kind != "matrix":
             bad(f"mem_single_shrink needs mem_kind='matrix' (SPEC.md#selfmod), got {self.mem_kind!r}")
 

@@ -61,6 +61,10 @@ def _selfmod(cfg) -> list[Reading]:
     if cfg.mem_layernorm:
         out.append(Reading("memory-layernorm", "every memory is z + LN(W1 s(W2 z)) (mem_layernorm = true)",
                            "z + W1 s(W2 z) (Eqs. 89, 91)", "selfmod"))
+    if cfg.mem_step_norm:
+        out.append(Reading("step-norm", "each inner gradient times 1 / (1 + eta C lambda), lambda a bound of "
+                           "its curvature (mem_step_norm = true)", "the step eta' G_t (Eq. 88)",
+                           "hope-stability"))
     if cfg.mem_stop_grad_writes:
         out.append(Reading("stop-grad-writes", "the outer gradient stops at the memory writes "
                            "(mem_stop_grad_writes = true, first order)",

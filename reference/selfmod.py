@@ -42,7 +42,9 @@ memory; option ``normalize_v``), no SiLU; DGD as printed in Eq. (88), eta' the e
 decay beta = sigmoid(b_beta); every read and inner gradient at its memory's chunk-start state,
 ``chunk_memory`` for M_memory, ``chunk_other`` for the rest (SPEC.md#chunks); the output as in
 titans.py; the outer gradient through every write, ``stop_grad_writes`` its first-order variant
-(SPEC.md#outer-gradient).
+(SPEC.md#outer-gradient); ``step_norm`` (off by default, not in the paper) multiplies every G_t by
+``step_scale``'s 1 / (1 + eta_t C lambda_t), a bound of its chunk's summed curvature
+(SPEC.md#hope-stability).
 
 CuPy-safe (SPEC.md#backends): the GPU port executes this source with ``np`` rebound to CuPy, so NumPy
 is imported once, as ``np``, and every array function is called through it.
@@ -72,6 +74,8 @@ from .selfmod_memory import (  # noqa: F401  (one memory's pieces: part of this 
     scalar_suffix_products,
     scalar_suffix_products_backward,
     shrinks,
+    step_scale,
+    step_scale_backward,
     suffix_products,
     suffix_products_backward,
     weights,
@@ -200,10 +204,16 @@ def _project(r, a, b):
 
 
 def _target_grads(r, m, a, b, k, v):
-    """Memory m's self-generated targets (Eq. 84) and inner gradients (Eq. 93) for tokens [a, b)."""
-    vh = read_forward(r["cfg"], r["Bst"][m], v)[0]  # Eq. (84)   vhat = M_box(v)
+    """Memory m's self-generated targets (Eq. 84) and inner gradients (Eq. 93) for tokens [a, b);
+    with ``step_norm`` each token's gradient times its ``step_scale`` (SPEC.md#hope-stability)."""
+    cfg = r["cfg"]
+    vh = read_forward(cfg, r["Bst"][m], v)[0]  # Eq. (84)   vhat = M_box(v)
     r["vhat"][m][:, :, a:b] = vh
-    return inner_grad(r["cfg"], r["Bst"][m], k, vh)[0]
+    G = inner_grad(cfg, r["Bst"][m], k, vh)[0]
+    if cfg.step_norm:
+        s = step_scale(cfg, r["Bst"][m], k, r["full"]["eta"][:, :, a:b], cfg.chunk(m))[0]  # (B, H, n)
+        G = {w: s[..., None, None] * G[w] for w in G}
+    return G
 
 
 def _finish(r, writes):
@@ -323,7 +333,7 @@ def backward(dy, cache, dstate=None):
     beta = {m: betas(params, cfg, m) for m in cfg.memories}
     for seg in reversed(cache["segs"]):
         t0, t1 = seg["t0"], seg["t1"]
-        d = {c: np.zeros_like(cache[c][:, :, t0:t1]) for c in ("k", "v", "alpha", "ep")}
+        d = {c: np.zeros_like(cache[c][:, :, t0:t1]) for c in ("k", "v", "alpha", "ep", "eta")}
         for m in cfg.memories:
             if not cfg.stop_grad_writes:  # W_t = W_{t-1} + sg(increment): the adjoint skips the writes
                 _memory_backward(cache, seg, m, beta[m], d, adj, grads)
@@ -336,6 +346,7 @@ def backward(dy, cache, dstate=None):
             d["k"] += dk_prox  # Eq. (57)   eta' = eta / (1 + eta ||k||^2)
         else:
             deta = d["ep"]  # eta' = eta
+        deta = deta + d["eta"]  # eta's own uses: step_norm's scale (zero without it)
         dpre_seg = _norms_convs_backward(cache, conv_in, t0, t1, d["k"], dq, d["v"], adj, grads)  # (B, n, D)
         dpre = {c: heads(dpre_seg[c], cfg.n_heads) for c in ("k", "v", "q") if cfg.adaptive(c)}
         for c in cfg.static_projections:
@@ -380,6 +391,9 @@ def _memory_backward(cache, seg, m, beta, d, adj, grads):
     Bm = seg["B"][m]
     vh, c_read = read_forward(cfg, Bm, v)  # Eq. (84) at the chunk-start state, recomputed
     G, c_grad = inner_grad(cfg, Bm, k, vh)  # Eq. (93)
+    if cfg.step_norm:  # the writes take s_t G_t (SPEC.md#hope-stability)
+        s, c_scale = step_scale(cfg, Bm, k, cache["eta"][:, :, t0:t1], cfg.chunk(m))
+        G_raw, G = G, {w: s[..., None, None] * G[w] for w in G}
     write_segment_cache, write_segment_backward = _WRITES[cache["writes"]]
     dG = {}
     for w in weights(cfg):
@@ -392,6 +406,15 @@ def _memory_backward(cache, seg, m, beta, d, adj, grads):
             grads[f"{m}.b_beta"] += dbeta * beta * (1 - beta)  # beta = sigmoid(b_beta)
             adj["S"][m][w] = dS
         adj["W"][m][w] = dP
+    if cfg.step_norm:  # G~ = s G: ds = <dG~, G>, dG = s dG~
+        ds = sum(np.einsum("bhnij,bhnij->bhn", dG[w], G_raw[w]) for w in dG)
+        dG = {w: s[..., None, None] * dG[w] for w in dG}
+        dst_s, dk_s, deta_s = step_scale_backward(cfg, ds, c_scale)
+        d["k"] += dk_s
+        d["eta"] += deta_s
+        for w in weights(cfg):
+            if dst_s[w] is not None:
+                adj["B"][m][w] += dst_s[w]
     dst, dk_g, dvh = inner_grad_backward(cfg, dG, c_grad)
     d["k"] += dk_g
     dst_r, dv_r = read_backward(cfg, dvh, c_read)

@@ -50,6 +50,7 @@ class SelfModConfig:
     dgd: bool = True  # Eq. 88's DGD write (k k^T shrink, eta'); False: Table 6 "w/o DGD", alpha W - eta grad
     retention: bool = True  # the alpha gate (M_alpha, w_alpha, b_alpha); False: Table 6 "w/o weight decay", alpha = 1
     eps: float = 1e-6  # of the l2 and RMS norms
+    step_norm: bool = False  # G_t times 1 / (1 + eta_t C lambda_t), a curvature bound (not in the paper; SPEC.md#hope-stability)
 
     def __post_init__(self):
         if self.d_model <= 0 or self.n_heads <= 0 or self.d_model % self.n_heads:
@@ -66,6 +67,9 @@ class SelfModConfig:
             raise ValueError(f"SelfModConfig: act must be one of {sorted(P.ACTIVATIONS)}, got {self.act!r}")
         if self.single_shrink and self.memory != "matrix":
             raise ValueError("SelfModConfig: single_shrink needs memory='matrix' (SPEC.md#selfmod)")
+        if self.step_norm and self.layernorm:
+            raise ValueError("SelfModConfig: step_norm's curvature bound is that of the memory without LayerNorm; "
+                             "use one of step_norm and layernorm (SPEC.md#hope-stability)")
         if self.conv_width < 1:
             raise ValueError(f"SelfModConfig: conv_width must be >= 1, got {self.conv_width}")
 

@@ -131,6 +131,50 @@ def inner_grad_backward(cfg, dG, cache):
 
 
 # ---------------------------------------------------------------------------------------------
+# The curvature-normalised step (``step_norm``, not in the paper: SPEC.md#hope-stability)
+# ---------------------------------------------------------------------------------------------
+
+
+def step_scale(cfg, st, k, eta, chunk):
+    """s_t = 1 / (1 + eta_t C lambda_t) (B, H, n): the factor ``step_norm`` puts on G_t.
+
+    lambda_t bounds the Gauss-Newton curvature of token t's inner loss at the chunk-start state ``st``
+    (a trace bound, |s'| <= 1 taken): ||k_t||^2 for the matrix memory, ||a_t||^2 + ||k_t||^2 ||W1||_F^2
+    with a_t = s(W2 k_t) for the MLP memory (the curvature along W1, and along W2 through W1). C (the
+    memory's chunk size) is the number of gradients a chunk sums at one state, so eta_t C lambda_t
+    bounds the chunk's summed step; with the factor the step along any direction stays below 1
+    however large the weights grow. -> (s, cache)."""
+    kk = np.sum(k * k, axis=-1)  # (B, H, n)
+    if cfg.memory == "matrix":
+        lam, parts = kk, None
+    else:
+        W1, W2 = st["W1"], st["W2"]
+        h = np.einsum("...hd,...nd->...nh", W2, k)  # (B, H, n, Hm)   W2 k
+        f, df, _ = MM.check_activation(cfg.act)
+        a, sp = np.asarray(f(h)).astype(h.dtype, copy=False), np.asarray(df(h)).astype(h.dtype, copy=False)
+        w1 = np.einsum("...dh,...dh->...", W1, W1)  # (B, H)   ||W1||_F^2
+        lam = np.sum(a * a, axis=-1) + kk * w1[..., None]
+        parts = (W1, W2, a, sp, w1)
+    s = 1.0 / (1.0 + eta * chunk * lam)
+    return s, (k, kk, eta, chunk, lam, s, parts)
+
+
+def step_scale_backward(cfg, ds, cache):
+    """VJP of ``step_scale``: ds (B, H, n) -> ({w: dW or None}, dk, deta)."""
+    k, kk, eta, chunk, lam, s, parts = cache
+    dlam = -ds * eta * chunk * s**2  # (B, H, n)
+    deta = -ds * chunk * lam * s**2
+    if parts is None:
+        return {"M": None}, 2 * dlam[..., None] * k, deta
+    W1, W2, a, sp, w1 = parts
+    dh = 2 * dlam[..., None] * a * sp  # (B, H, n, Hm)   through a = s(W2 k)
+    dW2 = np.einsum("...nh,...nd->...hd", dh, k)
+    dk = 2 * (dlam * w1[..., None])[..., None] * k + np.einsum("...hd,...nh->...nd", W2, dh)
+    dW1 = 2 * np.sum(dlam * kk, axis=-1)[..., None, None] * W1
+    return {"W1": dW1, "W2": dW2}, dk, deta
+
+
+# ---------------------------------------------------------------------------------------------
 # The write of one token (Eq. 88 with momentum) and its backward
 # ---------------------------------------------------------------------------------------------
 

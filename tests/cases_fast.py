@@ -133,9 +133,10 @@ def selfmod_make(c):
     memories with dh >= 3 in float64 (in float32 a second evaluation differs from the reference by
     up to 2e-2 in cancelling gradients: a comparison would test rounding, not the port)."""
     mlp = c["memory"] == "mlp"
+    ln = c["layernorm"] and mlp and c["dh"] >= 3 and c["dtype"] == "float64"
     cfg = RS.SelfModConfig(
         d_model=c["H"] * c["dh"], n_heads=c["H"], memory=c["memory"], hidden=c["Hm"],
-        layernorm=c["layernorm"] and mlp and c["dh"] >= 3 and c["dtype"] == "float64", chunk_memory=c["cm"], chunk_other=c["co"],
+        layernorm=ln, step_norm=c.get("step_norm", False) and not ln, chunk_memory=c["cm"], chunk_other=c["co"],
         momentum=c["momentum"], adaptive_q=c["adaptive_q"], single_shrink=c["single_shrink"] and not mlp,
         eta_max=0.5, stop_grad_writes=c["sg"], dgd=c.get("dgd", True), retention=c.get("retention", True),
         adaptive_k=c.get("adaptive_k", True), adaptive_v=c.get("adaptive_v", True),

@@ -62,7 +62,7 @@ titans_layer_configs = st.fixed_dictionaries(
 
 # One self-modifying Titans layer (cases_fast.selfmod_make): MLP / matrix memories, the two chunk
 # sizes, LayerNorm (float64 draws only), momentum, adaptive q, DGD, adaptive (or static) k and v,
-# single shrink, stop_grad_writes, a continued stream, and which state cotangents the backward gets.
+# single shrink, stop_grad_writes, step_norm, a continued stream, and which state cotangents the backward gets.
 selfmod_layer_configs = st.fixed_dictionaries(
     {
         "B": st.integers(1, 2),
@@ -84,6 +84,7 @@ selfmod_layer_configs = st.fixed_dictionaries(
         "adaptive_k": st.sampled_from([True, True, True, False]),
         "adaptive_v": st.sampled_from([True, True, True, False]),
         "sg": st.sampled_from([False, False, False, True]),
+        "step_norm": st.sampled_from([False, False, True]),  # the curvature-normalised step (not with LN)
         "stream": st.booleans(),
         # dense: every state key; none: no dstate; partial: only some memories' cotangents (the
         # port skips the write backward of a memory while its cotangents are zero)

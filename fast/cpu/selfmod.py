@@ -69,6 +69,10 @@ Port decisions:
   factors and read caches per segment) is not the reference's layout;
 - the element-wise glue (conv, l2/RMS norms, activations) calls fast.cpu.primitives (compiled; the
   same functions and cache layouts as reference.primitives).
+- ``step_norm`` (SPEC.md#hope-stability): the reference's ``step_scale`` and its backward (per-token
+  NumPy, not worth compiling for an opt-in switch) put s_t on the left factor, ``G~_t = (s_t L_t) R_t^T``,
+  so every write form above runs unchanged; the backward takes ``ds_t = <dL~_t, L_t>`` and
+  ``dL_t = s_t dL~_t``.
 """
 
 from __future__ import annotations
@@ -570,6 +574,11 @@ def _forward(x, params, cfg, state):
         for m in cfg.memories:
             vh, c_vh = read_forward(cfg, Bst[m], v)  # Eq. (84)   vhat = M_box(v)
             fac, c_g = inner_grad_factors(cfg, Bst[m], k, vh)
+            scale = None
+            if cfg.step_norm:  # the reference's scale s_t on each G_t = L_t R_t^T, put on L (SPEC.md#hope-stability)
+                s, c_s = RS.step_scale(cfg, Bst[m], k, eta, cfg.chunk(m))
+                scale = (s, c_s, {w: L for w, (L, _) in fac.items()})
+                fac = {w: (L * s[..., None], R) for w, (L, R) in fac.items()}
             coef = None
             for w in wn:
                 L, R = fac[w]
@@ -590,7 +599,7 @@ def _forward(x, params, cfg, state):
                     W[m][w] = P_new
                 if cfg.momentum:
                     S[m][w] = S_new
-            mem[m] = (fac, c_g, c_vh, coef)
+            mem[m] = (fac, c_g, c_vh, coef, scale)
         seg.update(k=k, q=q, v=v, eta=eta, alpha=alpha, ep=ep, pre=pre, c_pre=c_pre, c_conv=c_conv, c_l2=c_l2,
                    c_o=c_o, mem=mem)  # fmt: skip
         segs.append(seg)
@@ -696,13 +705,13 @@ def _backward(dy, cache, dstate):
         t0, t1 = seg["t0"], seg["t1"]
         k, eta, alpha, ep = seg["k"], seg["eta"], seg["alpha"], seg["ep"]
         dk, dv = np.zeros_like(k), np.zeros_like(seg["v"])
-        dalpha, dep = np.zeros_like(alpha), np.zeros_like(ep)
+        dalpha, dep, deta_s = np.zeros_like(alpha), np.zeros_like(ep), np.zeros_like(eta)
         for m in cfg.memories:
             if sg:  # W_t = W_{t-1} + sg(increment): the adjoint passes straight through the writes
                 continue
             if not live[m]:  # zero cotangents in, zero out (see ``live`` above)
                 continue
-            fac, c_g, c_vh, coef = seg["mem"][m]
+            fac, c_g, c_vh, coef, scale = seg["mem"][m]
             beta = betas[m]
             dfac = {}
             for w in wn:
@@ -745,6 +754,15 @@ def _backward(dy, cache, dstate):
                         grads[f"{m}.b_beta"] += dbeta_t.sum(axis=(0, 2)) * beta * (1 - beta)
                 dW[m][w], dS[m][w] = dP0, dS0
                 dfac[w] = (dL, dR)
+            if scale is not None:  # L~ = s L: d_scale = <dL~, L>, dL = s dL~
+                s, c_s, raw = scale
+                d_scale = sum(np.sum(dfac[w][0] * raw[w], axis=-1) for w in wn)
+                dfac = {w: (s[..., None] * dL, dR) for w, (dL, dR) in dfac.items()}
+                dst_s, dk_s, deta_m = RS.step_scale_backward(cfg, d_scale, c_s)
+                dk += dk_s
+                deta_s += deta_m
+                for w in wn:
+                    add_dB(m, w, dst_s[w])
             dst, dk_g, dvh = inner_grad_factors_backward(cfg, dfac, c_g)
             dk += dk_g
             dst_r, dv_r = read_backward(cfg, dvh, c_vh)
@@ -761,6 +779,7 @@ def _backward(dy, cache, dstate):
             dk += (-2 * dep * ep**2)[..., None] * k
         else:  # without DGD (Table 6): eta' = eta
             deta = dep
+        deta = deta + deta_s  # eta's own use in step_norm's scale (zero without it)
         dc = {}
         for c, dpost in (("k", dk), ("q", dq), ("v", dv)):
             if c == "v" and not cfg.normalize_v:

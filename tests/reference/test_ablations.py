@@ -42,6 +42,7 @@ FLIPS = {
     "mem_retention": dict(mem_retention=False),
     "mem_adaptive_k": dict(mem_adaptive_k=False),
     "mem_adaptive_v": dict(mem_adaptive_v=False),
+    "mem_step_norm": dict(mem_step_norm=True),  # not a Table 6 row: SPEC.md#hope-stability
 }
 # preset -> the fields it changes from hope-small (SPEC.md#hope "Ablation presets")
 ABLATION_PRESETS = {

@@ -24,9 +24,10 @@ TABLE = "".join(f"    '{chr(97 + i % 26)}'        #  0x{i:02X} -> LATIN SMALL LE
 HOPE_PRESETS = [n for n, c in config.PRESETS.items() if c.family == "hope" and not n.endswith("-tiny")]
 
 
-def _largest_memory_weight(cfg, seed, monkeypatch) -> float:
+def _largest_memory_weight(cfg, seed, monkeypatch, scale=3.0) -> float:
     """The largest |weight| any self-modifying memory reaches over the sequence (every state an
-    inner gradient is taken at), from weights 3x their initialisation and eta gates at sigmoid(4)."""
+    inner gradient is taken at), from weights ``scale`` times their initialisation and eta gates at
+    sigmoid(4)."""
     seen = []
     inner_grad = FM.inner_grad
 
@@ -38,7 +39,7 @@ def _largest_memory_weight(cfg, seed, monkeypatch) -> float:
     params = F.init_params(cfg, seed)
     for name in params:
         if ".mem." in name and name.rsplit(".", 1)[1] in ("W1_0", "W2_0"):
-            params[name] = params[name] * 3.0
+            params[name] = params[name] * scale
         if name.endswith(".mem.b_eta"):
             params[name] = np.full_like(params[name], 4.0)
     tokens = np.frombuffer(TABLE, dtype=np.uint8).astype(np.int64)[None, :513]
@@ -64,3 +65,26 @@ def test_repeated_keys_stay_bounded_at_the_presets_bound(seed, monkeypatch):
     old_w = _largest_memory_weight(old, seed, monkeypatch)
     assert new_w < 10.0, new_w  # measured 2.4-2.8: the scaled initial weights, barely moved
     assert not old_w < 1e6, old_w  # measured 1e118 to inf: the test can tell the two bounds apart
+
+
+def _largest_initial_weight(cfg, seed) -> float:
+    params = F.init_params(cfg, seed)
+    return max(float(np.max(np.abs(v))) for k, v in params.items()
+               if ".mem." in k and k.rsplit(".", 1)[1] in ("W1_0", "W2_0"))  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_curvature_normalised_step_stays_bounded_where_the_bound_does_not(seed, monkeypatch):
+    """``mem_step_norm`` (each G_t times 1 / (1 + eta_t C lambda_t), lambda_t a bound of the inner
+    curvature) removes the mechanism instead of widening the margin: from weights 30x their
+    initialisation at the presets' bound, and 10x at the default bound 0.1 (33x the presets'),
+    where the bound alone overflows from 10x, no memory grows beyond its scaled initial weights
+    (float64)."""
+    cfg = dataclasses.replace(config.preset("hope-small"), dtype="float64")
+    normed = dataclasses.replace(cfg, mem_step_norm=True)
+    init = _largest_initial_weight(cfg, seed)
+    for scale, c in ((30.0, normed), (10.0, dataclasses.replace(normed, mem_eta_max=0.1))):
+        grown = _largest_memory_weight(c, seed, monkeypatch, scale) / (scale * init)
+        assert grown < 1.5, (scale, c.mem_eta_max, grown)  # measured 1.00: the writes stay small
+    plain = _largest_memory_weight(cfg, seed, monkeypatch, 10.0)
+    assert not plain < 1e6, plain  # the same weights without it overflow: the test tells them apart

@@ -41,6 +41,7 @@ def test_hope_defaults_list_the_selfmod_and_cms_readings():
     ("mem_layernorm", True, "memory-layernorm", True),  # away from the letter: a line comes
     ("mem_adaptive_q", True, "adaptive-q", True),
     ("mem_stop_grad_writes", True, "stop-grad-writes", True),
+    ("mem_step_norm", True, "step-norm", True),
     ("cms_in_context", False, "cms-chunk-sum", False),
 ])
 def test_a_switch_adds_or_removes_its_reading(field, value, key, present):

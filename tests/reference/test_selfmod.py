@@ -137,6 +137,17 @@ def test_gradcheck_grid_memory_momentum_chunk(memory, momentum, chunk):
     _check_layer_gradients(cfg, T=7, seed=chunk)
 
 
+@pytest.mark.parametrize("chunk", [1, 3])
+@pytest.mark.parametrize("momentum", [True, False])
+@pytest.mark.parametrize("memory", ["mlp", "matrix"])
+def test_gradcheck_step_norm(memory, momentum, chunk):
+    """step_norm's scale s_t = 1 / (1 + eta_t C lambda_t) is differentiated through eta_t, k_t and the
+    chunk-start weights (lambda_t's a_t = s(W2 k_t) and ||W1||_F^2), on both forms."""
+    cfg = _cfg(memory=memory, momentum=momentum, chunk_memory=chunk, chunk_other=chunk + 1, step_norm=True)
+    for loop in (False, True):
+        _check_layer_gradients(cfg, T=7, seed=chunk, loop=loop)
+
+
 @st.composite
 def configs(draw):
     memory = draw(st.sampled_from(["mlp", "matrix"]))
@@ -154,6 +165,8 @@ def configs(draw):
         # False: Table 6 "w/o inner-projection k" / "v" (static k / v, no M_k / M_v)
         "adaptive_k": draw(st.sampled_from([True, True, True, False])),
         "adaptive_v": draw(st.sampled_from([True, True, True, False])),
+        # True: the curvature-normalised step (SPEC.md#hope-stability)
+        "step_norm": draw(st.sampled_from([False, False, True])),
     }
     return _cfg(**kw)
 
