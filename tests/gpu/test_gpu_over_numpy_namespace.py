@@ -78,6 +78,14 @@ def test_tiny_presets_are_bitwise_the_reference(name, dtype):
     _check_model_bitwise(cfg, params, tokens, split=4)
 
 
+def test_step_norm_is_bitwise_the_reference():
+    """mem_step_norm (SPEC.md#hope-stability) is reference source the namespace executes too."""
+    cfg = dataclasses.replace(config.preset("hope-tiny"), mem_step_norm=True)
+    params = R.init_params(cfg, 3)
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(2, 9))
+    _check_model_bitwise(cfg, params, tokens, split=4)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @settings(max_examples=3)
 @given(data=st.data())
