@@ -1,6 +1,7 @@
-"""Whole-model gradient-check helpers (not a test file), shared by tests/reference/test_model.py and
-tests/reference/test_linear_families.py: the loss of the forward function itself and central differences at
-a few random entries of every parameter."""
+"""Whole-model check helpers (not a test file), shared by tests/reference/test_model.py,
+test_linear_families.py and test_titans_hybrids.py: the loss of the forward function itself,
+central differences at a few random entries of every parameter, and the forward chained over
+split points (the streaming checks)."""
 
 import numpy as np
 
@@ -13,6 +14,20 @@ def plain_loss(params, tokens, cfg):
     """The loss of the forward function itself (in-context increments recomputed from params)."""
     logits, _ = model.forward(params, tokens, cfg)
     return P.cross_entropy_forward(logits[:, :-1], tokens[:, 1:])[0]
+
+
+def chained_forward(params, tokens, cfg, cuts):
+    """One forward over ``tokens`` and the same tokens as chained calls cut at ``cuts`` (each call
+    the previous one's state): (logits, state, chained logits concatenated, the state after each
+    call as (end position, state) pairs; the last is the chain's final state)."""
+    T = tokens.shape[1]
+    logits, state = model.forward(params, tokens, cfg)
+    pieces, states, st_ = [], [], None
+    for a, b in zip([0] + sorted(cuts), sorted(cuts) + [T], strict=True):
+        lg, st_ = model.forward(params, tokens[:, a:b], cfg, st_)
+        pieces.append(lg)
+        states.append((b, st_))
+    return logits, state, np.concatenate(pieces, axis=1), states
 
 
 def spot_check(f, params, grads, rng, n_spots=1, eps=1e-6):

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from corpus import write_corpus
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from model_checks import check_model_gradients
+from model_checks import chained_forward, check_model_gradients
 from model_checks import plain_loss as _plain_loss
 from port_helpers import assert_model_port_matches
 from tolerances import assert_close, tol
@@ -148,12 +148,9 @@ def test_streaming_equals_one_call(name, cuts, seed):
     cfg = config.preset(name)
     params = R.init_params(cfg, seed=seed % 7)
     tokens = _tokens(cfg, 2, 11, seed)
-    logits, state = R.forward(params, tokens, cfg)
-    pieces, st_ = [], None
-    for a, b in zip([0] + sorted(cuts), sorted(cuts) + [11], strict=True):
-        lg, st_ = R.forward(params, tokens[:, a:b], cfg, st_)
-        pieces.append(lg)
-    assert_close(np.concatenate(pieces, axis=1), logits, "float64", "rewrite", f"{name} logits")
+    logits, state, chained, states = chained_forward(params, tokens, cfg, cuts)
+    st_ = states[-1][1]
+    assert_close(chained, logits, "float64", "rewrite", f"{name} logits")
     for i, mem in enumerate(state["mem"]):
         assert_close(st_["mem"][i]["M"], mem["M"], "float64", "rewrite", f"{name} mem {i}")
 

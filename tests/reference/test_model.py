@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from model_checks import check_model_gradients
+from model_checks import chained_forward, check_model_gradients
 from model_checks import plain_loss as _plain_loss
 from tolerances import assert_close, tol
 
@@ -106,12 +106,9 @@ def test_streaming_equals_one_call(name, cuts, seed):
     cfg = config.preset(name)
     params = model.init_params(cfg, seed=seed % 7)
     tokens = _tokens(cfg, 2, 11, seed)
-    logits, state = model.forward(params, tokens, cfg)
-    pieces, st_ = [], None
-    for a, b in zip([0] + sorted(cuts), sorted(cuts) + [11], strict=True):
-        lg, st_ = model.forward(params, tokens[:, a:b], cfg, st_)
-        pieces.append(lg)
-    assert_close(np.concatenate(pieces, axis=1), logits, "float64", "rewrite", f"{name} logits")
+    logits, state, chained, states = chained_forward(params, tokens, cfg, cuts)
+    st_ = states[-1][1]
+    assert_close(chained, logits, "float64", "rewrite", f"{name} logits")
     for i, fast in enumerate(state["cms"]):
         for key, w in fast.items():
             assert_close(st_["cms"][i][key], w, "float64", "rewrite", f"{name} cms {i} {key}")

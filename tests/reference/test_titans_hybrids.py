@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from corpus import write_corpus
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
-from model_checks import check_model_gradients, plain_loss
+from model_checks import chained_forward, check_model_gradients, plain_loss
 from port_helpers import assert_model_port_matches
 from tolerances import assert_close
 
@@ -100,18 +100,16 @@ def test_streaming_equals_one_call(family, cuts, seed):
     cfg = config.preset(_tiny(family))
     params = R.init_params(cfg, seed=seed % 7)
     tokens = _tokens(cfg, 2, 11, seed)
-    logits, state = R.forward(params, tokens, cfg)
-    pieces, st_ = [], None
-    for a, b in zip([0] + sorted(cuts), sorted(cuts) + [11], strict=True):
-        lg, st_ = R.forward(params, tokens[:, a:b], cfg, st_)
-        pieces.append(lg)
+    logits, state, chained, states = chained_forward(params, tokens, cfg, cuts)
+    for b, st_b in states:
         want = _cache_lengths(family, cfg, b)
-        for past in st_["past"]:
+        for past in st_b["past"]:
             if want is None:
                 assert past is None
             else:
                 assert past[0].shape[2] == past[1].shape[2] == want
-    assert_close(np.concatenate(pieces, axis=1), logits, "float64", "rewrite", "logits")
+    assert_close(chained, logits, "float64", "rewrite", "logits")
+    st_ = states[-1][1]
     for i in range(cfg.n_layers):
         for key, w in state["mem"][i].items():
             if isinstance(w, np.ndarray):
