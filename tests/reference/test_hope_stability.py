@@ -24,6 +24,11 @@ TABLE = "".join(f"    '{chr(97 + i % 26)}'        #  0x{i:02X} -> LATIN SMALL LE
 HOPE_PRESETS = [n for n, c in config.PRESETS.items() if c.family == "hope" and not n.endswith("-tiny")]
 
 
+def _is_memory_init(name: str) -> bool:
+    """A self-modifying memory's meta-learned initial weight (``blocks.i.mem.<m>.W1_0`` / ``W2_0``)."""
+    return ".mem." in name and name.rsplit(".", 1)[1] in ("W1_0", "W2_0")
+
+
 def _largest_memory_weight(cfg, seed, monkeypatch, scale=3.0) -> float:
     """The largest |weight| any self-modifying memory reaches over the sequence (every state an
     inner gradient is taken at), from weights ``scale`` times their initialisation and eta gates at
@@ -38,7 +43,7 @@ def _largest_memory_weight(cfg, seed, monkeypatch, scale=3.0) -> float:
     monkeypatch.setattr(FM, "inner_grad", spy)
     params = F.init_params(cfg, seed)
     for name in params:
-        if ".mem." in name and name.rsplit(".", 1)[1] in ("W1_0", "W2_0"):
+        if _is_memory_init(name):
             params[name] = params[name] * scale
         if name.endswith(".mem.b_eta"):
             params[name] = np.full_like(params[name], 4.0)
@@ -69,8 +74,7 @@ def test_repeated_keys_stay_bounded_at_the_presets_bound(seed, monkeypatch):
 
 def _largest_initial_weight(cfg, seed) -> float:
     params = F.init_params(cfg, seed)
-    return max(float(np.max(np.abs(v))) for k, v in params.items()
-               if ".mem." in k and k.rsplit(".", 1)[1] in ("W1_0", "W2_0"))  # fmt: skip
+    return max(float(np.max(np.abs(v))) for k, v in params.items() if _is_memory_init(k))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
