@@ -54,6 +54,10 @@ class Ops:
           needs lies below);
         - ``reuse_layer_caches``: ``loss_and_grads`` re-uses the chunk-major pass's layer caches,
           merged by ``layer(family).merge_caches``, in the whole-sequence pass;
+        - ``reuse_span_layers``: a level whose period spans several processing chunks takes its
+          write's re-run of the sequence-memory layers from those chunks' own layer caches, merged
+          by ``layer(family).merge_caches``, when every one of them ran in one piece in this call
+          (the same inputs; the rest of the stack is re-run);
         - ``copy_history``: a processing chunk's record keeps a copy of the memory layers' states
           (False: a reference, for layers that never write a state in place).
     """
@@ -66,6 +70,7 @@ class Ops:
     reuse_chunk_forward: bool = False
     cms_grads_only: bool = False
     reuse_layer_caches: bool = False
+    reuse_span_layers: bool = False
     copy_history: bool = True
 
 

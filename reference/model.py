@@ -218,17 +218,19 @@ def level_chunk_inputs(ops, params, cfg: ModelConfig, state, start: int, next_to
     return X, targets, past, by_start[start]["mem"], cms_w, groups
 
 
-def level_chunk_gradient(ops, params, cfg, state, start, next_token, fwd=None):
+def level_chunk_gradient(ops, params, cfg, state, start, next_token, fwd=None, mixers=None):
     """Per block, per level: the gradient of the summed next-token loss of the tokens
     [start, pos) with respect to the CMS weights in force there, everything before ``start``
     held fixed (Eq. 71, SPEC.md#cms). Returns dcms[i][l] = (dW1, dW2) of shape (B, G_l, ...).
 
     ``fwd``: (logits, stack cache) of the chunk [start, pos) when this call forwarded it in one
-    piece (``Ops.reuse_chunk_forward``): the same inputs, so it is not re-run."""
+    piece (``Ops.reuse_chunk_forward``): the same inputs, so it is not re-run. ``mixers``: per
+    block, (o, cache) of its sequence-memory layer over [start, pos) merged from the processing
+    chunks' own caches (``Ops.reuse_span_layers``, ``span_mixers``): the layers are not re-run."""
     P = ops.primitives
     if fwd is None:
         X, targets, past, mem, cms_w, groups = level_chunk_inputs(ops, params, cfg, state, start, next_token)
-        logits, cache, _, _ = blocks.stack_forward(ops, params, cfg, X, start, past, mem, cms_w, groups)
+        logits, cache, _, _ = blocks.stack_forward(ops, params, cfg, X, start, past, mem, cms_w, groups, mixers)
     else:
         logits, cache = fwd
         X = state["window"][:, start - state["pos"]:]
@@ -267,7 +269,22 @@ def apply_writes(ops, cfg: ModelConfig, state, due_grads, record):
     state["window"] = state["window"][:, start - (pos - state["window"].shape[1]):]
 
 
-def complete_chunks(ops, params, cfg: ModelConfig, state, next_token, record, last=None):
+def span_mixers(ops, cfg: ModelConfig, span, start: int, end: int):
+    """Per block, (o, cache) of its sequence-memory layer over [start, end), merged by the layer
+    module's ``merge_caches`` from ``span``'s records (start position, per block the layer cache)
+    of the processing chunks this call forwarded in one piece; None unless they tile [start, end)
+    (a streaming call that began inside the span re-runs it). The merged layers computed the same
+    function of the same inputs as a re-run from the history record at ``start`` (block 0 exactly;
+    a higher block's input up to the rounding of the CMS weights' grouping, SPEC.md#fast-cpu)."""
+    pieces = {s: c for s, c in span if start <= s < end}
+    if sorted(pieces) != list(range(start, end, cfg.cms_chunk)):
+        return None
+    module = ops.layer(cfg.family)
+    mixers = [module.merge_caches([pieces[s][i] for s in sorted(pieces)]) for i in range(cfg.n_layers)]
+    return None if any(m is None for m in mixers) else mixers
+
+
+def complete_chunks(ops, params, cfg: ModelConfig, state, next_token, record, last=None, span=None):
     """The CMS writes due at position pos (a multiple of the processing chunk), now that the target
     of position pos - 1 has arrived: each level whose period ends here re-runs its own chunk
     [pos - C^(l), pos) from the states before it and applies Eq. (71) with that chunk's summed
@@ -275,7 +292,8 @@ def complete_chunks(ops, params, cfg: ModelConfig, state, next_token, record, la
 
     ``last``: (logits, stack cache) of the last processing chunk when this call forwarded it in one
     piece; with ``Ops.reuse_chunk_forward`` it stands for the re-run of a level whose period is the
-    processing chunk."""
+    processing chunk. ``span``: the records ``span_mixers`` reads (``Ops.reuse_span_layers``; a
+    list kept by ``run``, cut here to the open level chunks)."""
     pos = state["pos"]
     due = cms.updates_at(cfg.cms_levels, pos, cfg.cms_in_context)
     due_grads, by_period = {}, {}
@@ -283,9 +301,13 @@ def complete_chunks(ops, params, cfg: ModelConfig, state, next_token, record, la
         period = cfg.cms_levels[l].period
         if period not in by_period:
             reuse = last if ops.reuse_chunk_forward and period == cfg.cms_chunk else None
-            by_period[period] = level_chunk_gradient(ops, params, cfg, state, pos - period, next_token, reuse)
+            mixers = span_mixers(ops, cfg, span, pos - period, pos) if span and reuse is None else None
+            by_period[period] = level_chunk_gradient(ops, params, cfg, state, pos - period, next_token, reuse,
+                                                     mixers)
         due_grads[l] = by_period[period]
     apply_writes(ops, cfg, state, due_grads, record)
+    if span is not None:
+        span[:] = [piece for piece in span if piece[0] >= open_chunk_start(cfg, pos)]
 
 
 def writes_due(cfg: ModelConfig, state) -> bool:
@@ -303,13 +325,18 @@ def run(ops, params, tokens, cfg, state, record=None, keep=None):
     T = tokens.shape[1]
     C = cfg.cms_chunk
     out, t, last = [], 0, None
+    reusable = C is not None and ops.reuse_span_layers and not has_attention(cfg)
+    span = [] if reusable and hasattr(ops.layer(cfg.family), "merge_caches") else None  # see span_mixers
     while t < T:
         if writes_due(cfg, state):
-            complete_chunks(ops, params, cfg, state, tokens[:, t], record, last)
+            complete_chunks(ops, params, cfg, state, tokens[:, t], record, last, span)
         starts = C is not None and state["pos"] % C == 0
         n = T - t if C is None else min(T - t, C - state["pos"] % C)
+        p = state["pos"]
         logits, cache = advance(ops, params, cfg, state, tokens[:, t:t + n])
         last = (logits, cache) if (starts and n == C) else None  # the chunk's one-piece forward
+        if span is not None and last is not None:
+            span.append((p, [c[1] for c in cache[1]]))
         if keep is not None:
             keep.append([c[1] for c in cache[1]])  # each block's c_mix of (c_n1, c_mix, c_n2, c_sec)
         out.append(logits)

@@ -21,7 +21,9 @@ What this module adds (SPEC.md#fast-cpu):
       whole-sequence pass re-uses the chunk-major pass's self-modifying layer caches merged by
       ``fast.cpu.selfmod.merge_caches`` (``reuse_layer_caches``: block 0 bitwise; a higher block's
       input differs by rounding only, measured 2.5e-16 (float64) and 1.7e-7 (float32) of the
-      gradient's scale at hope-small); history records keep the memory states by reference
+      gradient's scale at hope-small); a slower level's write re-runs its span with the layers
+      taken from the span's processing chunks' merged caches (``reuse_span_layers``: the
+      hope-small step 0.85x, float64 bitwise); history records keep the memory states by reference
       (``copy_history=False``: no layer of this port writes a state in place);
     - ``loss_and_grads`` splits the batch into ``NL_CPU_GROUPS`` groups run on the caller and worker
       threads or processes (``NL_CPU_THREADS``, ``NL_CPU_WORKERS``; see ``WORKERS`` below): the
@@ -91,7 +93,7 @@ def layer(family: str):
 
 
 CPU = Ops(name="cpu", np=np, primitives=P, cms=cms, layer=layer, reuse_chunk_forward=True, cms_grads_only=True,
-          reuse_layer_caches=True, copy_history=False)
+          reuse_layer_caches=True, reuse_span_layers=True, copy_history=False)
 """This port's ops for the one model driver (reference/contract.py ``Ops``)."""
 
 

@@ -255,3 +255,60 @@ def test_a_bad_cpu_setting_is_named_by_the_command_line(setting, message, tmp_pa
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert not out.exists()
+
+
+class _CountingLayer:
+    """A layer module that counts its ``forward`` calls (everything else is the module's)."""
+
+    def __init__(self, module):
+        self._module, self.calls = module, 0
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self._module.forward(*args, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_span_reuse_skips_the_layer_reruns_and_computes_the_same_function(dtype):
+    """``Ops.reuse_span_layers`` (SPEC.md#fast-cpu): the period-4 level's writes of hope-tiny (periods
+    2, 4; processing chunk 2) take their two chunks' layer caches, merged, instead of re-running the
+    self-modifying layers; every other layer call is the same. Loss, gradients, increments and the
+    logits of a one-call forward agree with the switch off (float64: the rewrite row; the re-run of
+    a higher block differs from the merged caches only by the CMS weights' grouping), and a stream
+    of calls that starts inside a span (no reusable record) still equals one call."""
+    cfg = dataclasses.replace(config.preset("hope-tiny"), dtype=dtype)
+    assert [lv.period for lv in cfg.cms_levels][:2] == [2, 4] and cfg.cms_chunk == 2
+    params = R.init_params(cfg, 7)
+    T = 23
+    tokens = np.random.default_rng(8).integers(0, cfg.vocab_size, size=(2, T))
+    counted, out = {}, {}
+    for on in (True, False):
+        layer = _CountingLayer(F.layer("hope"))
+        ops = dataclasses.replace(F.CPU, reuse_span_layers=on, layer=lambda family, layer=layer: layer)
+        out[on] = (R.loss_and_grads(params, tokens, cfg, ops=ops), R.cms_increments(params, tokens, cfg, ops=ops),
+                   R.forward(params, tokens, cfg, ops=ops)[0])
+        layer.calls = 0
+        R.cms_increments(params, tokens, cfg, ops=ops)
+        counted[on] = layer.calls
+    chunks, span_writes = -(-T // 2), len(range(4, T, 4))  # processing chunks; the period-4 writes (p < T)
+    assert counted[True] == cfg.n_layers * chunks
+    assert counted[False] == cfg.n_layers * (chunks + span_writes)  # a re-run: one call per block over its span
+    row = "rewrite" if dtype == "float64" else "port"
+    (loss_on, g_on), inc_on, logits_on = out[True]
+    (loss_off, g_off), inc_off, logits_off = out[False]
+    assert_close(loss_on, loss_off, dtype, row, "loss")
+    _assert_grads_close(g_on, g_off, dtype)
+    if dtype == "float64":
+        for k in g_off:
+            assert_close(g_on[k], g_off[k], dtype, row, k)
+    for k in inc_off:
+        assert_close(inc_on[k], inc_off[k], dtype, row, k)
+    assert_close(logits_on, logits_off, dtype, row, "logits")
+    state, pieces = None, []
+    for a, b in ((0, 3), (3, 12), (12, T)):  # the second call starts inside the span [0, 4)
+        logits, state = F.forward(params, tokens[:, a:b], cfg, state)
+        pieces.append(logits)
+    assert_close(np.concatenate(pieces, axis=1), logits_off, dtype, "port", "stream")

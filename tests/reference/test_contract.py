@@ -104,8 +104,9 @@ def test_the_ports_run_the_drivers_functions_with_their_ops():
     assert "model" not in namespace.MODULES  # the driver is not executed over the namespace: it takes ops
     # the CPU port's savings are switches of the one driver; the reference runs without them
     assert cpu_model.CPU.reuse_chunk_forward and cpu_model.CPU.cms_grads_only and cpu_model.CPU.reuse_layer_caches
+    assert cpu_model.CPU.reuse_span_layers
     assert not (driver.REFERENCE.reuse_chunk_forward or driver.REFERENCE.cms_grads_only
-                or driver.REFERENCE.reuse_layer_caches)
+                or driver.REFERENCE.reuse_layer_caches or driver.REFERENCE.reuse_span_layers)
 
 
 def test_each_saving_alone_computes_the_reference_function():
