@@ -39,6 +39,12 @@ PyTorch peers ``torch`` and ``torch-cuda`` (torch_model.py; ``backends.PEERS``).
 - ``time_budget`` (seconds from the start of the run): once spent, no further (preset, backend)
   and no further decode context is started (each is reported skipped, with that reason); a step
   or a prefill already running is not interrupted;
+- the PyTorch peer ``torch`` keeps every token's memory states in its autograd graph (its hope
+  step at 4 x 256 needs ~12 GB, hope-medium ~25 GB): before its row a child process times one
+  step at the run's batch and ``MEMORY_PROBE_T`` tokens, and the row is skipped, with the
+  prediction, when that per-token peak times batch x seq_len exceeds the budget (``MEMORY_SHARE``
+  of the memory available then, at most ``max_memory_gb``): an out-of-memory kill would end the
+  whole run (measured: hope-medium's row took the 24 GB machine and the kernel killed the bench);
 - a (preset, backend) that raises is reported ``error: ...`` with its traceback, and the run goes
   on (the CLI then exits 1); JSON rows (``json_out``) are written as each row ends, so a run
   killed from outside keeps the rows it finished.
@@ -157,6 +163,9 @@ class _Timed:
     def stepper(self, params, tokens, cfg):
         return _AdamWSteps(self.be.loss_and_grads, self.be.optimizers(), params, self.be.to_device(tokens), cfg)
 
+    def device_tokens(self, tokens):
+        return self.be.to_device(tokens)
+
     def synchronize(self):
         self.be.synchronize()
 
@@ -179,6 +188,9 @@ class _TorchBackend:
         from .reference import optimizers
 
         return _AdamWSteps(self.model.loss_and_grads, optimizers, params, tokens, cfg)
+
+    def device_tokens(self, tokens):
+        return tokens
 
     def synchronize(self):
         pass
@@ -226,6 +238,9 @@ class _TorchDeviceBackend:
         host = {k: v.detach().cpu().numpy() for k, v in params.items()}  # the Trainer keeps its own copy
         return _TorchStep(self.tm.Trainer(host, cfg, self.dev, lr=ADAMW_LR), self._tensor(tokens))
 
+    def device_tokens(self, tokens):
+        return self._tensor(tokens)
+
     def synchronize(self):
         if self.dev.type == "cuda":
             self.torch.cuda.synchronize(self.dev)
@@ -250,6 +265,89 @@ def _backend(name: str, batch_size: int = 4):
     if not ok:
         raise (NoGPU if be.on_device else NotAvailable)(why)
     return _Timed(be)
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory guard of the PyTorch peer
+# ---------------------------------------------------------------------------------------------
+
+MEMORY_PROBE_T = 32  # tokens per sequence of the probe's step (at most the run's seq_len), at the run's batch
+MEMORY_SHARE = 0.9  # of the memory available when a row starts: the default budget
+
+
+def peak_rss_kib() -> float:
+    """This process's peak resident memory in KiB: ``VmHWM`` of /proc/self/status (the high-water
+    mark of its own address space, new at exec), else ``ru_maxrss``. Not ``ru_maxrss`` first: Linux
+    carries it across fork and exec, so a child started by a large process would report the
+    parent's size as its own peak (measured: a probe started after a hope-small CPU row read
+    7.5 MB per token instead of 11.9)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+
+
+def step_kib_per_token(preset: str, backend: str, batch: int, seq_len: int, dtype: str) -> float:
+    """KiB of peak resident memory per token of one training step of ``batch`` x ``seq_len``
+    tokens, measured in this process from before the step (run by ``probe_step_memory`` in a fresh
+    child, so the high-water mark is the step's own). For the PyTorch peer, which compiles nothing
+    and keeps its autograd graph of every token's state."""
+    from . import config
+
+    timed = _backend(backend, batch)
+    cfg = dataclasses.replace(config.preset(preset), dtype=dtype)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(batch, seq_len))
+    step = timed.stepper(timed.params(cfg), tokens, cfg)
+    base = peak_rss_kib()
+    step()
+    timed.synchronize()
+    return (peak_rss_kib() - base) / (batch * seq_len)
+
+
+def probe_step_memory(preset: str, backend: str, batch: int, seq_len: int, dtype: str, timeout: float):
+    """(KiB per token from ``step_kib_per_token`` in a fresh process, None) or (None, why it failed)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from nlref.bench import step_kib_per_token; "
+            "print(step_kib_per_token(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]))")
+    try:
+        r = subprocess.run([sys.executable, "-c", code, preset, backend, str(batch), str(seq_len), dtype],
+                           capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"the memory probe ran past {timeout:.0f} s"
+    if r.returncode != 0:
+        return None, (r.stderr.strip().splitlines() or [f"the memory probe exited {r.returncode}"])[-1]
+    return float(r.stdout.strip().splitlines()[-1]), None
+
+
+def available_mib():
+    """MemAvailable of /proc/meminfo in MiB, or None where there is none (not Linux)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def memory_verdict(kib_per_token: float, batch_size: int, seq_len: int, budget_mib, probe_t: int = MEMORY_PROBE_T):
+    """(predicted MiB of the step, None) when it fits ``budget_mib`` (or there is no budget), else
+    (predicted, the reason to skip): the step's memory is linear in batch x tokens (each sequence
+    and token keeps its own states in the peer's graph; measured linear in T, docs/performance.md)."""
+    need = kib_per_token * batch_size * seq_len / 1024
+    if budget_mib is None or need <= budget_mib:
+        return need, None
+    return need, (f"predicted peak {need / 1024:.1f} GB > the {budget_mib / 1024:.1f} GB budget (--max-memory; "
+                  f"{kib_per_token / 1024:.1f} MB per token measured at {batch_size} x {probe_t} tokens in a child process)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,13 +603,33 @@ def _measure(be, row, cfg, tokens, rate, repeats, decode_contexts, decode_tokens
     return first, tps, gflops, decode, n
 
 
+def _torch_memory_check(row, cfg, dtype, batch_size, seq_len, max_memory_gb, max_seconds):
+    """Why the torch row must not run (its predicted peak over the budget), or None; fills ``row``
+    with the probe's figures. Budget: ``MEMORY_SHARE`` of the memory available now, at most
+    ``max_memory_gb`` (None: no cap; without /proc/meminfo only the cap)."""
+    avail = available_mib()
+    budget = None if avail is None else MEMORY_SHARE * avail
+    if max_memory_gb is not None:
+        budget = max_memory_gb * 1024 if budget is None else min(budget, max_memory_gb * 1024)
+    if budget is None:
+        return None
+    probe_t = min(seq_len, MEMORY_PROBE_T)
+    kib, failed = probe_step_memory(cfg.name, "torch", batch_size, probe_t, dtype, max(60.0, max_seconds))
+    if failed:  # the row itself will meet the same error and report it
+        row["memory_probe"] = failed
+        return None
+    need, why = memory_verdict(kib, batch_size, seq_len, budget, probe_t)
+    row.update(probe_kib_per_token=kib, predicted_step_mib=need, memory_budget_mib=budget)
+    return why
+
+
 def _short(backend: str) -> str:
     return "ref" if backend == "reference" else backend
 
 
 def run(presets=(), backends=(), batch_size=4, seq_len=256, dtype="float32", repeats=3, decode_contexts=(1024,),
         decode_tokens=8, max_seconds=60.0, json_out=None, echo=print, prefill_seconds=None,
-        time_budget=None) -> list[dict]:
+        time_budget=None, max_memory_gb=None) -> list[dict]:
     """Run the benchmark and print its table; returns the rows (see the module docstring)."""
     from threadpoolctl import threadpool_limits
 
@@ -595,6 +713,11 @@ def run(presets=(), backends=(), batch_size=4, seq_len=256, dtype="float32", rep
                         row["status"] = f"no GPU: {exc}"
                     except NotAvailable as exc:  # the CPU port without Numba or with a bad NL_CPU_* setting
                         row["status"] = f"not available: {exc}"
+                if be is not None and backend == "torch":  # its graph keeps every token's state: probe first
+                    why = _torch_memory_check(row, cfg, dtype, batch_size, seq_len, max_memory_gb, max_seconds)
+                    if why:
+                        row["status"] = f"skipped: {why}"
+                        be = None
                 if be is None:
                     echo(f"{cfg.name:<22} {backend:<10} {row['status']}")
                     emit(row)

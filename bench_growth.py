@@ -7,7 +7,7 @@ backend, batch B, sequence length T) in a fresh Python process, so that its peak
 - ``tokens/s``: B T over the median of ``repeats`` training steps (``loss_and_grads`` + AdamW, as
   ``nested-learning bench``) after a small step (one sequence of at most 48 tokens: the kernels
   compile or load per type, not per shape) and one untimed full step;
-- ``peak MB``: the process's peak resident memory (``ru_maxrss``) after the steps;
+- ``peak MB``: the process's peak resident memory (``bench.peak_rss_kib``: VmHWM) after the steps;
   ``base MB`` the same after the small step (interpreter, imports, kernels, parameters, optimizer
   state);
   ``KB/token`` = (peak - base) / (B T): what one step holds per token (activations, the backward's
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -57,8 +56,8 @@ def point(preset: str, backend: str, batch: int, seq_len: int, repeats: int, dty
         step()
         timed.synchronize()
         first = time.perf_counter() - t0
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        step.tokens = timed.be.to_device(tokens)
+        base = bench.peak_rss_kib()  # KiB
+        step.tokens = timed.device_tokens(tokens)
         step()  # untimed: first use of this shape's buffers
         times = []
         for _ in range(repeats):
@@ -66,7 +65,7 @@ def point(preset: str, backend: str, batch: int, seq_len: int, repeats: int, dty
             step()
             timed.synchronize()
             times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = bench.peak_rss_kib()
     median = statistics.median(times)
     return {"preset": preset, "backend": backend, "batch": batch, "seq_len": seq_len, "dtype": dtype,
             "first_s": first, "step_s": median, "tokens_per_s": batch * seq_len / median,

@@ -810,8 +810,12 @@ def conformance_verify(directory, backend, only) -> None:
                    "started (each is reported skipped).")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None,
               help="Also write the rows as JSON lines (each as it ends).")
+@click.option("--max-memory", "max_memory_gb", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="GB", help="Cap on the memory a torch row's step may take (default: 90% of the memory "
+              "available when the row starts). Its peak is predicted from a short step in a child process; a row "
+              "predicted over the budget is skipped with the prediction.")
 def bench(presets, backends, batch_size, seq_len, dtype, repeats, decode_contexts, decode_tokens, max_seconds,
-          prefill_seconds, time_budget, json_out) -> None:
+          prefill_seconds, time_budget, json_out, max_memory_gb) -> None:
     """Time the training step (forward + backward + AdamW) and streaming decode per backend, in one run.
 
     Prints tokens/s, the speedup over the first backend, achieved GFLOP/s against the matrix-product
@@ -825,7 +829,7 @@ def bench(presets, backends, batch_size, seq_len, dtype, repeats, decode_context
         rows = b.run(presets=presets, backends=backends, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
                      repeats=repeats, decode_contexts=decode_contexts or (1024,), decode_tokens=decode_tokens,
                      max_seconds=max_seconds, json_out=json_out, echo=click.echo, prefill_seconds=prefill_seconds,
-                     time_budget=time_budget)
+                     time_budget=time_budget, max_memory_gb=max_memory_gb)
     except ValueError as exc:  # an unknown preset
         raise click.BadParameter(str(exc), param_hint="--preset") from None
     failed = [f"{r['preset']} {r['backend']}" for r in rows if r.get("status", "").startswith("error")]

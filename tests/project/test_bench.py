@@ -491,3 +491,53 @@ def test_the_command_line_runs_the_cpu_groups_in_worker_processes(tmp_path):
         assert res.returncode == 0, res.stdout + res.stderr
         if len(os.sched_getaffinity(0)) >= 2:  # one core: the groups run in the caller
             assert f"the caller and 1 {kind} worker(s)" in res.stdout, res.stdout
+
+
+def test_memory_verdict_is_linear_in_the_tokens_and_names_the_budget():
+    need, why = bench.memory_verdict(1024.0, 4, 256, budget_mib=2048.0)  # 1 MiB per token x 1,024 tokens
+    assert need == pytest.approx(1024.0) and why is None
+    need, why = bench.memory_verdict(1024.0, 4, 256, budget_mib=512.0, probe_t=32)
+    assert need == pytest.approx(1024.0)
+    assert why == ("predicted peak 1.0 GB > the 0.5 GB budget (--max-memory; 1.0 MB per token measured at 4 x 32 "
+                   "tokens in a child process)")
+    assert bench.memory_verdict(1e9, 4, 256, budget_mib=None)[1] is None  # no budget: no guard
+
+
+def test_a_torch_row_over_the_memory_budget_is_skipped_and_the_run_goes_on():
+    """The probe runs for real (a child process, one step of 1 x 6 tokens); with a budget of a few
+    bytes the torch row is skipped with its prediction and the other rows are measured; with the
+    machine's budget it runs and records what the probe measured. The CLI exits 0 either way."""
+    pytest.importorskip("torch")
+    out = []
+    rows = bench.run(presets=("transformer-tiny",), backends=("cpu", "torch"), batch_size=1, seq_len=6, repeats=1,
+                     decode_contexts=(8,), decode_tokens=1, echo=out.append, max_memory_gb=1e-9)
+    cpu, torch_row = rows
+    assert cpu["tokens_per_s"] > 0 and "status" not in cpu
+    assert torch_row["status"].startswith("skipped: predicted peak ") and "--max-memory" in torch_row["status"]
+    assert torch_row["probe_kib_per_token"] > 0 and torch_row["memory_budget_mib"] == pytest.approx(1e-9 * 1024)
+    assert "tokens_per_s" not in torch_row
+    assert re.search(r"transformer-tiny +torch +skipped: predicted peak", "\n".join(out))
+    rows = bench.run(presets=("transformer-tiny",), backends=("torch",), batch_size=1, seq_len=6, repeats=1,
+                     decode_contexts=(8,), decode_tokens=1, echo=lambda *a: None)
+    assert rows[0]["tokens_per_s"] > 0 and rows[0]["predicted_step_mib"] <= rows[0]["memory_budget_mib"]
+    res = CliRunner().invoke(cli, ["bench", "--preset", "transformer-tiny", "--backend", "torch", "--batch-size", "1",
+                                   "--seq-len", "6", "--repeats", "1", "--decode-context", "8", "--decode-tokens", "1",
+                                   "--max-memory", "0.000000001"])
+    assert res.exit_code == 0, res.output
+    assert "skipped: predicted peak" in res.output
+
+
+def test_peak_memory_is_the_processs_own_not_its_parents(tmp_path):
+    """A child started by a process holding ~400 MB reads its own peak (``bench.peak_rss_kib``:
+    VmHWM), not the parent's size, which Linux's ``ru_maxrss`` carries across fork and exec."""
+    import subprocess
+    import sys
+
+    if not open("/proc/self/status", encoding="ascii").read().count("VmHWM:"):
+        pytest.skip("no VmHWM in /proc/self/status")
+    big = np.ones(400 * 2**20 // 8)  # touched: resident in this process
+    code = "from nlref import bench; print(bench.peak_rss_kib())"
+    child_kib = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                     check=True).stdout.split()[-1])
+    assert big.sum() > 0
+    assert child_kib < 300 * 1024, f"the child read {child_kib / 1024:.0f} MB: the parent's peak, not its own"
