@@ -12,8 +12,9 @@ PyTorch peers ``torch`` and ``torch-cuda`` (torch_model.py; ``backends.PEERS``).
   compilation or cache load, for the GPU rows CUDA's start-up and kernel compilation), then
   ``repeats`` steps whose median gives tokens/s;
 - achieved GFLOP/s: a model-FLOP estimate (6 x matmul parameters x tokens, plus 6 T^2 D per layer
-  and sequence for causal attention; the memory layers' inner products and the in-context CMS
-  passes are NOT counted, so for hope families this understates the work) over the step time,
+  and sequence for causal attention, plus 3 x the memory layers' inner products per token:
+  ``memory_layer_flops``, their reads, inner gradients and writes; the in-context CMS levels'
+  re-runs are NOT counted, so for hope families this still understates the work) over the step time,
   and its fraction of the matrix-product rate of the row's device measured at the start of the
   run (CPU: a 512^3 product in the run's dtype under the same thread limit; GPU: an
   ``GPU_MATMUL_N``^3 product in the run's dtype on the card, TF32 off unless ``CUPY_TF32=1``);
@@ -448,8 +449,58 @@ def gpu_info(dtype: str, backends, n: int = GPU_MATMUL_N, reps: int = 5) -> dict
             "what": f"torch {torch.__version__} {n}^3 {dtype}, TF32 off"}
 
 
+def memory_layer_flops(cfg) -> float:
+    """Forward FLOPs per token of one block's sequence-memory layer in its fast weights: the
+    matrix products of the memories' reads, inner gradients and writes (the layer's outer weight
+    matrices are the 6 N rule's). 0 for the attention families. Per head, with dh the head width,
+    Hm the MLP memories' hidden width, s = 2 dh Hm (MLP: W1 and W2) or dh^2 (matrix) the state's
+    size, a read costs 2 s (MLP: W2 z, W1 act(.); matrix: M z):
+
+    - ``hope`` (SPEC.md#selfmod, Eqs. 83-93): reads of x by each of ``readers`` (Eq. 83), of q by
+      M_memory, of v by every memory (v_hat, Eq. 84), of k by every memory's inner gradient (Eq. 93),
+      whose backward through the MLP adds W1^T u1 (2 dh Hm); each memory's write: the gradient's
+      rank-1 factors into every weight (2 x its size) and, with DGD, the key-side shrink
+      W (alpha I - eta' k k^T) (W k, then its rank-1 update: 4 x the key-side weight's size, Eq. 88);
+    - ``titans`` and its hybrids (SPEC.md#titans, Titans Eqs. 9-18): the read at q, the inner
+      gradient at k (a read, plus W1^T u1 for the MLP), the write (2 x the state's size); titans-mac's
+      retrieval reads once more per token (SPEC.md#titans-mac);
+    - the linear families (SPEC.md#linear-families): the read S q (2 dh^2) and the write: Hebbian
+      2 dh^2, the delta rules S k and its rank-1 correction 4 dh^2.
+
+    The backward is counted as twice the forward (``model_flops``: 3 x), as the 6 N rule counts a
+    weight's product; element-wise work (activations, gates, decays, momentum) is not counted, nor
+    the in-context CMS levels' re-runs of their chunks (SPEC.md#hope: a backward of the blocks above
+    each level over its period, per write)."""
+    from .reference import config as config_mod
+
+    if cfg.family in ("transformer", "hope-attention"):
+        return 0.0
+    H, dh = cfg.n_heads, cfg.d_model // cfg.n_heads
+    if cfg.family in config_mod.LINEAR_FAMILIES:
+        return float(H * (2 * dh * dh + (2 if cfg.family == "linear-attention" else 4) * dh * dh))
+    mlp = cfg.mem_kind == "mlp"
+    Hm = cfg.mem_hidden if cfg.mem_hidden > 0 else 4 * dh
+    size = 2 * dh * Hm if mlp else dh * dh  # the state's entries (W1 and W2, or M)
+    key_side = dh * Hm if mlp else dh * dh  # W2 (Hm x dh) or M
+    read = 2 * size
+    back = 2 * dh * Hm if mlp else 0  # W1^T u1 of an MLP memory's inner gradient (a dh x Hm product)
+    if cfg.family == "hope":
+        from .reference import selfmod
+        from .reference.contract import layer_config
+
+        lc = layer_config(selfmod, cfg)
+        n_mem = len(lc.memories)
+        reads = len(lc.readers) + 1 + 2 * n_mem  # x by the readers, q by M_memory, v and k by every memory
+        write = 2 * size + (4 * key_side if lc.dgd else 0)
+        return float(H * (reads * read + n_mem * (back + write)))
+    reads = 2 + (cfg.family == "titans-mac")
+    return float(H * (reads * read + back + 2 * size))
+
+
 def model_flops(cfg, B: int, T: int) -> float:
-    """Forward + backward FLOPs estimate of one step (see the module docstring)."""
+    """Forward + backward FLOPs estimate of one step (see the module docstring): 6 x the matmul
+    parameters x tokens, 6 T^2 D per attention layer and sequence, and 3 x ``memory_layer_flops``
+    per layer and token."""
     from .reference import model as ref
 
     n_matmul = sum(int(np.prod(s)) for k, s in ref.param_shapes(cfg).items()
@@ -457,7 +508,7 @@ def model_flops(cfg, B: int, T: int) -> float:
     flops = 6.0 * n_matmul * B * T
     if cfg.family in ("transformer", "hope-attention"):
         flops += 6.0 * cfg.n_layers * B * T * T * cfg.d_model
-    return flops
+    return flops + 3.0 * memory_layer_flops(cfg) * cfg.n_layers * B * T
 
 
 # ---------------------------------------------------------------------------------------------

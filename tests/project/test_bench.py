@@ -541,3 +541,33 @@ def test_peak_memory_is_the_processs_own_not_its_parents(tmp_path):
                                      check=True).stdout.split()[-1])
     assert big.sum() > 0
     assert child_kib < 300 * 1024, f"the child read {child_kib / 1024:.0f} MB: the parent's peak, not its own"
+
+
+def test_memory_layer_flops_count_the_fast_weights_products_by_hand():
+    """``bench.memory_layer_flops`` against counts worked out by hand from the layers' equations
+    (per head: a read of an MLP memory z + W1 act(W2 z) is 2 products of dh x Hm, 4 dh Hm FLOPs)."""
+    # hope-tiny: dh 4, Hm 4, 2 heads, memories k, v, eta, alpha, memory (readers: the first four), DGD.
+    cfg = config.preset("hope-tiny")
+    assert (cfg.d_model, cfg.n_heads, cfg.mem_hidden, cfg.mem_kind, cfg.mem_dgd) == (8, 2, 4, "mlp", True)
+    read = 4 * 4 * 4  # W2 z and W1 act(.): 2 x (2 x 4 x 4)
+    reads = 4 + 1 + 5 + 5  # x by 4 readers, q by M_memory, v (v_hat) and k (inner gradient) by 5 memories
+    per_memory = 2 * 4 * 4 + 2 * 32 + 4 * 16  # W1^T u1; rank-1 factors into W1 and W2; W2 (alpha I - eta' k k^T)
+    assert bench.memory_layer_flops(cfg) == 2 * (reads * read + 5 * per_memory)
+    no_dgd = dataclasses.replace(cfg, mem_dgd=False)  # the shrink's two products go, nothing else
+    assert bench.memory_layer_flops(cfg) - bench.memory_layer_flops(no_dgd) == 2 * 5 * 4 * 16
+    # titans-small: dh 32, Hm 128, 4 heads: read at q, inner gradient at k (+ W1^T u1), the write
+    cfg = config.preset("titans-small")
+    dh, Hm = 32, 128
+    assert (cfg.d_model // cfg.n_heads, cfg.mem_hidden or 4 * dh, cfg.mem_kind) == (dh, Hm, "mlp")
+    assert bench.memory_layer_flops(cfg) == 4 * (2 * 4 * dh * Hm + 2 * dh * Hm + 2 * 2 * dh * Hm)
+    # deltanet: read S q, then S k and the rank-1 correction (dh x dh each); linear attention: read, outer product
+    cfg = config.preset("deltanet-small")
+    dh = cfg.d_model // cfg.n_heads
+    assert bench.memory_layer_flops(cfg) == cfg.n_heads * 6 * dh * dh
+    assert bench.memory_layer_flops(config.preset("linear-attention-small")) == cfg.n_heads * 4 * dh * dh
+    assert bench.memory_layer_flops(config.preset("transformer-small")) == 0.0
+    # the step: 3 x (forward) per layer and token on top of the 6 N rule
+    cfg = config.preset("hope-small")
+    extra = bench.model_flops(cfg, 4, 256) - 3.0 * bench.memory_layer_flops(cfg) * cfg.n_layers * 1024
+    assert extra == pytest.approx(6.0 * sum(int(np.prod(s)) for k, s in ref.param_shapes(cfg).items()
+                                            if len(s) >= 2 and not k.startswith("embed.")) * 1024)
