@@ -300,7 +300,9 @@ def step_kib_per_token(preset: str, backend: str, batch: int, seq_len: int, dtyp
     child, so the high-water mark is the step's own). For the PyTorch peer, which compiles nothing
     and keeps its autograd graph of every token's state."""
     from . import config
+    from .fast.cpu import allocator
 
+    allocator.tune()  # as the bench's own process (the command line's)
     timed = _backend(backend, batch)
     cfg = dataclasses.replace(config.preset(preset), dtype=dtype)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(batch, seq_len))
@@ -710,11 +712,14 @@ def run(presets=(), backends=(), batch_size=4, seq_len=256, dtype="float32", rep
     groups, threads = cpu_threads(batch_size)
     echo(f"batch {batch_size} x {seq_len} tokens, {dtype}, AdamW; BLAS threads {_blas_threads()} (every backend); "
          f"matrix-product rate {rate:.1f} GFLOP/s (512^3 {dtype}, one core)")
+    from .fast.cpu import allocator
     from .fast.cpu import model as cpu_model
 
+    heap = allocator.tune()  # what the command line's processes run with (SPEC.md#fast-cpu, "The allocator")
     echo(f"cpu: the batch in {groups} group(s) on {threads} worker(s): the caller and {threads - 1} "
          f"{cpu_model.WORKERS} worker(s) (NL_CPU_GROUPS, NL_CPU_THREADS, NL_CPU_WORKERS); torch: "
-         f"{threads * _blas_threads()} intra-op thread(s); reference: one thread")
+         f"{threads * _blas_threads()} intra-op thread(s); reference: one thread; malloc {'heap' if heap else 'default'} "
+         f"(NL_CPU_MALLOC, every backend)")
     gpu = None
     if any(_device(b) == "gpu" for b in backends):
         try:

@@ -44,7 +44,9 @@ def point(preset: str, backend: str, batch: int, seq_len: int, repeats: int, dty
     from threadpoolctl import threadpool_limits
 
     from nlref import bench, config
+    from nlref.fast.cpu import allocator
 
+    allocator.tune()  # as the command line's processes (SPEC.md#fast-cpu, "The allocator")
     timed = bench._backend(backend, batch)  # nested-learning bench's backend and AdamW step
     cfg = dataclasses.replace(config.preset(preset), dtype=dtype)
     with threadpool_limits(limits=1, user_api="blas"):

@@ -28,6 +28,12 @@ CHECK_TOLERANCE = 1e-6
 @click.version_option(package_name="nested-learning-reference")
 def cli() -> None:
     """Nested Learning (arXiv 2512.24695v1): reference, checks and training from the shell."""
+    from nlref.fast.cpu import allocator  # ctypes only: no NumPy or Numba
+
+    try:
+        allocator.tune()  # large arrays reused from the heap (SPEC.md#fast-cpu; NL_CPU_MALLOC=default: off)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @cli.command()

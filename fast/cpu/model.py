@@ -209,8 +209,13 @@ def _die_with_parent(parent_pid: int) -> None:
     worker's OS parent is the forkserver, which lives as long as its workers do, and the workers
     hold their own queue's pipe open, so neither a parent-death signal nor an EOF would come: a
     daemon thread waits on a pidfd of ``parent_pid`` (readable when it exits; polled every 0.5 s
-    where pidfds are missing) and ends the process."""
+    where pidfds are missing) and ends the process. It also applies the heap settings of
+    fast/cpu/allocator.py (a worker computes steps like its parent; ``NL_CPU_MALLOC``)."""
     import threading
+
+    from . import allocator
+
+    allocator.tune()
 
     def watch():
         import select
