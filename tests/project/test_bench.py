@@ -509,8 +509,9 @@ def test_a_torch_row_over_the_memory_budget_is_skipped_and_the_run_goes_on():
     machine's budget it runs and records what the probe measured. The CLI exits 0 either way."""
     pytest.importorskip("torch")
     out = []
+    # max_seconds 600: the probe's timeout (max(60, max_seconds)) is then far beyond a 6-token step on any machine
     rows = bench.run(presets=("transformer-tiny",), backends=("cpu", "torch"), batch_size=1, seq_len=6, repeats=1,
-                     decode_contexts=(8,), decode_tokens=1, echo=out.append, max_memory_gb=1e-9)
+                     decode_contexts=(8,), decode_tokens=1, echo=out.append, max_memory_gb=1e-9, max_seconds=600.0)
     cpu, torch_row = rows
     assert cpu["tokens_per_s"] > 0 and "status" not in cpu
     assert torch_row["status"].startswith("skipped: predicted peak ") and "--max-memory" in torch_row["status"]
@@ -518,11 +519,11 @@ def test_a_torch_row_over_the_memory_budget_is_skipped_and_the_run_goes_on():
     assert "tokens_per_s" not in torch_row
     assert re.search(r"transformer-tiny +torch +skipped: predicted peak", "\n".join(out))
     rows = bench.run(presets=("transformer-tiny",), backends=("torch",), batch_size=1, seq_len=6, repeats=1,
-                     decode_contexts=(8,), decode_tokens=1, echo=lambda *a: None)
+                     decode_contexts=(8,), decode_tokens=1, echo=lambda *a: None, max_seconds=600.0)
     assert rows[0]["tokens_per_s"] > 0 and rows[0]["predicted_step_mib"] <= rows[0]["memory_budget_mib"]
     res = CliRunner().invoke(cli, ["bench", "--preset", "transformer-tiny", "--backend", "torch", "--batch-size", "1",
                                    "--seq-len", "6", "--repeats", "1", "--decode-context", "8", "--decode-tokens", "1",
-                                   "--max-memory", "0.000000001"])
+                                   "--max-seconds", "600", "--max-memory", "0.000000001"])
     assert res.exit_code == 0, res.output
     assert "skipped: predicted peak" in res.output
 
