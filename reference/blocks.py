@@ -333,15 +333,16 @@ def block_forward(ops, x, params, i, cfg, p0, past, mem_state, cms_w, cms_groups
     return y, (c_n1, c_mix, c_n2, c_sec), new_past, new_mem
 
 
-def block_backward(ops, dy, cache, i, cfg, cms_only=False):
-    """Returns (dx, grads, dcms): dcms[l] = (dW1, dW2) per group and sequence (hope families).
+def block_backward(ops, dy, cache, i, cfg, cms_only=False, cms_wanted=None):
+    """Returns (dx, grads, dcms): dcms[l] = (dW1, dW2) per group and sequence (hope families), or
+    as ``cms_wanted`` asks (reference/cms.py ``WANTED``, ``Ops.cms_grads_needed``).
     ``cms_only``: return (None, {}, dcms) right after the CMS backward (``Ops.cms_grads_only``)."""
     P = ops.primitives
     b = f"blocks.{i}."
     c_n1, c_mix, c_n2, c_sec = cache
     grads, dcms = {}, None
     if has_cms(cfg):
-        du, dcms, dagg = ops.cms.backward(dy, c_sec)
+        du, dcms, dagg = ops.cms.backward(dy, c_sec) if cms_wanted is None else ops.cms.backward(dy, c_sec, cms_wanted)
         if cms_only:
             return None, {}, dcms
         du = du - dy
@@ -385,8 +386,9 @@ def stack_forward(ops, params, cfg, tokens, p0, past, mem, cms_w, cms_groups, mi
     return logits, (c_emb, caches, c_fn, c_head), new_past, new_mem
 
 
-def stack_backward(ops, dlogits, cache, cfg, cms_only=False):
-    """Returns (grads without the CMS weights, dcms[i][l] = (dW1, dW2) per group and sequence).
+def stack_backward(ops, dlogits, cache, cfg, cms_only=False, cms_wanted=None):
+    """Returns (grads without the CMS weights, dcms[i][l] = (dW1, dW2) per group and sequence, or as
+    ``cms_wanted`` (one ``WANTED`` entry per level, the same in every block) asks).
 
     ``cms_only`` (a CMS write's re-run, which uses only the CMS weights' gradients): block 0's
     mixer, norm and the embedding are not differentiated, since no CMS weight lies below them;
@@ -398,7 +400,8 @@ def stack_backward(ops, dlogits, cache, cfg, cms_only=False):
     dx, grads["final_norm.g"] = P.rmsnorm_backward(dxf, c_fn)
     dcms = [None] * cfg.n_layers
     for i in reversed(range(cfg.n_layers)):
-        dx, g, dcms[i] = block_backward(ops, dx, caches[i], i, cfg, cms_only=cms_only and i == 0)
+        dx, g, dcms[i] = block_backward(ops, dx, caches[i], i, cfg, cms_only=cms_only and i == 0,
+                                        cms_wanted=cms_wanted)
         grads.update(g)
     if dx is not None:
         grads["embed.E"] = P.embedding_backward(dx, c_emb)

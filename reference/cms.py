@@ -192,16 +192,46 @@ def forward(u, weights, groups, variant="sequential", act="gelu", agg=None):
     return y, (variant, caches, agg, outs)
 
 
-def backward(dy, cache):
+WANTED = ("groups", "sum", "skip")
+"""What ``backward(..., wanted)`` returns for a level's weights: ``groups`` (dW1, dW2) per group and
+sequence (B, G, ...); ``sum`` their sum over the sequences and groups, shape (1, 1, ...) (the outer
+gradient of the initial weights, SPEC.md#cms); ``skip`` (None, None), not computed (a write's
+re-run needs only the due levels' gradients). A port computes the sum and the skip directly."""
+
+
+def check_wanted(wanted, n_levels: int) -> list[str]:
+    """``wanted`` as a list of one WANTED entry per level (None: every level ``groups``)."""
+    if wanted is None:
+        return ["groups"] * n_levels
+    wanted = list(wanted)
+    if len(wanted) != n_levels or any(w not in WANTED for w in wanted):
+        raise ValueError(f"wanted must give one of {WANTED} per level ({n_levels}), got {wanted}")
+    return wanted
+
+
+def as_wanted(dW1, dW2, want):
+    """A level's per-group (dW1, dW2) as ``want`` (a WANTED entry) asks: the reference's statement
+    of what a port computes directly (the CPU port's fallback uses it)."""
+    if want == "skip":
+        return None, None
+    if want == "sum":
+        return dW1.sum(axis=(0, 1), keepdims=True), dW2.sum(axis=(0, 1), keepdims=True)
+    return dW1, dW2
+
+
+def backward(dy, cache, wanted=None):
     """Returns (du, dweights, dagg): dweights[l] = (dW1, dW2) per group and sequence (the caller
-    sums them onto the initial weights, SPEC.md#cms); dagg is None for the sequential variant."""
+    sums them onto the initial weights, SPEC.md#cms), or as ``wanted[l]`` asks (see ``WANTED``:
+    the reference computes every gradient and then sums or drops it); dagg is None for the
+    sequential variant."""
     variant, caches, agg, outs = cache
+    wanted = check_wanted(wanted, len(caches))
     if variant == "sequential":
         dz = dy
         dweights = []
-        for c in reversed(caches):
+        for c, want in zip(reversed(caches), reversed(wanted), strict=True):
             dz, dW1, dW2 = level_backward(dz, c)
-            dweights.append((dW1, dW2))
+            dweights.append(as_wanted(dW1, dW2, want))
         return dz, dweights[::-1], None
     du = np.array(dy, copy=True)
     dweights = []
@@ -211,7 +241,7 @@ def backward(dy, cache):
         dm = agg[l] * dy
         dz, dW1, dW2 = level_backward(dm, c)
         du = du + dz - dm  # the level's residual z is subtracted in (M_l(u) - u)
-        dweights.append((dW1, dW2))
+        dweights.append(as_wanted(dW1, dW2, wanted[l]))
     return du, dweights, dagg
 
 

@@ -59,7 +59,13 @@ class Ops:
           by ``layer(family).merge_caches``, when every one of them ran in one piece in this call
           (the same inputs; the rest of the stack is re-run);
         - ``copy_history``: a processing chunk's record keeps a copy of the memory layers' states
-          (False: a reference, for layers that never write a state in place).
+          (False: a reference, for layers that never write a state in place);
+        - ``cms_grads_needed``: the CMS backward forms only the weight gradients the driver uses
+          (``cms.backward``'s ``wanted``): a write's re-run only the due levels' (and, nested, their
+          children's), the whole-sequence pass each level's sum over sequences and groups;
+        - ``reuse_min_chunk``: ``reuse_layer_caches`` and ``reuse_span_layers`` apply only where the
+          processing chunk has at least this many tokens (a merged chain of shorter pieces can cost
+          more than the re-run it saves, and it keeps every piece's states).
     """
 
     name: str
@@ -72,6 +78,8 @@ class Ops:
     reuse_layer_caches: bool = False
     reuse_span_layers: bool = False
     copy_history: bool = True
+    cms_grads_needed: bool = False
+    reuse_min_chunk: int = 1
 
 
 LAYER_MODULES: dict[str, str] = {"titans": "titans", "hope": "selfmod", "linear-attention": "linear_layers",

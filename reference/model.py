@@ -177,6 +177,14 @@ def open_chunk_start(cfg: ModelConfig, pos: int) -> int:
     return min((pos // cfg.cms_levels[l].period) * cfg.cms_levels[l].period for l in in_context_levels(cfg))
 
 
+def open_level_starts(cfg: ModelConfig, pos: int) -> set[int]:
+    """The start of each in-context level's open chunk at position ``pos`` (after the writes due
+    there), floor(pos / C^(l)) C^(l): the only positions a later write's re-run starts from, so the
+    only history records whose memory-layer states are still needed (the others keep their CMS
+    weights, which a re-run reads per group, and drop ``mem``)."""
+    return {(pos // cfg.cms_levels[l].period) * cfg.cms_levels[l].period for l in in_context_levels(cfg)}
+
+
 def advance(ops, params, cfg, state, seg):
     """Forward a segment that lies inside one processing chunk; update the state in place.
     Returns (logits, the stack cache).
@@ -218,7 +226,7 @@ def level_chunk_inputs(ops, params, cfg: ModelConfig, state, start: int, next_to
     return X, targets, past, by_start[start]["mem"], cms_w, groups
 
 
-def level_chunk_gradient(ops, params, cfg, state, start, next_token, fwd=None, mixers=None):
+def level_chunk_gradient(ops, params, cfg, state, start, next_token, fwd=None, mixers=None, wanted=None):
     """Per block, per level: the gradient of the summed next-token loss of the tokens
     [start, pos) with respect to the CMS weights in force there, everything before ``start``
     held fixed (Eq. 71, SPEC.md#cms). Returns dcms[i][l] = (dW1, dW2) of shape (B, G_l, ...).
@@ -226,7 +234,9 @@ def level_chunk_gradient(ops, params, cfg, state, start, next_token, fwd=None, m
     ``fwd``: (logits, stack cache) of the chunk [start, pos) when this call forwarded it in one
     piece (``Ops.reuse_chunk_forward``): the same inputs, so it is not re-run. ``mixers``: per
     block, (o, cache) of its sequence-memory layer over [start, pos) merged from the processing
-    chunks' own caches (``Ops.reuse_span_layers``, ``span_mixers``): the layers are not re-run."""
+    chunks' own caches (``Ops.reuse_span_layers``, ``span_mixers``): the layers are not re-run.
+    ``wanted``: which levels' gradients the write uses (``Ops.cms_grads_needed``; the others are
+    None)."""
     P = ops.primitives
     if fwd is None:
         X, targets, past, mem, cms_w, groups = level_chunk_inputs(ops, params, cfg, state, start, next_token)
@@ -237,12 +247,13 @@ def level_chunk_gradient(ops, params, cfg, state, start, next_token, fwd=None, m
         targets = ops.np.concatenate([X[:, 1:], next_token[:, None]], axis=1)
     _, c_ce = P.cross_entropy_forward(logits, targets)
     dlogits = P.cross_entropy_backward(ops.np.asarray(float(X.size), dtype=logits.dtype), c_ce)  # sum, not mean
-    return blocks.stack_backward(ops, dlogits, cache, cfg, cms_only=ops.cms_grads_only)[1]
+    return blocks.stack_backward(ops, dlogits, cache, cfg, cms_only=ops.cms_grads_only, cms_wanted=wanted)[1]
 
 
 def apply_writes(ops, cfg: ModelConfig, state, due_grads, record):
     """Eq. (71) for every level in ``due_grads`` ({l: dcms from its own chunk's re-run}), then
-    forget the tokens, memory-layer states and CMS weights no open level chunk needs.
+    forget the tokens, memory-layer states and CMS weights no open level chunk needs (a record
+    keeps its memory-layer states only while it is an open level chunk's start, ``open_level_starts``).
 
     Nested CMS (Eq. 72, ``cfg.cms_nested``): when the chunk of a child's parent ends, the parent
     also takes a step on the child's initial state with the gradient of the parent chunk's summed
@@ -265,7 +276,9 @@ def apply_writes(ops, cfg: ModelConfig, state, due_grads, record):
                     record.setdefault(f"blocks.{i}.cms.{l}.{n}", []).append(new - fast[f"{l}.{n}"])
                 fast[f"{l}.{n}"] = new
     pos, start = state["pos"], open_chunk_start(cfg, state["pos"])
-    state["history"] = [h for h in state["history"] if h["start"] >= start]
+    starts = open_level_starts(cfg, pos)  # the only records a later re-run starts from
+    state["history"] = [h if h["start"] in starts or h["mem"] is None else dict(h, mem=None)
+                        for h in state["history"] if h["start"] >= start]
     state["window"] = state["window"][:, start - (pos - state["window"].shape[1]):]
 
 
@@ -282,6 +295,17 @@ def span_mixers(ops, cfg: ModelConfig, span, start: int, end: int):
     module = ops.layer(cfg.family)
     mixers = [module.merge_caches([pieces[s][i] for s in sorted(pieces)]) for i in range(cfg.n_layers)]
     return None if any(m is None for m in mixers) else mixers
+
+
+def wanted_at(ops, cfg: ModelConfig, period: int):
+    """``cms.backward``'s ``wanted`` for the re-run of the levels of ``period`` (None without
+    ``Ops.cms_grads_needed``): their gradients per group, and those of their nested children (the
+    parent's step on the child's initial state, Eq. 72); every other level's are skipped."""
+    if not ops.cms_grads_needed:
+        return None
+    own = {l for l in in_context_levels(cfg) if cfg.cms_levels[l].period == period}
+    own |= {child for child, parent in meta_parents(cfg).items() if parent in own}
+    return ["groups" if l in own else "skip" for l in range(len(cfg.cms_levels))]
 
 
 def complete_chunks(ops, params, cfg: ModelConfig, state, next_token, record, last=None, span=None):
@@ -303,7 +327,7 @@ def complete_chunks(ops, params, cfg: ModelConfig, state, next_token, record, la
             reuse = last if ops.reuse_chunk_forward and period == cfg.cms_chunk else None
             mixers = span_mixers(ops, cfg, span, pos - period, pos) if span and reuse is None else None
             by_period[period] = level_chunk_gradient(ops, params, cfg, state, pos - period, next_token, reuse,
-                                                     mixers)
+                                                     mixers, wanted_at(ops, cfg, period))
         due_grads[l] = by_period[period]
     apply_writes(ops, cfg, state, due_grads, record)
     if span is not None:
@@ -325,7 +349,7 @@ def run(ops, params, tokens, cfg, state, record=None, keep=None):
     T = tokens.shape[1]
     C = cfg.cms_chunk
     out, t, last = [], 0, None
-    reusable = C is not None and ops.reuse_span_layers and not has_attention(cfg)
+    reusable = C is not None and ops.reuse_span_layers and C >= ops.reuse_min_chunk and not has_attention(cfg)
     span = [] if reusable and hasattr(ops.layer(cfg.family), "merge_caches") else None  # see span_mixers
     while t < T:
         if writes_due(cfg, state):
@@ -459,7 +483,8 @@ def loss_and_grads_checked(ops, params, tokens, cfg):
     pass's weights summed in another order; SPEC.md#fast-cpu)."""
     P, xp = ops.primitives, ops.np
     module = None if has_attention(cfg) else ops.layer(cfg.family)
-    keep = [] if ops.reuse_layer_caches and hasattr(module, "merge_caches") and cfg.cms_chunk is not None else None
+    keep = ([] if ops.reuse_layer_caches and hasattr(module, "merge_caches") and cfg.cms_chunk is not None
+            and cfg.cms_chunk >= ops.reuse_min_chunk else None)
     increments = increments_of_pass(ops, params, tokens, cfg, keep)
     mixers = None
     if keep:
@@ -468,7 +493,8 @@ def loss_and_grads_checked(ops, params, tokens, cfg):
     loss, c_ce = P.cross_entropy_forward(logits[:, :-1], tokens[:, 1:])
     dlogits = xp.zeros_like(logits)
     dlogits[:, :-1] = P.cross_entropy_backward(xp.asarray(1.0, dtype=logits.dtype), c_ce)
-    grads, dcms = blocks.stack_backward(ops, dlogits, cache, cfg)
+    wanted = ["sum"] * len(cfg.cms_levels) if ops.cms_grads_needed and has_cms(cfg) else None  # theta_0's gradient
+    grads, dcms = blocks.stack_backward(ops, dlogits, cache, cfg, cms_wanted=wanted)
     if has_cms(cfg):
         for i in range(cfg.n_layers):
             for l in range(len(cfg.cms_levels)):
@@ -506,7 +532,8 @@ def state_size(cfg: ModelConfig) -> dict[str, int]:
     """Floats of state per sequence, at their largest (when writes are due at the longest in-context
     period's end): ``fixed`` (the in-context CMS weights, with the versions the open level chunks'
     re-runs need, ceil(C_max / C^(l)) per level; the memory layers' states, with one copy per
-    processing chunk of the open chunks, C_max / C; the Titans hybrids' window cache), ``per_token`` (the attention cache grows by this
+    distinct in-context period, kept at the start of each open level chunk (``open_level_starts``);
+    the Titans hybrids' window cache), ``per_token`` (the attention cache grows by this
     much per token) and ``chunk_tokens`` (the tokens of the open level chunks kept, at most C_max)."""
     live = in_context_levels(cfg)
     longest = max((cfg.cms_levels[l].period for l in live), default=0)
@@ -520,7 +547,8 @@ def state_size(cfg: ModelConfig) -> dict[str, int]:
         lcfg = layer_config(module, cfg)
         st = module.init_state(module.init_params(lcfg, np.random.default_rng(0)), lcfg, 1)
         mem = cfg.n_layers * sum(int(np.size(v)) for v in st.values() if isinstance(v, np.ndarray))
-        fixed += mem * (1 + (longest // cfg.cms_chunk if live else 0))  # + the chunk-start copies
+        periods = {cfg.cms_levels[l].period for l in live}
+        fixed += mem * (1 + len(periods))  # + the copies at the open level chunks' starts (open_level_starts)
     if is_hybrid(cfg):  # the window's cache: the last window - 1 keys, and MAG's persistent keys (SW-Attn*,
         # SPEC.md#titans-mag; MAL's window has no persistent keys, SPEC.md#titans-mal)
         kept = cfg.attn_window - 1 + (cfg.mem_persistent if cfg.family == "titans-mag" else 0)

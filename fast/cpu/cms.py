@@ -101,35 +101,48 @@ def level_forward(z, W1, W2, groups, act="gelu"):
     return y, cache
 
 
-def level_backward(dy, cache):
-    """Returns (dz (B, T, D), dW1 (B, G, D, Hm), dW2 (B, G, Hm, D)): per-group, per-sequence.
+def level_backward(dy, cache, want="groups"):
+    """Returns (dz (B, T, D), dW1, dW2): per group and sequence (B, G, ...) for ``want="groups"``,
+    summed over them (1, 1, ...) for ``"sum"``, None for ``"skip"`` (reference/cms.py ``WANTED``).
 
     Feature-major like the forward: act and act' once over preT (B, Hm, T) (a free transpose of
     this port's cache, a copy of a reference cache), dpreT = (W1^T dy^T) * act'(preT) with one
-    multiply, then dW2 = dpreT z and dz = dy + dpreT^T W2 per group.
+    multiply, then dW2 = dpreT z and dz = dy + dpreT^T W2 per group. The sum is one product per
+    sequence over all of its tokens (dW1 = dy^T act(pre), dW2 = dpre^T z, then summed over the
+    sequences), not one per group: at a period-1 level over 256 tokens, 2 products instead of 512
+    per weight, and no (B, G, ...) array.
     """
     z, W1, W2, groups, act, pre = cache
     dy = np.asarray(dy)
     if dy.shape != z.shape:
         raise ValueError(f"dy must have shape (B, T, D) = {z.shape}, got {dy.shape}")
+    if want not in R.WANTED:
+        raise ValueError(f"want must be one of {R.WANTED}, got {want!r}")
     if not _compiled(act, dy, pre) or dy.dtype != pre.dtype:
         P.FALLBACKS["cms.level_backward"] = P.FALLBACKS.get("cms.level_backward", 0) + 1
-        return R.level_backward(dy, cache)
+        return R.as_wanted(*R.level_backward(dy, cache), want)
     dtype = pre.dtype
     preT = np.ascontiguousarray(pre.swapaxes(1, 2))  # (B, Hm, T)
     fT, dfT = P.act_and_grad(act, preT)  # act(pre), act'(pre) in one compiled pass
     dyt = dy.swapaxes(1, 2)  # (B, D, T) view
-    dW1 = np.empty(W1.shape, dtype=dtype)
-    dW2 = np.empty(W2.shape, dtype=dtype)
+    dW1 = dW2 = None
+    if want == "groups":
+        dW1 = np.empty(W1.shape, dtype=dtype)
+        dW2 = np.empty(W2.shape, dtype=dtype)
     dpreT = np.empty(preT.shape, dtype=dtype)  # (B, Hm, T)
     for g, (s, e) in enumerate(groups):
-        np.matmul(dyt[:, :, s:e], fT[:, :, s:e].swapaxes(1, 2), out=dW1[:, g])  # (B, D, Hm): dy^T act(pre)
+        if dW1 is not None:
+            np.matmul(dyt[:, :, s:e], fT[:, :, s:e].swapaxes(1, 2), out=dW1[:, g])  # (B, D, Hm): dy^T act(pre)
         np.matmul(W1[:, g].swapaxes(1, 2), dyt[:, :, s:e], out=dpreT[:, :, s:e])  # (B, Hm, n): W1^T dy^T
     dpreT *= dfT  # the gradient at pre
     dz = dy.copy()  # (B, T, D): the residual path
     for g, (s, e) in enumerate(groups):
-        np.matmul(dpreT[:, :, s:e], z[:, s:e], out=dW2[:, g])  # (B, Hm, D): dpre^T z
+        if dW2 is not None:
+            np.matmul(dpreT[:, :, s:e], z[:, s:e], out=dW2[:, g])  # (B, Hm, D): dpre^T z
         dz[:, s:e] += np.matmul(dpreT[:, :, s:e].swapaxes(1, 2), W2[:, g])  # (B, n, D): dpre W2
+    if want == "sum":  # every token's product at once, per sequence, then over the sequences
+        dW1 = np.matmul(dyt, fT.swapaxes(1, 2)).sum(axis=0)[None, None]  # (1, 1, D, Hm)
+        dW2 = np.matmul(dpreT, z).sum(axis=0)[None, None]  # (1, 1, Hm, D)
     return dz, dW1, dW2
 
 
@@ -161,14 +174,16 @@ def forward(u, weights, groups, variant="sequential", act="gelu", agg=None):
     return y, (variant, caches, agg, outs)
 
 
-def backward(dy, cache):
-    """Returns (du, dweights, dagg) as the reference does."""
+def backward(dy, cache, wanted=None):
+    """Returns (du, dweights, dagg) as the reference does (``wanted``: reference/cms.py ``WANTED``,
+    computed directly: a skipped level's gradients are not formed, a summed one is one product)."""
     variant, caches, agg, outs = cache
+    wanted = R.check_wanted(wanted, len(caches))
     if variant == "sequential":
         dz = dy
         dweights = []
-        for c in reversed(caches):
-            dz, dW1, dW2 = level_backward(dz, c)
+        for c, want in zip(reversed(caches), reversed(wanted), strict=True):
+            dz, dW1, dW2 = level_backward(dz, c, want)
             dweights.append((dW1, dW2))
         return dz, dweights[::-1], None
     du = np.array(dy, copy=True)
@@ -177,7 +192,7 @@ def backward(dy, cache):
     for l, c in enumerate(caches):
         dagg[l] = np.sum(dy * outs[l])
         dm = agg[l] * dy
-        dz, dW1, dW2 = level_backward(dm, c)
+        dz, dW1, dW2 = level_backward(dm, c, wanted[l])
         du = du + dz - dm
         dweights.append((dW1, dW2))
     return du, dweights, dagg

@@ -28,10 +28,13 @@ def _ro(a):
        T=st.integers(1, 9), start=st.integers(0, 5), D=st.integers(1, 5),
        levels=st.lists(st.tuples(st.integers(1, 6), st.sampled_from([None, 1, 2, 3, 4])), min_size=1, max_size=3),
        variant=st.sampled_from(["sequential", "independent"]), act=st.sampled_from(["gelu", "silu"]),
-       shared=st.lists(st.booleans(), min_size=3, max_size=3))
-def test_cms_matches_reference(dtype, seed, B, T, start, D, levels, variant, act, shared):
+       shared=st.lists(st.booleans(), min_size=3, max_size=3),
+       wanted=st.none() | st.lists(st.sampled_from(R.WANTED), min_size=3, max_size=3))
+def test_cms_matches_reference(dtype, seed, B, T, start, D, levels, variant, act, shared, wanted):
     """``shared[l]``: level l's weights are one (D, Hm) / (Hm, D) pair broadcast over (B, G) (stride
-    0, as the model passes a frozen level)."""
+    0, as the model passes a frozen level). ``wanted``: the backward's choice per level (reference/cms.py
+    ``WANTED``; None: every level per group): the port's sums and skips against the reference's
+    per-group gradients summed or dropped, and those against the plain backward's."""
     rng = np.random.default_rng(seed)
     u = _ro(rng.standard_normal((B, T, D)).astype(dtype))
     weights, groups = [], []
@@ -45,13 +48,27 @@ def test_cms_matches_reference(dtype, seed, B, T, start, D, levels, variant, act
     agg = _ro(rng.standard_normal(len(levels)).astype(dtype)) if variant == "independent" else None
     up = _ro(rng.standard_normal((B, T, D)).astype(dtype))
     before = [u.copy()] + [w.copy() for pair in weights for w in pair]
-    note(f"{dtype} B={B} T={T} start={start} D={D} levels={levels} {variant} {act} shared={shared}")
+    wanted = None if wanted is None else wanted[:len(levels)]
+    note(f"{dtype} B={B} T={T} start={start} D={D} levels={levels} {variant} {act} shared={shared} wanted={wanted}")
     fallbacks = dict(FP.FALLBACKS)
     yf, cf = F.forward(u, weights, groups, variant, act, agg)
-    duf, dwf, daggf = F.backward(up, cf)
+    duf, dwf, daggf = F.backward(up, cf, wanted)
     assert FP.FALLBACKS == fallbacks, "took the reference fallback"
     yr, cr = R.forward(u, weights, groups, variant, act, agg)
-    dur, dwr, daggr = R.backward(up, cr)
+    dur, dwr, daggr = R.backward(up, cr, wanted)
+    dur_all, dwr_all, _ = R.backward(up, cr)
+    np.testing.assert_array_equal(dur, dur_all)
+    for l, want in enumerate(R.check_wanted(wanted, len(levels))):
+        for got, full in zip(dwr[l], dwr_all[l], strict=True):
+            if want == "skip":
+                assert got is None and dwf[l] == (None, None)
+            elif want == "sum":
+                assert got.shape == (1, 1) + full.shape[2:]
+                np.testing.assert_array_equal(got[0, 0], full.sum(axis=(0, 1)))
+            else:
+                np.testing.assert_array_equal(got, full)
+    dwf = [pair for pair in dwf if pair[0] is not None]
+    dwr = [pair for pair in dwr if pair[0] is not None]
     assert yf.dtype == yr.dtype == np.dtype(dtype)
     assert_close(yf, yr, dtype, "port", "y")
     assert_close(duf, dur, dtype, "port", "du")
@@ -94,6 +111,14 @@ def test_bad_input_raises_value_error():
         F.forward(z, [(np.zeros((2, 1, 3, 4)), np.zeros((2, 1, 4, 3)))], [[(0, 5)]], "nested")
     with pytest.raises(ValueError, match="agg must have shape"):
         F.forward(z, [(np.zeros((2, 1, 3, 4)), np.zeros((2, 1, 4, 3)))], [[(0, 5)]], "independent", agg=np.ones(2))
+    cache = F.forward(z, [(np.zeros((2, 1, 3, 4)), np.zeros((2, 1, 4, 3)))], [[(0, 5)]])[1]
+    for mod in (F, R):
+        with pytest.raises(ValueError, match="wanted must give one of"):
+            mod.backward(z, cache, ["sum", "sum"])
+        with pytest.raises(ValueError, match="wanted must give one of"):
+            mod.backward(z, cache, ["total"])
+    with pytest.raises(ValueError, match="want must be one of"):
+        F.level_backward(z, cache[1][0], "total")
     with pytest.raises(ValueError, match="dy must have shape"):
         F.level_backward(np.zeros((2, 4, 3)), F.level_forward(z, np.zeros((2, 1, 3, 4)), np.zeros((2, 1, 4, 3)), [(0, 5)])[1])
 

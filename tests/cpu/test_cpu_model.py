@@ -287,7 +287,8 @@ def test_span_reuse_skips_the_layer_reruns_and_computes_the_same_function(dtype)
     counted, out = {}, {}
     for on in (True, False):
         layer = _CountingLayer(F.layer("hope"))
-        ops = dataclasses.replace(F.CPU, reuse_span_layers=on, layer=lambda family, layer=layer: layer)
+        ops = dataclasses.replace(F.CPU, reuse_span_layers=on, reuse_min_chunk=1,
+                                  layer=lambda family, layer=layer: layer)
         out[on] = (R.loss_and_grads(params, tokens, cfg, ops=ops), R.cms_increments(params, tokens, cfg, ops=ops),
                    R.forward(params, tokens, cfg, ops=ops)[0])
         layer.calls = 0
@@ -296,6 +297,10 @@ def test_span_reuse_skips_the_layer_reruns_and_computes_the_same_function(dtype)
     chunks, span_writes = -(-T // 2), len(range(4, T, 4))  # processing chunks; the period-4 writes (p < T)
     assert counted[True] == cfg.n_layers * chunks
     assert counted[False] == cfg.n_layers * (chunks + span_writes)  # a re-run: one call per block over its span
+    layer = _CountingLayer(F.layer("hope"))  # the port's own setting: chunks of 2 tokens are below its minimum
+    assert F.CPU.reuse_min_chunk > cfg.cms_chunk
+    R.cms_increments(params, tokens, cfg, ops=dataclasses.replace(F.CPU, layer=lambda family, layer=layer: layer))
+    assert layer.calls == counted[False]
     row = "rewrite" if dtype == "float64" else "port"
     (loss_on, g_on), inc_on, logits_on = out[True]
     (loss_off, g_off), inc_off, logits_off = out[False]
@@ -312,3 +317,34 @@ def test_span_reuse_skips_the_layer_reruns_and_computes_the_same_function(dtype)
         logits, state = F.forward(params, tokens[:, a:b], cfg, state)
         pieces.append(logits)
     assert_close(np.concatenate(pieces, axis=1), logits_off, dtype, "port", "stream")
+
+
+@pytest.mark.parametrize("periods", [(2, 4, None), (1, 4, 8)])
+def test_the_reuse_switches_stop_below_the_minimum_chunk_and_compute_the_same_function(periods):
+    """``Ops.reuse_min_chunk`` (SPEC.md#fast-cpu): with processing chunks shorter than it, neither the
+    whole-sequence pass (``reuse_layer_caches``) nor a slower level's write (``reuse_span_layers``)
+    takes the merged layer caches, so the layers run once per processing chunk, once per slower
+    write's span and once over the whole sequence; at or above it they do not re-run. Loss and
+    gradients agree either way (float64, the rewrite row), and with the port's own setting."""
+    from nlref.reference.config import CMSLevel
+
+    cfg = dataclasses.replace(config.preset("hope-tiny"), dtype="float64",
+                              cms_levels=tuple(CMSLevel(hidden=8, period=p, eta=0.05) for p in periods))
+    params = R.init_params(cfg, 5)
+    T = 17
+    tokens = np.random.default_rng(6).integers(0, cfg.vocab_size, size=(2, T))
+    chunks = -(-T // cfg.cms_chunk)
+    slower = sum(len(range(p, T, p)) for p in sorted({p for p in periods if p and p != cfg.cms_chunk}))
+    out, calls = {}, {}
+    for minimum in (1, cfg.cms_chunk + 1):
+        layer = _CountingLayer(F.layer("hope"))
+        ops = dataclasses.replace(F.CPU, reuse_min_chunk=minimum, layer=lambda family, layer=layer: layer)
+        out[minimum] = R.loss_and_grads(params, tokens, cfg, ops=ops)
+        calls[minimum] = layer.calls
+    assert calls[1] == cfg.n_layers * chunks
+    assert calls[cfg.cms_chunk + 1] == cfg.n_layers * (chunks + slower + 1)
+    reference = R.loss_and_grads(params, tokens, cfg)
+    for loss, grads in [*out.values(), F.loss_and_grads(params, tokens, cfg)]:
+        assert_close(loss, reference[0], "float64", "rewrite", "loss")
+        for k in grads:
+            assert_close(grads[k], reference[1][k], "float64", "rewrite", k)

@@ -104,14 +104,15 @@ def test_the_ports_run_the_drivers_functions_with_their_ops():
     assert "model" not in namespace.MODULES  # the driver is not executed over the namespace: it takes ops
     # the CPU port's savings are switches of the one driver; the reference runs without them
     assert cpu_model.CPU.reuse_chunk_forward and cpu_model.CPU.cms_grads_only and cpu_model.CPU.reuse_layer_caches
-    assert cpu_model.CPU.reuse_span_layers
+    assert cpu_model.CPU.reuse_span_layers and cpu_model.CPU.cms_grads_needed and cpu_model.CPU.reuse_min_chunk > 1
     assert not (driver.REFERENCE.reuse_chunk_forward or driver.REFERENCE.cms_grads_only
-                or driver.REFERENCE.reuse_layer_caches or driver.REFERENCE.reuse_span_layers)
+                or driver.REFERENCE.reuse_layer_caches or driver.REFERENCE.reuse_span_layers
+                or driver.REFERENCE.cms_grads_needed or driver.REFERENCE.reuse_min_chunk != 1)
 
 
 def test_each_saving_alone_computes_the_reference_function():
     """Every switch of Ops, alone, on the reference's own modules: the same loss and gradients (the
-    reuse of the chunk forward and the CMS-only backward are exact; the merged layer caches are
+    reuse of the chunk forward, the CMS-only backward and the wanted CMS gradients are exact; the merged layer caches are
     bitwise for block 0 and rounding above it, float64 here)."""
     import dataclasses
 
@@ -119,7 +120,7 @@ def test_each_saving_alone_computes_the_reference_function():
     params = driver.init_params(cfg, 3)
     tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, size=(2, 37))
     loss, grads = driver.loss_and_grads(params, tokens, cfg)
-    for switch in ("reuse_chunk_forward", "cms_grads_only", "copy_history"):
+    for switch in ("reuse_chunk_forward", "cms_grads_only", "copy_history", "cms_grads_needed"):
         ops = dataclasses.replace(driver.REFERENCE, **{switch: not getattr(driver.REFERENCE, switch)})
         l2, g2 = driver.loss_and_grads(params, tokens, cfg, ops=ops)
         assert l2 == loss, switch
