@@ -63,6 +63,10 @@ class Ops:
         - ``cms_grads_needed``: the CMS backward forms only the weight gradients the driver uses
           (``cms.backward``'s ``wanted``): a write's re-run only the due levels' (and, nested, their
           children's), the whole-sequence pass each level's sum over sequences and groups;
+        - ``cms_group_lists``: per-group CMS weights go to ``cms`` as lists of the (B, ...) arrays in
+          force per group, not stacked into (B, G, ...) arrays: a write's re-run passes the history's
+          arrays, the whole-sequence pass the weights in force per chunk (``model.weights_in_force``)
+          instead of theta_0 + increments (equal up to the rounding of the increments' sums);
         - ``reuse_min_chunk``: ``reuse_layer_caches`` and ``reuse_span_layers`` apply only where the
           processing chunk has at least this many tokens (a merged chain of shorter pieces can cost
           more than the re-run it saves, and it keeps every piece's states).
@@ -79,6 +83,7 @@ class Ops:
     reuse_span_layers: bool = False
     copy_history: bool = True
     cms_grads_needed: bool = False
+    cms_group_lists: bool = False
     reuse_min_chunk: int = 1
 
 

@@ -158,6 +158,8 @@ def level_weights(ops, params, i, l, fasts, batch):
                                      (batch, 1) + params[f"blocks.{i}.cms.{l}.{n}"].shape) for n in ("W1", "W2"))
     if len(fasts) == 1:
         return tuple(fasts[0][i][f"{l}.{n}"][:, None] for n in ("W1", "W2"))
+    if ops.cms_group_lists:  # the per-group arrays as they are (the port's CMS takes lists)
+        return tuple([f[i][f"{l}.{n}"] for f in fasts] for n in ("W1", "W2"))
     return tuple(xp.stack([f[i][f"{l}.{n}"] for f in fasts], axis=1) for n in ("W1", "W2"))
 
 
@@ -272,8 +274,8 @@ def apply_writes(ops, cfg: ModelConfig, state, due_grads, record):
                     new = fast[f"{l}.{n}_0"].copy()  # theta and theta_0 are separate arrays
                 else:
                     new = ops.cms.write(fast[f"{l}.{n}"], dcms[i][l][j][:, 0], cfg.cms_levels[l].eta)  # Eq. (71)
-                if record is not None:
-                    record.setdefault(f"blocks.{i}.cms.{l}.{n}", []).append(new - fast[f"{l}.{n}"])
+                if record is not None:  # the weights in force in the level's next chunk
+                    record.setdefault(f"blocks.{i}.cms.{l}.{n}", []).append(new)
                 fast[f"{l}.{n}"] = new
     pos, start = state["pos"], open_chunk_start(cfg, state["pos"])
     starts = open_level_starts(cfg, pos)  # the only records a later re-run starts from
@@ -402,29 +404,44 @@ def cms_increments(params, tokens, cfg: ModelConfig, *, ops: Ops = REFERENCE) ->
     return increments_of_pass(ops, params, tokens, cfg)
 
 
+def weights_in_force(ops, params, tokens, cfg, keep=None) -> dict[str, list]:
+    """The chunk-major pass over checked tokens from a fresh state (``keep``: see ``run``): for each
+    in-context level's weight, {"blocks.i.cms.l.W1": [(B, ...) per chunk g of the level over [0, T)]},
+    the weights in force during chunk g (the initial state, then each write's result)."""
+    state = init_state(params, cfg, tokens.shape[0], ops=ops)
+    record = {f"blocks.{i}.cms.{l}.{n}": [state["cms"][i][f"{l}.{n}"]]
+              for i in range(cfg.n_layers) for l in in_context_levels(cfg) for n in ("W1", "W2")}
+    run(ops, params, tokens, cfg, state, record, keep)
+    T = tokens.shape[1]
+    for key, arrays in record.items():
+        G = len(cms.groups_for(cfg.cms_levels[int(key.split(".")[3])].period, 0, T))
+        assert len(arrays) == G, (key, len(arrays), G)  # one write at each of the level's chunk ends < T
+    return record
+
+
 def increments_of_pass(ops, params, tokens, cfg, keep=None):
-    """``cms_increments`` of checked inputs (``keep``: see ``run``)."""
+    """``cms_increments`` of checked inputs (``keep``: see ``run``): the cumulative sums of the
+    writes' increments, each the difference of consecutive weights in force."""
     if cfg.cms_chunk is None:
         return {}
-    record: dict[str, list] = {}
-    run(ops, params, tokens, cfg, init_state(params, cfg, tokens.shape[0], ops=ops), record, keep)
+    record = weights_in_force(ops, params, tokens, cfg, keep)
     B, T = tokens.shape
     out = {}
-    for i in range(cfg.n_layers):
-        for l in in_context_levels(cfg):
-            G = len(cms.groups_for(cfg.cms_levels[l].period, 0, T))
-            for n in ("W1", "W2"):
-                key = f"blocks.{i}.cms.{l}.{n}"
-                deltas = record.get(key, [])
-                cum = ops.np.zeros((B, G) + params[key].shape, dtype=params[key].dtype)
-                for g in range(1, G):
-                    cum[:, g] = cum[:, g - 1] + deltas[g - 1]
-                out[key] = cum
+    for key, arrays in record.items():
+        cum = ops.np.zeros((B, len(arrays)) + params[key].shape, dtype=params[key].dtype)
+        for g in range(1, len(arrays)):
+            cum[:, g] = cum[:, g - 1] + (arrays[g] - arrays[g - 1])
+        out[key] = cum
     return out
 
 
-def first_order_forward(ops, params, tokens, cfg, increments, mixers=None):
-    """The whole sequence in one pass with the CMS weights theta_0 + increments (constants)."""
+def first_order_forward(ops, params, tokens, cfg, increments, mixers=None, in_force=None):
+    """The whole sequence in one pass with the CMS weights theta_0 + increments (constants).
+
+    ``in_force`` (``Ops.cms_group_lists``, from ``weights_in_force``): each in-context level's
+    weights as the lists of the arrays in force per chunk, passed as they are instead of
+    theta_0 + increments (the same weights up to the rounding of the increments' sums, without
+    the (B, G, ...) arrays)."""
     B, T = tokens.shape
     cms_w, groups = None, [[(0, T)] for _ in cfg.cms_levels]
     if has_cms(cfg):
@@ -438,6 +455,9 @@ def first_order_forward(ops, params, tokens, cfg, increments, mixers=None):
                 pair = []
                 for n in ("W1", "W2"):
                     key = f"blocks.{i}.cms.{l}.{n}"
+                    if in_force is not None and l in live:
+                        pair.append(list(in_force[key]))
+                        continue
                     w = ops.np.broadcast_to(params[key], (B, len(groups[l])) + params[key].shape)
                     if l in live:
                         inc = increments.get(key)
@@ -485,11 +505,15 @@ def loss_and_grads_checked(ops, params, tokens, cfg):
     module = None if has_attention(cfg) else ops.layer(cfg.family)
     keep = ([] if ops.reuse_layer_caches and hasattr(module, "merge_caches") and cfg.cms_chunk is not None
             and cfg.cms_chunk >= ops.reuse_min_chunk else None)
-    increments = increments_of_pass(ops, params, tokens, cfg, keep)
+    increments = in_force = None
+    if ops.cms_group_lists and cfg.cms_chunk is not None:
+        in_force = weights_in_force(ops, params, tokens, cfg, keep)
+    else:
+        increments = increments_of_pass(ops, params, tokens, cfg, keep)
     mixers = None
     if keep:
         mixers = [module.merge_caches([piece[i] for piece in keep]) for i in range(cfg.n_layers)]
-    logits, cache, _, _ = first_order_forward(ops, params, tokens, cfg, increments, mixers)
+    logits, cache, _, _ = first_order_forward(ops, params, tokens, cfg, increments, mixers, in_force)
     loss, c_ce = P.cross_entropy_forward(logits[:, :-1], tokens[:, 1:])
     dlogits = xp.zeros_like(logits)
     dlogits[:, :-1] = P.cross_entropy_backward(xp.asarray(1.0, dtype=logits.dtype), c_ce)

@@ -53,6 +53,32 @@ def _compiled(act, *arrays) -> bool:
     return act in _COMPILED_ACTS and not any(np.iscomplexobj(a) for a in arrays)
 
 
+def _at(W, g):
+    """Group g's weights (B, ...) of W: a (B, G, ...) array or a list of G (B, ...) arrays."""
+    return W[g] if isinstance(W, list) else W[:, g]
+
+
+def _stacked(W):
+    """W as a (B, G, ...) array (a list of per-group arrays stacked: the reference's form)."""
+    return np.stack(W, axis=1) if isinstance(W, list) else np.asarray(W)
+
+
+def _check_groups(z, W1, W2, groups):
+    """``R.check_level`` for weights given as lists of per-group (B, ...) arrays (``Ops.cms_group_lists``),
+    with the same messages, without stacking them."""
+    z = np.asarray(z)
+    if len(W1) != len(groups) or len(W2) != len(groups):
+        raise ValueError(f"W1 and W2 must give one (B, ...) array per group ({len(groups)}), got {len(W1)}, {len(W2)}")
+    first = (np.asarray(W1[0])[:, None], np.asarray(W2[0])[:, None])
+    R.check_level(z, np.broadcast_to(first[0], first[0].shape[:1] + (len(groups),) + first[0].shape[2:]),
+                  np.broadcast_to(first[1], first[1].shape[:1] + (len(groups),) + first[1].shape[2:]), groups)
+    for name, W in (("W1", W1), ("W2", W2)):
+        if any(np.shape(w) != np.shape(W[0]) or np.asarray(w).dtype != np.asarray(W[0]).dtype for w in W):
+            raise ValueError(f"{name}: every group's weights must have the shape and dtype of the first, "
+                             f"{np.shape(W[0])}")
+    return z
+
+
 def _t(x: np.ndarray) -> np.ndarray:
     """(B, T, k) -> (B, k, T), contiguous: the feature-major layout of the level's products."""
     return np.ascontiguousarray(x.swapaxes(1, 2))
@@ -69,24 +95,30 @@ def _level_forward(z, zT, W1, W2, groups, act):
         zT = _t(z)
     B, T, D = z.shape
     f = P.FAST_ACTIVATIONS[act][0]
-    preT = np.empty((B, W1.shape[3], T), dtype=z.dtype)  # (B, Hm, T)
+    preT = np.empty((B, _at(W1, 0).shape[-1], T), dtype=z.dtype)  # (B, Hm, T)
     for g, (s, e) in enumerate(groups):
-        np.matmul(W2[:, g], zT[:, :, s:e], out=preT[:, :, s:e])  # (B, Hm, n): W2 z
+        np.matmul(_at(W2, g), zT[:, :, s:e], out=preT[:, :, s:e])  # (B, Hm, n): W2 z
     fT = f(preT)  # (B, Hm, T), contiguous
     yT = np.empty((B, D, T), dtype=z.dtype)
     for g, (s, e) in enumerate(groups):
-        np.matmul(W1[:, g], fT[:, :, s:e], out=yT[:, :, s:e])  # (B, D, n): W1 act(W2 z)
+        np.matmul(_at(W1, g), fT[:, :, s:e], out=yT[:, :, s:e])  # (B, D, n): W1 act(W2 z)
     yT += zT  # z + W1 act(W2 z)  # Eq. (70)
     return _t(yT), yT, (z, W1, W2, tuple(groups), act, preT.swapaxes(1, 2))
 
 
 def _level(z, zT, W1, W2, groups, act):
-    """(y, yT or None, cache) of one level: the compiled path, or the counted reference fallback."""
-    z = R.check_level(z, np.asarray(W1), np.asarray(W2), groups)
-    W1, W2 = np.asarray(W1), np.asarray(W2)
-    if not _compiled(act, z, W1, W2) or len({z.dtype, W1.dtype, W2.dtype}) > 1:
+    """(y, yT or None, cache) of one level: the compiled path, or the counted reference fallback.
+    W1, W2: (B, G, ...) arrays, or lists of G (B, ...) arrays (``Ops.cms_group_lists``)."""
+    if isinstance(W1, list) or isinstance(W2, list):
+        W1, W2 = list(W1), list(W2)
+        z = _check_groups(z, W1, W2, groups)
+        w1, w2 = np.asarray(W1[0]), np.asarray(W2[0])
+    else:
+        z = R.check_level(z, np.asarray(W1), np.asarray(W2), groups)
+        W1, W2 = w1, w2 = np.asarray(W1), np.asarray(W2)
+    if not _compiled(act, z, w1, w2) or len({z.dtype, w1.dtype, w2.dtype}) > 1:
         P.FALLBACKS["cms.level_forward"] = P.FALLBACKS.get("cms.level_forward", 0) + 1
-        return R.level_forward(z, W1, W2, groups, act) + (None,)
+        return R.level_forward(z, _stacked(W1), _stacked(W2), groups, act) + (None,)
     y, yT, cache = _level_forward(z, zT, W1, W2, groups, act)
     return y, cache, yT
 
@@ -94,8 +126,10 @@ def _level(z, zT, W1, W2, groups, act):
 def level_forward(z, W1, W2, groups, act="gelu"):
     """MLP^(f_l)(z) = z + W1 act(W2 z) with the weights of group g on tokens groups[g].
 
-    z (B, T, D); W1 (B, G, D, Hm); W2 (B, G, Hm, D). Returns (y, cache) (the reference's cache;
-    its ``pre`` is a (B, T, Hm) view of a feature-major (B, Hm, T) array).
+    z (B, T, D); W1 (B, G, D, Hm); W2 (B, G, Hm, D), or each a list of G per-group (B, ...) arrays
+    (the driver's ``Ops.cms_group_lists``: no (B, G, ...) stack is made). Returns (y, cache) (the
+    reference's cache, its weights as given; its ``pre`` is a (B, T, Hm) view of a feature-major
+    (B, Hm, T) array).
     """
     y, cache, _ = _level(z, None, W1, W2, groups, act)
     return y, cache
@@ -120,6 +154,7 @@ def level_backward(dy, cache, want="groups"):
         raise ValueError(f"want must be one of {R.WANTED}, got {want!r}")
     if not _compiled(act, dy, pre) or dy.dtype != pre.dtype:
         P.FALLBACKS["cms.level_backward"] = P.FALLBACKS.get("cms.level_backward", 0) + 1
+        cache = (z, _stacked(W1), _stacked(W2), groups, act, pre)
         return R.as_wanted(*R.level_backward(dy, cache), want)
     dtype = pre.dtype
     preT = np.ascontiguousarray(pre.swapaxes(1, 2))  # (B, Hm, T)
@@ -127,19 +162,20 @@ def level_backward(dy, cache, want="groups"):
     dyt = dy.swapaxes(1, 2)  # (B, D, T) view
     dW1 = dW2 = None
     if want == "groups":
-        dW1 = np.empty(W1.shape, dtype=dtype)
-        dW2 = np.empty(W2.shape, dtype=dtype)
+        G = len(groups)
+        dW1 = np.empty(z.shape[:1] + (G,) + _at(W1, 0).shape[1:], dtype=dtype)  # (B, G, D, Hm)
+        dW2 = np.empty(z.shape[:1] + (G,) + _at(W2, 0).shape[1:], dtype=dtype)
     dpreT = np.empty(preT.shape, dtype=dtype)  # (B, Hm, T)
     for g, (s, e) in enumerate(groups):
         if dW1 is not None:
             np.matmul(dyt[:, :, s:e], fT[:, :, s:e].swapaxes(1, 2), out=dW1[:, g])  # (B, D, Hm): dy^T act(pre)
-        np.matmul(W1[:, g].swapaxes(1, 2), dyt[:, :, s:e], out=dpreT[:, :, s:e])  # (B, Hm, n): W1^T dy^T
+        np.matmul(_at(W1, g).swapaxes(1, 2), dyt[:, :, s:e], out=dpreT[:, :, s:e])  # (B, Hm, n): W1^T dy^T
     dpreT *= dfT  # the gradient at pre
     dz = dy.copy()  # (B, T, D): the residual path
     for g, (s, e) in enumerate(groups):
         if dW2 is not None:
             np.matmul(dpreT[:, :, s:e], z[:, s:e], out=dW2[:, g])  # (B, Hm, D): dpre^T z
-        dz[:, s:e] += np.matmul(dpreT[:, :, s:e].swapaxes(1, 2), W2[:, g])  # (B, n, D): dpre W2
+        dz[:, s:e] += np.matmul(dpreT[:, :, s:e].swapaxes(1, 2), _at(W2, g))  # (B, n, D): dpre W2
     if want == "sum":  # every token's product at once, per sequence, then over the sequences
         dW1 = np.matmul(dyt, fT.swapaxes(1, 2)).sum(axis=0)[None, None]  # (1, 1, D, Hm)
         dW2 = np.matmul(dpreT, z).sum(axis=0)[None, None]  # (1, 1, Hm, D)

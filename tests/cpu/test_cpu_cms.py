@@ -29,12 +29,13 @@ def _ro(a):
        levels=st.lists(st.tuples(st.integers(1, 6), st.sampled_from([None, 1, 2, 3, 4])), min_size=1, max_size=3),
        variant=st.sampled_from(["sequential", "independent"]), act=st.sampled_from(["gelu", "silu"]),
        shared=st.lists(st.booleans(), min_size=3, max_size=3),
-       wanted=st.none() | st.lists(st.sampled_from(R.WANTED), min_size=3, max_size=3))
-def test_cms_matches_reference(dtype, seed, B, T, start, D, levels, variant, act, shared, wanted):
+       wanted=st.none() | st.lists(st.sampled_from(R.WANTED), min_size=3, max_size=3), as_lists=st.booleans())
+def test_cms_matches_reference(dtype, seed, B, T, start, D, levels, variant, act, shared, wanted, as_lists):
     """``shared[l]``: level l's weights are one (D, Hm) / (Hm, D) pair broadcast over (B, G) (stride
     0, as the model passes a frozen level). ``wanted``: the backward's choice per level (reference/cms.py
     ``WANTED``; None: every level per group): the port's sums and skips against the reference's
-    per-group gradients summed or dropped, and those against the plain backward's."""
+    per-group gradients summed or dropped, and those against the plain backward's. ``as_lists``: the
+    port gets each level's weights as lists of per-group (B, ...) arrays (``Ops.cms_group_lists``)."""
     rng = np.random.default_rng(seed)
     u = _ro(rng.standard_normal((B, T, D)).astype(dtype))
     weights, groups = [], []
@@ -51,7 +52,8 @@ def test_cms_matches_reference(dtype, seed, B, T, start, D, levels, variant, act
     wanted = None if wanted is None else wanted[:len(levels)]
     note(f"{dtype} B={B} T={T} start={start} D={D} levels={levels} {variant} {act} shared={shared} wanted={wanted}")
     fallbacks = dict(FP.FALLBACKS)
-    yf, cf = F.forward(u, weights, groups, variant, act, agg)
+    given = [([W1[:, g] for g in range(W1.shape[1])], [W2[:, g] for g in range(W2.shape[1])]) for W1, W2 in weights]
+    yf, cf = F.forward(u, given if as_lists else weights, groups, variant, act, agg)
     duf, dwf, daggf = F.backward(up, cf, wanted)
     assert FP.FALLBACKS == fallbacks, "took the reference fallback"
     yr, cr = R.forward(u, weights, groups, variant, act, agg)
@@ -111,6 +113,12 @@ def test_bad_input_raises_value_error():
         F.forward(z, [(np.zeros((2, 1, 3, 4)), np.zeros((2, 1, 4, 3)))], [[(0, 5)]], "nested")
     with pytest.raises(ValueError, match="agg must have shape"):
         F.forward(z, [(np.zeros((2, 1, 3, 4)), np.zeros((2, 1, 4, 3)))], [[(0, 5)]], "independent", agg=np.ones(2))
+    with pytest.raises(ValueError, match="one \\(B, ...\\) array per group"):  # per-group lists (Ops.cms_group_lists)
+        F.level_forward(z, [np.zeros((2, 3, 4))] * 2, [np.zeros((2, 4, 3))] * 2, [(0, 5)])
+    with pytest.raises(ValueError, match="W1: every group's weights"):
+        F.level_forward(z, [np.zeros((2, 3, 4)), np.zeros((2, 3, 5))], [np.zeros((2, 4, 3))] * 2, [(0, 2), (2, 5)])
+    with pytest.raises(ValueError, match="W2 must have shape"):
+        F.level_forward(z, [np.zeros((2, 3, 4))], [np.zeros((2, 3, 3))], [(0, 5)])
     cache = F.forward(z, [(np.zeros((2, 1, 3, 4)), np.zeros((2, 1, 4, 3)))], [[(0, 5)]])[1]
     for mod in (F, R):
         with pytest.raises(ValueError, match="wanted must give one of"):
