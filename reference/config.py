@@ -370,6 +370,10 @@ PRESETS: dict[str, ModelConfig] = {
     "hope-small-static-v": _small("hope", name="hope-small-static-v", **_HOPE_SMALL, mem_adaptive_v=False),
     # nested CMS (Eq. 72, SPEC.md#cms): the 64-token level meta-learns the 16-token level's initial state
     "hope-small-nested": _small("hope", name="hope-small-nested", **_HOPE_SMALL, cms_nested=True),
+    # the public Hope reproduction's level periods (issue 20 item 4, SPEC.md#hope "Presets"): four in-context
+    # levels of periods 1, 4, 32, 128, the fastest an online step per token (processing chunk 1)
+    "hope-small-online-cms": _small("hope", name="hope-small-online-cms", mem_eta_max=_HOPE_ETA,
+                                    cms_levels=tuple(CMSLevel(hidden=384, period=p, eta=1e-3) for p in (1, 4, 32, 128))),
 }
 
 
