@@ -314,7 +314,9 @@ def step_kib_per_token(preset: str, backend: str, batch: int, seq_len: int, dtyp
 
 
 def probe_step_memory(preset: str, backend: str, batch: int, seq_len: int, dtype: str, timeout: float):
-    """(KiB per token from ``step_kib_per_token`` in a fresh process, None) or (None, why it failed)."""
+    """(KiB per token from ``step_kib_per_token`` in a fresh process, None, False) or (None, why it
+    failed, killed): ``killed`` when a signal ended the child (most often the kernel's OOM killer, so
+    the row itself would be killed too and take the run's later rows with it)."""
     import subprocess
     import sys
 
@@ -324,10 +326,13 @@ def probe_step_memory(preset: str, backend: str, batch: int, seq_len: int, dtype
         r = subprocess.run([sys.executable, "-c", code, preset, backend, str(batch), str(seq_len), dtype],
                            capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return None, f"the memory probe ran past {timeout:.0f} s"
+        return None, f"the memory probe ran past {timeout:.0f} s", False
+    if r.returncode < 0:
+        return None, (f"the memory probe of one {batch} x {seq_len}-token step was killed by signal {-r.returncode} "
+                      "(out of memory?)"), True
     if r.returncode != 0:
-        return None, (r.stderr.strip().splitlines() or [f"the memory probe exited {r.returncode}"])[-1]
-    return float(r.stdout.strip().splitlines()[-1]), None
+        return None, (r.stderr.strip().splitlines() or [f"the memory probe exited {r.returncode}"])[-1], False
+    return float(r.stdout.strip().splitlines()[-1]), None, False
 
 
 def available_mib():
@@ -657,7 +662,8 @@ def _measure(be, row, cfg, tokens, rate, repeats, decode_contexts, decode_tokens
 
 
 def _torch_memory_check(row, cfg, dtype, batch_size, seq_len, max_memory_gb, max_seconds):
-    """Why the torch row must not run (its predicted peak over the budget), or None; fills ``row``
+    """Why the torch row must not run (its predicted peak over the budget, or a probe step that a
+    signal killed), or None; fills ``row``
     with the probe's figures. Budget: ``MEMORY_SHARE`` of the memory available now, at most
     ``max_memory_gb`` (None: no cap; without /proc/meminfo only the cap)."""
     avail = available_mib()
@@ -667,10 +673,12 @@ def _torch_memory_check(row, cfg, dtype, batch_size, seq_len, max_memory_gb, max
     if budget is None:
         return None
     probe_t = min(seq_len, MEMORY_PROBE_T)
-    kib, failed = probe_step_memory(cfg.name, "torch", batch_size, probe_t, dtype, max(60.0, max_seconds))
-    if failed:  # the row itself will meet the same error and report it
+    kib, failed, killed = probe_step_memory(cfg.name, "torch", batch_size, probe_t, dtype, max(60.0, max_seconds))
+    if failed:
         row["memory_probe"] = failed
-        return None
+        # killed: a step of the probe's size did not survive, so the full row would not either; any
+        # other failure: the row itself meets the same error and reports it
+        return failed if killed else None
     need, why = memory_verdict(kib, batch_size, seq_len, budget, probe_t)
     row.update(probe_kib_per_token=kib, predicted_step_mib=need, memory_budget_mib=budget)
     return why

@@ -572,3 +572,30 @@ def test_memory_layer_flops_count_the_fast_weights_products_by_hand():
     extra = bench.model_flops(cfg, 4, 256) - 3.0 * bench.memory_layer_flops(cfg) * cfg.n_layers * 1024
     assert extra == pytest.approx(6.0 * sum(int(np.prod(s)) for k, s in ref.param_shapes(cfg).items()
                                             if len(s) >= 2 and not k.startswith("embed.")) * 1024)
+
+
+def test_a_memory_probe_killed_by_a_signal_skips_the_torch_row(monkeypatch):
+    """A probe that a signal ended (the OOM killer's SIGKILL: a step of the probe's size did not fit)
+    skips the torch row with that reason instead of running it into the same kill, which would end
+    the whole run; a probe that failed with an error still lets the row run (and report the error)."""
+    import subprocess
+
+    def fake_run(returncode, stderr=""):
+        return lambda args, **kw: subprocess.CompletedProcess(args, returncode, "", stderr)
+
+    monkeypatch.setattr(subprocess, "run", fake_run(-9))
+    kib, why, killed = bench.probe_step_memory("transformer-tiny", "torch", 1, 6, "float32", 60.0)
+    assert kib is None and killed and why == ("the memory probe of one 1 x 6-token step was killed by signal 9 "
+                                              "(out of memory?)")
+    monkeypatch.setattr(subprocess, "run", fake_run(1, "Traceback\nValueError: bad preset"))
+    assert bench.probe_step_memory("transformer-tiny", "torch", 1, 6, "float32", 60.0) == (
+        None, "ValueError: bad preset", False)
+    monkeypatch.undo()
+    from nlref import config
+
+    cfg = config.preset("transformer-tiny")
+    for result, expect in (((None, "killed by signal 9", True), "killed by signal 9"), ((None, "ValueError", False), None)):
+        monkeypatch.setattr(bench, "probe_step_memory", lambda *a, result=result, **k: result)
+        row = {}
+        assert bench._torch_memory_check(row, cfg, "float32", 1, 6, 1.0, 60.0) == expect
+        assert row["memory_probe"] == result[1]
