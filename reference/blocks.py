@@ -342,7 +342,7 @@ def block_backward(ops, dy, cache, i, cfg, cms_only=False, cms_wanted=None):
     c_n1, c_mix, c_n2, c_sec = cache
     grads, dcms = {}, None
     if has_cms(cfg):
-        du, dcms, dagg = ops.cms.backward(dy, c_sec) if cms_wanted is None else ops.cms.backward(dy, c_sec, cms_wanted)
+        du, dcms, dagg = ops.cms.backward(dy, c_sec, cms_wanted)
         if cms_only:
             return None, {}, dcms
         du = du - dy

@@ -409,13 +409,15 @@ def weights_in_force(ops, params, tokens, cfg, keep=None) -> dict[str, list]:
     in-context level's weight, {"blocks.i.cms.l.W1": [(B, ...) per chunk g of the level over [0, T)]},
     the weights in force during chunk g (the initial state, then each write's result)."""
     state = init_state(params, cfg, tokens.shape[0], ops=ops)
-    record = {f"blocks.{i}.cms.{l}.{n}": [state["cms"][i][f"{l}.{n}"]]
-              for i in range(cfg.n_layers) for l in in_context_levels(cfg) for n in ("W1", "W2")}
+    chunks, record = {}, {}
+    for l in in_context_levels(cfg):
+        for i in range(cfg.n_layers):
+            for n in ("W1", "W2"):
+                chunks[f"blocks.{i}.cms.{l}.{n}"] = len(cms.groups_for(cfg.cms_levels[l].period, 0, tokens.shape[1]))
+                record[f"blocks.{i}.cms.{l}.{n}"] = [state["cms"][i][f"{l}.{n}"]]
     run(ops, params, tokens, cfg, state, record, keep)
-    T = tokens.shape[1]
     for key, arrays in record.items():
-        G = len(cms.groups_for(cfg.cms_levels[int(key.split(".")[3])].period, 0, T))
-        assert len(arrays) == G, (key, len(arrays), G)  # one write at each of the level's chunk ends < T
+        assert len(arrays) == chunks[key], key  # one write at each of the level's chunk ends < T
     return record
 
 
