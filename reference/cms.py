@@ -36,6 +36,7 @@ source with ``np`` rebound to CuPy (fast/gpu/namespace.py).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -136,23 +137,86 @@ def level_forward(z, W1, W2, groups, act="gelu"):
     return y, (z, W1, W2, tuple(groups), act, pre)
 
 
-def level_backward(dy, cache):
-    """Returns (dz (B, T, D), dW1 (B, G, D, Hm), dW2 (B, G, Hm, D)): per-group, per-sequence."""
+class Factors(NamedTuple):
+    """A level's weight gradient over one group kept as its per-token factors (``WANTED``
+    ``factors``): dW[b] = sum_t u[b, t] v[b, t]^T, u (B, n, out), v (B, n, in) (dW1: u = dy,
+    v = act(pre); dW2: u = dpre, v = z). n (out + in) numbers per sequence instead of out x in: a
+    1-token chunk's write is rank 1 (SPEC.md#cms "Factored writes")."""
+
+    u: np.ndarray
+    v: np.ndarray
+
+
+def factors_product(F: Factors) -> np.ndarray:
+    """The gradient (B, out, in) that ``F`` stands for: sum_t u_t v_t^T per sequence."""
+    return np.einsum("btu,btv->buv", F.u, F.v, optimize=True)
+
+
+def write_factors(W: np.ndarray, F: Factors, eta: float) -> np.ndarray:
+    """``write`` with the chunk's summed gradient given as its factors (Eq. 71)."""
+    return write(W, factors_product(F), eta)
+
+
+def level_backward(dy, cache, factors=False):
+    """Returns (dz (B, T, D), dW1 (B, G, D, Hm), dW2 (B, G, Hm, D)): per-group, per-sequence.
+    ``factors`` (a call with one group): dW1 and dW2 as that group's ``Factors`` instead."""
     z, W1, W2, groups, act, pre = cache
     f, df = _act(act)
     dy = np.asarray(dy)
     if dy.shape != z.shape:
         raise ValueError(f"dy must have shape (B, T, D) = {z.shape}, got {dy.shape}")
+    if factors and len(groups) != 1:
+        raise ValueError(f"factors are a one-group level's gradients; this call has {len(groups)} groups")
     dz = dy.copy()  # (B, T, D): the residual path
     dW1 = np.zeros(W1.shape, dtype=pre.dtype)
     dW2 = np.zeros(W2.shape, dtype=pre.dtype)
     for g, (s, e) in enumerate(groups):
         a = f(pre[:, s:e])  # (B, n, Hm)
-        dW1[:, g] = np.einsum("btd,bth->bdh", dy[:, s:e], a, optimize=True)
+        F1 = Factors(dy[:, s:e].copy(), a)
+        dW1[:, g] = factors_product(F1)  # sum_t dy_t act(pre_t)^T
         dpre = np.einsum("btd,bdh->bth", dy[:, s:e], W1[:, g], optimize=True) * df(pre[:, s:e])  # (B, n, Hm)
-        dW2[:, g] = np.einsum("bth,btd->bhd", dpre, z[:, s:e], optimize=True)
+        F2 = Factors(dpre, z[:, s:e].copy())
+        dW2[:, g] = factors_product(F2)  # sum_t dpre_t z_t^T
         dz[:, s:e] += np.einsum("bth,bhd->btd", dpre, W2[:, g], optimize=True)
+    if factors:
+        return dz, F1, F2
     return dz, dW1, dW2
+
+
+class Replay:
+    """The weights in force per chunk of a level, kept as its first weights and each write's
+    ``Factors`` (``Ops.cms_factored_writes``, SPEC.md#cms "Factored writes"): item g is W_0 after
+    the first g writes, rebuilt by the backend's ``write_factors`` in order, the same arrays as the
+    writes made. Reading the items in order costs one write each; an earlier item than the last read
+    starts again from W_0. Holds n (out + in) numbers per write instead of each chunk's weights."""
+
+    def __init__(self, W0, eta: float, write_factors):
+        self.W0, self.eta, self.step = W0, eta, write_factors
+        self.writes: list[Factors] = []
+        self._g, self._W = 0, W0
+
+    def append(self, F: Factors) -> None:
+        self.writes.append(F)
+
+    def __len__(self) -> int:
+        return 1 + len(self.writes)
+
+    def __getitem__(self, g: int):
+        if not 0 <= g < len(self):
+            raise IndexError(f"group {g} of {len(self)}")
+        if g < self._g:
+            self._g, self._W = 0, self.W0
+        while self._g < g:
+            self._W = self.step(self._W, self.writes[self._g], self.eta)
+            self._g += 1
+        return self._W
+
+    def __iter__(self):
+        W = self.W0
+        yield W
+        for F in self.writes:
+            W = self.step(W, F, self.eta)
+            yield W
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,11 +256,12 @@ def forward(u, weights, groups, variant="sequential", act="gelu", agg=None):
     return y, (variant, caches, agg, outs)
 
 
-WANTED = ("groups", "sum", "skip")
+WANTED = ("groups", "sum", "skip", "factors")
 """What ``backward(..., wanted)`` returns for a level's weights: ``groups`` (dW1, dW2) per group and
 sequence (B, G, ...); ``sum`` their sum over the sequences and groups, shape (1, 1, ...) (the outer
 gradient of the initial weights, SPEC.md#cms); ``skip`` (None, None), not computed (a write's
-re-run needs only the due levels' gradients). A port computes the sum and the skip directly."""
+re-run needs only the due levels' gradients); ``factors`` (a level with one group) its ``Factors``
+(``Ops.cms_factored_writes``). A port computes the sum and the skip directly."""
 
 
 def check_wanted(wanted, n_levels: int) -> list[str]:
@@ -216,7 +281,7 @@ def as_wanted(dW1, dW2, want):
         return None, None
     if want == "sum":
         return dW1.sum(axis=(0, 1), keepdims=True), dW2.sum(axis=(0, 1), keepdims=True)
-    return dW1, dW2
+    return dW1, dW2  # groups, or the factors level_backward returned
 
 
 def backward(dy, cache, wanted=None):
@@ -230,7 +295,7 @@ def backward(dy, cache, wanted=None):
         dz = dy
         dweights = []
         for c, want in zip(reversed(caches), reversed(wanted), strict=True):
-            dz, dW1, dW2 = level_backward(dz, c)
+            dz, dW1, dW2 = level_backward(dz, c, want == "factors")
             dweights.append(as_wanted(dW1, dW2, want))
         return dz, dweights[::-1], None
     du = np.array(dy, copy=True)
@@ -239,7 +304,7 @@ def backward(dy, cache, wanted=None):
     for l, c in enumerate(caches):
         dagg[l] = np.sum(dy * outs[l])
         dm = agg[l] * dy
-        dz, dW1, dW2 = level_backward(dm, c)
+        dz, dW1, dW2 = level_backward(dm, c, wanted[l] == "factors")
         du = du + dz - dm  # the level's residual z is subtracted in (M_l(u) - u)
         dweights.append(as_wanted(dW1, dW2, wanted[l]))
     return du, dweights, dagg

@@ -69,7 +69,12 @@ class Ops:
           instead of theta_0 + increments (equal up to the rounding of the increments' sums);
         - ``reuse_min_chunk``: ``reuse_layer_caches`` and ``reuse_span_layers`` apply only where the
           processing chunk has at least this many tokens (a merged chain of shorter pieces can cost
-          more than the re-run it saves, and it keeps every piece's states).
+          more than the re-run it saves, and it keeps every piece's states);
+        - ``cms_factored_writes`` (with ``cms_grads_needed``): a write of a level in ``factored_levels``
+          takes its chunk's gradient as per-token ``cms.Factors`` (``wanted`` ``factors``) and applies it with
+          ``cms.write_factors``; the whole-sequence pass's record keeps the level's first weights
+          and those factors (``cms.Replay``) instead of the weights in force per chunk, and rebuilds
+          them in order (the same arrays).
     """
 
     name: str
@@ -85,6 +90,7 @@ class Ops:
     cms_grads_needed: bool = False
     cms_group_lists: bool = False
     reuse_min_chunk: int = 1
+    cms_factored_writes: bool = False
 
 
 LAYER_MODULES: dict[str, str] = {"titans": "titans", "hope": "selfmod", "linear-attention": "linear_layers",
@@ -140,6 +146,18 @@ def in_context_levels(cfg: ModelConfig) -> list[int]:
     if not has_cms(cfg) or not cfg.cms_in_context:
         return []
     return [l for l, lv in enumerate(cfg.cms_levels) if lv.period is not None]
+
+
+def factored_levels(ops: Ops, cfg: ModelConfig) -> set[int]:
+    """The in-context levels whose writes ``Ops.cms_factored_writes`` keeps as factors: those whose
+    chunk's factors, C^(l) (D + Hm) numbers per sequence, are fewer than the D x Hm weights they
+    replace, outside nested CMS (Eq. 72 sums a child's per-group gradients; SPEC.md#cms "Factored
+    writes"). Empty unless ``cms_grads_needed`` is on too: it is the ``wanted`` that asks for factors."""
+    if not (ops.cms_factored_writes and ops.cms_grads_needed):
+        return set()
+    nested = set(meta_parents(cfg)) | set(meta_parents(cfg).values())
+    return {l for l in in_context_levels(cfg) if l not in nested
+            and cfg.cms_levels[l].period * (cfg.d_model + cfg.cms_levels[l].hidden) < cfg.d_model * cfg.cms_levels[l].hidden}
 
 
 def meta_parents(cfg: ModelConfig) -> dict[int, int]:

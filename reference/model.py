@@ -57,6 +57,7 @@ from .contract import (
     check_state,
     check_tokens,
     copy_tree,
+    factored_levels,
     has_attention,
     has_cms,
     in_context_levels,
@@ -272,10 +273,13 @@ def apply_writes(ops, cfg: ModelConfig, state, due_grads, record):
                     g0 = due_grads[p][i][l][j].sum(axis=1)  # (B, ...): over the child's chunks
                     fast[f"{l}.{n}_0"] = ops.cms.write(fast[f"{l}.{n}_0"], g0, cfg.cms_levels[p].eta)
                     new = fast[f"{l}.{n}_0"].copy()  # theta and theta_0 are separate arrays
+                elif isinstance(dcms[i][l][j], ops.cms.Factors):  # Ops.cms_factored_writes
+                    new = ops.cms.write_factors(fast[f"{l}.{n}"], dcms[i][l][j], cfg.cms_levels[l].eta)  # Eq. (71)
                 else:
                     new = ops.cms.write(fast[f"{l}.{n}"], dcms[i][l][j][:, 0], cfg.cms_levels[l].eta)  # Eq. (71)
-                if record is not None:  # the weights in force in the level's next chunk
-                    record.setdefault(f"blocks.{i}.cms.{l}.{n}", []).append(new)
+                if record is not None:  # the weights in force in the level's next chunk (a Replay: its factors)
+                    rec = record.setdefault(f"blocks.{i}.cms.{l}.{n}", [])
+                    rec.append(dcms[i][l][j] if isinstance(rec, ops.cms.Replay) else new)
                 fast[f"{l}.{n}"] = new
     pos, start = state["pos"], open_chunk_start(cfg, state["pos"])
     starts = open_level_starts(cfg, pos)  # the only records a later re-run starts from
@@ -307,7 +311,8 @@ def wanted_at(ops, cfg: ModelConfig, period: int):
         return None
     own = {l for l in in_context_levels(cfg) if cfg.cms_levels[l].period == period}
     own |= {child for child, parent in meta_parents(cfg).items() if parent in own}
-    return ["groups" if l in own else "skip" for l in range(len(cfg.cms_levels))]
+    factored = factored_levels(ops, cfg)  # Ops.cms_factored_writes: the chunk's per-token factors
+    return [("factors" if l in factored else "groups") if l in own else "skip" for l in range(len(cfg.cms_levels))]
 
 
 def complete_chunks(ops, params, cfg: ModelConfig, state, next_token, record, last=None, span=None):
@@ -407,14 +412,18 @@ def cms_increments(params, tokens, cfg: ModelConfig, *, ops: Ops = REFERENCE) ->
 def weights_in_force(ops, params, tokens, cfg, keep=None) -> dict[str, list]:
     """The chunk-major pass over checked tokens from a fresh state (``keep``: see ``run``): for each
     in-context level's weight, {"blocks.i.cms.l.W1": [(B, ...) per chunk g of the level over [0, T)]},
-    the weights in force during chunk g (the initial state, then each write's result)."""
+    the weights in force during chunk g (the initial state, then each write's result). A level in
+    ``factored_levels`` gets a ``cms.Replay`` instead of the list: the same items, rebuilt from the
+    initial state and the writes' factors."""
     state = init_state(params, cfg, tokens.shape[0], ops=ops)
     chunks, record = {}, {}
+    factored = factored_levels(ops, cfg)
     for l in in_context_levels(cfg):
         for i in range(cfg.n_layers):
             for n in ("W1", "W2"):
-                chunks[f"blocks.{i}.cms.{l}.{n}"] = len(cms.groups_for(cfg.cms_levels[l].period, 0, tokens.shape[1]))
-                record[f"blocks.{i}.cms.{l}.{n}"] = [state["cms"][i][f"{l}.{n}"]]
+                key, w0 = f"blocks.{i}.cms.{l}.{n}", state["cms"][i][f"{l}.{n}"]
+                chunks[key] = len(cms.groups_for(cfg.cms_levels[l].period, 0, tokens.shape[1]))
+                record[key] = ops.cms.Replay(w0, cfg.cms_levels[l].eta, ops.cms.write_factors) if l in factored else [w0]
     run(ops, params, tokens, cfg, state, record, keep)
     for key, arrays in record.items():
         assert len(arrays) == chunks[key], key  # one write at each of the level's chunk ends < T
@@ -431,8 +440,11 @@ def increments_of_pass(ops, params, tokens, cfg, keep=None):
     out = {}
     for key, arrays in record.items():
         cum = ops.np.zeros((B, len(arrays)) + params[key].shape, dtype=params[key].dtype)
-        for g in range(1, len(arrays)):
-            cum[:, g] = cum[:, g - 1] + (arrays[g] - arrays[g - 1])
+        prev = None
+        for g, w in enumerate(arrays):  # in order (a Replay rebuilds each item once)
+            if g > 0:
+                cum[:, g] = cum[:, g - 1] + (w - prev)
+            prev = w
         out[key] = cum
     return out
 
@@ -458,7 +470,7 @@ def first_order_forward(ops, params, tokens, cfg, increments, mixers=None, in_fo
                 for n in ("W1", "W2"):
                     key = f"blocks.{i}.cms.{l}.{n}"
                     if in_force is not None and l in live:
-                        pair.append(list(in_force[key]))
+                        pair.append(in_force[key])  # a list, or a cms.Replay (Ops.cms_factored_writes)
                         continue
                     w = ops.np.broadcast_to(params[key], (B, len(groups[l])) + params[key].shape)
                     if l in live:

@@ -43,7 +43,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...reference import cms as R
-from ...reference.cms import chunk_index, groups_for, param_shapes, updates_at, write  # noqa: F401
+from ...reference.cms import Factors, Replay, chunk_index, groups_for, param_shapes, updates_at, write  # noqa: F401
 from . import primitives as P
 
 _COMPILED_ACTS = ("silu", "gelu")
@@ -53,14 +53,31 @@ def _compiled(act, *arrays) -> bool:
     return act in _COMPILED_ACTS and not any(np.iscomplexobj(a) for a in arrays)
 
 
+_GROUP_LISTS = (list, Replay)
+"""The per-group forms of a level's weights besides a (B, G, ...) array: a list of G (B, ...)
+arrays (``Ops.cms_group_lists``) or a ``Replay`` that rebuilds them in order (``Ops.cms_factored_writes``)."""
+
+
 def _at(W, g):
-    """Group g's weights (B, ...) of W: a (B, G, ...) array or a list of G (B, ...) arrays."""
-    return W[g] if isinstance(W, list) else W[:, g]
+    """Group g's weights (B, ...) of W: a (B, G, ...) array, a list of G (B, ...) arrays or a Replay."""
+    return W[g] if isinstance(W, _GROUP_LISTS) else W[:, g]
 
 
 def _stacked(W):
-    """W as a (B, G, ...) array (a list of per-group arrays stacked: the reference's form)."""
-    return np.stack(W, axis=1) if isinstance(W, list) else np.asarray(W)
+    """W as a (B, G, ...) array (per-group arrays stacked: the reference's form)."""
+    return np.stack(list(W), axis=1) if isinstance(W, _GROUP_LISTS) else np.asarray(W)
+
+
+def factors_product(F: Factors) -> np.ndarray:
+    """The gradient (B, out, in) that ``F`` stands for (reference/cms.py ``factors_product``): one
+    batched product u^T v, the operands in the layouts ``level_backward`` forms a group's gradient
+    from, so it gives the same numbers as its ``groups`` gradient."""
+    return np.matmul(F.u.swapaxes(1, 2), F.v)
+
+
+def write_factors(W: np.ndarray, F: Factors, eta: float) -> np.ndarray:
+    """``write`` with the chunk's summed gradient given as its factors (Eq. 71)."""
+    return write(W, factors_product(F), eta)
 
 
 def _check_groups(z, W1, W2, groups):
@@ -69,11 +86,11 @@ def _check_groups(z, W1, W2, groups):
     z = np.asarray(z)
     if len(W1) != len(groups) or len(W2) != len(groups):
         raise ValueError(f"W1 and W2 must give one (B, ...) array per group ({len(groups)}), got {len(W1)}, {len(W2)}")
-    first = (np.asarray(W1[0])[:, None], np.asarray(W2[0])[:, None])
+    first = (np.asarray(W1[0])[:, None], np.asarray(W2[0])[:, None])  # (a Replay's items keep W_0's shape, dtype)
     R.check_level(z, np.broadcast_to(first[0], first[0].shape[:1] + (len(groups),) + first[0].shape[2:]),
                   np.broadcast_to(first[1], first[1].shape[:1] + (len(groups),) + first[1].shape[2:]), groups)
     for name, W in (("W1", W1), ("W2", W2)):
-        if any(np.shape(w) != np.shape(W[0]) or np.asarray(w).dtype != np.asarray(W[0]).dtype for w in W):
+        if isinstance(W, list) and any(np.shape(w) != np.shape(W[0]) or np.asarray(w).dtype != np.asarray(W[0]).dtype for w in W):
             raise ValueError(f"{name}: every group's weights must have the shape and dtype of the first, "
                              f"{np.shape(W[0])}")
     return z
@@ -108,9 +125,9 @@ def _level_forward(z, zT, W1, W2, groups, act):
 
 def _level(z, zT, W1, W2, groups, act):
     """(y, yT or None, cache) of one level: the compiled path, or the counted reference fallback.
-    W1, W2: (B, G, ...) arrays, or lists of G (B, ...) arrays (``Ops.cms_group_lists``)."""
-    if isinstance(W1, list) or isinstance(W2, list):
-        W1, W2 = list(W1), list(W2)
+    W1, W2: (B, G, ...) arrays, lists of G (B, ...) arrays (``Ops.cms_group_lists``) or Replays."""
+    if isinstance(W1, _GROUP_LISTS) or isinstance(W2, _GROUP_LISTS):
+        W1, W2 = (W if isinstance(W, Replay) else list(W) for W in (W1, W2))
         z = _check_groups(z, W1, W2, groups)
         w1, w2 = np.asarray(W1[0]), np.asarray(W2[0])
     else:
@@ -137,7 +154,8 @@ def level_forward(z, W1, W2, groups, act="gelu"):
 
 def level_backward(dy, cache, want="groups"):
     """Returns (dz (B, T, D), dW1, dW2): per group and sequence (B, G, ...) for ``want="groups"``,
-    summed over them (1, 1, ...) for ``"sum"``, None for ``"skip"`` (reference/cms.py ``WANTED``).
+    summed over them (1, 1, ...) for ``"sum"``, None for ``"skip"``, the one group's ``Factors`` for
+    ``"factors"`` (reference/cms.py ``WANTED``; ``factors_product`` of them is the ``groups`` gradient).
 
     Feature-major like the forward: act and act' once over preT (B, Hm, T) (a free transpose of
     this port's cache, a copy of a reference cache), dpreT = (W1^T dy^T) * act'(preT) with one
@@ -152,10 +170,12 @@ def level_backward(dy, cache, want="groups"):
         raise ValueError(f"dy must have shape (B, T, D) = {z.shape}, got {dy.shape}")
     if want not in R.WANTED:
         raise ValueError(f"want must be one of {R.WANTED}, got {want!r}")
+    if want == "factors" and len(groups) != 1:
+        raise ValueError(f"factors are a one-group level's gradients; this call has {len(groups)} groups")
     if not _compiled(act, dy, pre) or dy.dtype != pre.dtype:
         P.FALLBACKS["cms.level_backward"] = P.FALLBACKS.get("cms.level_backward", 0) + 1
         cache = (z, _stacked(W1), _stacked(W2), groups, act, pre)
-        return R.as_wanted(*R.level_backward(dy, cache), want)
+        return R.as_wanted(*R.level_backward(dy, cache, want == "factors"), want)
     dtype = pre.dtype
     preT = np.ascontiguousarray(pre.swapaxes(1, 2))  # (B, Hm, T)
     fT, dfT = P.act_and_grad(act, preT)  # act(pre), act'(pre) in one compiled pass
@@ -179,6 +199,10 @@ def level_backward(dy, cache, want="groups"):
     if want == "sum":  # every token's product at once, per sequence, then over the sequences
         dW1 = np.matmul(dyt, fT.swapaxes(1, 2)).sum(axis=0)[None, None]  # (1, 1, D, Hm)
         dW2 = np.matmul(dpreT, z).sum(axis=0)[None, None]  # (1, 1, Hm, D)
+    if want == "factors":  # the group's products' operands, as factors_product multiplies them
+        # dy and z are the caller's arrays: copies (order K keeps their layouts); fT and dpreT are this call's own
+        dW1 = Factors(np.copy(dy, order="K"), fT.swapaxes(1, 2))  # u (B, n, D), v (B, n, Hm)
+        dW2 = Factors(dpreT.swapaxes(1, 2), np.copy(z, order="K"))  # u (B, n, Hm), v (B, n, D)
     return dz, dW1, dW2
 
 
@@ -234,5 +258,5 @@ def backward(dy, cache, wanted=None):
     return du, dweights, dagg
 
 
-__all__ = ["backward", "chunk_index", "forward", "groups_for", "level_backward", "level_forward",
-           "param_shapes", "updates_at", "write"]
+__all__ = ["Factors", "Replay", "backward", "chunk_index", "factors_product", "forward", "groups_for",
+           "level_backward", "level_forward", "param_shapes", "updates_at", "write", "write_factors"]

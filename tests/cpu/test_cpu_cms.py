@@ -34,8 +34,10 @@ def test_cms_matches_reference(dtype, seed, B, T, start, D, levels, variant, act
     """``shared[l]``: level l's weights are one (D, Hm) / (Hm, D) pair broadcast over (B, G) (stride
     0, as the model passes a frozen level). ``wanted``: the backward's choice per level (reference/cms.py
     ``WANTED``; None: every level per group): the port's sums and skips against the reference's
-    per-group gradients summed or dropped, and those against the plain backward's. ``as_lists``: the
-    port gets each level's weights as lists of per-group (B, ...) arrays (``Ops.cms_group_lists``)."""
+    per-group gradients summed or dropped, and those against the plain backward's; ``factors`` (drawn
+    for a level with one group, else ``groups``): the product of the port's factors is bitwise its
+    own per-group gradient, and the reference's its own. ``as_lists``: the port gets each level's
+    weights as lists of per-group (B, ...) arrays (``Ops.cms_group_lists``)."""
     rng = np.random.default_rng(seed)
     u = _ro(rng.standard_normal((B, T, D)).astype(dtype))
     weights, groups = [], []
@@ -49,7 +51,8 @@ def test_cms_matches_reference(dtype, seed, B, T, start, D, levels, variant, act
     agg = _ro(rng.standard_normal(len(levels)).astype(dtype)) if variant == "independent" else None
     up = _ro(rng.standard_normal((B, T, D)).astype(dtype))
     before = [u.copy()] + [w.copy() for pair in weights for w in pair]
-    wanted = None if wanted is None else wanted[:len(levels)]
+    wanted = None if wanted is None else [w if w != "factors" or len(gr) == 1 else "groups"
+                                          for w, gr in zip(wanted, groups, strict=False)]
     note(f"{dtype} B={B} T={T} start={start} D={D} levels={levels} {variant} {act} shared={shared} wanted={wanted}")
     fallbacks = dict(FP.FALLBACKS)
     given = [([W1[:, g] for g in range(W1.shape[1])], [W2[:, g] for g in range(W2.shape[1])]) for W1, W2 in weights]
@@ -60,17 +63,24 @@ def test_cms_matches_reference(dtype, seed, B, T, start, D, levels, variant, act
     dur, dwr, daggr = R.backward(up, cr, wanted)
     dur_all, dwr_all, _ = R.backward(up, cr)
     np.testing.assert_array_equal(dur, dur_all)
+    _, dwf_all, _ = F.backward(up, cf)
     for l, want in enumerate(R.check_wanted(wanted, len(levels))):
-        for got, full in zip(dwr[l], dwr_all[l], strict=True):
+        for j, (got, full) in enumerate(zip(dwr[l], dwr_all[l], strict=True)):
             if want == "skip":
                 assert got is None and dwf[l] == (None, None)
+            elif want == "factors":
+                assert isinstance(got, R.Factors) and isinstance(dwf[l][j], R.Factors)
+                np.testing.assert_array_equal(R.factors_product(got), full[:, 0])
+                np.testing.assert_array_equal(F.factors_product(dwf[l][j]), dwf_all[l][j][:, 0])
             elif want == "sum":
                 assert got.shape == (1, 1) + full.shape[2:]
                 np.testing.assert_array_equal(got[0, 0], full.sum(axis=(0, 1)))
             else:
                 np.testing.assert_array_equal(got, full)
-    dwf = [pair for pair in dwf if pair[0] is not None]
-    dwr = [pair for pair in dwr if pair[0] is not None]
+    dwf = [pair if not isinstance(pair[0], R.Factors) else tuple(F.factors_product(f)[:, None] for f in pair)
+           for pair in dwf if pair[0] is not None]
+    dwr = [pair if not isinstance(pair[0], R.Factors) else tuple(R.factors_product(f)[:, None] for f in pair)
+           for pair in dwr if pair[0] is not None]
     assert yf.dtype == yr.dtype == np.dtype(dtype)
     assert_close(yf, yr, dtype, "port", "y")
     assert_close(duf, dur, dtype, "port", "du")
@@ -129,6 +139,40 @@ def test_bad_input_raises_value_error():
         F.level_backward(z, cache[1][0], "total")
     with pytest.raises(ValueError, match="dy must have shape"):
         F.level_backward(np.zeros((2, 4, 3)), F.level_forward(z, np.zeros((2, 1, 3, 4)), np.zeros((2, 1, 4, 3)), [(0, 5)])[1])
+    two = F.level_forward(z, np.zeros((2, 2, 3, 4)), np.zeros((2, 2, 4, 3)), [(0, 2), (2, 5)])[1]
+    for fn in (F.level_backward, lambda dy, c, want: R.level_backward(dy, c, want == "factors")):
+        with pytest.raises(ValueError, match="factors are a one-group level's gradients; this call has 2 groups"):
+            fn(z, two, "factors")
+
+
+@pytest.mark.parametrize("mod", [F, R], ids=["cpu", "reference"])
+def test_a_replay_rebuilds_the_writes_weights_in_order_and_out_of_order(mod, rng):
+    """``Replay`` (Ops.cms_factored_writes): item g is bitwise the array the g-th chain of
+    ``write_factors`` made, read in order, out of order, by iteration, and through the port's level
+    (which takes it in place of the list of those arrays)."""
+    B, D, Hm, G = 2, 3, 4, 6
+    W0 = rng.standard_normal((B, D, Hm))
+    made, replay = [W0], R.Replay(W0, 0.3, mod.write_factors)
+    for _ in range(G - 1):
+        Fc = R.Factors(rng.standard_normal((B, 2, D)), rng.standard_normal((B, 2, Hm)))
+        made.append(mod.write_factors(made[-1], Fc, 0.3))
+        replay.append(Fc)
+    assert len(replay) == G
+    for g in [0, 1, 2, 5, 3, 3, 0, 4]:
+        np.testing.assert_array_equal(replay[g], made[g])
+    for a, b in zip(replay, made, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(IndexError):
+        replay[G]
+    groups = [(g, g + 1) for g in range(G)]
+    zz = rng.standard_normal((B, G, D))
+    W2 = [rng.standard_normal((B, Hm, D)) for _ in range(G)]
+    y1, c1 = F.level_forward(zz, replay, W2, groups)
+    y2, c2 = F.level_forward(zz, made, W2, groups)
+    np.testing.assert_array_equal(y1, y2)
+    dy = rng.standard_normal(zz.shape)
+    for a, b in zip(F.level_backward(dy, c1), F.level_backward(dy, c2), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_unported_activation_falls_back_explicitly(rng):

@@ -348,3 +348,47 @@ def test_the_reuse_switches_stop_below_the_minimum_chunk_and_compute_the_same_fu
         assert_close(loss, reference[0], "float64", "rewrite", "loss")
         for k in grads:
             assert_close(grads[k], reference[1][k], "float64", "rewrite", k)
+
+
+@pytest.mark.parametrize("name", ["hope-tiny", "hope-attention-tiny"])
+@pytest.mark.parametrize("periods", [(1, 4, 8), (1, 3), (2, 4, None)])
+def test_factored_writes_keep_factors_and_compute_bitwise_the_same_numbers(name, periods):
+    """``Ops.cms_factored_writes`` (SPEC.md#cms "Factored writes"): the levels of ``factored_levels``
+    (C^(l) (D + Hm) < D Hm) write with their chunk's factors, and the whole-sequence pass's record
+    keeps a ``Replay`` of them whose items are bitwise the weights in force the plain record keeps,
+    in fewer bytes; loss, gradients, increments and logits are bitwise those with the switch off."""
+    from nlref.reference import cms as RC
+    from nlref.reference.config import CMSLevel
+    from nlref.reference.contract import factored_levels
+
+    cfg = dataclasses.replace(config.preset(name), dtype="float64",
+                              cms_levels=tuple(CMSLevel(hidden=8, period=p, eta=0.05) for p in periods))
+    params = R.init_params(cfg, 1)
+    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (3, 19))
+    off = dataclasses.replace(F.CPU, cms_factored_writes=False)
+    factored = factored_levels(F.CPU, cfg)
+    assert factored == {l for l, lv in enumerate(cfg.cms_levels) if lv.period and lv.period * 16 < 64}
+    assert factored and not factored_levels(off, cfg)
+    checked = R.check_tokens(tokens, cfg)
+    on_rec = R.weights_in_force(F.CPU, params, checked, cfg)
+    off_rec = R.weights_in_force(off, params, checked, cfg)
+    for key, arrays in off_rec.items():
+        level = int(key.split(".")[3])
+        assert isinstance(on_rec[key], RC.Replay) == (level in factored), key
+        assert len(on_rec[key]) == len(arrays)
+        for a, b in zip(on_rec[key], arrays, strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=key)
+        if level in factored:
+            kept = sum(f.u.nbytes + f.v.nbytes for f in on_rec[key].writes)
+            assert kept < sum(a.nbytes for a in arrays[1:]), key
+    for fn in (R.loss_and_grads, R.cms_increments, lambda p, t, c, ops: R.forward(p, t, c, ops=ops)[0]):
+        a, b = fn(params, tokens, cfg, ops=F.CPU), fn(params, tokens, cfg, ops=off)
+        if isinstance(a, tuple):  # (loss, grads)
+            assert a[0] == b[0]
+            a, b = a[1], b[1]
+        if isinstance(a, dict):
+            assert a.keys() == b.keys()
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        else:
+            np.testing.assert_array_equal(a, b)

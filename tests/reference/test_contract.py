@@ -105,23 +105,29 @@ def test_the_ports_run_the_drivers_functions_with_their_ops():
     # the CPU port's savings are switches of the one driver; the reference runs without them
     assert cpu_model.CPU.reuse_chunk_forward and cpu_model.CPU.cms_grads_only and cpu_model.CPU.reuse_layer_caches
     assert cpu_model.CPU.reuse_span_layers and cpu_model.CPU.cms_grads_needed and cpu_model.CPU.reuse_min_chunk > 1
+    assert cpu_model.CPU.cms_factored_writes
     assert not (driver.REFERENCE.reuse_chunk_forward or driver.REFERENCE.cms_grads_only
                 or driver.REFERENCE.reuse_layer_caches or driver.REFERENCE.reuse_span_layers
-                or driver.REFERENCE.cms_grads_needed or driver.REFERENCE.reuse_min_chunk != 1)
+                or driver.REFERENCE.cms_grads_needed or driver.REFERENCE.reuse_min_chunk != 1
+                or driver.REFERENCE.cms_factored_writes)
 
 
 def test_each_saving_alone_computes_the_reference_function():
     """Every switch of Ops, alone, on the reference's own modules: the same loss and gradients (the
-    reuse of the chunk forward, the CMS-only backward and the wanted CMS gradients are exact; the merged layer caches are
-    bitwise for block 0 and rounding above it, float64 here)."""
+    reuse of the chunk forward, the CMS-only backward, the wanted CMS gradients and the factored writes (with the
+    wanted gradients they need) are exact; the merged layer caches are bitwise for block 0 and rounding above it,
+    float64 here)."""
     import dataclasses
 
     cfg = dataclasses.replace(preset("hope-tiny"), dtype="float64")
     params = driver.init_params(cfg, 3)
     tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, size=(2, 37))
     loss, grads = driver.loss_and_grads(params, tokens, cfg)
-    for switch in ("reuse_chunk_forward", "cms_grads_only", "copy_history", "cms_grads_needed"):
-        ops = dataclasses.replace(driver.REFERENCE, **{switch: not getattr(driver.REFERENCE, switch)})
+    assert contract.factored_levels(dataclasses.replace(driver.REFERENCE, cms_factored_writes=True,
+                                                        cms_grads_needed=True), cfg) == {0}  # period 2: 2 (8 + 8) < 8 x 8
+    for switch in ("reuse_chunk_forward", "cms_grads_only", "copy_history", "cms_grads_needed",
+                   "cms_grads_needed+cms_factored_writes"):
+        ops = dataclasses.replace(driver.REFERENCE, **{s: not getattr(driver.REFERENCE, s) for s in switch.split("+")})
         l2, g2 = driver.loss_and_grads(params, tokens, cfg, ops=ops)
         assert l2 == loss, switch
         for k in grads:
