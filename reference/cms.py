@@ -172,14 +172,14 @@ def level_backward(dy, cache, factors=False):
     dW2 = np.zeros(W2.shape, dtype=pre.dtype)
     for g, (s, e) in enumerate(groups):
         a = f(pre[:, s:e])  # (B, n, Hm)
-        F1 = Factors(dy[:, s:e].copy(), a)
+        F1 = Factors(dy[:, s:e], a)
         dW1[:, g] = factors_product(F1)  # sum_t dy_t act(pre_t)^T
         dpre = np.einsum("btd,bdh->bth", dy[:, s:e], W1[:, g], optimize=True) * df(pre[:, s:e])  # (B, n, Hm)
-        F2 = Factors(dpre, z[:, s:e].copy())
+        F2 = Factors(dpre, z[:, s:e])
         dW2[:, g] = factors_product(F2)  # sum_t dpre_t z_t^T
         dz[:, s:e] += np.einsum("bth,bhd->btd", dpre, W2[:, g], optimize=True)
-    if factors:
-        return dz, F1, F2
+    if factors:  # dy and z are the caller's arrays: the kept factors get copies
+        return dz, F1._replace(u=F1.u.copy()), F2._replace(v=F2.v.copy())
     return dz, dW1, dW2
 
 
