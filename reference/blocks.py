@@ -36,6 +36,11 @@ def layer_of(ops, cfg):
     return memory_layer(ops.layer(cfg.family), cfg)
 
 
+def layer_params(params, b):
+    """The sequence-memory layer's parameters of the block with key prefix ``b`` ("blocks.i."), without the prefix."""
+    return {k[len(b) + 4:]: v for k, v in params.items() if k.startswith(b + "mem.")}
+
+
 def attn_forward(ops, a, params, b, cfg, p0, past, window=None, persistent=0):
     """Causal RoPE softmax attention (Eq. 63) of tokens at positions [p0, p0 + n) over the cache
     ``past`` (constants) and themselves. Returns (y, cache, (K, V)).
@@ -111,7 +116,7 @@ def mag_forward(ops, a, params, b, cfg, p0, past, mem_state):
     start = 0 if p0 == 0 else p0 + cfg.mem_persistent  # x~'s position of xt's first token
     y, c_att, new_past = attn_forward(ops, xt, params, b, cfg, start, past, cfg.attn_window, cfg.mem_persistent)
     layer = layer_of(ops, cfg)
-    lp = {k[len(b) + 4:]: v for k, v in params.items() if k.startswith(b + "mem.")}
+    lp = layer_params(params, b)
     m, c_mem, new_mem = layer.forward(xt, lp, layer.cfg, mem_state)  # the memory reads x~ too
     ya, c_na = P.rmsnorm_forward(y[:, Np:], params[b + "mag.norm_a.g"], cfg.norm_eps)  # (B, n, D)
     ym, c_nm = P.rmsnorm_forward(m[:, Np:], params[b + "mag.norm_m.g"], cfg.norm_eps)
@@ -160,7 +165,7 @@ def mal_forward(ops, a, params, b, cfg, p0, past, mem_state):
     if Np:
         xt = np.concatenate([np.broadcast_to(params[b + "mal.persist"], (Bn, Np, D)), a], axis=1)  # x~
     layer = layer_of(ops, cfg)
-    lp = {k[len(b) + 4:]: v for k, v in params.items() if k.startswith(b + "mem.")}
+    lp = layer_params(params, b)
     m, c_mem, new_mem = layer.forward(xt, lp, layer.cfg, mem_state)  # y = M(x~) (Titans §4.3)
     u, c_n = P.rmsnorm_forward(m, params[b + "mal.norm.g"], cfg.norm_eps)
     start = 0 if p0 == 0 else p0 + cfg.mem_persistent  # x~'s position of xt's first token
@@ -204,7 +209,7 @@ def mac_forward(ops, a, params, b, cfg, p0, past, mem_state):
     H, dh, C, Np = cfg.n_heads, cfg.d_head, cfg.attn_window, cfg.mem_persistent
     layer = layer_of(ops, cfg)
     names = layer.module.weight_names(layer.cfg)
-    lp = {k[len(b) + 4:]: v for k, v in params.items() if k.startswith(b + "mem.")}
+    lp = layer_params(params, b)
     kv, snap = (None, None) if past is None else ((past[0], past[1]), past[2])
     pieces, ys, ms, t = [], [], [], 0
     while t < n:
@@ -302,6 +307,19 @@ HYBRID_MIXERS = {"titans-mag": (mag_forward, mag_backward), "titans-mal": (mal_f
 """family -> (forward, backward) of a Titans hybrid's mixer (SPEC.md#titans-mag, #titans-mal, #titans-mac)."""
 
 
+def lowest_layer(ops, params, cfg, tokens):
+    """Block 0's sequence-memory layer over tokens (B, n) from a fresh state: (o (B, n, D), cache),
+    the ``mixer`` of ``block_forward``. Its input, RMSNorm of the embedding, does not depend on the
+    CMS weights, so this one call computes what the chunk-major pass's calls per processing chunk
+    compute (one call equals any chain of calls, SPEC.md#selfmod; ``Ops.lowest_layer_once``)."""
+    P = ops.primitives
+    x, _ = P.embedding_forward(tokens, params["embed.E"])
+    a, _ = P.rmsnorm_forward(x, params["blocks.0.norm1.g"], cfg.norm_eps)
+    layer = layer_of(ops, cfg)
+    o, c_mix, _ = layer.forward(a, layer_params(params, "blocks.0."), layer.cfg, None)
+    return o, c_mix
+
+
 def block_forward(ops, x, params, i, cfg, p0, past, mem_state, cms_w, cms_groups, mixer=None):
     """One block over a segment. Returns (y, cache, new_past, new_mem_state).
 
@@ -319,8 +337,7 @@ def block_forward(ops, x, params, i, cfg, p0, past, mem_state, cms_w, cms_groups
         o, c_mix, new_past = attn_forward(ops, a, params, b, cfg, p0, past)
     else:
         layer = layer_of(ops, cfg)
-        lp = {k[len(b) + 4:]: v for k, v in params.items() if k.startswith(b + "mem.")}
-        o, c_mix, new_mem = layer.forward(a, lp, layer.cfg, mem_state)
+        o, c_mix, new_mem = layer.forward(a, layer_params(params, b), layer.cfg, mem_state)
     h = x + o  # (B, n, D)
     u, c_n2 = P.rmsnorm_forward(h, params[b + "norm2.g"], cfg.norm_eps)
     if has_cms(cfg):

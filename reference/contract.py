@@ -74,7 +74,12 @@ class Ops:
           takes its chunk's gradient as per-token ``cms.Factors`` (``wanted`` ``factors``) and applies it with
           ``cms.write_factors``; the whole-sequence pass's record keeps the level's first weights
           and those factors (``cms.Replay``) instead of the weights in force per chunk, and rebuilds
-          them in order (the same arrays).
+          them in order (the same arrays);
+        - ``lowest_layer_once`` (with ``cms_grads_only``): ``loss_and_grads`` runs block 0's
+          sequence-memory layer once over the whole sequence (``blocks.lowest_layer``; its input,
+          the embedding, does not depend on the CMS weights) and hands slices of its output to the
+          chunk-major pass's processing chunks and re-runs, and the whole of it, with its cache,
+          to the whole-sequence pass (``lowest_layer_once``), instead of a layer call per chunk.
     """
 
     name: str
@@ -91,6 +96,7 @@ class Ops:
     cms_group_lists: bool = False
     reuse_min_chunk: int = 1
     cms_factored_writes: bool = False
+    lowest_layer_once: bool = False
 
 
 LAYER_MODULES: dict[str, str] = {"titans": "titans", "hope": "selfmod", "linear-attention": "linear_layers",
@@ -158,6 +164,16 @@ def factored_levels(ops: Ops, cfg: ModelConfig) -> set[int]:
     nested = set(meta_parents(cfg)) | set(meta_parents(cfg).values())
     return {l for l in in_context_levels(cfg) if l not in nested
             and cfg.cms_levels[l].period * (cfg.d_model + cfg.cms_levels[l].hidden) < cfg.d_model * cfg.cms_levels[l].hidden}
+
+
+def lowest_layer_once(ops: Ops, cfg: ModelConfig) -> bool:
+    """Whether ``loss_and_grads`` runs block 0's sequence-memory layer once (``Ops.lowest_layer_once``):
+    a model with in-context CMS (a chunk-major pass) whose blocks mix with a plain memory layer
+    (not attention, not a Titans hybrid: their mixers also read the attention cache). It needs
+    ``cms_grads_only``: a write's re-run then never differentiates block 0's layer, so the slices
+    it gets carry no cache."""
+    return (ops.lowest_layer_once and ops.cms_grads_only and cfg.cms_chunk is not None
+            and not has_attention(cfg) and not is_hybrid(cfg))
 
 
 def meta_parents(cfg: ModelConfig) -> dict[int, int]:

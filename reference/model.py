@@ -63,6 +63,7 @@ from .contract import (
     in_context_levels,
     is_hybrid,
     layer_config,
+    lowest_layer_once,
     meta_parents,
     param_shapes,
     reference_layer,
@@ -188,9 +189,20 @@ def open_level_starts(cfg: ModelConfig, pos: int) -> set[int]:
     return {(pos // cfg.cms_levels[l].period) * cfg.cms_levels[l].period for l in in_context_levels(cfg)}
 
 
-def advance(ops, params, cfg, state, seg):
+def lowest_mixers(cfg: ModelConfig, lowest, start: int, end: int, mixers=None):
+    """``stack_forward``'s ``mixers`` for positions [start, end) with block 0's layer output taken from
+    ``lowest`` (B, T, D), that layer's output over the whole pass (``Ops.lowest_layer_once``; no
+    cache: a re-run's backward stops above it, ``cms_grads_only``), the other blocks' from
+    ``mixers`` (or run). None without ``lowest``."""
+    if lowest is None:
+        return mixers
+    return [(lowest[:, start:end], None)] + (list(mixers[1:]) if mixers else [None] * (cfg.n_layers - 1))
+
+
+def advance(ops, params, cfg, state, seg, lowest=None):
     """Forward a segment that lies inside one processing chunk; update the state in place.
-    Returns (logits, the stack cache).
+    Returns (logits, the stack cache). ``lowest``: see ``lowest_mixers`` (then block 0's layer
+    state is not advanced: ``state["mem"][0]`` is None).
 
     At a processing chunk's start, the memory layers' states and the CMS weights in force are
     appended to ``state["history"]``: a level's write re-runs its chunk from them."""
@@ -200,8 +212,10 @@ def advance(ops, params, cfg, state, seg):
         state["history"].append({"start": state["pos"], "mem": mem,
                                  "cms": [dict(fast) for fast in state["cms"]]})  # writes make new arrays
     groups = [[(0, n)] for _ in cfg.cms_levels]
+    mixers = lowest_mixers(cfg, lowest, state["pos"], state["pos"] + n)
     logits, cache, new_past, new_mem = blocks.stack_forward(ops, params, cfg, seg, state["pos"], state["past"],
-                                                            state["mem"], cms_weights(ops, params, cfg, state), groups)
+                                                            state["mem"], cms_weights(ops, params, cfg, state), groups,
+                                                            mixers)
     state["past"], state["mem"] = new_past, new_mem
     state["pos"] += n
     if cfg.cms_chunk is not None:
@@ -299,8 +313,9 @@ def span_mixers(ops, cfg: ModelConfig, span, start: int, end: int):
     if sorted(pieces) != list(range(start, end, cfg.cms_chunk)):
         return None
     module = ops.layer(cfg.family)
-    mixers = [module.merge_caches([pieces[s][i] for s in sorted(pieces)]) for i in range(cfg.n_layers)]
-    return None if any(m is None for m in mixers) else mixers
+    mixers = [None if pieces[start][i] is None else module.merge_caches([pieces[s][i] for s in sorted(pieces)])
+              for i in range(cfg.n_layers)]  # (a block whose pieces carry no cache: lowest_mixers gives its layer)
+    return None if any(m is None for m, c in zip(mixers, pieces[start], strict=True) if c is not None) else mixers
 
 
 def wanted_at(ops, cfg: ModelConfig, period: int):
@@ -315,7 +330,7 @@ def wanted_at(ops, cfg: ModelConfig, period: int):
     return [("factors" if l in factored else "groups") if l in own else "skip" for l in range(len(cfg.cms_levels))]
 
 
-def complete_chunks(ops, params, cfg: ModelConfig, state, next_token, record, last=None, span=None):
+def complete_chunks(ops, params, cfg: ModelConfig, state, next_token, record, last=None, span=None, lowest=None):
     """The CMS writes due at position pos (a multiple of the processing chunk), now that the target
     of position pos - 1 has arrived: each level whose period ends here re-runs its own chunk
     [pos - C^(l), pos) from the states before it and applies Eq. (71) with that chunk's summed
@@ -324,7 +339,7 @@ def complete_chunks(ops, params, cfg: ModelConfig, state, next_token, record, la
     ``last``: (logits, stack cache) of the last processing chunk when this call forwarded it in one
     piece; with ``Ops.reuse_chunk_forward`` it stands for the re-run of a level whose period is the
     processing chunk. ``span``: the records ``span_mixers`` reads (``Ops.reuse_span_layers``; a
-    list kept by ``run``, cut here to the open level chunks)."""
+    list kept by ``run``, cut here to the open level chunks). ``lowest``: see ``lowest_mixers``."""
     pos = state["pos"]
     due = cms.updates_at(cfg.cms_levels, pos, cfg.cms_in_context)
     due_grads, by_period = {}, {}
@@ -333,6 +348,7 @@ def complete_chunks(ops, params, cfg: ModelConfig, state, next_token, record, la
         if period not in by_period:
             reuse = last if ops.reuse_chunk_forward and period == cfg.cms_chunk else None
             mixers = span_mixers(ops, cfg, span, pos - period, pos) if span and reuse is None else None
+            mixers = lowest_mixers(cfg, lowest, pos - period, pos, mixers) if reuse is None else None
             by_period[period] = level_chunk_gradient(ops, params, cfg, state, pos - period, next_token, reuse,
                                                      mixers, wanted_at(ops, cfg, period))
         due_grads[l] = by_period[period]
@@ -349,10 +365,12 @@ def writes_due(cfg: ModelConfig, state) -> bool:
     return C is not None and state["pos"] > 0 and state["pos"] % C == 0
 
 
-def run(ops, params, tokens, cfg, state, record=None, keep=None):
+def run(ops, params, tokens, cfg, state, record=None, keep=None, lowest=None):
     """The chunk-major pass over tokens (B, T) from ``state`` (updated in place): logits (B, T, V).
     ``record`` receives the CMS increments (``cms_increments``); ``keep`` a list that receives, per
-    forwarded piece, each block's sequence-memory layer cache (``Ops.reuse_layer_caches``)."""
+    forwarded piece, each block's sequence-memory layer cache (``Ops.reuse_layer_caches``; None for
+    block 0 with ``lowest``); ``lowest``: block 0's layer output over tokens, from a fresh state at
+    position 0 (``lowest_mixers``)."""
     T = tokens.shape[1]
     C = cfg.cms_chunk
     out, t, last = [], 0, None
@@ -360,11 +378,11 @@ def run(ops, params, tokens, cfg, state, record=None, keep=None):
     span = [] if reusable and hasattr(ops.layer(cfg.family), "merge_caches") else None  # see span_mixers
     while t < T:
         if writes_due(cfg, state):
-            complete_chunks(ops, params, cfg, state, tokens[:, t], record, last, span)
+            complete_chunks(ops, params, cfg, state, tokens[:, t], record, last, span, lowest)
         starts = C is not None and state["pos"] % C == 0
         n = T - t if C is None else min(T - t, C - state["pos"] % C)
         p = state["pos"]
-        logits, cache = advance(ops, params, cfg, state, tokens[:, t:t + n])
+        logits, cache = advance(ops, params, cfg, state, tokens[:, t:t + n], lowest)
         last = (logits, cache) if (starts and n == C) else None  # the chunk's one-piece forward
         if span is not None and last is not None:
             span.append((p, [c[1] for c in cache[1]]))
@@ -409,8 +427,8 @@ def cms_increments(params, tokens, cfg: ModelConfig, *, ops: Ops = REFERENCE) ->
     return increments_of_pass(ops, params, tokens, cfg)
 
 
-def weights_in_force(ops, params, tokens, cfg, keep=None) -> dict[str, list]:
-    """The chunk-major pass over checked tokens from a fresh state (``keep``: see ``run``): for each
+def weights_in_force(ops, params, tokens, cfg, keep=None, lowest=None) -> dict[str, list]:
+    """The chunk-major pass over checked tokens from a fresh state (``keep``, ``lowest``: see ``run``): for each
     in-context level's weight, {"blocks.i.cms.l.W1": [(B, ...) per chunk g of the level over [0, T)]},
     the weights in force during chunk g (the initial state, then each write's result). A level in
     ``factored_levels`` gets a ``cms.Replay`` instead of the list: the same items, rebuilt from the
@@ -424,18 +442,18 @@ def weights_in_force(ops, params, tokens, cfg, keep=None) -> dict[str, list]:
                 key, w0 = f"blocks.{i}.cms.{l}.{n}", state["cms"][i][f"{l}.{n}"]
                 chunks[key] = len(cms.groups_for(cfg.cms_levels[l].period, 0, tokens.shape[1]))
                 record[key] = ops.cms.Replay(w0, cfg.cms_levels[l].eta, ops.cms.write_factors) if l in factored else [w0]
-    run(ops, params, tokens, cfg, state, record, keep)
+    run(ops, params, tokens, cfg, state, record, keep, lowest)
     for key, arrays in record.items():
         assert len(arrays) == chunks[key], key  # one write at each of the level's chunk ends < T
     return record
 
 
-def increments_of_pass(ops, params, tokens, cfg, keep=None):
-    """``cms_increments`` of checked inputs (``keep``: see ``run``): the cumulative sums of the
+def increments_of_pass(ops, params, tokens, cfg, keep=None, lowest=None):
+    """``cms_increments`` of checked inputs (``keep``, ``lowest``: see ``run``): the cumulative sums of the
     writes' increments, each the difference of consecutive weights in force."""
     if cfg.cms_chunk is None:
         return {}
-    record = weights_in_force(ops, params, tokens, cfg, keep)
+    record = weights_in_force(ops, params, tokens, cfg, keep, lowest)
     B, T = tokens.shape
     out = {}
     for key, arrays in record.items():
@@ -514,19 +532,28 @@ def loss_and_grads_checked(ops, params, tokens, cfg):
     pass re-uses the chunk-major pass's chain of layer caches, merged into one per block, instead
     of running the layers again: each block's layer sees the same input in both passes (block 0
     exactly; a higher block up to rounding, the CMS weights theta_0 + increments being the chunk
-    pass's weights summed in another order; SPEC.md#fast-cpu)."""
+    pass's weights summed in another order; SPEC.md#fast-cpu).
+
+    With ``Ops.lowest_layer_once`` (``contract.lowest_layer_once``), block 0's layer runs once, over
+    the whole sequence (``blocks.lowest_layer``): the chunk-major pass takes slices of its output
+    and the whole-sequence pass takes it with its cache."""
     P, xp = ops.primitives, ops.np
     module = None if has_attention(cfg) else ops.layer(cfg.family)
     keep = ([] if ops.reuse_layer_caches and hasattr(module, "merge_caches") and cfg.cms_chunk is not None
             and cfg.cms_chunk >= ops.reuse_min_chunk else None)
     increments = in_force = None
+    low = blocks.lowest_layer(ops, params, cfg, tokens) if lowest_layer_once(ops, cfg) else None
+    lowest = None if low is None else low[0]
     if ops.cms_group_lists and cfg.cms_chunk is not None:
-        in_force = weights_in_force(ops, params, tokens, cfg, keep)
+        in_force = weights_in_force(ops, params, tokens, cfg, keep, lowest)
     else:
-        increments = increments_of_pass(ops, params, tokens, cfg, keep)
+        increments = increments_of_pass(ops, params, tokens, cfg, keep, lowest)
     mixers = None
     if keep:
-        mixers = [module.merge_caches([piece[i] for piece in keep]) for i in range(cfg.n_layers)]
+        mixers = [None if piece0 is None else module.merge_caches([piece[i] for piece in keep])
+                  for i, piece0 in enumerate(keep[0])]  # (block 0's pieces carry no cache with ``lowest``)
+    if low is not None:
+        mixers = [low] + (mixers[1:] if mixers else [None] * (cfg.n_layers - 1))
     logits, cache, _, _ = first_order_forward(ops, params, tokens, cfg, increments, mixers, in_force)
     loss, c_ce = P.cross_entropy_forward(logits[:, :-1], tokens[:, 1:])
     dlogits = xp.zeros_like(logits)

@@ -94,7 +94,7 @@ def layer(family: str):
 
 CPU = Ops(name="cpu", np=np, primitives=P, cms=cms, layer=layer, reuse_chunk_forward=True, cms_grads_only=True,
           reuse_layer_caches=True, reuse_span_layers=True, copy_history=False, cms_grads_needed=True,
-          cms_group_lists=True, reuse_min_chunk=8, cms_factored_writes=True)
+          cms_group_lists=True, reuse_min_chunk=8, cms_factored_writes=True, lowest_layer_once=True)
 """This port's ops for the one model driver (reference/contract.py ``Ops``)."""
 
 

@@ -338,7 +338,8 @@ def test_the_reuse_switches_stop_below_the_minimum_chunk_and_compute_the_same_fu
     out, calls = {}, {}
     for minimum in (1, cfg.cms_chunk + 1):
         layer = _CountingLayer(F.layer("hope"))
-        ops = dataclasses.replace(F.CPU, reuse_min_chunk=minimum, layer=lambda family, layer=layer: layer)
+        ops = dataclasses.replace(F.CPU, reuse_min_chunk=minimum, lowest_layer_once=False,
+                                  layer=lambda family, layer=layer: layer)  # (block 0 once: the next test)
         out[minimum] = R.loss_and_grads(params, tokens, cfg, ops=ops)
         calls[minimum] = layer.calls
     assert calls[1] == cfg.n_layers * chunks
@@ -348,6 +349,55 @@ def test_the_reuse_switches_stop_below_the_minimum_chunk_and_compute_the_same_fu
         assert_close(loss, reference[0], "float64", "rewrite", "loss")
         for k in grads:
             assert_close(grads[k], reference[1][k], "float64", "rewrite", k)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("periods", [(1, 4, 8), (2, 4, None), (3,)])
+def test_lowest_layer_once_runs_block_0s_layer_once_and_computes_the_same_function(dtype, periods):
+    """``Ops.lowest_layer_once`` (SPEC.md#fast-cpu): ``loss_and_grads`` calls block 0's layer once, over
+    the whole sequence, and every other block's as often as with the switch off (per processing
+    chunk, per re-run, the whole-sequence pass); loss and gradients agree with the switch off (the
+    rewrite row in float64: the one call and the chain of per-chunk calls split the layer's own
+    chunks differently) and with the reference."""
+    from nlref.reference.config import CMSLevel
+    from nlref.reference.contract import lowest_layer_once
+
+    cfg = dataclasses.replace(config.preset("hope-tiny"), dtype=dtype, n_layers=3,
+                              cms_levels=tuple(CMSLevel(hidden=8, period=p, eta=0.05) for p in periods))
+    params = R.init_params(cfg, 5)
+    tokens = np.random.default_rng(6).integers(0, cfg.vocab_size, size=(2, 21))
+    out, calls = {}, {}
+    for on in (True, False):
+        layer = _CountingLayer(F.layer("hope"))
+        ops = dataclasses.replace(F.CPU, lowest_layer_once=on, layer=lambda family, layer=layer: layer)
+        assert lowest_layer_once(ops, cfg) == on
+        out[on] = R.loss_and_grads(params, tokens, cfg, ops=ops)
+        calls[on] = layer.calls
+    per_block = calls[False] // cfg.n_layers
+    assert calls[False] == cfg.n_layers * per_block and per_block > 2
+    assert calls[True] == (cfg.n_layers - 1) * per_block + 1
+    reference = R.loss_and_grads(params, tokens, cfg)
+    row = "rewrite" if dtype == "float64" else "port"
+    for other, name in ((out[False], "off"), (reference, "reference")):
+        assert_close(out[True][0], other[0], dtype, row, f"loss vs {name}")
+        _assert_grads_close(out[True][1], other[1], dtype)
+        if dtype == "float64":
+            for k in other[1]:
+                assert_close(out[True][1][k], other[1][k], dtype, row, f"{k} vs {name}")
+
+
+def test_lowest_layer_once_applies_only_to_a_chunk_major_pass_over_a_memory_layer():
+    """``contract.lowest_layer_once``: not without ``cms_grads_only`` (a re-run would differentiate
+    block 0's layer, whose slices carry no cache), not for attention mixers, not without in-context
+    CMS (no chunk-major pass)."""
+    from nlref.reference.contract import lowest_layer_once
+
+    hope = config.preset("hope-tiny")
+    assert lowest_layer_once(F.CPU, hope) and not lowest_layer_once(R.REFERENCE, hope)
+    assert not lowest_layer_once(dataclasses.replace(F.CPU, cms_grads_only=False), hope)
+    assert not lowest_layer_once(F.CPU, config.preset("hope-attention-tiny"))
+    frozen = dataclasses.replace(hope, cms_in_context=False)
+    assert frozen.cms_chunk is None and not lowest_layer_once(F.CPU, frozen)
 
 
 @pytest.mark.parametrize("name", ["hope-tiny", "hope-attention-tiny"])

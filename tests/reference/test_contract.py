@@ -15,6 +15,7 @@ import inspect
 from pathlib import Path
 
 import numpy as np
+from tolerances import assert_close
 
 from nlref.fast.cpu import model as cpu_model
 from nlref.fast.gpu import namespace
@@ -105,11 +106,11 @@ def test_the_ports_run_the_drivers_functions_with_their_ops():
     # the CPU port's savings are switches of the one driver; the reference runs without them
     assert cpu_model.CPU.reuse_chunk_forward and cpu_model.CPU.cms_grads_only and cpu_model.CPU.reuse_layer_caches
     assert cpu_model.CPU.reuse_span_layers and cpu_model.CPU.cms_grads_needed and cpu_model.CPU.reuse_min_chunk > 1
-    assert cpu_model.CPU.cms_factored_writes
+    assert cpu_model.CPU.cms_factored_writes and cpu_model.CPU.lowest_layer_once
     assert not (driver.REFERENCE.reuse_chunk_forward or driver.REFERENCE.cms_grads_only
                 or driver.REFERENCE.reuse_layer_caches or driver.REFERENCE.reuse_span_layers
                 or driver.REFERENCE.cms_grads_needed or driver.REFERENCE.reuse_min_chunk != 1
-                or driver.REFERENCE.cms_factored_writes)
+                or driver.REFERENCE.cms_factored_writes or driver.REFERENCE.lowest_layer_once)
 
 
 def test_each_saving_alone_computes_the_reference_function():
@@ -132,6 +133,13 @@ def test_each_saving_alone_computes_the_reference_function():
         assert l2 == loss, switch
         for k in grads:
             np.testing.assert_array_equal(g2[k], grads[k], err_msg=f"{switch}: {k}")
+    # block 0's layer once over the whole sequence: the same function, its own chunks split otherwise
+    ops = dataclasses.replace(driver.REFERENCE, lowest_layer_once=True, cms_grads_only=True)
+    assert contract.lowest_layer_once(ops, cfg) and cfg.cms_chunk is not None
+    l2, g2 = driver.loss_and_grads(params, tokens, cfg, ops=ops)
+    assert_close(l2, loss, "float64", "rewrite", "loss")
+    for k in grads:
+        assert_close(g2[k], grads[k], "float64", "rewrite", k)
 
 
 def test_contract_errors_are_the_models():
