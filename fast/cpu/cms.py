@@ -41,6 +41,7 @@ one merged (B n, D) product was no faster than B per-sequence ones at n = 16.
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from ...reference import cms as R
 from ...reference.cms import Factors, Replay, chunk_index, groups_for, param_shapes, updates_at, write  # noqa: F401
@@ -75,9 +76,26 @@ def factors_product(F: Factors) -> np.ndarray:
     return np.matmul(F.u.swapaxes(1, 2), F.v)
 
 
+@njit(cache=True, nogil=True)
+def _write_rank1(W, u, v, eta, out):  # pragma: no cover - compiled
+    """out[b] = W[b] - eta * (u[b] v[b]^T) for u (B, p), v (B, q): ``write`` of a 1-token chunk's
+    product, each element the same two roundings (u_i v_j, then eta times it) and subtraction."""
+    for b in range(W.shape[0]):
+        for i in range(W.shape[1]):
+            ui = u[b, i]
+            for j in range(W.shape[2]):
+                out[b, i, j] = W[b, i, j] - eta * (ui * v[b, j])
+
+
 def write_factors(W: np.ndarray, F: Factors, eta: float) -> np.ndarray:
-    """``write`` with the chunk's summed gradient given as its factors (Eq. 71)."""
-    return write(W, factors_product(F), eta)
+    """``write`` with the chunk's summed gradient given as its factors (Eq. 71). A 1-token chunk's
+    (rank 1: the product has one term per element, which a matmul rounds once) in one compiled
+    pass, bitwise ``write(W, factors_product(F), eta)``; longer chunks as that."""
+    if F.u.shape[1] != 1 or W.dtype != F.u.dtype or W.dtype != F.v.dtype or W.dtype.kind != "f":
+        return write(W, factors_product(F), eta)
+    out = np.empty(W.shape, W.dtype)
+    _write_rank1(W, F.u[:, 0], F.v[:, 0], W.dtype.type(eta), out)
+    return out
 
 
 def _check_groups(z, W1, W2, groups):

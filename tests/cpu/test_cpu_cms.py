@@ -175,6 +175,25 @@ def test_a_replay_rebuilds_the_writes_weights_in_order_and_out_of_order(mod, rng
         np.testing.assert_array_equal(a, b)
 
 
+@given(st.integers(1, 3), st.integers(1, 9), st.integers(1, 9), st.sampled_from(["float32", "float64"]),
+       st.floats(1e-4, 2.0), st.booleans(), st.integers(0, 2**32 - 1))
+def test_a_one_token_write_is_compiled_and_bitwise_the_product_then_the_write(B, p, q, dtype, eta, strided, seed):
+    """``write_factors`` of a 1-token chunk (rank 1) runs one compiled pass; it is bitwise
+    ``write(W, factors_product(F), eta)`` (the product's one term per element is rounded once either
+    way), for strided factors too; longer chunks (and mixed dtypes) take that path itself."""
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((B, p, q)).astype(dtype)
+    u = rng.standard_normal((B, 3 if strided else 1, p)).astype(dtype)[:, -1:]
+    v = rng.standard_normal((B, 1, q)).astype(dtype)
+    for Fc in (R.Factors(u, v), R.Factors(np.repeat(u, 2, axis=1), np.repeat(v, 2, axis=1))):
+        got, want = F.write_factors(W, Fc, eta), R.write(W, F.factors_product(Fc), eta)
+        assert got.dtype == want.dtype == W.dtype
+        np.testing.assert_array_equal(got, want)
+    mixed = F.write_factors(W.astype("float64"), R.Factors(u.astype("float32"), v.astype("float32")), eta)
+    np.testing.assert_array_equal(mixed, R.write(W.astype("float64"), F.factors_product(R.Factors(
+        u.astype("float32"), v.astype("float32"))), eta))
+
+
 def test_unported_activation_falls_back_explicitly(rng):
     """An activation outside the compiled set is computed by the reference and counted."""
     z = rng.standard_normal((1, 3, 2))
