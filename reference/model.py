@@ -199,18 +199,22 @@ def lowest_mixers(cfg: ModelConfig, lowest, start: int, end: int, mixers=None):
     return [(lowest[:, start:end], None)] + (list(mixers[1:]) if mixers else [None] * (cfg.n_layers - 1))
 
 
-def advance(ops, params, cfg, state, seg, lowest=None):
+def advance(ops, params, cfg, state, seg, lowest=None, written=None):
     """Forward a segment that lies inside one processing chunk; update the state in place.
     Returns (logits, the stack cache). ``lowest``: see ``lowest_mixers`` (then block 0's layer
     state is not advanced: ``state["mem"][0]`` is None).
 
     At a processing chunk's start, the memory layers' states and the CMS weights in force are
-    appended to ``state["history"]``: a level's write re-runs its chunk from them."""
+    appended to ``state["history"]``: a level's write re-runs its chunk from them. ``written``:
+    the factored writes just made at this position (``apply_writes``), kept in the record as
+    ``"writes"`` (``thin_record``)."""
     n = seg.shape[1]
     if cfg.cms_chunk is not None and state["pos"] % cfg.cms_chunk == 0:
         mem = copy_tree(state["mem"]) if ops.copy_history else state["mem"]
-        state["history"].append({"start": state["pos"], "mem": mem,
-                                 "cms": [dict(fast) for fast in state["cms"]]})  # writes make new arrays
+        record = {"start": state["pos"], "mem": mem, "cms": [dict(fast) for fast in state["cms"]]}  # writes make new arrays
+        if written:
+            record["writes"] = written
+        state["history"].append(record)
     groups = [[(0, n)] for _ in cfg.cms_levels]
     mixers = lowest_mixers(cfg, lowest, state["pos"], state["pos"] + n)
     logits, cache, new_past, new_mem = blocks.stack_forward(ops, params, cfg, seg, state["pos"], state["past"],
@@ -238,9 +242,47 @@ def level_chunk_inputs(ops, params, cfg: ModelConfig, state, start: int, next_to
     for lv in cfg.cms_levels:  # (only called with levels in context: cms_chunk is not None)
         groups.append(cms.groups_for(lv.period, start, n))
     for i in range(cfg.n_layers):
-        cms_w.append([level_weights(ops, params, i, l, [by_start[start + s]["cms"] for s, _ in groups[l]],
-                                    state["batch"]) for l in range(len(cfg.cms_levels))])
+        cms_w.append([recorded_weights(ops, params, cfg, i, l, [by_start[start + s] for s, _ in groups[l]],
+                                       state["batch"]) for l in range(len(cfg.cms_levels))])
     return X, targets, past, by_start[start]["mem"], cms_w, groups
+
+
+def recorded_weights(ops, params, cfg: ModelConfig, i, l, records, batch):
+    """``level_weights`` of block i's level l at the history ``records`` (one per group of the
+    level). Where a record keeps a factored write's factors instead of its weights (``thin_record``),
+    the weights in force are rebuilt in order from the first record's, which an open level chunk's
+    start always keeps: a ``cms.Replay`` (bitwise the arrays the writes made; every later record is
+    one of the level's writes and keeps its factors)."""
+    keys = (f"{l}.W1", f"{l}.W2")
+    if keys[0] not in records[0]["cms"][i] or all(r["cms"][i][keys[0]] is not None for r in records):
+        return level_weights(ops, params, i, l, [r["cms"] for r in records], batch)
+    pair = []
+    for key in keys:
+        weights = ops.cms.Replay(records[0]["cms"][i][key], cfg.cms_levels[l].eta, ops.cms.write_factors)
+        for r in records[1:]:
+            weights.append(ops.cms.Factors(*r["writes"][i][key]))
+        pair.append(weights if ops.cms_group_lists else ops.np.stack(list(weights), axis=1))
+    return tuple(pair)
+
+
+def thin_record(cfg: ModelConfig, record, factored) -> dict:
+    """A history record that is no longer an open level chunk's start (``open_level_starts``): no
+    memory-layer states (a re-run starts only at such a start), and for each level of ``factored``
+    (``factored_levels``) no weights where it keeps that level's write as factors (``"writes"``,
+    ``Ops.cms_factored_writes``) or where the level does not write (its start is not a multiple of
+    the period): a re-run reads a faster level's weights only at its own start and at that level's
+    writes inside its chunk, and ``recorded_weights`` rebuilds them from the start's. At a period-1
+    level that is one (D, Hm) pair per token and block held as D + Hm numbers."""
+    writes = record.get("writes")
+    cms_kept = []
+    for i, fast in enumerate(record["cms"]):
+        fast = dict(fast)
+        for l in factored:
+            for key in (f"{l}.W1", f"{l}.W2"):
+                if key in fast and (record["start"] % cfg.cms_levels[l].period or (writes and key in writes[i])):
+                    fast[key] = None
+        cms_kept.append(fast)
+    return dict(record, mem=None, cms=cms_kept)
 
 
 def level_chunk_gradient(ops, params, cfg, state, start, next_token, fwd=None, mixers=None, wanted=None):
@@ -270,7 +312,12 @@ def level_chunk_gradient(ops, params, cfg, state, start, next_token, fwd=None, m
 def apply_writes(ops, cfg: ModelConfig, state, due_grads, record):
     """Eq. (71) for every level in ``due_grads`` ({l: dcms from its own chunk's re-run}), then
     forget the tokens, memory-layer states and CMS weights no open level chunk needs (a record
-    keeps its memory-layer states only while it is an open level chunk's start, ``open_level_starts``).
+    keeps its memory-layer states, and its factored levels' weights, only while it is an open level
+    chunk's start, ``open_level_starts``, ``thin_record``). The factored levels' weights are dropped
+    only in the pass that fills ``record`` (``weights_in_force``, whose state is dropped after): a
+    state ``forward`` returns keeps the layout every backend shares. Returns that pass's factored
+    writes' factors, per block {"l.W1": (u, v), ...} (None without any), for the record ``advance``
+    makes next.
 
     Nested CMS (Eq. 72, ``cfg.cms_nested``): when the chunk of a child's parent ends, the parent
     also takes a step on the child's initial state with the gradient of the parent chunk's summed
@@ -278,6 +325,7 @@ def apply_writes(ops, cfg: ModelConfig, state, due_grads, record):
     chunks inside it), and the child restarts from that new initial state instead of its own
     write."""
     parents = meta_parents(cfg)
+    written = [{} for _ in range(cfg.n_layers)]
     for l, dcms in due_grads.items():
         p = parents.get(l)
         for i in range(cfg.n_layers):
@@ -289,6 +337,8 @@ def apply_writes(ops, cfg: ModelConfig, state, due_grads, record):
                     new = fast[f"{l}.{n}_0"].copy()  # theta and theta_0 are separate arrays
                 elif isinstance(dcms[i][l][j], ops.cms.Factors):  # Ops.cms_factored_writes
                     new = ops.cms.write_factors(fast[f"{l}.{n}"], dcms[i][l][j], cfg.cms_levels[l].eta)  # Eq. (71)
+                    if record is not None:  # (u, v): the record of this position keeps them (thin_record)
+                        written[i][f"{l}.{n}"] = tuple(dcms[i][l][j])
                 else:
                     new = ops.cms.write(fast[f"{l}.{n}"], dcms[i][l][j][:, 0], cfg.cms_levels[l].eta)  # Eq. (71)
                 if record is not None:  # the weights in force in the level's next chunk (a Replay: its factors)
@@ -297,9 +347,11 @@ def apply_writes(ops, cfg: ModelConfig, state, due_grads, record):
                 fast[f"{l}.{n}"] = new
     pos, start = state["pos"], open_chunk_start(cfg, state["pos"])
     starts = open_level_starts(cfg, pos)  # the only records a later re-run starts from
-    state["history"] = [h if h["start"] in starts or h["mem"] is None else dict(h, mem=None)
+    factored = factored_levels(ops, cfg) if record is not None else set()  # a state forward returns: every weight
+    state["history"] = [h if h["start"] in starts or h["mem"] is None else thin_record(cfg, h, factored)
                         for h in state["history"] if h["start"] >= start]
     state["window"] = state["window"][:, start - (pos - state["window"].shape[1]):]
+    return written if any(written) else None
 
 
 def span_mixers(ops, cfg: ModelConfig, span, start: int, end: int):
@@ -336,6 +388,8 @@ def complete_chunks(ops, params, cfg: ModelConfig, state, next_token, record, la
     [pos - C^(l), pos) from the states before it and applies Eq. (71) with that chunk's summed
     next-token-loss gradient (levels with the same period share one re-run).
 
+    Returns ``apply_writes``'s factors (for the record of this position).
+
     ``last``: (logits, stack cache) of the last processing chunk when this call forwarded it in one
     piece; with ``Ops.reuse_chunk_forward`` it stands for the re-run of a level whose period is the
     processing chunk. ``span``: the records ``span_mixers`` reads (``Ops.reuse_span_layers``; a
@@ -352,9 +406,10 @@ def complete_chunks(ops, params, cfg: ModelConfig, state, next_token, record, la
             by_period[period] = level_chunk_gradient(ops, params, cfg, state, pos - period, next_token, reuse,
                                                      mixers, wanted_at(ops, cfg, period))
         due_grads[l] = by_period[period]
-    apply_writes(ops, cfg, state, due_grads, record)
+    written = apply_writes(ops, cfg, state, due_grads, record)
     if span is not None:
         span[:] = [piece for piece in span if piece[0] >= open_chunk_start(cfg, pos)]
+    return written
 
 
 def writes_due(cfg: ModelConfig, state) -> bool:
@@ -377,12 +432,13 @@ def run(ops, params, tokens, cfg, state, record=None, keep=None, lowest=None):
     reusable = C is not None and ops.reuse_span_layers and C >= ops.reuse_min_chunk and not has_attention(cfg)
     span = [] if reusable and hasattr(ops.layer(cfg.family), "merge_caches") else None  # see span_mixers
     while t < T:
+        written = None
         if writes_due(cfg, state):
-            complete_chunks(ops, params, cfg, state, tokens[:, t], record, last, span, lowest)
+            written = complete_chunks(ops, params, cfg, state, tokens[:, t], record, last, span, lowest)
         starts = C is not None and state["pos"] % C == 0
         n = T - t if C is None else min(T - t, C - state["pos"] % C)
         p = state["pos"]
-        logits, cache = advance(ops, params, cfg, state, tokens[:, t:t + n], lowest)
+        logits, cache = advance(ops, params, cfg, state, tokens[:, t:t + n], lowest, written)
         last = (logits, cache) if (starts and n == C) else None  # the chunk's one-piece forward
         if span is not None and last is not None:
             span.append((p, [c[1] for c in cache[1]]))

@@ -351,6 +351,49 @@ def test_the_reuse_switches_stop_below_the_minimum_chunk_and_compute_the_same_fu
             assert_close(grads[k], reference[1][k], "float64", "rewrite", k)
 
 
+@pytest.mark.parametrize("periods", [(1, 4, 8), (1, 2, 6), (2, 8, None)])
+def test_the_training_pass_keeps_factored_writes_in_its_history_as_factors(periods):
+    """``model.thin_record`` (``Ops.cms_factored_writes``): in the pass ``loss_and_grads`` runs (a
+    ``record`` given) a history record that is no longer an open level chunk's start keeps, for
+    each factored level, no weights where it holds the level's write as factors or where the
+    level does not write, so the period-1 level's weights are not held per token; the open
+    starts keep theirs; the re-runs rebuild the rest (``recorded_weights``; their gradients are
+    bitwise, the factored-writes test above). A state ``forward`` returns keeps every weight."""
+    from nlref.reference.config import CMSLevel
+    from nlref.reference.contract import factored_levels
+
+    cfg = dataclasses.replace(config.preset("hope-tiny"), dtype="float64",
+                              cms_levels=tuple(CMSLevel(hidden=8, period=p, eta=0.05) for p in periods))
+    params = R.init_params(cfg, 1)
+    tokens = R.check_tokens(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 23)), cfg)
+    factored = factored_levels(F.CPU, cfg)
+    assert factored
+    state = R.init_state(params, cfg, 2, ops=F.CPU)
+    R.run(F.CPU, params, tokens, cfg, state, record={})
+    last = max(range(cfg.cms_chunk, tokens.shape[1], cfg.cms_chunk))  # the last writes (and forgetting)
+    starts = R.open_level_starts(cfg, last)
+    thinned = 0
+    for h in state["history"]:
+        if h["start"] >= last:  # recorded after them
+            continue
+        for i in range(cfg.n_layers):
+            for l in factored:
+                for n in ("W1", "W2"):
+                    w, key = h["cms"][i][f"{l}.{n}"], f"{l}.{n}"
+                    if h["start"] in starts:
+                        assert isinstance(w, np.ndarray), (h["start"], key)
+                    else:
+                        assert w is None and h["mem"] is None, (h["start"], key)
+                        thinned += 1
+                        if h["start"] % cfg.cms_levels[l].period == 0:
+                            u, v = h["writes"][i][key]
+                            assert u.shape[1] == cfg.cms_levels[l].period
+    assert thinned > 0
+    _, streamed = F.forward(params, tokens, cfg)
+    assert all(isinstance(w, np.ndarray) for h in streamed["history"] for f in h["cms"] for w in f.values())
+    assert all("writes" not in h for h in streamed["history"])
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("periods", [(1, 4, 8), (2, 4, None), (3,)])
 def test_lowest_layer_once_runs_block_0s_layer_once_and_computes_the_same_function(dtype, periods):
