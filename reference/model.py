@@ -273,6 +273,8 @@ def thin_record(cfg: ModelConfig, record, factored) -> dict:
     the period): a re-run reads a faster level's weights only at its own start and at that level's
     writes inside its chunk, and ``recorded_weights`` rebuilds them from the start's. At a period-1
     level that is one (D, Hm) pair per token and block held as D + Hm numbers."""
+    if not factored:
+        return dict(record, mem=None)
     writes = record.get("writes")
     cms_kept = []
     for i, fast in enumerate(record["cms"]):
