@@ -158,25 +158,33 @@ def _read(W1, W2, z, act, layernorm, eps, second):
     return y, h, a, sp, spp, c, rstd
 
 
-def mlp_memory_forward(W1, W2, z, act="gelu", layernorm=False, eps=1e-5):
-    """Same as ``reference.mlp_memory.mlp_memory_forward``: y = M(z), (y, cache)."""
-    if _fallback(W1, W2, z):
+def mlp_memory_forward(W1, W2, z, act="gelu", layernorm=False, eps=1e-5, *, check=True):
+    """Same as ``reference.mlp_memory.mlp_memory_forward``: y = M(z), (y, cache).
+
+    ``check=False``: the caller has checked the arrays (real, matching shapes and dtypes) once for
+    many calls, as ``fast.cpu.selfmod`` does per layer call; this call then neither checks them nor
+    looks for the complex-step fallback (a hope-small-online-cms step 0.95x / 0.90x at 1 / 2 x 128,
+    paired in one process, docs/performance.md#cpu-small-periods-2)."""
+    if check and _fallback(W1, W2, z):
         return R.mlp_memory_forward(W1, W2, z, act=act, layernorm=layernorm, eps=eps)
-    R.check_mlp(W1, W2, z=z)
+    if check:
+        R.check_mlp(W1, W2, z=z)
     y, h, a, sp, _, c, rstd = _read(W1, W2, z, act, layernorm, eps, second=False)
     cache = {"W1": W1, "W2": W2, "z": z, "a": a, "sp": sp, "c": c, "rstd": rstd, "layernorm": layernorm,
              "fast": True}  # fmt: skip
     return y, cache
 
 
-def mlp_memory_backward(dy, cache):
-    """Same as ``reference.mlp_memory.mlp_memory_backward``: (dW1, dW2, dz)."""
+def mlp_memory_backward(dy, cache, *, check=True):
+    """Same as ``reference.mlp_memory.mlp_memory_backward``: (dW1, dW2, dz). ``check``: see
+    ``mlp_memory_forward`` (dy then has z's shape and dtype by the caller's construction)."""
     if not cache.get("fast"):
         return R.mlp_memory_backward(dy, cache)
     W1, W2, z, a, sp = cache["W1"], cache["W2"], cache["z"], cache["a"], cache["sp"]
-    R.check_tokens(W1.shape[:-2], W1.shape[-2], W1.dtype, "the cached W1", dy=dy)
-    if dy.shape != z.shape:
-        raise ValueError(f"dy: expected shape {z.shape} (that of z), got {dy.shape}")
+    if check:
+        R.check_tokens(W1.shape[:-2], W1.shape[-2], W1.dtype, "the cached W1", dy=dy)
+        if dy.shape != z.shape:
+            raise ValueError(f"dy: expected shape {z.shape} (that of z), got {dy.shape}")
     db = _layernorm_jvp(dy, cache["c"], cache["rstd"]) if cache["layernorm"] else dy  # (..., N, D)
     dW1 = _T(db) @ a  # (..., D, Hm)
     dh = (db @ W1) * sp  # (..., N, Hm)
@@ -199,11 +207,13 @@ def inner_loss(W1, W2, k, v_hat, act="gelu", layernorm=False, eps=1e-5):
     return np.sum(r * r, axis=-1)  # Eq. (86)
 
 
-def inner_grad(W1, W2, k, v_hat, act="gelu", layernorm=False, eps=1e-5):
-    """Same as the reference: (u1, a, u2, cache) with dl_n/dW1 = u1_n a_n^T, dl_n/dW2 = u2_n k_n^T."""
-    if _fallback(W1, W2, k, v_hat):
+def inner_grad(W1, W2, k, v_hat, act="gelu", layernorm=False, eps=1e-5, *, check=True):
+    """Same as the reference: (u1, a, u2, cache) with dl_n/dW1 = u1_n a_n^T, dl_n/dW2 = u2_n k_n^T.
+    ``check``: see ``mlp_memory_forward``."""
+    if check and _fallback(W1, W2, k, v_hat):
         return R.inner_grad(W1, W2, k, v_hat, act=act, layernorm=layernorm, eps=eps)
-    R.check_mlp(W1, W2, k=k, v_hat=v_hat)
+    if check:
+        R.check_mlp(W1, W2, k=k, v_hat=v_hat)
     y, h, a, sp, spp, c, rstd = _read(W1, W2, k, act, layernorm, eps, second=True)
     g = 2 * (y - v_hat)  # (..., N, D)   Eq. (93)
     u1 = _layernorm_jvp(g, c, rstd) if layernorm else g  # (..., N, D)

@@ -397,10 +397,13 @@ _T = FM._T
 
 
 def read_forward(cfg, st, z):
-    """Same as ``reference.selfmod.read_forward``: y = M(z) at the state ``st``."""
+    """Same as ``reference.selfmod.read_forward``: y = M(z) at the state ``st``. For the layer's own
+    calls: the arrays were checked once by the layer call (``_check_inputs``), so an MLP memory's
+    read does not check them again (``check=False``); likewise ``read_backward``,
+    ``inner_grad_factors``."""
     if cfg.memory == "matrix":
         return FM.matrix_memory_forward(st["M"], z)  # Eq. (83)
-    return FM.mlp_memory_forward(st["W1"], st["W2"], z, act=cfg.act, layernorm=cfg.layernorm)  # Eq. (89)
+    return FM.mlp_memory_forward(st["W1"], st["W2"], z, act=cfg.act, layernorm=cfg.layernorm, check=False)  # Eq. (89)
 
 
 def read_backward(cfg, dy, cache):
@@ -408,7 +411,7 @@ def read_backward(cfg, dy, cache):
     if cfg.memory == "matrix":
         dM, dz = FM.matrix_memory_backward(dy, cache)
         return {"M": dM}, dz
-    dW1, dW2, dz = FM.mlp_memory_backward(dy, cache)
+    dW1, dW2, dz = FM.mlp_memory_backward(dy, cache, check=False)
     return {"W1": dW1, "W2": dW2}, dz
 
 
@@ -419,7 +422,7 @@ def inner_grad_factors(cfg, st, k, vhat):
             return {"M": (-vhat, k)}, None  # the write becomes + eta' vhat k^T
         u, c = FM.matrix_inner_grad(st["M"], k, vhat)  # Eq. (93)   u = 2 (M k - vhat)
         return {"M": (u, k)}, c
-    u1, a, u2, c = FM.inner_grad(st["W1"], st["W2"], k, vhat, act=cfg.act, layernorm=cfg.layernorm)
+    u1, a, u2, c = FM.inner_grad(st["W1"], st["W2"], k, vhat, act=cfg.act, layernorm=cfg.layernorm, check=False)
     return {"W1": (u1, a), "W2": (u2, k)}, c
 
 

@@ -48,6 +48,22 @@ def test_read_and_backward_match_reference(c):
 
 
 @given(configs)
+def test_unchecked_calls_compute_bitwise_the_checked_ones(c):
+    """``check=False`` (the self-modifying layer's own calls, its arrays checked once per layer call)
+    skips only the checks: on valid input the read, its backward and the inner gradient are bitwise
+    the checked calls'."""
+    rng, W1, W2, z, dy = _inputs(c)
+    kw = {"act": c["act"], "layernorm": c["layernorm"]}
+    (y1, c1), (y2, c2) = F.mlp_memory_forward(W1, W2, z, **kw), F.mlp_memory_forward(W1, W2, z, **kw, check=False)
+    np.testing.assert_array_equal(y1, y2)
+    for a, b in zip(F.mlp_memory_backward(dy, c1), F.mlp_memory_backward(dy, c2, check=False), strict=True):
+        np.testing.assert_array_equal(a, b)
+    g1, g2 = F.inner_grad(W1, W2, z, dy, **kw), F.inner_grad(W1, W2, z, dy, **kw, check=False)
+    for a, b in zip(g1[:3], g2[:3], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@given(configs)
 def test_inner_grad_and_its_vjp_match_reference(c):
     rng, W1, W2, k, v = _inputs(c)
     kw = {"act": c["act"], "layernorm": c["layernorm"]}
