@@ -176,8 +176,10 @@ def init_state(params: dict[str, np.ndarray], cfg: SelfModConfig, batch: int) ->
     for m in cfg.memories:
         for w in weights(cfg):
             w0 = np.broadcast_to(params[init_key(m, w)], (batch,) + params[init_key(m, w)].shape)
-            state[f"{m}.{w}"] = np.array(w0, dtype=dtype)  # (B, H, ., .)
-            state[f"{m}.{w}_b"] = np.array(w0, dtype=dtype)
+            # order="C": a copy of a broadcast array in NumPy's default order ("K") puts the
+            # zero-stride batch axis innermost, which no matrix product can take without a copy
+            state[f"{m}.{w}"] = np.array(w0, dtype=dtype, order="C")  # (B, H, ., .)
+            state[f"{m}.{w}_b"] = np.array(w0, dtype=dtype, order="C")
             if cfg.momentum:
                 state[f"{m}.S_{w}"] = np.zeros(w0.shape, dtype=dtype)
     state["pos_other"] = 0

@@ -164,11 +164,12 @@ def init_state(params: dict[str, np.ndarray], cfg: TitansConfig, batch: int) -> 
     state: dict = {}
     for n in weight_names(cfg):
         p0 = params[init_name(n)]  # (H, ., .)
-        w0 = np.broadcast_to(p0, (batch,) + p0.shape).astype(dtype)  # (B, H, ., .)
+        # order="C": NumPy's default ("K") would put the broadcast's zero-stride batch axis innermost
+        w0 = np.broadcast_to(p0, (batch,) + p0.shape).astype(dtype, order="C")  # (B, H, ., .)
         state[n] = w0.copy()
         state[n + "_b"] = w0.copy()
         if cfg.momentum:
-            state["S_" + n] = np.zeros_like(w0)
+            state["S_" + n] = np.zeros(w0.shape, dtype=dtype)
     state["pos"] = 0
     for c in ("conv_q", "conv_k", "conv_v"):
         state[c] = np.zeros((batch, cfg.conv_width - 1, cfg.d_model), dtype=dtype)

@@ -361,7 +361,7 @@ def key_write(P0, S0, L, K, ep, alpha, beta):
     dt = P0.dtype
     b_ = np.zeros(P0.shape[1], dt) if beta is None else np.ascontiguousarray(beta, dtype=dt)
     S0 = np.zeros_like(P0) if S0 is None else S0
-    P_out, S_out = np.empty_like(P0), np.empty_like(P0)
+    P_out, S_out = np.empty(P0.shape, dt), np.empty(P0.shape, dt)  # C order whatever P0's (SPEC.md#fast-cpu)
     args = [np.ascontiguousarray(a, dtype=dt) for a in (P0, S0, L, K, ep, alpha)]
     _key_write(*args, b_, P_out, S_out)
     return P_out, S_out
@@ -378,7 +378,7 @@ def key_write_backward(dP_end, dS_end, P0, S0, L, K, ep, alpha, beta):
     S0 = np.zeros_like(P0) if S0 is None else S0
     dS_end = np.zeros_like(P0) if dS_end is None else dS_end
     B, H, n = ep.shape
-    dP0, dS0 = np.empty_like(P0), np.empty_like(P0)
+    dP0, dS0 = np.empty(P0.shape, dt), np.empty(P0.shape, dt)
     dL, dK = np.empty(L.shape, dt), np.empty(K.shape, dt)
     dep, dalpha = np.empty((B, H, n), dt), np.empty((B, H, n), dt)
     dbeta = np.empty((B, H), dt)
@@ -594,7 +594,7 @@ def _forward(x, params, cfg, state):
                     (A, s, wt, Bc, e), _ = coef
                     if cfg.momentum:  # both folds in one product, the update in one compiled pass
                         F = _T(np.concatenate((L * wt[..., None], L * e[..., None]), axis=-1)) @ R  # (B, H, 2p, q)
-                        P_new, S_new = np.empty_like(W[m][w]), np.empty_like(W[m][w])
+                        P_new, S_new = np.empty(W[m][w].shape, x.dtype), np.empty(W[m][w].shape, x.dtype)  # C order
                         ins = (W[m][w], S[m][w], A, s, Bc, F)
                         _fold_state_forward(*(np.ascontiguousarray(a, dtype=x.dtype) for a in ins), P_new, S_new)
                     else:
@@ -614,7 +614,7 @@ def _forward(x, params, cfg, state):
     given = {id(a) for a in st.values() if isinstance(a, np.ndarray)} if had_state else set()  # the caller's
 
     def own(a):
-        return np.array(a, copy=True) if id(a) in given else a
+        return np.array(a, copy=True, order="C") if id(a) in given else a
 
     new_state: dict = {}
     for m in cfg.memories:
@@ -735,7 +735,7 @@ def _backward(dy, cache, dstate):
                         dwt, de = np.empty_like(wt), np.empty_like(e)
                         ins = (LdP, L @ dSe, R @ _T(dPe), R @ _T(dSe), R, wt, e)
                         _fold_factors_backward(*(np.ascontiguousarray(a, dtype=dt) for a in ins), dL, dR, dwt, de)
-                        dP0, dS0 = np.empty_like(dPe), np.empty_like(dPe)
+                        dP0, dS0 = np.empty(dPe.shape, dt), np.empty(dPe.shape, dt)
                         sums = np.empty((3,) + A.shape, dtype=dt)  # dA, ds, dBc
                         ins = (dPe, dSe, seg["W"][m][w], seg["S"][m][w], A, s, Bc)
                         args = [np.ascontiguousarray(v, dtype=dt) for v in ins]
@@ -824,7 +824,7 @@ def _backward(dy, cache, dstate):
     given = {id(a) for a in ds.values() if isinstance(a, np.ndarray)}  # returned as copies, never aliased
 
     def own(a):
-        return np.array(a, copy=True) if id(a) in given else a
+        return np.array(a, copy=True, order="C") if id(a) in given else a
 
     dstate0: dict = {}
     for m in cfg.memories:

@@ -440,9 +440,9 @@ def memory_chunked_forward(q, k, v, alpha, beta, eta, mem, cfg):
         for n in names:  # Titans Eqs. (16)-(18): both folds of a weight in one product
             L, R = fac[n]
             F = _T(L[:, :, None] * we[..., None]) @ R[:, :, None]  # (B, H, 1|2, i, j)
-            W[n] = np.empty_like(W_start[n])
+            W[n] = np.empty(W_start[n].shape, W_start[n].dtype)  # C order whatever the start's (SPEC.md#fast-cpu)
             if mom:
-                S[n] = np.empty_like(S_start[n])
+                S[n] = np.empty(S_start[n].shape, S_start[n].dtype)
             _state_step(A, s, Bc, W_start[n], S_start[n] if mom else W_start[n], F, mom, W[n],
                         S[n] if mom else W[n])  # fmt: skip
         if boundary:
@@ -563,7 +563,7 @@ def _titans_forward(x, params, cfg, state):
     mem["pos"] = int(state["pos"])
     o, c_mem, mem_out = memory_chunked_forward(heads["q"], heads["k"], heads["v"], alpha, beta, eta, mem, cfg)
     for key, val in mem_out.items():
-        new_state[key] = val if key == "pos" else np.array(val, copy=True)
+        new_state[key] = val if key == "pos" else np.array(val, copy=True, order="C")
     o_n, c_rms = P.rmsnorm_forward(o.transpose(0, 2, 1, 3), params["g_o"], cfg.eps)  # (B, T, H, dh)
     zg, c_g = _linear(x, params["W_g"])
     g, c_gs = P.silu_forward(zg)
