@@ -88,11 +88,18 @@ def _write_rank1(W, u, v, eta, out):  # pragma: no cover - compiled
 
 
 def write_factors(W: np.ndarray, F: Factors, eta: float) -> np.ndarray:
-    """``write`` with the chunk's summed gradient given as its factors (Eq. 71). A 1-token chunk's
-    (rank 1: the product has one term per element, which a matmul rounds once) in one compiled
-    pass, bitwise ``write(W, factors_product(F), eta)``; longer chunks as that."""
-    if F.u.shape[1] != 1 or W.dtype != F.u.dtype or W.dtype != F.v.dtype or W.dtype.kind != "f":
+    """``write`` with the chunk's summed gradient given as its factors (Eq. 71), bitwise
+    ``write(W, factors_product(F), eta)``. A 1-token chunk's (rank 1: the product has one term per
+    element, which a matmul rounds once) in one compiled pass; a longer chunk's as the product,
+    then ``eta *`` and ``W -`` in place in the product's array (the same two roundings per element
+    as ``write``, without its two temporaries of the weights' size: a ``Replay`` rebuilds every
+    item this way, SPEC.md#cms "Factored writes")."""
+    if W.dtype != F.u.dtype or W.dtype != F.v.dtype or W.dtype.kind != "f":
         return write(W, factors_product(F), eta)
+    if F.u.shape[1] != 1:
+        G = factors_product(F)  # a fresh array: the result is written into it
+        np.multiply(G, W.dtype.type(eta), out=G)
+        return np.subtract(W, G, out=G)
     out = np.empty(W.shape, W.dtype)
     _write_rank1(W, F.u[:, 0], F.v[:, 0], W.dtype.type(eta), out)
     return out

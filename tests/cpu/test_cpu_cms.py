@@ -180,15 +180,21 @@ def test_a_replay_rebuilds_the_writes_weights_in_order_and_out_of_order(mod, rng
 def test_a_one_token_write_is_compiled_and_bitwise_the_product_then_the_write(B, p, q, dtype, eta, strided, seed):
     """``write_factors`` of a 1-token chunk (rank 1) runs one compiled pass; it is bitwise
     ``write(W, factors_product(F), eta)`` (the product's one term per element is rounded once either
-    way), for strided factors too; longer chunks (and mixed dtypes) take that path itself."""
+    way), for strided factors too; a longer chunk's writes ``eta *`` and ``W -`` in place into the
+    product, bitwise that too (W itself unchanged); mixed dtypes take ``write`` itself."""
     rng = np.random.default_rng(seed)
     W = rng.standard_normal((B, p, q)).astype(dtype)
+    W_before = W.copy()
     u = rng.standard_normal((B, 3 if strided else 1, p)).astype(dtype)[:, -1:]
     v = rng.standard_normal((B, 1, q)).astype(dtype)
-    for Fc in (R.Factors(u, v), R.Factors(np.repeat(u, 2, axis=1), np.repeat(v, 2, axis=1))):
+    n = int(rng.integers(3, 18))
+    u_n = rng.standard_normal((B, n, p)).astype(dtype)
+    v_n = rng.standard_normal((B, 2 * n if strided else n, q)).astype(dtype)[:, ::2 if strided else 1]
+    for Fc in (R.Factors(u, v), R.Factors(np.repeat(u, 2, axis=1), np.repeat(v, 2, axis=1)), R.Factors(u_n, v_n)):
         got, want = F.write_factors(W, Fc, eta), R.write(W, F.factors_product(Fc), eta)
         assert got.dtype == want.dtype == W.dtype
         np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(W, W_before)
     mixed = F.write_factors(W.astype("float64"), R.Factors(u.astype("float32"), v.astype("float32")), eta)
     np.testing.assert_array_equal(mixed, R.write(W.astype("float64"), F.factors_product(R.Factors(
         u.astype("float32"), v.astype("float32"))), eta))
