@@ -84,3 +84,31 @@ def assert_model_port_matches(F, R, params, tokens, cfg, dtype, split):
     assert_close(np.concatenate([y1, y2], axis=1), yr, dtype, "port", "streamed logits")
     y2r, _ = R.forward(params, tokens[:, split:], cfg, s1)  # a port's state continues on the reference
     assert_close(y2r, yr[:, split:], dtype, "port", "port state on the reference")
+
+
+def batch_innermost(a):
+    """The same values with the batch axis innermost in memory: what NumPy's default order ("K")
+    makes of a copy of a broadcast state (SPEC.md#fast-cpu "State layout")."""
+    return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 0, -1)), -1, 0)
+
+
+def assert_state_layout_is_irrelevant(forward, backward, params, cfg, state, x, dy, rng, c_ordered):
+    """A memory layer's ``forward`` from ``state`` and from the same state laid out batch-innermost
+    (its 4-D arrays) gives the same outputs, states and gradients (float64 ``port`` row), and the
+    trees named in ``c_ordered`` ("state", "dstate0") come back C-ordered from the odd layout."""
+    odd = {k: (batch_innermost(v) if isinstance(v, np.ndarray) and v.ndim == 4 else v) for k, v in state.items()}
+    assert not any(v.flags.c_contiguous for v in odd.values() if isinstance(v, np.ndarray) and v.ndim == 4)
+    dstate = {k: rng.standard_normal(v.shape) for k, v in state.items() if isinstance(v, np.ndarray)}
+    outs = []
+    for st_in in (state, odd):
+        y, cache, new = forward(x, params, cfg, st_in)
+        outs.append((y, new, backward(dy, cache, dict(dstate))))
+    (y1, new1, (dx1, g1, d01)), (y2, new2, (dx2, g2, d02)) = outs
+    assert_close(y2, y1, np.float64, "port", "y")
+    assert_close(dx2, dx1, np.float64, "port", "dx")
+    for tree1, tree2, name in ((new1, new2, "state"), (g1, g2, "grads"), (d01, d02, "dstate0")):
+        for k in tree1:
+            if isinstance(tree1[k], np.ndarray):
+                assert_close(tree2[k], tree1[k], np.float64, "port", f"{name}[{k}]")
+                if name in c_ordered and tree2[k].ndim >= 2:
+                    assert tree2[k].flags.c_contiguous, f"{name}[{k}] {tree2[k].strides}"

@@ -21,8 +21,8 @@ import pytest
 from cases_fast import selfmod_make as _make
 from hypothesis import given
 from hypothesis import strategies as st
+from port_helpers import assert_state_layout_is_irrelevant, note
 from port_helpers import copy_tree as _copy
-from port_helpers import note
 from port_helpers import readonly as _ro
 from strategies import selfmod_layer_configs as configs
 from tolerances import assert_close, tol
@@ -320,12 +320,6 @@ def test_port_uses_only_public_names_of_the_reference():
     assert used and all(hasattr(RS, name) for name in used), sorted(used - set(dir(RS)))
 
 
-def _batch_innermost(a):
-    """The same values with the batch axis innermost in memory: what NumPy's default order ("K")
-    makes of a copy of a broadcast state (the layout ``init_state`` had before it asked for "C")."""
-    return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 0, -1)), -1, 0)
-
-
 @pytest.mark.parametrize("d_model, n_heads", [(8, 2), (16, 2)])  # head width 4: the token sweep; 8: the UT form
 def test_states_are_c_ordered_and_their_layout_does_not_change_the_function(d_model, n_heads):
     """SPEC.md#fast-cpu "State layout": ``init_state``'s arrays are C-ordered at B > 1 (with the batch
@@ -341,21 +335,5 @@ def test_states_are_c_ordered_and_their_layout_does_not_change_the_function(d_mo
         if isinstance(v, np.ndarray) and v.ndim >= 2:
             assert v.flags.c_contiguous, k
     state = FS.forward(rng.standard_normal((B, 3, d_model)), params, cfg)[2]  # mid-chunk
-    odd = {k: (_batch_innermost(v) if isinstance(v, np.ndarray) and v.ndim == 4 else v) for k, v in state.items()}
-    assert not any(v.flags.c_contiguous for v in odd.values() if isinstance(v, np.ndarray) and v.ndim == 4)
-    x = rng.standard_normal((B, 9, d_model))
-    dy = rng.standard_normal(x.shape)
-    dstate = {k: rng.standard_normal(v.shape) for k, v in state.items() if isinstance(v, np.ndarray)}
-    outs = []
-    for st_in in (state, odd):
-        y, cache, new = FS.forward(x, params, cfg, st_in)
-        outs.append((y, new, FS.backward(dy, cache, dict(dstate))))
-    (y1, new1, (dx1, g1, d01)), (y2, new2, (dx2, g2, d02)) = outs
-    assert_close(y2, y1, np.float64, "port", "y")
-    assert_close(dx2, dx1, np.float64, "port", "dx")
-    for tree1, tree2, name in ((new1, new2, "state"), (g1, g2, "grads"), (d01, d02, "dstate0")):
-        for k in tree1:
-            if isinstance(tree1[k], np.ndarray):
-                assert_close(tree2[k], tree1[k], np.float64, "port", f"{name}[{k}]")
-                if name != "grads" and tree2[k].ndim >= 2:
-                    assert tree2[k].flags.c_contiguous, f"{name}[{k}] {tree2[k].strides}"
+    assert_state_layout_is_irrelevant(FS.forward, FS.backward, params, cfg, state, rng.standard_normal((B, 9, cfg.d_model)),
+                                      rng.standard_normal((B, 9, cfg.d_model)), rng, c_ordered=("state", "dstate0"))

@@ -20,8 +20,8 @@ import pytest
 from cases_fast import titans_make as _make
 from hypothesis import given
 from hypothesis import strategies as st
+from port_helpers import assert_state_layout_is_irrelevant, note
 from port_helpers import copy_tree as _copy
-from port_helpers import note
 from port_helpers import readonly as _ro
 from strategies import titans_layer_configs as configs
 from tolerances import assert_close, tol
@@ -258,12 +258,6 @@ def test_kernels_without_jit_match_the_reference():
     assert "ok" in out.stdout
 
 
-def _batch_innermost(a):
-    """The same values with the batch axis innermost in memory: what NumPy's default order ("K")
-    makes of a copy of a broadcast state (the momentum's layout before ``init_state`` asked for "C")."""
-    return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 0, -1)), -1, 0)
-
-
 @pytest.mark.parametrize("memory", ["matrix", "mlp"])
 def test_states_are_c_ordered_and_their_layout_does_not_change_the_function(memory):
     """SPEC.md#fast-cpu "State layout": ``init_state``'s memory arrays (momentum included) are C-ordered
@@ -277,21 +271,5 @@ def test_states_are_c_ordered_and_their_layout_does_not_change_the_function(memo
         if isinstance(v, np.ndarray) and v.ndim >= 2:
             assert v.flags.c_contiguous, k
     state = FT.titans_forward(rng.standard_normal((B, 3, 8)), params, cfg)[2]  # mid-chunk
-    odd = {k: (_batch_innermost(v) if isinstance(v, np.ndarray) and v.ndim == 4 else v) for k, v in state.items()}
-    assert not any(v.flags.c_contiguous for v in odd.values() if isinstance(v, np.ndarray) and v.ndim == 4)
-    x = rng.standard_normal((B, 9, 8))
-    dy = rng.standard_normal(x.shape)
-    dstate = {k: rng.standard_normal(v.shape) for k, v in state.items() if isinstance(v, np.ndarray)}
-    outs = []
-    for st_in in (state, odd):
-        y, cache, new = FT.titans_forward(x, params, cfg, st_in)
-        outs.append((y, new, FT.titans_backward(dy, cache, dict(dstate))))
-    (y1, new1, (dx1, g1, d01)), (y2, new2, (dx2, g2, d02)) = outs
-    assert_close(y2, y1, np.float64, "port", "y")
-    assert_close(dx2, dx1, np.float64, "port", "dx")
-    for tree1, tree2, name in ((new1, new2, "state"), (g1, g2, "grads"), (d01, d02, "dstate0")):
-        for k in tree1:
-            if isinstance(tree1[k], np.ndarray):
-                assert_close(tree2[k], tree1[k], np.float64, "port", f"{name}[{k}]")
-                if name == "state" and tree2[k].ndim >= 2:
-                    assert tree2[k].flags.c_contiguous, f"{name}[{k}] {tree2[k].strides}"
+    assert_state_layout_is_irrelevant(FT.titans_forward, FT.titans_backward, params, cfg, state, rng.standard_normal((B, 9, cfg.d_model)),
+                                      rng.standard_normal((B, 9, cfg.d_model)), rng, c_ordered=("state",))
